@@ -1,0 +1,52 @@
+"""Contextual-bandit recommender experiments on MovieLens 100K.
+
+Importing the package prepares the process for TensorFlow before anything imports it:
+TF-Agents needs the Keras 2 API (tf-keras), and TensorFlow's C++ start-up chatter and
+a few known-harmless deprecation warnings would otherwise bury our own log lines.
+"""
+
+import contextlib
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# A run must fail fast, not retry for minutes, when the tracking server is unreachable.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+for _pattern in (
+    r".*Gym has been unmaintained.*",
+    r".*distutils.*",
+    r".*is.* with a literal.*",
+    r".*pkg_resources is deprecated.*",
+    r".*`tf.keras` optimizer.*",
+):
+    warnings.filterwarnings("ignore", message=_pattern)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(gym|tf_agents|tensorflow_probability|google\.protobuf)")
+warnings.filterwarnings("ignore", category=SyntaxWarning, module=r"tf_agents")
+
+
+@contextlib.contextmanager
+def _silenced_native_stderr():
+    """TensorFlow's C++ runtime and gym write to file descriptor 2 directly, before any
+    Python logging setting applies; an import error still surfaces once it is restored."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+with _silenced_native_stderr():
+    import tensorflow as _tf
+    import tensorflow_probability  # noqa: F401  (registers TypeSpecs SavedModels need)
+    import tf_agents.agents  # noqa: F401  (imports gym, which prints a notice)
+
+    _tf.config.list_physical_devices()  # probes for CUDA, which logs when there is none

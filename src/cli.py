@@ -1,0 +1,37 @@
+"""Command-line helpers shared by the entry points: one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+from src.errors import UserError
+from src.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = PROJECT_ROOT / "conf"
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """Turn a `UserError` into one log line and exit status 2."""
+    try:
+        yield
+    except UserError as error:
+        log.error("%s", error)
+        sys.exit(2)
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Reject `agent=nope` with the list of choices, before Hydra prints a page about it."""
+    for override in overrides:
+        group, sep, values = override.partition("=")
+        folder = CONFIG_DIR / group.lstrip("+~")
+        if not sep or "." in group or "(" in values or not folder.is_dir():
+            continue
+        choices = sorted(p.stem for p in folder.glob("*.yaml"))
+        for value in values.split(","):
+            if value not in choices and value != "null":
+                print(f"error: unknown {group} '{value}'; choose one of: {', '.join(choices)}", file=sys.stderr)
+                sys.exit(2)

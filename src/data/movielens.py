@@ -1,0 +1,181 @@
+"""MovieLens 100K: download on first use, verify, parse.
+
+F. Maxwell Harper and Joseph A. Konstan. 2015. The MovieLens Datasets: History and
+Context. ACM TiiS 5, 4. The licence forbids redistribution, so the files are fetched
+from GroupLens (or read from a local copy) and never shipped with this project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from src.errors import UserError
+from src.paths import resolve
+
+log = logging.getLogger(__name__)
+
+GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+
+
+@dataclass(frozen=True)
+class MovieLens:
+    """The parsed dataset. Ids are MovieLens' own (1-based)."""
+
+    ratings: pd.DataFrame  # user_id, item_id, rating, timestamp
+    movies: pd.DataFrame  # indexed by item_id: title, genres (tuple of names)
+    users: pd.DataFrame  # indexed by user_id: age, gender, occupation, zip_code
+    source: Path
+
+    @property
+    def num_users(self) -> int:
+        return int(self.users.index.max())
+
+    @property
+    def num_movies(self) -> int:
+        return int(self.movies.index.max())
+
+    def ratings_matrix(self) -> np.ndarray:
+        """Dense [num_users, num_movies] matrix; 0 where a user has not rated a movie."""
+        matrix = np.zeros((self.num_users, self.num_movies))
+        matrix[self.ratings.user_id - 1, self.ratings.item_id - 1] = self.ratings.rating
+        return matrix
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(directory: Path, checksums: dict[str, str]) -> None:
+    """Raise a `UserError` unless every expected file is present with its sha256."""
+    for name, expected in checksums.items():
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"MovieLens file {path} is missing")
+        if sha256(path) != expected:
+            raise UserError(
+                f"MovieLens file {path} is corrupt or not the MovieLens 100K release "
+                f"(sha256 mismatch); replace it with a fresh copy of ml-100k"
+            )
+
+
+def download(url: str, cache_dir: Path, checksums: dict[str, str]) -> Path:
+    """Fetch and unpack `ml-100k.zip` into `cache_dir`, verified; return the data directory."""
+    target = cache_dir / "ml-100k"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Downloading MovieLens 100K from %s (first use only)", url)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
+        archive = Path(scratch) / "ml-100k.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, open(archive, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc="ml-100k.zip") as bar:
+                    for block in iter(lambda: response.read(1 << 16), b""):
+                        out.write(block)
+                        bar.update(len(block))
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise UserError(
+                f"could not download MovieLens 100K from {url} ({reason}). Offline? Put the "
+                f"unpacked ml-100k files (u.data, u.item, u.user) in {target} or pass "
+                f"data.dir=/path/to/ml-100k"
+            ) from None
+        try:
+            with zipfile.ZipFile(archive) as bundle:
+                bundle.extractall(scratch)
+        except zipfile.BadZipFile:
+            raise UserError(f"the download from {url} is not a valid zip archive") from None
+        unpacked = Path(scratch) / "ml-100k"
+        verify(unpacked, checksums)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(unpacked, target)
+    log.info("MovieLens 100K verified and unpacked into %s", target)
+    return target
+
+
+def locate(directory: str | None, url: str, cache_dir: str, checksums: dict[str, str]) -> Path:
+    """The verified data directory: `directory` when given, else the cache, else a download."""
+    if directory:
+        path = resolve(directory)
+        if not path.is_dir():
+            raise UserError(f"data.dir={directory} is not a directory")
+        verify(path, checksums)
+        return path
+    cached = resolve(cache_dir) / "ml-100k"
+    if cached.is_dir():
+        verify(cached, checksums)
+        return cached
+    return download(url, resolve(cache_dir), checksums)
+
+
+def _read(path: Path, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, header=None, encoding="latin-1", **kwargs)
+    except (ValueError, pd.errors.ParserError) as error:
+        raise UserError(f"cannot parse MovieLens file {path}: {error}") from None
+
+
+def parse(directory: Path) -> MovieLens:
+    """Read `u.data`, `u.item` and `u.user` from a verified directory."""
+    ratings = _read(
+        directory / "u.data", sep="\t",
+        names=["user_id", "item_id", "rating", "timestamp"], dtype="int64",
+    )
+    movies = _read(
+        directory / "u.item", sep="|",
+        names=["item_id", "title", "release_date", "video_release_date", "imdb_url", *GENRES],
+    )
+    users = _read(
+        directory / "u.user", sep="|",
+        names=["user_id", "age", "gender", "occupation", "zip_code"],
+    )
+    genre_flags = movies[list(GENRES)].to_numpy(dtype=bool)
+    movies = movies.assign(
+        genres=[tuple(g for g, on in zip(GENRES, row) if on) for row in genre_flags]
+    )[["item_id", "title", "genres"]].set_index("item_id")
+    users = users.set_index("user_id")
+    data = MovieLens(ratings=ratings, movies=movies, users=users, source=directory)
+    _check_consistency(data)
+    return data
+
+
+def _check_consistency(data: MovieLens) -> None:
+    ratings = data.ratings
+    if ratings.empty:
+        raise UserError(f"{data.source}/u.data holds no ratings")
+    if not ratings.rating.between(1, 5).all():
+        raise UserError(f"{data.source}/u.data has ratings outside 1..5")
+    unknown_users = set(ratings.user_id) - set(data.users.index)
+    unknown_movies = set(ratings.item_id) - set(data.movies.index)
+    if unknown_users or unknown_movies:
+        raise UserError(
+            f"{data.source}/u.data rates {len(unknown_users)} users and {len(unknown_movies)} "
+            f"movies that u.user/u.item do not list"
+        )
+
+
+def load(cfg) -> MovieLens:
+    """Locate, verify and parse MovieLens 100K as `cfg` (the `data` config node) says."""
+    directory = locate(cfg.dir, cfg.url, cfg.cache_dir, dict(cfg.sha256))
+    log.info("Reading MovieLens 100K from %s", directory)
+    return parse(directory)

@@ -1,0 +1,88 @@
+"""The compiled training loop: collect with the agent's collect policy, train, repeat.
+
+One `tf.function` call runs a chunk of many loops inside a `tf.while_loop` and returns
+each loop's metrics, so Python is touched once per chunk, not once per step. This is
+TF-Agents' on-policy bandit trainer (driver, replay buffer, `agent.train`, clear) with the
+driver and buffer reduced to what an on-policy bandit needs: the `steps_per_loop`
+transitions of the loop, stacked along the time axis, are the experience.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from tf_agents.trajectories import trajectory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopMetrics:
+    """Per-loop sums over the loop's `interactions` (batch_size x steps_per_loop)."""
+
+    regret: np.ndarray  # float64 [loops]
+    reward: np.ndarray  # float64 [loops]
+    suboptimal: np.ndarray  # float64 [loops], number of non-optimal picks
+
+
+def configure_threads(intra_op: int, inter_op: int) -> None:
+    """Thread pools sized for small ops on few cores; only possible before TF's first op."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:
+        log.debug("TensorFlow already initialised; keeping its thread settings")
+
+
+class Engine:
+    """Runs `agent` on the in-graph bandit `environment`, `chunk` loops per compiled call."""
+
+    def __init__(self, environment, agent, steps_per_loop: int):
+        self.environment = environment
+        self.agent = agent
+        self.steps_per_loop = steps_per_loop
+        self.interactions_per_loop = environment.batch_size * steps_per_loop
+        self.traces = 0
+        self.run_chunk = tf.function(
+            self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
+
+    def _collect_step(self):
+        env = self.environment
+        time_step = env.reset()
+        action_step = self.agent.collect_policy.action(time_step)
+        reward, optimal_reward, optimal_action = env.outcome(action_step.action)
+        next_time_step = env.step(action_step.action)
+        transition = trajectory.from_transition(time_step, action_step, next_time_step)
+        suboptimal = tf.cast(tf.not_equal(tf.cast(action_step.action, tf.int32), optimal_action),
+                             tf.float64)
+        metrics = tf.stack([tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
+                            tf.reduce_sum(suboptimal)])
+        return transition, metrics
+
+    def _run_loop(self):
+        transitions, metrics = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
+        experience = tf.nest.map_structure(lambda *steps: tf.stack(steps, axis=1), *transitions)
+        self.agent.train(experience)
+        return tf.add_n(metrics)
+
+    def _run_chunk(self, num_loops):
+        self.traces += 1
+
+        def body(i, history):
+            return i + 1, history.write(i, self._run_loop())
+
+        history = tf.TensorArray(tf.float64, size=num_loops, element_shape=[3])
+        _, history = tf.while_loop(lambda i, _: i < num_loops, body, (0, history))
+        return history.stack()
+
+    def run(self, loops: int, chunk: int):
+        """Yield `LoopMetrics` for each chunk of up to `chunk` loops until `loops` have run."""
+        done = 0
+        while done < loops:
+            size = min(chunk, loops - done)
+            history = self.run_chunk(tf.constant(size, tf.int32)).numpy()
+            done += size
+            yield LoopMetrics(regret=history[:, 0], reward=history[:, 1], suboptimal=history[:, 2])

@@ -1,0 +1,147 @@
+"""MovieLens as a contextual bandit, with TF-Agents' `MovieLensPyEnvironment` semantics.
+
+The ratings matrix (users x the chosen movies) is factorised by SVD; a user is observed
+as `u[:, :k] * sqrt(s[:k])`, and recommending movie j to user i earns the rank-R
+reconstruction of the rating, `(U_R sqrt(S_R)) (sqrt(S_R) V_R^T)[i, j]`. TF-Agents ties
+R to k; here the ground truth rank `reward_rank` is separate, so a sweep over the
+observation rank `rank_k` compares agents on the same rewards, each seeing the first k
+components. Sampling and rewards are TensorFlow ops, so a whole training loop compiles
+into one graph; the sampler is this instance's own seeded generator, not the global
+`random` TF-Agents' version shares with everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from tf_agents.bandits.environments import bandit_tf_environment
+from tf_agents.specs import tensor_spec
+from tf_agents.trajectories import time_step as ts
+
+from src.errors import UserError, require
+
+MOVIE_SELECTIONS = ("first", "most_rated")
+
+
+@dataclass(frozen=True)
+class RewardModel:
+    """The ground truth an environment samples from (NumPy, float64)."""
+
+    user_ids: np.ndarray  # [users] MovieLens user ids behind each row
+    movie_ids: np.ndarray  # [actions] MovieLens item ids behind each action
+    user_features: np.ndarray  # [users, rank_k] what the agent observes
+    movie_features: np.ndarray  # [actions, rank_k] the movies' side of the factorisation
+    rewards: np.ndarray  # [users, actions] reconstructed ratings
+
+    @property
+    def optimal_reward(self) -> np.ndarray:
+        return self.rewards.max(axis=1)
+
+    @property
+    def optimal_action(self) -> np.ndarray:
+        return self.rewards.argmax(axis=1)
+
+    @property
+    def random_policy_regret(self) -> float:
+        """Expected per-interaction regret of picking movies uniformly at random."""
+        return float(np.mean(self.optimal_reward - self.rewards.mean(axis=1)))
+
+
+def select_movies(ratings_matrix: np.ndarray, num_movies: int, selection: str) -> np.ndarray:
+    """Column indices of the movies that form the action set, in ascending id order."""
+    if selection == "first":
+        return np.arange(num_movies)
+    counts = np.count_nonzero(ratings_matrix, axis=0)
+    return np.sort(np.argsort(-counts, kind="stable")[:num_movies])
+
+
+def build_reward_model(
+    ratings_matrix: np.ndarray, num_movies: int, rank_k: int, reward_rank: int | None,
+    movie_selection: str = "first",
+) -> RewardModel:
+    """Factorise the ratings of the chosen movies as TF-Agents' MovieLens environment does."""
+    reward_rank = rank_k if reward_rank is None else reward_rank
+    require(movie_selection in MOVIE_SELECTIONS, "env.movie_selection", movie_selection,
+            f"one of {', '.join(MOVIE_SELECTIONS)}")
+    require(2 <= num_movies <= ratings_matrix.shape[1], "env.num_movies", num_movies,
+            f"between 2 and the {ratings_matrix.shape[1]} movies in the data")
+    columns = select_movies(ratings_matrix, num_movies, movie_selection)
+    matrix = ratings_matrix[:, columns]
+    # Users who rated none of the chosen movies carry no signal (TF-Agents drops them too).
+    rows = np.flatnonzero(matrix.sum(axis=1) > 0)
+    matrix = matrix[rows]
+    largest_rank = min(matrix.shape)
+    require(1 <= rank_k <= reward_rank, "env.rank_k", rank_k,
+            f"between 1 and env.reward_rank={reward_rank}")
+    require(reward_rank <= largest_rank, "env.reward_rank", reward_rank,
+            f"at most min(users, movies) = {largest_rank}")
+    u, s, vh = np.linalg.svd(matrix, full_matrices=False)
+    root_s = np.sqrt(s[:reward_rank])
+    u_hat = u[:, :reward_rank] * root_s
+    v_hat = vh[:reward_rank].T * root_s
+    return RewardModel(
+        user_ids=rows + 1,
+        movie_ids=columns + 1,
+        user_features=u_hat[:, :rank_k],
+        movie_features=v_hat[:, :rank_k],
+        rewards=u_hat @ v_hat.T,
+    )
+
+
+class MovieLensEnvironment(bandit_tf_environment.BanditTFEnvironment):
+    """Each step samples `batch_size` distinct users; the reward is the reconstructed rating."""
+
+    def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens"):
+        num_users, rank_k = model.user_features.shape
+        require(1 <= batch_size <= num_users, "training.batch_size", batch_size,
+                f"between 1 and the {num_users} users in the environment")
+        self.model = model
+        observation_spec = tf.TensorSpec([rank_k], tf.float32, name="observation")
+        action_spec = tensor_spec.BoundedTensorSpec(
+            (), tf.int32, minimum=0, maximum=len(model.movie_ids) - 1, name="action")
+        self._num_users = num_users
+        self._features = tf.constant(model.user_features, tf.float32)
+        self._rewards = tf.constant(model.rewards, tf.float64)
+        self._optimal_reward = tf.constant(model.optimal_reward, tf.float64)
+        self._optimal_action = tf.constant(model.optimal_action, tf.int32)
+        self._rng = tf.random.Generator.from_seed(seed)
+        self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False, name="users")
+        super().__init__(ts.time_step_spec(observation_spec), action_spec, batch_size, name)
+
+    def _observe(self) -> tf.Tensor:
+        # Distinct users within a batch, like TF-Agents' `random.sample`.
+        users = tf.math.top_k(self._rng.uniform([self._num_users]), k=self.batch_size).indices
+        self._users.assign(users)
+        return tf.gather(self._features, users)
+
+    def _apply_action(self, action: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self._rewards_of(action), tf.float32)
+
+    def _rewards_of(self, action: tf.Tensor) -> tf.Tensor:
+        indices = tf.stack([self._users, tf.cast(action, tf.int32)], axis=-1)
+        return tf.gather_nd(self._rewards, indices)
+
+    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(reward, optimal reward, optimal action) for the current users, in float64.
+
+        Read between `reset()` and `step()`: it describes the users the policy just saw,
+        which is what a regret metric needs (TF-Agents' own metric reads the previous
+        users through a `py_function` that a compiled graph does not order).
+        """
+        return (
+            self._rewards_of(action),
+            tf.gather(self._optimal_reward, self._users),
+            tf.gather(self._optimal_action, self._users),
+        )
+
+
+def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
+          reward_rank: int | None = None, movie_selection: str = "first",
+          name: str = "movielens") -> MovieLensEnvironment:
+    """The environment the `env` config group describes, over parsed MovieLens `data`."""
+    if rank_k is None or isinstance(rank_k, bool) or not isinstance(rank_k, int):
+        raise UserError(f"env.rank_k must be a positive integer, got {rank_k!r}")
+    model = build_reward_model(data.ratings_matrix(), num_movies, rank_k, reward_rank, movie_selection)
+    return MovieLensEnvironment(model, batch_size, seed, name)

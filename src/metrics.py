@@ -1,0 +1,84 @@
+"""Regret bookkeeping. Regret is measured against the best movie for each sampled user.
+
+Per loop, with n = batch_size x steps_per_loop interactions:
+  train/regret                 mean regret per interaction in the loop
+  train/cumulative_regret      total regret over all interactions so far
+  train/reward                 mean reward (reconstructed rating) per interaction
+  train/suboptimal_arm_rate    share of interactions that did not pick the best movie
+TF-Agents' `RegretMetric` reports only the last batch's mean; the cumulative sum is ours.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from src.engine import LoopMetrics
+
+REGRET = "train/regret"
+CUMULATIVE_REGRET = "train/cumulative_regret"
+REWARD = "train/reward"
+SUBOPTIMAL_ARM_RATE = "train/suboptimal_arm_rate"
+FINAL_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
+
+
+class RegretHistory:
+    """Accumulates the engine's per-loop sums into per-loop metrics, step = interactions."""
+
+    def __init__(self, interactions_per_loop: int):
+        self.interactions_per_loop = interactions_per_loop
+        self._chunks: list[LoopMetrics] = []
+        self._frames: list[pd.DataFrame] = []
+        self._loops = 0
+        self._cumulative = 0.0
+
+    def add(self, chunk: LoopMetrics) -> pd.DataFrame:
+        """Record a chunk of loops; return its rows."""
+        n = self.interactions_per_loop
+        loops = self._loops + np.arange(1, len(chunk.regret) + 1)
+        cumulative = self._cumulative + np.cumsum(chunk.regret)
+        frame = pd.DataFrame({
+            "step": loops * n,
+            REGRET: chunk.regret / n,
+            CUMULATIVE_REGRET: cumulative,
+            REWARD: chunk.reward / n,
+            SUBOPTIMAL_ARM_RATE: chunk.suboptimal / n,
+        })
+        self._loops = int(loops[-1])
+        self._cumulative = float(cumulative[-1])
+        self._frames.append(frame)
+        return frame
+
+    def frame(self) -> pd.DataFrame:
+        return pd.concat(self._frames, ignore_index=True)
+
+    def final(self) -> dict[str, float]:
+        last = self._frames[-1].iloc[-1]
+        return {key: float(last[key]) for key in FINAL_METRICS}
+
+
+def every(frame: pd.DataFrame, loops: int) -> pd.DataFrame:
+    """One row per `loops` loops: rates averaged over the window, cumulative regret at its end."""
+    if loops == 1:
+        return frame
+    window = np.arange(len(frame)) // loops
+    grouped = frame.groupby(window)
+    coarse = grouped[[REGRET, REWARD, SUBOPTIMAL_ARM_RATE]].mean()
+    coarse["step"] = grouped["step"].last()
+    coarse[CUMULATIVE_REGRET] = grouped[CUMULATIVE_REGRET].last()
+    return coarse[frame.columns].reset_index(drop=True)
+
+
+class Downsampler:
+    """Buffers per-loop rows and releases them `every` loops at a time, downsampled."""
+
+    def __init__(self, loops: int):
+        self.loops = loops
+        self._pending = pd.DataFrame()
+
+    def push(self, rows: pd.DataFrame, last: bool = False) -> pd.DataFrame:
+        """The whole windows now complete (all pending rows when `last`), one row per window."""
+        pending = pd.concat([self._pending, rows], ignore_index=True)
+        ready = len(pending) if last else len(pending) - len(pending) % self.loops
+        self._pending = pending.iloc[ready:]
+        return every(pending.iloc[:ready], self.loops)

@@ -1,0 +1,130 @@
+"""MLflow run life cycle: where runs go, what each holds, and how a failure is recorded."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import tempfile
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+
+from src.errors import UserError
+from src.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlruns"
+PACKAGES = ("tensorflow", "tf-agents", "tensorflow-probability", "numpy", "mlflow", "hydra-core", "optuna")
+BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def tracking_uri(configured: str | None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def connect(configured_uri: str | None, experiment: str) -> str:
+    """Point MLflow at the tracking store and make sure `experiment` exists; return its id.
+
+    Done before any work starts, so an unreachable server costs seconds, not a run.
+    """
+    uri = tracking_uri(configured_uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        # Runs of the default local store keep their artifacts beside it, whatever the cwd.
+        location = DEFAULT_ARTIFACTS.as_uri() if uri == DEFAULT_URI else None
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except MlflowException as error:
+        raise UserError(f"MLflow tracking store {uri} refused the request: {error.message}") from None
+    except Exception as error:  # connection errors surface as many requests/urllib3 types
+        raise UserError(f"cannot reach the MLflow tracking store at {uri}: {error}") from None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """Dotted keys for every leaf of the resolved config, as MLflow params."""
+    flat = pd.json_normalize(OmegaConf.to_container(cfg, resolve=True), sep=".").iloc[0].to_dict()
+    return {key: str(value) for key, value in flat.items()}
+
+
+@contextlib.contextmanager
+def run(cfg: DictConfig, run_name: str, experiment_id: str):
+    """An MLflow run holding the config; FAILED if the body raises, KILLED on Ctrl-C."""
+    commit = git_commit()
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit}
+    tags.update({f"version.{name}": version(name) for name in PACKAGES})
+    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    log.info("MLflow run %s (%s) in %s", run_name, active.info.run_id, mlflow.get_tracking_uri())
+    try:
+        mlflow.log_params(flatten(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        yield active
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        log.warning("Interrupted: run %s marked KILLED", active.info.run_id)
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        log.error("Run %s marked FAILED", active.info.run_id)
+        raise
+    else:
+        mlflow.end_run()
+
+
+def log_history(run_id: str, frame: pd.DataFrame, step_column: str = "step") -> None:
+    """Log every column of `frame` but the step as metric histories, 1,000 values a call."""
+    client = mlflow.MlflowClient()
+    timestamp = int(pd.Timestamp.now().timestamp() * 1000)
+    metrics = [
+        Metric(key, float(value), timestamp, int(step))
+        for key in frame.columns.drop(step_column)
+        for step, value in zip(frame[step_column], frame[key])
+    ]
+    for start in range(0, len(metrics), BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + BATCH], synchronous=True)
+
+
+def log_policy(policy) -> None:
+    """Save the greedy policy as a SavedModel under the run's `policy/` artifacts."""
+    from tf_agents.policies import policy_saver
+
+    with tempfile.TemporaryDirectory() as scratch, _quiet_saver():
+        path = Path(scratch) / "policy"
+        policy_saver.PolicySaver(policy, batch_size=None).save(str(path))
+        mlflow.log_artifacts(str(path), "policy")
+
+
+@contextlib.contextmanager
+def _quiet_saver():
+    """The SavedModel writer logs every renamed argument and a TypeSpec notice, all harmless."""
+    loggers = [logging.getLogger(name) for name in ("absl", "tensorflow")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encoding a StructuredValue")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
