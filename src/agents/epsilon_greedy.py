@@ -1,0 +1,28 @@
+"""Neural epsilon-greedy: a reward network regresses each movie's rating from the user
+features; the policy acts greedily on it, uniformly at random with probability epsilon
+(the baseline of Riquelme, Tucker, Snoek: "Deep Bayesian Bandits Showdown", ICLR 2018)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tf_agents.bandits.agents import neural_epsilon_greedy_agent
+from tf_agents.networks import q_network
+
+from src.errors import require
+
+SOURCE = "conf/agent/epsilon_greedy.yaml"
+
+
+def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
+          layers: list[int], name: str = "epsilon_greedy"):
+    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0", SOURCE)
+    require(0 <= epsilon <= 1, "agent.epsilon", epsilon, "in [0, 1]", SOURCE)
+    require(all(width >= 1 for width in layers), "agent.layers", list(layers), "positive widths", SOURCE)
+    network = q_network.QNetwork(
+        input_tensor_spec=time_step_spec.observation, action_spec=action_spec,
+        fc_layer_params=tuple(layers))
+    return neural_epsilon_greedy_agent.NeuralEpsilonGreedyAgent(
+        time_step_spec, action_spec, reward_network=network,
+        optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),
+        epsilon=epsilon, emit_policy_info=("predicted_rewards_mean",),
+        info_fields_to_inherit_from_greedy=["predicted_rewards_mean"], name=name)

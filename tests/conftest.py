@@ -1,0 +1,59 @@
+"""Shared fixtures: synthetic MovieLens data and the real configs, shrunk to test size."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import src  # noqa: F401  (TensorFlow set-up before any test imports it)
+from src.paths import PROJECT_ROOT
+from tests.synthetic import checksum_override, write_movielens
+
+SMALL = ["env.num_movies=10", "env.rank_k=4", "training.loops=60", "training.chunk_loops=20"]
+
+
+@pytest.fixture(scope="session")
+def movielens_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ml-100k")
+    checksums = write_movielens(directory)
+    return directory, checksums
+
+
+@pytest.fixture
+def data_overrides(movielens_dir):
+    directory, checksums = movielens_dir
+    return [f"data.dir={directory}", checksum_override(checksums)]
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def make_config(data_overrides, tracking_uri):
+    """Compose conf/ as the CLI would, on synthetic data with tracking in tmp_path."""
+
+    def make(*overrides: str):
+        with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+            return compose("config", overrides=[*data_overrides, f"tracking.uri={tracking_uri}",
+                                                "tracking.save_policy=false", *SMALL, *overrides])
+
+    return make
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run a module of ours in a fresh process from tmp_path; return the CompletedProcess."""
+
+    def run(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
