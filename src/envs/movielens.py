@@ -73,8 +73,8 @@ def build_reward_model(
     rows = np.flatnonzero(matrix.sum(axis=1) > 0)
     matrix = matrix[rows]
     largest_rank = min(matrix.shape)
-    require(1 <= rank_k <= reward_rank, "env.rank_k", rank_k,
-            f"between 1 and env.reward_rank={reward_rank}")
+    require(1 <= rank_k <= min(reward_rank, largest_rank), "env.rank_k", rank_k,
+            f"between 1 and env.reward_rank={reward_rank}, at most min(users, movies) = {largest_rank}")
     require(reward_rank <= largest_rank, "env.reward_rank", reward_rank,
             f"at most min(users, movies) = {largest_rank}")
     u, s, vh = np.linalg.svd(matrix, full_matrices=False)
