@@ -29,3 +29,18 @@ def regret_figure(frame: pd.DataFrame, title: str, random_policy_regret: float |
         axis.legend()
     figure.suptitle(title)
     return figure
+
+
+def comparison_figure(curves: pd.DataFrame, metric: str, confidence: float):
+    """One line per configuration, the mean over seeds, in its band (`low`, `high`)."""
+    figure, axis = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    # Dashes keep a line visible where another configuration lies on top of it.
+    styles = ["-", "--", ":", "-."]
+    for index, (configuration, curve) in enumerate(curves.groupby("configuration", sort=False)):
+        (line,) = axis.plot(curve["step"], curve["mean"], styles[index % len(styles)],
+                            label=f"{configuration} (n={curve['n'].iloc[0]})")
+        axis.fill_between(curve["step"], curve["low"], curve["high"], color=line.get_color(), alpha=0.25, linewidth=0)
+    axis.set(title=f"{metric}: mean over seeds, {confidence:.0%} t-interval", xlabel="interactions", ylabel=metric)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return figure

@@ -1,0 +1,269 @@
+"""Compare agents fairly: a metric's history, mean and confidence band over seeds.
+
+    uv run python -m src.compare                                 # every finished run
+    uv run python -m src.compare --agents linucb,epsilon_greedy  # only these agents
+    uv run python -m src.compare --parent <run id>               # only one sweep's children
+    uv run python -m src.compare --metric train/reward --out reports/reward
+
+Finished training runs are grouped by configuration: the agent plus every config parameter
+whose value differs between the selected runs (an agent's own parameters when they differ
+for that agent). Left out are the seed and the settings that cannot change what an agent
+learns (tracking.*, data locations, thread counts, the sweeper's objective), so the seeds of
+one configuration form one group. Environment parameters are thus always in the key: runs
+on different environments are never averaged. `--group-by agent.name` forces a coarser key
+and is refused when a group would mix environments.
+
+Within a group, histories are aligned by linear interpolation onto the union of their steps,
+restricted to the range every run covers; identical step grids (the usual case) stay exactly
+as logged. The band is the Student t-interval of the mean over seeds at each step (95% by
+default); a group of one seed has none. The final value is the one at the group's last step.
+
+Writes comparison.png, comparison.md and comparison.csv (one row per group: final mean ± std,
+seeds, run ids) and curves.csv (mean, std, band per step), logs them to a run tagged
+`bandits.role=comparison` in the same experiment, which later comparisons skip, and prints
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
+from scipy import stats
+
+from src import plots, tracking
+from src.cli import CONFIG_DIR, exit_on_user_error
+from src.errors import UserError, require
+from src.metrics import CUMULATIVE_REGRET
+
+log = logging.getLogger(__name__)
+
+AGENT = "agent.name"
+SEED = "training.seed"
+ROLE_TAG = "bandits.role"
+# Where results are stored, how the work is spread over threads and what a sweeper
+# optimises: none of these changes what an agent learns, so they never split a group.
+NOT_CONFIG = re.compile(r"training\.seed|tracking\..*|data\.(dir|cache_dir)|training\.threads\..*|objective")
+
+
+@dataclass(frozen=True)
+class Report:
+    table: pd.DataFrame  # one row per configuration
+    curves: pd.DataFrame  # configuration, step, mean, std, n, low, high
+
+
+def open_experiment(configured_uri: str | None, experiment: str) -> str:
+    """The id of an existing experiment; comparing never creates one."""
+    uri = tracking.tracking_uri(configured_uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+    except MlflowException as error:
+        raise UserError(f"MLflow tracking store {uri} refused the request: {error.message}") from None
+    except Exception as error:  # connection errors surface as many requests/urllib3 types
+        raise UserError(f"cannot reach the MLflow tracking store at {uri}: {error}") from None
+    if found is None:
+        raise UserError(f"no experiment '{experiment}' in the MLflow tracking store {uri}; "
+                        "pass --experiment or --tracking-uri")
+    return found.experiment_id
+
+
+def find_runs(experiment_id: str, agents: list[str] | None = None, parent: str | None = None) -> pd.DataFrame:
+    """Finished training runs, one row each, MLflow's `params.*`/`metrics.*`/`tags.*` columns."""
+    runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
+    agent = column(runs, f"params.{AGENT}")
+    chosen = agent.notna() & column(runs, f"tags.{ROLE_TAG}").isna()
+    if parent:
+        chosen &= column(runs, "tags.mlflow.parentRunId") == parent
+    if agents:
+        chosen &= agent.isin(agents)
+        if absent := sorted(set(agents) - set(agent[chosen])):
+            log.warning("No finished runs of %s", ", ".join(absent))
+    if not chosen.any():
+        wanted = "".join([f", agents {','.join(agents)}" if agents else "", f", parent run {parent}" if parent else ""])
+        experiment = mlflow.get_experiment(experiment_id).name
+        raise UserError(f"no FINISHED training runs in experiment '{experiment}'{wanted} "
+                        f"({mlflow.get_tracking_uri()}); train some first or widen --agents/--parent")
+    numeric = functools.partial(pd.to_numeric, errors="coerce")
+    return runs[chosen].sort_values(f"params.{SEED}", key=numeric).set_index("run_id")
+
+
+def column(runs: pd.DataFrame, name: str) -> pd.Series:
+    """MLflow leaves out the column of a param, metric or tag that no run has."""
+    return runs[name] if name in runs else pd.Series(np.nan, index=runs.index)
+
+
+def config_params(runs: pd.DataFrame) -> pd.DataFrame:
+    params = runs.filter(regex=r"^params\.").rename(columns=lambda name: name.removeprefix("params."))
+    # Other kinds of run in the experiment (comparisons) leave their params' columns empty here.
+    return params.drop(columns=[key for key in params if NOT_CONFIG.fullmatch(key)]).dropna(axis=1, how="all")
+
+
+def grouping_key(params: pd.DataFrame) -> list[str]:
+    """The agent, and every parameter that differs: across all runs, or for agent.* within an agent."""
+    across = params.nunique(dropna=False)
+    within_agent = params.groupby(AGENT).nunique(dropna=False).max()
+    differs = [key for key in sorted(params) if key != AGENT
+               and (within_agent[key] if key.startswith("agent.") else across[key]) > 1]
+    return [AGENT, *differs]
+
+
+def check_groups(params: pd.DataFrame, key: list[str]) -> None:
+    """Refuse groups that mix environments; warn about other parameters averaged over."""
+    unknown = [name for name in key if name not in params]
+    if unknown:
+        raise UserError(f"--group-by names {', '.join(unknown)}, not a config parameter of these runs; "
+                        f"choose from {', '.join(sorted(params))}")
+    spread = params.groupby(key, dropna=False).nunique(dropna=False).max()
+    mixed = [name for name in spread.index if spread[name] > 1]
+    environments = [name for name in mixed if name.startswith("env.")]
+    if environments:
+        raise UserError(f"--group-by {','.join(key)} would average runs on different environments "
+                        f"({', '.join(environments)} differ within a group); add them to --group-by or drop it")
+    if mixed:
+        log.warning("Averaging over differing %s, as --group-by %s asks", ", ".join(mixed), ",".join(key))
+
+
+def history(client: mlflow.MlflowClient, run_id: str, metric: str) -> pd.Series:
+    points = client.get_metric_history(run_id, metric)
+    return pd.Series({point.step: point.value for point in points}, name=run_id, dtype=float).sort_index()
+
+
+def align(histories: list[pd.Series]) -> pd.DataFrame:
+    """Runs as columns on the union of their steps, within the range every run covers."""
+    start = max(series.index[0] for series in histories)
+    end = min(series.index[-1] for series in histories)
+    frame = pd.concat(histories, axis=1).sort_index().interpolate(method="index", limit_area="inside")
+    return frame.loc[start:end]
+
+
+def summarise(aligned: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Mean, sample std and the t-interval of the mean over the runs (columns), per step."""
+    n = aligned.shape[1]
+    mean = aligned.mean(axis=1)
+    half_width = stats.t.ppf(0.5 + confidence / 2, n - 1) * stats.sem(aligned, axis=1) if n > 1 else np.nan
+    return pd.DataFrame({"step": aligned.index, "mean": mean, "std": aligned.std(axis=1), "n": n,
+                         "low": mean - half_width, "high": mean + half_width}).reset_index(drop=True)
+
+
+def label(values: pd.Series) -> str:
+    details = ", ".join(f"{key}={value}" for key, value in values.drop(AGENT).dropna().items())
+    return f"{values[AGENT]} ({details})" if details else values[AGENT]
+
+
+def compare(experiment_id: str, metric: str = CUMULATIVE_REGRET, agents: list[str] | None = None,
+            parent: str | None = None, group_by: list[str] | None = None, confidence: float = 0.95) -> Report:
+    """Group the matching runs by configuration and summarise `metric` over each group's seeds."""
+    runs = find_runs(experiment_id, agents, parent)
+    lacking = runs.index[column(runs, f"metrics.{metric}").isna()]
+    if len(lacking):
+        shared = [name.removeprefix("metrics.") for name in runs.filter(regex=r"^metrics\.")
+                  if runs[name].notna().all()]
+        which = f"none of the {len(runs)} runs has" if len(lacking) == len(runs) else \
+            f"{len(lacking)} of {len(runs)} runs ({', '.join(lacking)}) have"
+        raise UserError(f"{which} a history of {metric}; pass --metric, one of: {', '.join(shared) or 'none shared'}")
+    params = config_params(runs)
+    key = [AGENT, *[name for name in group_by if name != AGENT]] if group_by else grouping_key(params)
+    check_groups(params, key)
+    client = mlflow.MlflowClient()
+    rows, curves = [], []
+    for values, members in params.groupby(key, dropna=False, sort=True):
+        name = label(pd.Series(values, index=key))
+        aligned = align([history(client, run_id, metric) for run_id in members.index])
+        curve = summarise(aligned, confidence)
+        final = curve.iloc[-1]
+        seeds = runs.loc[members.index, f"params.{SEED}"]
+        rows.append({"configuration": name, **dict(zip(key, values)), "n": len(members),
+                     "mean": final["mean"], "std": final["std"], "ci_low": final["low"], "ci_high": final["high"],
+                     "step": int(final["step"]), "seeds": ",".join(seeds), "run_ids": ",".join(members.index)})
+        curves.append(curve.assign(configuration=name))
+    log.info("%d runs in %d configurations, grouped by %s", len(runs), len(rows), ", ".join(key))
+    return Report(pd.DataFrame(rows), pd.concat(curves, ignore_index=True))
+
+
+def markdown(table: pd.DataFrame, metric: str, confidence: float) -> str:
+    def number(value: float) -> str:
+        return np.format_float_positional(value, precision=4, fractional=False, trim="-")
+
+    columns = ["configuration", "n", f"final {metric}, mean ± std", f"{confidence:.0%} CI of the mean",
+               "interactions", "seeds", "run ids"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table.itertuples():
+        interval = f"[{number(row.ci_low)}, {number(row.ci_high)}]" if row.n > 1 else "—"
+        cells = [row.configuration, str(row.n), f"{number(row.mean)} ± {number(row.std)}", interval,
+                 f"{row.step:,}", row.seeds, row.run_ids.replace(",", ", ")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(report: Report, out: Path, metric: str, confidence: float) -> str:
+    """Write the plot, the table (Markdown, CSV) and the curves under `out`; return the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(report.table, metric, confidence)
+    (out / "comparison.md").write_text(table)
+    report.table.to_csv(out / "comparison.csv", index=False)
+    report.curves.to_csv(out / "curves.csv", index=False)
+    figure = plots.comparison_figure(report.curves, metric, confidence)
+    figure.savefig(out / "comparison.png", dpi=120)
+    plt.close(figure)
+    log.info("Wrote %s", out)
+    return table
+
+
+def log_comparison(experiment_id: str, out: Path, params: dict) -> str:
+    """Log the report as a run tagged so that later comparisons do not take it for a training run."""
+    name = f"comparison__{datetime.now():%Y%m%d-%H%M%S}"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={ROLE_TAG: "comparison"}) as active:
+        mlflow.log_params({key: str(value) for key, value in params.items()})
+        mlflow.log_artifacts(str(out))
+    log.info("Logged MLflow run %s (%s)", name, active.info.run_id)
+    return active.info.run_id
+
+
+def parser() -> argparse.ArgumentParser:
+    defaults = OmegaConf.load(CONFIG_DIR / "config.yaml").tracking
+    names = argparse.ArgumentParser(
+        prog="python -m src.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names.add_argument("--experiment", default=defaults.experiment,
+                       help="MLflow experiment (default: tracking.experiment in conf/config.yaml, %(default)s)")
+    names.add_argument("--tracking-uri", default=defaults.uri,
+                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                            "else sqlite:///mlflow.db at the project root)")
+    names.add_argument("--agents", type=lambda text: text.split(","), help="comma-separated agent names to keep")
+    names.add_argument("--parent", help="keep only the child runs of this parent run id (a sweep)")
+    names.add_argument("--metric", default=CUMULATIVE_REGRET, help="metric history to compare (default: %(default)s)")
+    names.add_argument("--group-by", type=lambda text: text.split(","),
+                       help="comma-separated parameters that form the groups with the agent, e.g. agent.name "
+                            "for the agent alone (default: the agent and every config parameter that differs)")
+    names.add_argument("--confidence", type=float, default=0.95, help="level of the t-interval (default: %(default)s)")
+    names.add_argument("--out", type=Path, help="output folder (default: outputs/comparison/<time>)")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    args = parser().parse_args(argv)
+    out = args.out or Path("outputs", "comparison", f"{datetime.now():%Y%m%d-%H%M%S}")
+    with exit_on_user_error():
+        require(0 < args.confidence < 1, "--confidence", args.confidence, "between 0 and 1")
+        experiment_id = open_experiment(args.tracking_uri, args.experiment)
+        report = compare(experiment_id, args.metric, args.agents, args.parent, args.group_by, args.confidence)
+        table = write(report, out, args.metric, args.confidence)
+        log_comparison(experiment_id, out, {**{key: value for key, value in vars(args).items() if key != "out"},
+                                            "runs": int(report.table["n"].sum())})
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

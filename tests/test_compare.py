@@ -1,0 +1,154 @@
+"""src.compare on synthetic MLflow runs with known histories, written straight to a tmp store."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param
+
+from src import compare
+from src.errors import UserError
+
+METRIC = "train/cumulative_regret"
+STEPS = np.arange(1, 11) * 16
+T_975_DF2 = 4.302652729911275  # Student t quantile, 97.5%, 2 degrees of freedom (from tables)
+BASE = {"env.name": "movielens", "env.rank_k": 20, "training.loops": 10, "objective": METRIC}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('compare') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def experiment(store, request, tmp_path):
+    """A fresh experiment per test in the module's store; returns (name, id, log_run)."""
+    client = mlflow.MlflowClient(store)
+    name = request.node.name
+    experiment_id = client.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
+
+    def log_run(values, steps=STEPS, status="FINISHED", tags=None, **params) -> str:
+        run_id = client.create_run(experiment_id, tags=tags or {}).info.run_id
+        settings = {**BASE, **{key.replace("__", "."): value for key, value in params.items()}}
+        client.log_batch(run_id, metrics=[Metric(METRIC, float(v), 0, int(s)) for s, v in zip(steps, values)],
+                         params=[Param(key, str(value)) for key, value in settings.items()])
+        client.set_terminated(run_id, status)
+        return run_id
+
+    compare.open_experiment(store, name)
+    return name, experiment_id, log_run
+
+
+def test_final_mean_std_and_band_match_numpy(experiment):
+    _, experiment_id, log_run = experiment
+    rng = np.random.default_rng(0)
+    histories = {agent: np.cumsum(rng.uniform(0, 5, (3, len(STEPS))), axis=1)
+                 for agent in ("linucb", "epsilon_greedy")}
+    run_ids = {agent: [log_run(values, agent__name=agent, training__seed=seed) for seed, values in enumerate(runs)]
+               for agent, runs in histories.items()}
+
+    report = compare.compare(experiment_id)
+
+    table = report.table.set_index("configuration")
+    for agent, values in histories.items():
+        row = table.loc[agent]
+        assert row["n"] == 3 and row["step"] == STEPS[-1] and row["seeds"] == "0,1,2"
+        assert set(row["run_ids"].split(",")) == set(run_ids[agent])
+        assert row["mean"] == pytest.approx(values[:, -1].mean())
+        assert row["std"] == pytest.approx(values[:, -1].std(ddof=1))
+        curve = report.curves[report.curves["configuration"] == agent]
+        half_width = T_975_DF2 * values.std(axis=0, ddof=1) / np.sqrt(3)
+        np.testing.assert_array_equal(curve["step"], STEPS)
+        np.testing.assert_allclose(curve["mean"], values.mean(axis=0))
+        np.testing.assert_allclose(curve["low"], values.mean(axis=0) - half_width)
+        np.testing.assert_allclose(curve["high"], values.mean(axis=0) + half_width)
+
+
+def test_groups_by_the_config_parameters_that_differ(experiment):
+    _, experiment_id, log_run = experiment
+    ramp = STEPS * 1.0
+    for seed in (0, 1):
+        # Where runs are stored and how many threads they used must not split a group.
+        where = {"tracking__uri": f"sqlite:///{seed}.db", "data__dir": f"/data{seed}",
+                 "training__threads__intra_op": seed + 1}
+        for alpha in (1.0, 10.0):
+            log_run(ramp * alpha, agent__name="linucb", agent__alpha=alpha, training__seed=seed, **where)
+        log_run(ramp, agent__name="epsilon_greedy", env__rank_k=10, training__seed=seed, **where)
+    log_run(ramp, status="FAILED", agent__name="linucb", agent__alpha=1.0, training__seed=2)
+    log_run(ramp, tags={compare.ROLE_TAG: "comparison"}, agent__name="linucb", agent__alpha=1.0, training__seed=3)
+
+    table = compare.compare(experiment_id).table
+
+    assert sorted(table.columns[1:4]) == ["agent.alpha", "agent.name", "env.rank_k"]
+    groups = table.set_index("configuration")[["agent.alpha", "env.rank_k", "n"]].fillna("-")
+    assert groups.to_dict("index") == {
+        "epsilon_greedy (env.rank_k=10)": {"agent.alpha": "-", "env.rank_k": "10", "n": 2},
+        "linucb (agent.alpha=1.0, env.rank_k=20)": {"agent.alpha": "1.0", "env.rank_k": "20", "n": 2},
+        "linucb (agent.alpha=10.0, env.rank_k=20)": {"agent.alpha": "10.0", "env.rank_k": "20", "n": 2},
+    }
+
+
+def test_different_step_grids_are_interpolated_over_the_common_range(experiment):
+    _, experiment_id, log_run = experiment
+    every_10 = np.arange(10, 101, 10)
+    every_20 = np.arange(20, 121, 20)
+    log_run(2.0 * every_10, steps=every_10, agent__name="linucb", training__seed=0)
+    log_run(4.0 * every_20, steps=every_20, agent__name="linucb", training__seed=1)
+
+    curve = compare.compare(experiment_id).curves
+
+    # Both lines are exact under linear interpolation: the mean is 3 x step, from 20 to 100.
+    np.testing.assert_array_equal(curve["step"], np.arange(20, 101, 10))
+    np.testing.assert_allclose(curve["mean"], 3.0 * curve["step"])
+
+
+def test_runs_on_different_environments_are_never_averaged(experiment):
+    _, experiment_id, log_run = experiment
+    for seed in (0, 1):
+        for rank in (10, 20):
+            log_run(STEPS * rank, agent__name="linucb", env__rank_k=rank, training__seed=seed)
+
+    assert compare.compare(experiment_id).table["n"].tolist() == [2, 2]
+    with pytest.raises(UserError, match=r"different environments \(env\.rank_k"):
+        compare.compare(experiment_id, group_by=["agent.name"])
+
+
+def test_a_metric_the_runs_lack_is_refused(experiment):
+    _, experiment_id, log_run = experiment
+    for seed in (0, 1):
+        log_run(STEPS, agent__name="linucb", training__seed=seed)
+
+    with pytest.raises(UserError, match=f"none of the 2 runs has a history of train/nope.*one of: {METRIC}$"):
+        compare.compare(experiment_id, metric="train/nope")
+
+
+def test_cli_writes_logs_and_prints_the_report(experiment, store, tmp_path, capsys):
+    name, experiment_id, log_run = experiment
+    for seed in (0, 1):
+        log_run(STEPS * (seed + 1), agent__name="linucb", training__seed=seed)
+    out = tmp_path / "report"
+
+    compare.main(["--tracking-uri", store, "--experiment", name, "--out", str(out)])
+
+    assert {path.name for path in out.iterdir()} == {"comparison.png", "comparison.md", "comparison.csv", "curves.csv"}
+    printed = capsys.readouterr().out
+    assert printed.strip() == (out / "comparison.md").read_text().strip()
+    assert "| linucb | 2 |" in printed
+    assert pd.read_csv(out / "comparison.csv")["mean"].tolist() == [STEPS[-1] * 1.5]
+    logged = mlflow.search_runs([experiment_id], filter_string=f"tags.{compare.ROLE_TAG} = 'comparison'")
+    assert len(logged) == 1
+    # The comparison run sits in the same experiment, yet is not taken for a training run.
+    assert compare.compare(experiment_id).table["n"].tolist() == [2]
+
+
+def test_cli_no_matching_runs_is_one_line_and_non_zero(experiment, store, run_cli):
+    name, _, log_run = experiment
+    log_run(STEPS, agent__name="linucb", training__seed=0)
+
+    result = run_cli("src.compare", "--tracking-uri", store, "--experiment", name, "--agents", "lints", timeout=120)
+
+    assert result.returncode == 2
+    assert "no FINISHED training runs" in result.stderr and "agents lints" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
