@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import src  # noqa: F401  (prepares TensorFlow before anything else imports it)
-from src import metrics, plots, tracking
+from src import metrics, plots, serving, tracking
 from src.agents import build_agent
 from src.cli import check_group_choices, exit_on_user_error
 from src.data import movielens
@@ -106,11 +106,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("Done in %.1f s (%.0f interactions/s): cumulative regret %.1f, last-loop regret %.4f "
                  "(uniform random: %.4f)", seconds, rate, final[metrics.CUMULATIVE_REGRET],
                  final[metrics.REGRET], random_regret)
-        log_artifacts(cfg, history, agent, random_regret)
+        log_artifacts(cfg, history, agent, random_regret, serving.Catalogue.of(environment.model, data.movies))
     return final
 
 
-def log_artifacts(cfg: DictConfig, history: metrics.RegretHistory, agent, random_regret: float) -> None:
+def log_artifacts(cfg: DictConfig, history: metrics.RegretHistory, agent, random_regret: float,
+                  catalogue: serving.Catalogue) -> None:
     frame = history.frame()
     with tempfile.TemporaryDirectory() as scratch:
         table = Path(scratch) / "metrics.csv"
@@ -119,7 +120,7 @@ def log_artifacts(cfg: DictConfig, history: metrics.RegretHistory, agent, random
     title = f"{cfg.agent.name} on {cfg.env.name} (seed {cfg.training.seed})"
     mlflow.log_figure(plots.regret_figure(frame, title, random_regret), "regret.png")
     if cfg.tracking.save_policy:
-        tracking.log_policy(agent.policy)
+        tracking.log_policy(agent.policy, catalogue)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -1,0 +1,198 @@
+"""Recommend movies with a trained policy.
+
+    uv run python -m src.predict run_id=<run id> user_id=42
+    uv run python -m src.predict model_uri=models:/<name>/<version> input=observations.csv top_k=3
+
+The policy is the run's `policy/` SavedModel, or the one its pyfunc `model` bundles. A user's
+observation and true ratings are rebuilt from the environment the run logged in its
+`config.yaml`, over the same MovieLens data (`data.dir=` says where it lives now). Options
+are in `conf/predict.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import src  # noqa: F401  (prepares TensorFlow before anything else imports it)
+from src import serving, tracking
+from src.cli import CONFIG_DIR, exit_on_user_error
+from src.data import movielens
+from src.errors import UserError, require
+from src.train import build_environment
+
+USAGE = "usage: python -m src.predict run_id=<id>|model_uri=<uri> user_id=<id>|input=<file> [top_k=<k>]"
+
+
+def parse(overrides: list[str]) -> DictConfig:
+    """`conf/predict.yaml` with the command line's key=value overrides, checked."""
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            cfg = compose("predict", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        # Hydra explains over several lines; its first names the bad override.
+        raise UserError(f"{str(error).splitlines()[0]} ({USAGE})") from None
+    if (cfg.run_id is None) == (cfg.model_uri is None):
+        raise UserError(f"give exactly one of run_id= and model_uri= ({USAGE})")
+    if (cfg.user_id is None) == (cfg.input is None):
+        raise UserError(f"give exactly one of user_id= and input= ({USAGE})")
+    for key in ("user_id", "top_k"):
+        value = cfg[key]
+        require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                key, value, "an integer >= 1")
+    return cfg
+
+
+def fetch_policy(cfg: DictConfig, scratch: Path) -> tuple[str, Path]:
+    """The id of the run that trained the policy, and the policy downloaded into `scratch`."""
+    if cfg.run_id is not None:
+        run_id = str(cfg.run_id)
+        check_run(run_id)
+        try:
+            return run_id, Path(mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="policy", dst_path=str(scratch)))
+        except (MlflowException, OSError):
+            raise UserError(f"run {run_id} has no saved policy (artifact policy/); "
+                            f"train with tracking.save_policy=true") from None
+    uri = str(cfg.model_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
+    except (MlflowException, OSError) as error:
+        raise UserError(f"cannot fetch model_uri={uri}: {str(error).splitlines()[0]}") from None
+    if (local / "MLmodel").is_file():
+        model = Model.load(str(local))
+        artifacts = model.flavors.get("python_function", {}).get("artifacts") or {}
+        if "policy" not in artifacts or model.run_id is None:
+            raise UserError(f"model_uri={uri} is not a policy model logged by src.train")
+        return model.run_id, local / artifacts["policy"]["path"]
+    if (local / "saved_model.pb").is_file() and uri.startswith("runs:/"):
+        return uri.split("/")[1], local
+    raise UserError(f"model_uri={uri} holds neither a policy model nor a saved policy")
+
+
+def check_run(run_id: str) -> None:
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise UserError(f"no run {run_id} in the tracking store {mlflow.get_tracking_uri()} "
+                        f"(pass tracking.uri= if it is elsewhere)") from None
+
+
+def logged_config(run_id: str, scratch: Path) -> DictConfig:
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="config.yaml", dst_path=str(scratch))
+    except (MlflowException, OSError):
+        raise UserError(f"run {run_id} has no config.yaml; was it logged by src.train?") from None
+    return OmegaConf.load(path)
+
+
+def read_observations(path: str) -> np.ndarray:
+    """Observation vectors, one per row: a JSON list of lists or a CSV file without header."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"input={path} is not a file")
+    try:
+        if file.suffix.lower() == ".json":
+            rows = np.atleast_2d(np.asarray(json.loads(file.read_text()), np.float64))
+        else:
+            rows = pd.read_csv(file, header=None).to_numpy(np.float64)
+    except ValueError as error:
+        raise UserError(f"input={path}: expected one vector of numbers per row ({error})") from None
+    if rows.ndim != 2:
+        raise UserError(f"input={path}: expected one vector of numbers per row")
+    return rows
+
+
+def recommend(cfg: DictConfig) -> str:
+    """Run the policy on the user or the observations `cfg` names; return the report."""
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
+    with tempfile.TemporaryDirectory() as scratch:
+        run_id, policy_path = fetch_policy(cfg, Path(scratch))
+        run_cfg = logged_config(run_id, Path(scratch))
+        policy = serving.Policy(policy_path)
+    if cfg.data.dir is not None:
+        run_cfg.data.dir = cfg.data.dir
+    data = movielens.load(run_cfg.data)
+    model = build_environment(run_cfg, data).model
+    catalogue = serving.Catalogue.of(model, data.movies)
+    if cfg.user_id is not None:
+        require(cfg.user_id in data.users.index, "user_id", cfg.user_id,
+                f"a MovieLens user id, 1..{data.num_users}")
+        observations = catalogue.observations_of([cfg.user_id])
+        ratings = model.rewards[np.flatnonzero(model.user_ids == cfg.user_id)]
+        labels = [f"user {cfg.user_id}"]
+    else:
+        observations = read_observations(cfg.input)
+        ratings = None
+        labels = [f"row {row}" for row in range(1, len(observations) + 1)]
+    actions, scores = policy.decide(observations)
+    if scores is None and cfg.top_k is not None:
+        raise UserError(f"top_k needs predicted rewards, which the {run_cfg.agent.name} policy "
+                        f"does not report")
+    header = (f"run {run_id}: {run_cfg.agent.name} on {run_cfg.env.name} (seed "
+              f"{run_cfg.training.seed}), {len(catalogue.movie_ids)} candidate movies")
+    blocks = [describe(label, catalogue, actions[i], None if scores is None else scores[i],
+                       None if ratings is None else ratings[i], cfg.top_k)
+              for i, label in enumerate(labels)]
+    return "\n\n".join([header, *blocks])
+
+
+def describe(label: str, catalogue: serving.Catalogue, action: int, scores, ratings, top_k) -> str:
+    """One observation's recommendation, its true rating and the best movie when known, and
+    the candidates ranked by predicted reward (which LinUCB's pick may not top: it adds
+    an exploration bonus)."""
+    def movie(index: int) -> str:
+        return f"movie {catalogue.movie_ids[index]} \"{catalogue.titles[index]}\""
+
+    facts = []
+    if scores is not None:
+        facts.append(f"predicted reward {scores[action]:.3f}")
+    if ratings is not None:
+        facts.append(f"true rating {ratings[action]:.3f}")
+    lines = [f"{label}: recommended {movie(action)}" + (f" ({', '.join(facts)})" if facts else "")]
+    if ratings is not None:
+        best = int(np.argmax(ratings))
+        lines.append(f"best for {label}: {movie(best)} (true rating {ratings[best]:.3f}, "
+                     f"regret {ratings[best] - ratings[action]:.3f})")
+    if scores is None:
+        lines.append("(this policy reports no predicted rewards per movie)")
+        return "\n".join(lines)
+    table = pd.DataFrame({
+        "pick": np.where(np.arange(len(scores)) == action, "*", ""),
+        "movie_id": catalogue.movie_ids,
+        "predicted": scores,
+        **({"true_rating": ratings} if ratings is not None else {}),
+    }).sort_values("predicted", ascending=False, kind="stable").head(top_k or len(scores))
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    # Titles go last and unpadded, so long ones neither stretch nor right-align the table.
+    rows = table.to_string(index=False, float_format="{:.3f}".format).splitlines()
+    titles = ["title", *catalogue.titles[table.index]]
+    lines.extend(f"{row}  {title}" for row, title in zip(rows, titles))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with exit_on_user_error():
+        print(recommend(parse(argv)))
+
+
+if __name__ == "__main__":
+    # Progress bars for a few kilobytes of artifacts would bury the answer.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    main(sys.argv[1:])

@@ -1,0 +1,158 @@
+"""A trained policy for inference: the saved TF-Agents policy and, around it, an MLflow pyfunc
+model that `mlflow models serve` answers with.
+
+The pyfunc is self-contained: it bundles the policy's SavedModel and a small catalogue (the
+environment's user features, movie ids and titles), so serving needs neither the MovieLens
+files nor the environment code. Requests carry either MovieLens user ids or raw feature
+vectors; the answer is the recommended movie and, where the policy reports them, the
+predicted reward of every candidate movie.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema
+
+import src  # noqa: F401  (TensorFlow set-up, and the TypeSpecs a saved policy needs, come first)
+from src.errors import UserError
+
+USER_ID = "user_id"
+FEATURES = "features"
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """What a request needs besides the policy: who the users are and what the actions are."""
+
+    user_ids: np.ndarray  # [users] MovieLens user ids, one per environment row
+    user_features: np.ndarray  # [users, rank_k] the observation of each user
+    movie_ids: np.ndarray  # [actions] MovieLens item id behind each action
+    titles: np.ndarray  # [actions]
+
+    @classmethod
+    def of(cls, model, movies: pd.DataFrame) -> Catalogue:
+        """The catalogue of an environment's reward `model`, titled from MovieLens `movies`."""
+        return cls(np.asarray(model.user_ids), np.asarray(model.user_features, np.float32),
+                   np.asarray(model.movie_ids), movies.title.loc[model.movie_ids].to_numpy(str))
+
+    def save(self, path: Path) -> None:
+        np.savez(path, **asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> Catalogue:
+        with np.load(path) as stored:
+            return cls(**{name: stored[name] for name in stored.files})
+
+    def observations_of(self, user_ids) -> np.ndarray:
+        """The observed features of each MovieLens user id, in order."""
+        rows = pd.Index(self.user_ids).get_indexer(user_ids)
+        missing = [int(user) for user, row in zip(user_ids, rows) if row < 0]
+        if missing:
+            raise UserError(
+                f"user_id {missing[0]} is not in this environment: it holds {len(self.user_ids)} "
+                f"users with ids {self.user_ids.min()}..{self.user_ids.max()}, leaving out those "
+                f"who rated none of its {len(self.movie_ids)} movies")
+        return self.user_features[rows]
+
+
+class Policy:
+    """A policy saved by TF-Agents' `PolicySaver`, loaded in this process."""
+
+    def __init__(self, path: Path):
+        from tf_agents.policies import py_tf_eager_policy
+
+        self._policy = py_tf_eager_policy.SavedModelPyTFEagerPolicy(
+            str(path), load_specs_from_pbtxt=True, batch_time_steps=False)
+        observation = self._policy.time_step_spec.observation
+        if not hasattr(observation, "shape") or len(observation.shape) != 1:
+            raise UserError(f"the policy in {path} observes {observation}; only policies that "
+                            f"observe one feature vector can recommend from here")
+        self.dimension = int(observation.shape[0])
+
+    def decide(self, observations) -> tuple[np.ndarray, np.ndarray | None]:
+        """The action for each observation, and each action's predicted reward if reported."""
+        from tf_agents.trajectories import time_step as ts
+
+        observations = np.asarray(observations, np.float32)
+        if observations.ndim != 2 or observations.shape[1] != self.dimension:
+            width = observations.shape[-1] if observations.ndim else 1
+            raise UserError(f"an observation must have {self.dimension} features (the run's "
+                            f"env.rank_k), got {width}")
+        if not np.isfinite(observations).all():
+            raise UserError("observations must be finite numbers")
+        step = self._policy.action(ts.restart(observations, batch_size=len(observations)))
+        scores = getattr(step.info, "predicted_rewards_mean", None)
+        return np.asarray(step.action), None if scores is None else np.asarray(scores)
+
+
+def signature() -> ModelSignature:
+    """Either a user id or a feature vector per row in; the movie and its scores out."""
+    inputs = Schema([
+        ColSpec(DataType.long, USER_ID, required=False),
+        ColSpec(Array(DataType.double), FEATURES, required=False),
+    ])
+    outputs = Schema([
+        ColSpec(DataType.long, "movie_id"),
+        ColSpec(DataType.string, "title"),
+        ColSpec(DataType.double, "predicted_reward", required=False),
+        ColSpec(Map(DataType.double), "scores", required=False),
+    ])
+    return ModelSignature(inputs, outputs)
+
+
+def input_example(catalogue: Catalogue) -> pd.DataFrame:
+    return pd.DataFrame({USER_ID: catalogue.user_ids[:2]})
+
+
+class PolicyModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc around a saved policy; artifacts `policy` (SavedModel) and `catalogue`."""
+
+    def load_context(self, context):
+        self._policy = Policy(Path(context.artifacts["policy"]))
+        self._catalogue = Catalogue.load(Path(context.artifacts["catalogue"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        try:
+            return self._recommend(pd.DataFrame(model_input))
+        except UserError as error:
+            # The scoring server answers 400 with this message instead of a 500.
+            raise MlflowException(str(error), INVALID_PARAMETER_VALUE) from None
+
+    def _recommend(self, frame: pd.DataFrame) -> pd.DataFrame:
+        given = [column for column in (USER_ID, FEATURES) if column in frame]
+        if len(given) != 1 or frame[given[0]].isna().any():
+            raise UserError(f"every row needs a '{USER_ID}' or every row a '{FEATURES}' vector, "
+                            f"not both; got columns {list(frame.columns)}")
+        if given == [USER_ID]:
+            observations = self._catalogue.observations_of(frame[USER_ID].astype(int))
+        else:
+            observations = _stack(frame[FEATURES])
+        actions, scores = self._policy.decide(observations)
+        answer = pd.DataFrame({
+            "movie_id": self._catalogue.movie_ids[actions],
+            "title": self._catalogue.titles[actions],
+        })
+        if scores is not None:
+            answer["predicted_reward"] = np.take_along_axis(scores, actions[:, None], axis=1)[:, 0]
+            keys = [str(movie) for movie in self._catalogue.movie_ids]
+            answer["scores"] = [dict(zip(keys, row.tolist())) for row in scores]
+        return answer
+
+
+def _stack(vectors: pd.Series) -> np.ndarray:
+    lengths = {len(np.atleast_1d(vector)) for vector in vectors}
+    if len(lengths) != 1:
+        raise UserError(f"feature vectors differ in length: {sorted(lengths)}")
+    try:
+        return np.stack([np.asarray(vector, np.float64) for vector in vectors])
+    except (TypeError, ValueError):
+        raise UserError("feature vectors must hold numbers only") from None

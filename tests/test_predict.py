@@ -1,0 +1,167 @@
+"""src.predict and the served pyfunc model, on a tiny LinUCB run over synthetic data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from tf_agents.trajectories import time_step as ts
+
+from src import predict, tracking
+from src.errors import UserError
+from src.train import train
+
+USER = 7
+
+
+@pytest.fixture
+def trained(make_config, tmp_path, monkeypatch):
+    """Train with the policy saved; return (run id, in-memory greedy policy, catalogue)."""
+    monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
+    logged = {}
+    log_policy = tracking.log_policy
+
+    def spy(policy, catalogue):
+        logged.update(policy=policy, catalogue=catalogue)
+        log_policy(policy, catalogue)
+
+    monkeypatch.setattr(tracking, "log_policy", spy)
+    train(make_config("tracking.save_policy=true"))
+    run_id = mlflow.last_active_run().info.run_id
+    return run_id, logged["policy"], logged["catalogue"]
+
+
+def greedy_movie(policy, catalogue, user_id: int) -> tuple[int, str]:
+    observation = catalogue.observations_of([user_id])
+    action = int(policy.action(ts.restart(observation, batch_size=1)).action[0])
+    return int(catalogue.movie_ids[action]), str(catalogue.titles[action])
+
+
+def test_predicts_the_trained_policys_movie(trained, run_cli, tracking_uri, tmp_path, caplog):
+    run_id, policy, catalogue = trained
+    movie, title = greedy_movie(policy, catalogue, USER)
+    done = run_cli("src.predict", f"run_id={run_id}", f"user_id={USER}", "top_k=3",
+                   f"tracking.uri={tracking_uri}")
+    assert done.returncode == 0, done.stderr
+    assert f'user {USER}: recommended movie {movie} "{title}"' in done.stdout
+    assert "true rating" in done.stdout and f"best for user {USER}: movie" in done.stdout
+    assert [line.split()[0] for line in done.stdout.splitlines()[-3:]] == ["1", "2", "3"]
+
+    with pytest.raises(SystemExit) as exit:  # in-process: the fresh process is proven above
+        predict.main([f"run_id={run_id}", "user_id=100000", f"tracking.uri={tracking_uri}"])
+    assert exit.value.code == 2
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == [
+        "user_id must be a MovieLens user id, 1..60, got 100000"]
+
+    mlflow.register_model(f"runs:/{run_id}/model", "tiny")
+    rows = tmp_path / "rows.csv"
+    np.savetxt(rows, catalogue.observations_of([USER, USER]), delimiter=",")
+    for source, target in [("model_uri=models:/tiny/1", f"user_id={USER}"),
+                           (f"model_uri=runs:/{run_id}/policy", f"input={rows}")]:
+        report = predict.recommend(predict.parse([source, target, f"tracking.uri={tracking_uri}"]))
+        assert f'recommended movie {movie} "{title}"' in report
+
+    (tmp_path / "short.json").write_text(json.dumps([[0.1, 0.2, 0.3]]))
+    with pytest.raises(UserError, match="must have 4 features"):
+        predict.recommend(predict.parse([f"run_id={run_id}", f"input={tmp_path / 'short.json'}",
+                                         f"tracking.uri={tracking_uri}"]))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["run_id=0123456789abcdef0123456789abcdef", "user_id=1"], "no run 0123456789abcdef"),
+    (["user_id=1"], "exactly one of run_id= and model_uri="),
+    (["run_id=abc", "user_id=0"], "user_id must be an integer >= 1"),
+    (["run_id=abc", "user_id=1", "input=x.csv"], "exactly one of user_id= and input="),
+    (["run_id=abc", "bogus=1", "user_id=1"], "Could not override 'bogus'"),
+])
+def test_bad_arguments_are_one_clear_error(tracking_uri, arguments, message):
+    with pytest.raises(UserError, match=message) as error:
+        predict.recommend(predict.parse([*arguments, f"tracking.uri={tracking_uri}"]))
+    assert "\n" not in str(error.value)
+
+
+def test_run_without_policy_is_refused(make_config, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(make_config("training.loops=20"))
+    run_id = mlflow.last_active_run().info.run_id
+    with pytest.raises(UserError, match=f"run {run_id} has no saved policy"):
+        predict.recommend(predict.parse([f"run_id={run_id}", "user_id=1", f"tracking.uri={tracking_uri}"]))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.slow
+def test_served_model_answers_and_rejects_bad_requests(trained, tracking_uri, tmp_path):
+    run_id, policy, catalogue = trained
+    movie, title = greedy_movie(policy, catalogue, USER)
+    port = free_port()
+    log_file = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/model",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "server did not answer /ping within 120 s"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        invocations = f"{base}/invocations"
+
+        status, answer = post(invocations, json.dumps({"dataframe_records": [{"user_id": USER}]}).encode())
+        assert status == 200, answer
+        (prediction,) = answer["predictions"]
+        assert (prediction["movie_id"], prediction["title"]) == (movie, title)
+        assert len(prediction["scores"]) == len(catalogue.movie_ids)
+
+        features = catalogue.observations_of([USER])[0].tolist()
+        status, answer = post(invocations, json.dumps({"dataframe_records": [{"features": features}]}).encode())
+        assert status == 200 and answer["predictions"][0]["movie_id"] == movie, answer
+
+        for body, message in [
+            (json.dumps({"dataframe_records": [{"user_id": 100000}]}), "user_id 100000 is not in this environment"),
+            (json.dumps({"dataframe_records": [{"features": features[:-1]}]}), "must have 4 features"),
+            ("{not json", ""),
+        ]:
+            status, answer = post(invocations, body.encode())
+            assert 400 <= status < 500 and message in answer["message"], (status, answer)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log_file.close()
