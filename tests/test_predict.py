@@ -120,11 +120,13 @@ def test_served_model_answers_and_rejects_bad_requests(trained, tracking_uri, tm
     run_id, policy, catalogue = trained
     movie, title = greedy_movie(policy, catalogue, USER)
     port = free_port()
+    scripts = Path(sys.executable).parent  # mlflow starts `uvicorn` from PATH
     log_file = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/model",
+        [str(scripts / "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/model",
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+                           "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"},
         stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
