@@ -4,7 +4,8 @@ One `tf.function` call runs a chunk of many loops inside a `tf.while_loop` and r
 each loop's metrics, so Python is touched once per chunk, not once per step. This is
 TF-Agents' on-policy bandit trainer (driver, replay buffer, `agent.train`, clear) with the
 driver and buffer reduced to what an on-policy bandit needs: the `steps_per_loop`
-transitions of the loop, stacked along the time axis, are the experience.
+transitions of the loop, stacked along the time axis, are the experience. The
+environment is asked for observations (`reset()`) and rewards (`outcome()`) only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,12 @@ class Engine:
         time_step = env.reset()
         action_step = self.agent.collect_policy.action(time_step)
         reward, optimal_reward, optimal_action = env.outcome(action_step.action)
-        next_time_step = env.step(action_step.action)
+        # Not `env.step()`: it would draw the next users only for the trajectory to drop
+        # them (a transition keeps the next step's type, reward and discount, not its
+        # observation), and the next `reset()` draws again. Skipping it saves ~10-25% of
+        # a loop for neural epsilon-greedy on 2 cores.
+        next_time_step = ts.termination(time_step.observation,
+                                        tf.cast(reward, env.reward_spec().dtype))
         transition = trajectory.from_transition(time_step, action_step, next_time_step)
         suboptimal = tf.cast(tf.not_equal(tf.cast(action_step.action, tf.int32), optimal_action),
                              tf.float64)

@@ -1,0 +1,208 @@
+"""Interactions per second: TF-Agents' stock eager pattern against our compiled engine.
+
+    uv run python -m benchmarks.throughput --data-dir /path/to/ml-100k --out bench.json
+
+Both sides run in this one process on the same MovieLens environment (synthetic data in a
+temporary directory when `--data-dir` is not given), with the agent built from the same
+`conf/agent/*.yaml`, so each row compares the training pattern, not the agent:
+  linucb            our vectorised LinUCB (the default agent)
+  linucb_tf_agents  TF-Agents' LinearUCBAgent; its stock row is TF-Agents' own example
+  epsilon_greedy    neural epsilon-greedy
+Rates are measured after a warm-up (tracing, first-call allocations); the stock side runs
+far fewer loops because it is ~500x slower. Regret is the mean per interaction over the
+loops both sides ran, one seed each, so it agrees only within seed-to-seed noise (see
+tests/test_engine.py for the multi-seed check). Peak RSS is `ru_maxrss`, the process's
+high-water mark so far: each row shows the peak reached by the end of that measurement,
+and the first measurement, TF-Agents' example size (320,000 interactions) with our LinUCB,
+is taken first so its figure is that of a training run alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import src  # noqa: F401,I001  (first: sets TensorFlow's environment before it is imported)
+
+import numpy as np
+import tensorflow as tf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from benchmarks.stock import run_stock
+from src.agents import build_agent
+from src.data import movielens
+from src.engine import Engine, configure_threads
+from src.train import build_environment, seed_everything
+from tests.synthetic import checksum_override, write_movielens
+
+log = logging.getLogger("benchmarks.throughput")
+
+AGENTS = ("linucb", "linucb_tf_agents", "epsilon_greedy")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass(frozen=True)
+class OursRun:
+    regret: np.ndarray  # per loop, warm-up included, summed over the loop's interactions
+    seconds: float  # the timed loops only
+    timed_loops: int
+    interactions_per_loop: int
+
+    @property
+    def interactions_per_s(self) -> float:
+        return self.timed_loops * self.interactions_per_loop / self.seconds
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def compose_config(agent: str, data_overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose("config", overrides=[f"agent={agent}", *data_overrides])
+
+
+def build_engine(cfg: DictConfig, data) -> Engine:
+    seed_everything(cfg.training.seed)
+    environment = build_environment(cfg, data)
+    agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec())
+    return Engine(environment, agent, cfg.training.steps_per_loop)
+
+
+def run_ours(cfg: DictConfig, data, loops: int) -> OursRun:
+    """`loops` timed loops after one warm-up chunk that traces the compiled loop."""
+    engine = build_engine(cfg, data)
+    chunk = cfg.training.chunk_loops
+    regret = [m.regret for m in engine.run(chunk, chunk)]
+    traced = engine.traces
+    started = time.perf_counter()
+    regret += [m.regret for m in engine.run(loops, chunk)]
+    seconds = time.perf_counter() - started
+    if engine.traces != traced:
+        log.warning("%s retraced during the timed loops: the rate includes tracing", cfg.agent.name)
+    return OursRun(np.concatenate(regret), seconds, loops, engine.interactions_per_loop)
+
+
+def run_example_size(cfg: DictConfig, data) -> dict:
+    """TF-Agents' example, 20,000 loops x 2 steps x batch 8, end to end as `src.train` times it."""
+    engine = build_engine(cfg, data)
+    started = time.perf_counter()
+    regret = np.concatenate([m.regret for m in engine.run(cfg.training.loops, cfg.training.chunk_loops)])
+    seconds = time.perf_counter() - started
+    interactions = cfg.training.loops * engine.interactions_per_loop
+    return {"interactions": interactions, "seconds": seconds, "per_s": interactions / seconds,
+            "final_regret": float(regret[-100:].mean() / engine.interactions_per_loop)}
+
+
+def measure(agent: str, data_overrides: list[str], data, data_file: Path,
+            stock_loops: int, stock_warmup: int, ours_loops: int) -> dict:
+    cfg = compose_config(agent, data_overrides)
+    training = cfg.training
+    log.info("%s: ours, %d loops after a %d-loop warm-up", agent, ours_loops, training.chunk_loops)
+    ours = run_ours(cfg, data, ours_loops)
+    log.info("%s: ours %.0f interactions/s; stock, %d loops (%d warm-up)",
+             agent, ours.interactions_per_s, stock_loops, stock_warmup)
+    stock = run_stock(cfg.agent, data_file, num_movies=cfg.env.num_movies, rank_k=cfg.env.rank_k,
+                      batch_size=training.batch_size, steps_per_loop=training.steps_per_loop,
+                      loops=stock_loops, seed=training.seed, warmup_loops=stock_warmup)
+    log.info("%s: stock %.1f interactions/s", agent, stock.interactions_per_s)
+    per_loop = stock.interactions_per_loop
+    return {
+        "agent": agent,
+        "stock_per_s": stock.interactions_per_s,
+        "ours_per_s": ours.interactions_per_s,
+        "speedup": ours.interactions_per_s / stock.interactions_per_s,
+        "stock_regret": float(stock.regret.mean() / per_loop),
+        "ours_regret": float(ours.regret[:stock_loops].mean() / per_loop),
+        "ours_final_regret": float(ours.regret[-100:].mean() / per_loop),
+        "regret_interactions": stock_loops * per_loop,
+        "stock_loops": stock_loops,
+        "ours_loops": len(ours.regret),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def table(rows: list[dict], example: dict) -> str:
+    compared = rows[0]["regret_interactions"]
+    lines = [
+        "| agent | stock (interactions/s) | ours (interactions/s) | speedup | "
+        f"regret stock / ours (first {compared:,} interactions) | ours, last 100 loops | peak RSS (MB) |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['agent']} | {r['stock_per_s']:,.0f} | {r['ours_per_s']:,.0f} | "
+                     f"{r['speedup']:,.0f}x | {r['stock_regret']:.3f} / {r['ours_regret']:.3f} | "
+                     f"{r['ours_final_regret']:.3f} | {r['peak_rss_mb']:,.0f} |")
+    lines.append(f"| linucb, {example['interactions']:,} interactions (TF-Agents' example size) | | "
+                 f"{example['per_s']:,.0f} | | | {example['final_regret']:.3f} | {example['peak_rss_mb']:,.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, help="MovieLens 100K directory; synthetic data when omitted")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--agents", nargs="+", default=list(AGENTS), choices=AGENTS)
+    parser.add_argument("--stock-loops", type=int, default=100, help="stock loops, warm-up included")
+    parser.add_argument("--stock-warmup", type=int, default=10)
+    parser.add_argument("--ours-loops", type=int, default=3000, help="timed loops of our engine")
+    args = parser.parse_args()
+    if not 0 <= args.stock_warmup < args.stock_loops or args.ours_loops < 100:
+        parser.error("need 0 <= --stock-warmup < --stock-loops and --ours-loops >= 100")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # The stock trainer logs every metric every loop through absl, and TF-Agents' eager
+    # metrics retrace by design; both would bury the progress lines.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    tf.get_logger().setLevel(logging.ERROR)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.data_dir:
+            data_dir, data_overrides = args.data_dir.resolve(), [f"data.dir={args.data_dir.resolve()}"]
+        else:
+            data_dir = Path(scratch) / "ml-100k"
+            data_overrides = [f"data.dir={data_dir}", checksum_override(write_movielens(data_dir))]
+            log.info("No --data-dir: synthetic MovieLens-format data in %s", data_dir)
+        base = compose_config("linucb", data_overrides)
+        # The pools must be sized before TensorFlow's first op; both sides share them.
+        configure_threads(base.training.threads.intra_op, base.training.threads.inter_op)
+        data = movielens.load(base.data)
+        log.info("Our LinUCB at TF-Agents' example size: %d loops", base.training.loops)
+        example = run_example_size(base, data)
+        example["peak_rss_mb"] = peak_rss_mb()
+        log.info("%d interactions in %.1f s (%.0f/s), peak RSS %.0f MB", example["interactions"],
+                 example["seconds"], example["per_s"], example["peak_rss_mb"])
+        rows = [measure(agent, data_overrides, data, data_dir / "u.data", args.stock_loops,
+                        args.stock_warmup, args.ours_loops) for agent in args.agents]
+
+    by_agent = {r["agent"]: r for r in rows}
+    if "linucb" in by_agent:
+        by_agent["linucb"].update(example_seconds=example["seconds"], example_interactions=example["interactions"],
+                                  example_per_s=example["per_s"], example_peak_rss_mb=example["peak_rss_mb"])
+        if "linucb_tf_agents" in by_agent:
+            # The headline: our default agent against what TF-Agents' example runs.
+            by_agent["linucb"]["speedup_vs_tf_agents_example"] = (
+                by_agent["linucb"]["ours_per_s"] / by_agent["linucb_tf_agents"]["stock_per_s"])
+    print(f"\nMachine: {os.cpu_count()} CPU cores, GPUs: {len(tf.config.list_physical_devices('GPU'))}; "
+          f"TensorFlow {tf.__version__}; data: {args.data_dir or 'synthetic'}\n")
+    print(table(rows, example))
+    print(f"\nTF-Agents' example size, our LinUCB: {example['interactions']:,} interactions in "
+          f"{example['seconds']:.1f} s including tracing (target < 30 s); "
+          f"process peak RSS {peak_rss_mb():,.0f} MB (target < 1,500)")
+    if "speedup_vs_tf_agents_example" in by_agent.get("linucb", {}):
+        print(f"Our LinUCB vs TF-Agents' example (LinearUCBAgent, stock pattern): "
+              f"{by_agent['linucb']['speedup_vs_tf_agents_example']:,.0f}x")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        log.info("Wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
