@@ -1,7 +1,28 @@
-"""Agent builders. Each `conf/agent/*.yaml` names its builder in `_target_`."""
+"""Agent builders. Each `conf/agent/*.yaml` names its builder in `_target_`.
+
+An agent YAML's `per_arm: true` says its builder handles observations with per-arm
+features (`env=movielens_per_arm`); the list of such agents is read from those files.
+"""
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from tf_agents.bandits.specs import utils as bandit_spec_utils
+
+from src.errors import UserError
+from src.paths import PROJECT_ROOT
+
+AGENT_CONFIGS = PROJECT_ROOT / "conf" / "agent"
+
+
+def has_per_arm_features(time_step_spec) -> bool:
+    observation = time_step_spec.observation
+    return isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation
+
+
+def per_arm_agents() -> list[str]:
+    """The agent choices whose YAML says `per_arm: true`."""
+    return sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml")
+                  if OmegaConf.load(path).get("per_arm", False))
 
 
 def build_agent(cfg: DictConfig, time_step_spec, action_spec):
@@ -12,4 +33,8 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec):
     """
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     builder = get_object(hyperparameters.pop("_target_"))
+    accepts_per_arm = hyperparameters.pop("per_arm", False)
+    if has_per_arm_features(time_step_spec) and not accepts_per_arm:
+        raise UserError(f"agent={cfg.name} cannot take this environment's per-arm features; "
+                        f"agents that can: {', '.join(per_arm_agents())}")
     return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 from tf_agents.bandits.agents import neural_epsilon_greedy_agent
-from tf_agents.networks import q_network
 
+from src.agents import has_per_arm_features
+from src.agents.networks import check_layers, reward_network
 from src.errors import require
 
 SOURCE = "conf/agent/epsilon_greedy.yaml"
@@ -17,12 +18,10 @@ def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
           layers: list[int], name: str = "epsilon_greedy"):
     require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0", SOURCE)
     require(0 <= epsilon <= 1, "agent.epsilon", epsilon, "in [0, 1]", SOURCE)
-    require(all(width >= 1 for width in layers), "agent.layers", list(layers), "positive widths", SOURCE)
-    network = q_network.QNetwork(
-        input_tensor_spec=time_step_spec.observation, action_spec=action_spec,
-        fc_layer_params=tuple(layers))
+    check_layers(layers, SOURCE)
     return neural_epsilon_greedy_agent.NeuralEpsilonGreedyAgent(
-        time_step_spec, action_spec, reward_network=network,
+        time_step_spec, action_spec, reward_network=reward_network(time_step_spec, action_spec, layers),
         optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),
         epsilon=epsilon, emit_policy_info=("predicted_rewards_mean",),
-        info_fields_to_inherit_from_greedy=["predicted_rewards_mean"], name=name)
+        info_fields_to_inherit_from_greedy=["predicted_rewards_mean"],
+        accepts_per_arm_features=has_per_arm_features(time_step_spec), name=name)

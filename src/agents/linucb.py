@@ -20,6 +20,7 @@ from tf_agents.policies import utils as policy_utilities
 from tf_agents.trajectories import policy_step
 from tf_agents.utils import nest_utils
 
+from src.agents import has_per_arm_features
 from src.errors import require
 
 SOURCE = "conf/agent/linucb.yaml"
@@ -109,7 +110,11 @@ class VectorizedLinUCBAgent(tf_agent.TFAgent):
 
 
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
-               name: str = "linucb") -> VectorizedLinUCBAgent:
+               name: str = "linucb"):
+    """The vectorised agent; with per-arm features, TF-Agents' `LinearUCBAgent`, because the
+    vectorised one keeps a model per fixed movie and candidate sets have no fixed movies."""
+    if has_per_arm_features(time_step_spec):
+        return _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, True, name, SOURCE)
     return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, name)
 
 
@@ -117,8 +122,13 @@ def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weig
                         use_eigendecomp: bool = True, name: str = "linucb_tf_agents"):
     """TF-Agents' own `LinearUCBAgent`; the eigendecomposition replaces 20 conjugate-gradient
     solves per step with one batched decomposition (same estimates, ~7x faster)."""
-    check_hyperparameters(alpha, tikhonov_weight, "conf/agent/linucb_tf_agents.yaml")
+    return _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, use_eigendecomp, name,
+                       "conf/agent/linucb_tf_agents.yaml")
+
+
+def _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, use_eigendecomp, name, where):
+    check_hyperparameters(alpha, tikhonov_weight, where)
     return lin_ucb_agent.LinearUCBAgent(
         time_step_spec, action_spec, alpha=alpha, tikhonov_weight=tikhonov_weight,
         use_eigendecomp=use_eigendecomp, emit_policy_info=("predicted_rewards_mean",),
-        dtype=tf.float32, name=name)
+        accepts_per_arm_features=has_per_arm_features(time_step_spec), dtype=tf.float32, name=name)

@@ -1,0 +1,21 @@
+"""Linear Thompson sampling (Agrawal, Goyal: "Thompson Sampling for Contextual Bandits
+with Linear Payoffs", ICML 2013): sample theta_a ~ N(A_a^-1 b_a, alpha^2 A_a^-1) per arm
+and pick the best sampled reward; TF-Agents' `LinearThompsonSamplingAgent`."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tf_agents.bandits.agents import linear_thompson_sampling_agent
+
+from src.agents import has_per_arm_features
+from src.agents.linucb import check_hyperparameters
+
+SOURCE = "conf/agent/lints.yaml"
+
+
+def build(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, name: str = "lints"):
+    check_hyperparameters(alpha, tikhonov_weight, SOURCE)
+    return linear_thompson_sampling_agent.LinearThompsonSamplingAgent(
+        time_step_spec, action_spec, alpha=alpha, tikhonov_weight=tikhonov_weight,
+        emit_policy_info=("predicted_rewards_mean",),
+        accepts_per_arm_features=has_per_arm_features(time_step_spec), dtype=tf.float32, name=name)

@@ -1,0 +1,124 @@
+"""Per-arm MovieLens, with TF-Agents' `MovieLensPerArmPyEnvironment` semantics, in-graph.
+
+Each round every user in the batch (drawn uniformly, with replacement, as TF-Agents does)
+is offered `num_actions` distinct movies drawn uniformly from a pool of `num_movies`; the
+agent observes the user's features (global) and each candidate's features (per arm) and
+picks a position in the candidate list. Rewards come from the same SVD reward model as
+`src.envs.movielens` (user and movie factors each carry sqrt of the singular values, so
+the reward is their dot product; TF-Agents puts all of S on the user side). The sampler
+is this instance's own seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+from tf_agents.bandits.environments import bandit_tf_environment
+from tf_agents.bandits.specs import utils as bandit_spec_utils
+from tf_agents.specs import tensor_spec
+from tf_agents.trajectories import time_step as ts
+
+from src.envs.movielens import RewardModel, build_reward_model
+from src.errors import UserError, require
+
+SOURCE = "conf/env/movielens_per_arm.yaml"
+
+
+def expected_max_weights(pool: int, size: int) -> np.ndarray:
+    """P(the best of a uniform `size`-subset of `pool` sorted values is the m-th smallest).
+
+    The m-th smallest is the maximum when it is drawn and the other size-1 come from the
+    m-1 below it: C(m-1, size-1) / C(pool, size). Built from the top by the ratio
+    C(m-2, size-1) / C(m-1, size-1) = (m-size) / (m-1), which avoids huge binomials.
+    """
+    weights = np.zeros(pool)
+    weights[-1] = size / pool
+    for m in range(pool, size, -1):
+        weights[m - 2] = weights[m - 1] * (m - size) / (m - 1)
+    return weights
+
+
+@dataclass(frozen=True)
+class CandidateSetRewardModel(RewardModel):
+    """The reward model over the whole pool, offered `num_actions` movies at a time."""
+
+    num_actions: int
+
+    @property
+    def random_policy_regret(self) -> float:
+        """Exact expected per-interaction regret of a uniform pick from a random candidate set:
+        E[max over the set] (order statistics, see `expected_max_weights`) minus the pool mean."""
+        weights = expected_max_weights(self.rewards.shape[1], self.num_actions)
+        best = np.sort(self.rewards, axis=1) @ weights
+        return float(np.mean(best - self.rewards.mean(axis=1)))
+
+
+class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
+    """Global user features plus the features of `num_actions` sampled candidate movies."""
+
+    def __init__(self, model: CandidateSetRewardModel, batch_size: int, seed: int,
+                 name: str = "movielens_per_arm"):
+        require(batch_size >= 1, "training.batch_size", batch_size, ">= 1")
+        self.model = model
+        self._num_users, rank_k = model.user_features.shape
+        self._num_movies = model.rewards.shape[1]
+        num_actions = model.num_actions
+        observation_spec = {
+            bandit_spec_utils.GLOBAL_FEATURE_KEY: tf.TensorSpec([rank_k], tf.float32),
+            bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.TensorSpec([num_actions, rank_k], tf.float32),
+        }
+        action_spec = tensor_spec.BoundedTensorSpec(
+            (), tf.int32, minimum=0, maximum=num_actions - 1, name="action")
+        self._user_features = tf.constant(model.user_features, tf.float32)
+        self._movie_features = tf.constant(model.movie_features, tf.float32)
+        self._rewards = tf.constant(model.rewards, tf.float64)
+        self._rng = tf.random.Generator.from_seed(seed)
+        self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False, name="users")
+        self._candidates = tf.Variable(
+            tf.zeros([batch_size, num_actions], tf.int32), trainable=False, name="candidates")
+        super().__init__(ts.time_step_spec(observation_spec), action_spec, batch_size, name)
+
+    def _observe(self):
+        users = self._rng.uniform([self.batch_size], maxval=self._num_users, dtype=tf.int32)
+        # The top k of i.i.d. uniforms is a uniform k-subset, like `random.sample`.
+        candidates = tf.math.top_k(self._rng.uniform([self.batch_size, self._num_movies]),
+                                   k=self.model.num_actions).indices
+        self._users.assign(users)
+        self._candidates.assign(candidates)
+        return {
+            bandit_spec_utils.GLOBAL_FEATURE_KEY: tf.gather(self._user_features, users),
+            bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.gather(self._movie_features, candidates),
+        }
+
+    def _candidate_rewards(self) -> tf.Tensor:
+        """[batch, num_actions] float64 rewards of the current users' candidates."""
+        return tf.gather(tf.gather(self._rewards, self._users), self._candidates, batch_dims=1)
+
+    def _apply_action(self, action: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self.outcome(action)[0], tf.float32)
+
+    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(reward, optimal reward, optimal action) among the current candidates, float64.
+
+        Read between `reset()` and `step()`, like `MovieLensEnvironment.outcome`.
+        """
+        rewards = self._candidate_rewards()
+        chosen = tf.gather(rewards, tf.cast(action, tf.int32), batch_dims=1)
+        return chosen, tf.reduce_max(rewards, axis=1), tf.argmax(rewards, axis=1, output_type=tf.int32)
+
+
+def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
+          num_movies: int | None = None, reward_rank: int | None = None,
+          movie_selection: str = "first", name: str = "movielens_per_arm") -> MovieLensPerArmEnvironment:
+    """The environment `conf/env/movielens_per_arm.yaml` describes, over MovieLens `data`."""
+    if rank_k is None or isinstance(rank_k, bool) or not isinstance(rank_k, int):
+        raise UserError(f"env.rank_k must be a positive integer, got {rank_k!r} ({SOURCE})")
+    ratings = data.ratings_matrix()
+    pool = ratings.shape[1] if num_movies is None else num_movies
+    model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
+    require(isinstance(num_actions, int) and 2 <= num_actions <= pool, "env.num_actions", num_actions,
+            f"an integer between 2 and env.num_movies={pool}", SOURCE)
+    model = CandidateSetRewardModel(**vars(model), num_actions=num_actions)
+    return MovieLensPerArmEnvironment(model, batch_size, seed, name)

@@ -1,0 +1,85 @@
+"""The per-arm MovieLens environment: specs, candidate sets, outcomes, exact random regret."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tf_agents.bandits.specs import utils as bandit_spec_utils
+
+from src.data import movielens
+from src.envs import movielens_per_arm
+from src.errors import UserError
+from src.train import build_environment
+
+GLOBAL = bandit_spec_utils.GLOBAL_FEATURE_KEY
+PER_ARM = bandit_spec_utils.PER_ARM_FEATURE_KEY
+
+
+@pytest.fixture
+def make_env(make_config):
+    def make(*overrides: str):
+        cfg = make_config("env=movielens_per_arm", "env.num_actions=4", *overrides)
+        return build_environment(cfg, movielens.load(cfg.data))
+
+    return make
+
+
+def test_observation_holds_the_user_and_distinct_candidates(make_env):
+    env = make_env("training.batch_size=5")
+    model = env.model
+    observation = env.reset().observation
+    assert observation[GLOBAL].shape == (5, 4) and observation[PER_ARM].shape == (5, 4, 4)
+    assert env.action_spec().maximum == 3
+    candidates = env._candidates.numpy()
+    assert all(len(set(row)) == 4 for row in candidates)
+    np.testing.assert_allclose(observation[GLOBAL], model.user_features[env._users.numpy()], rtol=1e-6)
+    np.testing.assert_allclose(observation[PER_ARM], model.movie_features[candidates], rtol=1e-6)
+
+
+def test_outcome_is_the_reward_model_on_the_candidates(make_env):
+    env = make_env("training.batch_size=6")
+    env.reset()
+    action = tf.constant([0, 1, 2, 3, 0, 1])
+    reward, optimal_reward, optimal_action = (t.numpy() for t in env.outcome(action))
+    rewards = env.model.rewards[env._users.numpy()[:, None], env._candidates.numpy()]
+    np.testing.assert_allclose(reward, rewards[np.arange(6), action.numpy()])
+    np.testing.assert_allclose(optimal_reward, rewards.max(axis=1))
+    np.testing.assert_array_equal(optimal_action, rewards.argmax(axis=1))
+    assert reward.dtype == np.float64
+    np.testing.assert_allclose(env.step(action).reward, reward, rtol=1e-6)
+
+
+def test_the_same_seed_gives_the_same_rounds(make_env):
+    first, second, other = make_env(), make_env(), make_env("training.seed=1")
+    rounds = [[e.reset().observation[PER_ARM].numpy() for _ in range(3)] for e in (first, second, other)]
+    np.testing.assert_array_equal(rounds[0], rounds[1])
+    assert not np.array_equal(rounds[0], rounds[2])
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 6])
+def test_expected_max_weights_match_enumeration(size):
+    values = np.random.default_rng(size).normal(size=6)
+    brute = np.mean([max(subset) for subset in itertools.combinations(values, size)])
+    assert np.sort(values) @ movielens_per_arm.expected_max_weights(6, size) == pytest.approx(brute)
+
+
+def test_random_policy_regret_matches_monte_carlo(make_env):
+    env = make_env("training.batch_size=500")
+    rng = tf.random.Generator.from_seed(7)
+    regrets = []
+    for _ in range(40):
+        env.reset()
+        action = rng.uniform([env.batch_size], maxval=4, dtype=tf.int32)
+        reward, optimal_reward, _ = env.outcome(action)
+        regrets.append((optimal_reward - reward).numpy())
+    regrets = np.concatenate(regrets)
+    standard_error = regrets.std() / np.sqrt(len(regrets))
+    assert abs(regrets.mean() - env.model.random_policy_regret) < 4 * standard_error
+
+
+def test_bad_candidate_count_is_a_user_error(make_env):
+    with pytest.raises(UserError, match=r"env.num_actions must be .* got 11"):
+        make_env("env.num_actions=11")
