@@ -27,6 +27,8 @@ for _pattern in (
     warnings.filterwarnings("ignore", message=_pattern)
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(gym|tf_agents|tensorflow_probability|google\.protobuf)")
 warnings.filterwarnings("ignore", category=SyntaxWarning, module=r"tf_agents")
+# Hydra's Optuna sweeper still builds Optuna 2's distribution classes; Optuna maps them.
+warnings.filterwarnings("ignore", category=FutureWarning, message=r".*Distribution has been deprecated")
 
 
 @contextlib.contextmanager
@@ -50,3 +52,10 @@ with _silenced_native_stderr():
     import tf_agents.agents  # noqa: F401  (imports gym, which prints a notice)
 
     _tf.config.list_physical_devices()  # probes for CUDA, which logs when there is none
+
+from omegaconf import OmegaConf as _OmegaConf  # noqa: E402
+
+from src.paths import PROJECT_ROOT as _PROJECT_ROOT  # noqa: E402
+
+# Lets configs place files at the project root whatever the cwd (`${project_root:}`).
+_OmegaConf.register_new_resolver("project_root", lambda: str(_PROJECT_ROOT), replace=True)

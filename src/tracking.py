@@ -40,6 +40,11 @@ def connect(configured_uri: str | None, experiment: str) -> str:
     """
     uri = tracking_uri(configured_uri)
     mlflow.set_tracking_uri(uri)
+    unreachable = UserError(
+        f"cannot reach the MLflow tracking server at {uri}: is it running? "
+        f"(set tracking.uri=... or MLFLOW_TRACKING_URI)")
+    retries = logging.getLogger("urllib3.connectionpool")
+    retries.setLevel(logging.ERROR)  # one line of ours says it better than a warning per retry
     try:
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
@@ -48,9 +53,13 @@ def connect(configured_uri: str | None, experiment: str) -> str:
         location = DEFAULT_ARTIFACTS.as_uri() if uri == DEFAULT_URI else None
         return mlflow.create_experiment(experiment, artifact_location=location)
     except MlflowException as error:
+        if "Max retries exceeded" in error.message:
+            raise unreachable from None
         raise UserError(f"MLflow tracking store {uri} refused the request: {error.message}") from None
-    except Exception as error:  # connection errors surface as many requests/urllib3 types
-        raise UserError(f"cannot reach the MLflow tracking store at {uri}: {error}") from None
+    except OSError:
+        raise unreachable from None
+    finally:
+        retries.setLevel(logging.NOTSET)
 
 
 def git_commit() -> str:
@@ -69,10 +78,10 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run(cfg: DictConfig, run_name: str, experiment_id: str):
+def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str, str]):
     """An MLflow run holding the config; FAILED if the body raises, KILLED on Ctrl-C."""
     commit = git_commit()
-    tags = {"git_commit": commit, "mlflow.source.git.commit": commit}
+    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, **extra_tags}
     tags.update({f"version.{name}": version(name) for name in PACKAGES})
     active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     log.info("MLflow run %s (%s) in %s", run_name, active.info.run_id, mlflow.get_tracking_uri())

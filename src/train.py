@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import src  # noqa: F401  (prepares TensorFlow before anything else imports it)
-from src import metrics, plots, serving, tracking
+from src import metrics, plots, serving, sweep, tracking
 from src.agents import build_agent
 from src.cli import check_group_choices, exit_on_user_error
 from src.data import movielens
@@ -77,19 +77,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     seed_everything(training.seed)
     data = movielens.load(cfg.data)
-    environment = build_environment(cfg, data)
-    agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec())
-    engine = Engine(environment, agent, training.steps_per_loop)
-    history = metrics.RegretHistory(engine.interactions_per_loop)
-    random_regret = environment.model.random_policy_regret
-    log.info(
-        "Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
-        cfg.agent.name, cfg.env.name, *environment.model.rewards.shape,
-        environment.model.user_features.shape[1], training.loops, engine.interactions_per_loop)
 
-    with tracking.run(cfg, run_name(cfg), experiment_id) as active:
+    with tracking.run(cfg, run_name(cfg), experiment_id, sweep.trial_tags()) as active:
         run_id = active.info.run_id
+        sweep.record_run(run_id)
+        environment = build_environment(cfg, data)
+        agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec())
+        engine = Engine(environment, agent, training.steps_per_loop)
+        history = metrics.RegretHistory(engine.interactions_per_loop)
+        random_regret = environment.model.random_policy_regret
         mlflow.log_metric("env/random_policy_regret", random_regret)
+        log.info(
+            "Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
+            cfg.agent.name, cfg.env.name, *environment.model.rewards.shape,
+            environment.model.user_features.shape[1], training.loops, engine.interactions_per_loop)
         started = time.perf_counter()
         downsampler = metrics.Downsampler(cfg.tracking.log_every)
         with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:

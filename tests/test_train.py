@@ -136,10 +136,12 @@ def test_bad_input_exits_with_one_line_and_no_running_run(run_cli, movielens_dir
     ("training.seed=-1", "training.seed must be an integer >= 0"),
     ("objective=train/nothing", "objective must be one of"),
 ])
-def test_impossible_config_fails_before_any_run(make_config, tracking_uri, override, message):
+def test_impossible_config_fails_before_training(make_config, tracking_uri, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         train.train(make_config(override))
-    assert runs(tracking_uri)[1] == []
+    # Training checks come before any run; env and agent ones inside it, so a sweep's
+    # impossible trial shows as FAILED.
+    assert all(run.info.status == "FAILED" for run in runs(tracking_uri)[1])
 
 
 def test_corrupt_data_file_exits_with_one_line(run_cli, movielens_dir, tmp_path, tracking_uri):

@@ -1,0 +1,97 @@
+"""Optuna sweeps: two workers on one study, every trial in MLflow, failures, resumption."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import mlflow
+import optuna
+import pytest
+
+from src import sweep
+from src.errors import UserError
+from src.paths import PROJECT_ROOT
+from tests.conftest import SMALL
+
+
+def sweep_overrides(data_overrides, tmp_path, *extra):
+    return [
+        "hparams_search=linucb", *data_overrides, "training.loops=20",
+        *(o for o in SMALL if not o.startswith("env.rank_k")),  # a fixed value would win over the search
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.save_policy=false",
+        "env.reward_rank=4",
+        # A search dimension from the command line, as Hydra allows; rank 50 is out of
+        # range for 10 movies: those trials must fail alone.
+        "env.rank_k=choice(2, 3, 50)",
+        *extra,
+    ]
+
+
+def run_multirun(tmp_path, args):
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "linucb", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_and_every_trial_is_tracked(data_overrides, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = sweep_overrides(data_overrides, tmp_path, "hydra.sweeper.study_name=test-sweep")
+    result = run_multirun(tmp_path, ["--workers", "2", "--trials", "6", "--storage", storage, *overrides])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "worker 0" in result.stdout and "worker 1" in result.stdout
+
+    study = optuna.load_study(study_name="test-sweep", storage=storage)
+    states = [t.state for t in study.trials]
+    assert len(states) == 6
+    assert optuna.trial.TrialState.FAIL in states and optuna.trial.TrialState.COMPLETE in states
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("movielens-bandits").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "parent")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(r.data.tags["sweep.trial"]) for r in trials) == list(range(6))
+    # Both workers' trials, FAILED in MLflow exactly where Optuna failed them.
+    status = {int(r.data.tags["sweep.trial"]): r.info.status for r in trials}
+    for trial in study.trials:
+        assert status[trial.number] == ("FINISHED" if trial.state == optuna.trial.TrialState.COMPLETE else "FAILED")
+    best = study.best_trial
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["best.trial"] == str(best.number)
+    assert parent.data.tags["best.run_id"] == best.user_attrs[sweep.RUN_ATTR]
+    assert parent.data.metrics["best/train/cumulative_regret"] == pytest.approx(best.value)
+    assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # The same sweep again resumes the study towards a larger total under the same parent.
+    result = run_multirun(tmp_path, ["--workers", "1", "--trials", "8", "--storage", storage, *overrides])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "6 trials finished, running 2 more" in result.stdout
+    assert len(optuna.load_study(study_name="test-sweep", storage=storage).trials) == 8
+    runs = client.search_runs([parent.info.experiment_id])
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 8
+
+
+def compose(data_overrides, tmp_path, *extra):
+    return sweep._compose(sweep_overrides(data_overrides, tmp_path, *extra))
+
+
+def test_unreachable_storage_is_refused_before_any_trial(data_overrides, tmp_path):
+    cfg = compose(data_overrides, tmp_path, f"hydra.sweeper.storage=sqlite:///{tmp_path}/missing/dir/optuna.db")
+    with pytest.raises(UserError, match="cannot open Optuna storage"):
+        sweep.prepare(cfg)
+
+
+def test_a_study_with_the_other_direction_is_refused(data_overrides, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="linucb", storage=storage, direction="maximize")
+    cfg = compose(data_overrides, tmp_path, f"hydra.sweeper.storage={storage}")
+    with pytest.raises(UserError, match=r"exists with direction \['maximize'\]"):
+        sweep.prepare(cfg)
+
+
+def test_unknown_sweep_name_is_one_line(tmp_path):
+    result = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "nope"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: no sweep for 'nope'; choose one of: "
+                                                  + ", ".join(sorted(p.stem for p in (PROJECT_ROOT / "conf/hparams_search").glob("*.yaml")))
+                                                  + ", all"]
