@@ -16,6 +16,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # A run must fail fast, not retry for minutes, when the tracking server is unreachable.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# Served models pin their packages explicitly; uv.lock would only add the index's addresses.
+os.environ.setdefault("MLFLOW_LOG_UV_FILES", "false")
 
 for _pattern in (
     r".*Gym has been unmaintained.*",

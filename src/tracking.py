@@ -12,6 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+import tensorflow as tf
 import pandas as pd
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
@@ -95,7 +96,7 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
         raise
     except BaseException:
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        log.error("Run %s marked FAILED", active.info.run_id)
+        log.warning("Run %s marked FAILED", active.info.run_id)
         raise
     else:
         mlflow.end_run()
@@ -127,11 +128,15 @@ def log_policy(policy, catalogue) -> None:
             warnings.filterwarnings("ignore", message="Encoding a StructuredValue")
             policy_saver.PolicySaver(policy, batch_size=None).save(str(path))
         mlflow.log_artifacts(str(path), "policy")
+        if tf.nest.is_nested(policy.time_step_spec.observation):
+            log.info("Per-arm policy saved as a SavedModel only: the servable model takes one "
+                     "feature vector per user")
+            return
         table = Path(scratch) / "catalogue.npz"
         catalogue.save(table)
         # MLflow warns about cloudpickle (the class pickles by reference to src.serving, which
         # the model bundles) and about pip, which uv environments do not have.
-        with _quiet("mlflow.pyfunc", "mlflow.utils.environment"):
+        with _quiet("mlflow.pyfunc", "mlflow.utils.environment", "mlflow.utils.uv_utils"):
             mlflow.pyfunc.log_model(
                 name="model",
                 python_model=serving.PolicyModel(),

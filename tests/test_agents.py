@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -69,9 +70,16 @@ def test_agents_without_per_arm_features_refuse_the_per_arm_env(make_config, age
         build(make_config, agent, "movielens_per_arm")
 
 
-def test_a_per_arm_run_end_to_end(make_config):
-    final = train(make_config("agent=linucb", "env=movielens_per_arm", "env.num_actions=5"))
+def test_a_per_arm_run_end_to_end(make_config, tracking_uri):
+    final = train(make_config("agent=linucb", "env=movielens_per_arm", "env.num_actions=5",
+                              "tracking.save_policy=true"))
     assert np.isfinite(final["train/cumulative_regret"])
+    client = mlflow.MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("movielens-bandits").experiment_id])
+    assert run.info.status == "FINISHED"
+    # The servable model takes one vector per user, so a per-arm policy is a SavedModel only.
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"policy", "regret.png"}
+    assert not client.search_logged_models([run.info.experiment_id])
 
 
 # Cumulative regret over 300 loops (4,800 interactions) as a share of uniform random's
