@@ -28,6 +28,7 @@ class LoopMetrics:
     regret: np.ndarray  # float64 [loops]
     reward: np.ndarray  # float64 [loops]
     suboptimal: np.ndarray  # float64 [loops], number of non-optimal picks
+    loss: np.ndarray  # float64 [loops], the agent's training loss on the loop's experience
 
 
 def configure_threads(intra_op: int, inter_op: int) -> None:
@@ -72,8 +73,8 @@ class Engine:
     def _run_loop(self):
         transitions, metrics = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
         experience = tf.nest.map_structure(lambda *steps: tf.stack(steps, axis=1), *transitions)
-        self.agent.train(experience)
-        return tf.add_n(metrics)
+        loss = tf.reduce_mean(tf.cast(self.agent.train(experience).loss, tf.float64))
+        return tf.concat([tf.add_n(metrics), [loss]], axis=0)
 
     def _run_chunk(self, num_loops):
         self.traces += 1
@@ -81,7 +82,7 @@ class Engine:
         def body(i, history):
             return i + 1, history.write(i, self._run_loop())
 
-        history = tf.TensorArray(tf.float64, size=num_loops, element_shape=[3])
+        history = tf.TensorArray(tf.float64, size=num_loops, element_shape=[4])
         _, history = tf.while_loop(lambda i, _: i < num_loops, body, (0, history))
         return history.stack()
 
@@ -92,4 +93,4 @@ class Engine:
             size = min(chunk, loops - done)
             history = self.run_chunk(tf.constant(size, tf.int32)).numpy()
             done += size
-            yield LoopMetrics(regret=history[:, 0], reward=history[:, 1], suboptimal=history[:, 2])
+            yield LoopMetrics(*history.T)

@@ -5,6 +5,7 @@ Per loop, with n = batch_size x steps_per_loop interactions:
   train/cumulative_regret      total regret over all interactions so far
   train/reward                 mean reward (reconstructed rating) per interaction
   train/suboptimal_arm_rate    share of interactions that did not pick the best movie
+  train/loss                   the agent's training loss on the loop's experience
 TF-Agents' `RegretMetric` reports only the last batch's mean; the cumulative sum is ours.
 """
 
@@ -19,6 +20,7 @@ REGRET = "train/regret"
 CUMULATIVE_REGRET = "train/cumulative_regret"
 REWARD = "train/reward"
 SUBOPTIMAL_ARM_RATE = "train/suboptimal_arm_rate"
+LOSS = "train/loss"
 FINAL_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
 
 
@@ -43,6 +45,7 @@ class RegretHistory:
             CUMULATIVE_REGRET: cumulative,
             REWARD: chunk.reward / n,
             SUBOPTIMAL_ARM_RATE: chunk.suboptimal / n,
+            LOSS: chunk.loss,
         })
         self._loops = int(loops[-1])
         self._cumulative = float(cumulative[-1])
@@ -63,7 +66,7 @@ def every(frame: pd.DataFrame, loops: int) -> pd.DataFrame:
         return frame
     window = np.arange(len(frame)) // loops
     grouped = frame.groupby(window)
-    coarse = grouped[[REGRET, REWARD, SUBOPTIMAL_ARM_RATE]].mean()
+    coarse = grouped[[REGRET, REWARD, SUBOPTIMAL_ARM_RATE, LOSS]].mean()
     coarse["step"] = grouped["step"].last()
     coarse[CUMULATIVE_REGRET] = grouped[CUMULATIVE_REGRET].last()
     return coarse[frame.columns].reset_index(drop=True)

@@ -33,7 +33,7 @@ from src.agents import build_agent
 from src.cli import check_group_choices, exit_on_user_error
 from src.data import movielens
 from src.engine import Engine, configure_threads
-from src.errors import require
+from src.errors import UserError, require
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ def check_training(cfg: DictConfig) -> None:
     require(isinstance(log_every, int) and log_every >= 1, "tracking.log_every", log_every, "an integer >= 1")
     require(cfg.objective in metrics.FINAL_METRICS, "objective", cfg.objective,
             f"one of {', '.join(metrics.FINAL_METRICS)}")
+
+
+def check_finite(loops) -> None:
+    """Stop a diverged run (a sweep's trial then fails alone) rather than train on NaNs."""
+    diverged = loops[~np.isfinite(loops[metrics.LOSS])]
+    if len(diverged):
+        first = diverged.iloc[0]
+        raise UserError(f"training diverged: the agent's loss is {first[metrics.LOSS]} after "
+                        f"{int(first['step'])} interactions; try a smaller agent.learning_rate")
 
 
 def build_environment(cfg: DictConfig, data):
@@ -96,9 +105,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:
             for chunk in engine.run(training.loops, training.chunk_loops):
                 bar.update(len(chunk.regret))
-                rows = downsampler.push(history.add(chunk), last=bar.n == training.loops)
+                loops = history.add(chunk)
+                rows = downsampler.push(loops, last=bar.n == training.loops)
                 if len(rows):
                     tracking.log_history(run_id, rows)
+                check_finite(loops)
                 bar.set_postfix(regret=f"{chunk.regret.mean() / engine.interactions_per_loop:.3f}")
         seconds = time.perf_counter() - started
         final = history.final()

@@ -173,3 +173,12 @@ def test_a_run_that_breaks_keeps_what_it_logged(make_config, tracking_uri, monke
     assert [run.info.status for run in found] == [status]
     history = client.get_metric_history(found[0].info.run_id, metrics.CUMULATIVE_REGRET)
     assert len(history) == 20  # the first chunk's loops were logged before the break
+
+
+def test_a_diverging_agent_fails_its_run_with_one_line(make_config, tracking_uri):
+    with pytest.raises(UserError, match="training diverged: the agent's loss is nan"):
+        train.train(make_config("agent=epsilon_greedy", "agent.learning_rate=1e30"))
+    client, found = runs(tracking_uri)
+    assert [run.info.status for run in found] == ["FAILED"]
+    losses = [m.value for m in client.get_metric_history(found[0].info.run_id, metrics.LOSS)]
+    assert np.isnan(losses[-1])  # the history up to the divergence is kept
