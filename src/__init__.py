@@ -18,6 +18,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 # Served models pin their packages explicitly; uv.lock would only add the index's addresses.
 os.environ.setdefault("MLFLOW_LOG_UV_FILES", "false")
+# Logging a model copies its files around; a progress bar per copy says nothing to a user.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 for _pattern in (
     r".*Gym has been unmaintained.*",

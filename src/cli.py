@@ -15,12 +15,15 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Turn a `UserError` into one log line and exit status 2."""
+    """Turn a `UserError` into one log line and exit status 2, Ctrl-C into status 130."""
     try:
         yield
     except UserError as error:
         log.error("%s", error)
         sys.exit(2)
+    except KeyboardInterrupt:
+        log.warning("Interrupted")
+        sys.exit(130)
 
 
 def check_group_choices(overrides: list[str]) -> None:

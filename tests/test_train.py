@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,22 @@ def test_a_diverging_agent_fails_its_run_with_one_line(make_config, tracking_uri
     assert [run.info.status for run in found] == ["FAILED"]
     losses = [m.value for m in client.get_metric_history(found[0].info.run_id, metrics.LOSS)]
     assert np.isnan(losses[-1])  # the history up to the divergence is kept
+
+
+def test_ctrl_c_marks_the_run_killed_and_exits_quietly(movielens_dir, tracking_uri, tmp_path):
+    args = cli_args(movielens_dir, tracking_uri, "training.loops=1000000", "training.chunk_loops=50")
+    process = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=tmp_path, text=True,
+                               stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        lines = []
+        for line in process.stderr:  # wait until training has started
+            lines.append(line)
+            if "Training linucb" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "Traceback" not in rest and "Interrupted" in rest
+    assert [run.info.status for run in runs(tracking_uri)[1]] == ["KILLED"]
