@@ -30,7 +30,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from src import tracking
@@ -154,12 +153,15 @@ def summarise(cfg: DictConfig, failed_workers: int = 0) -> optuna.trial.FrozenTr
 
 def register_best_model(cfg: DictConfig, run_id: str) -> None:
     """Register the best trial's servable model under `<study>-best`."""
-    name = f"{cfg.hydra.sweeper.study_name}-best"
-    try:
-        version = mlflow.register_model(f"runs:/{run_id}/model", name)
-    except MlflowException as error:
-        log.warning("The best trial's run %s has no model to register: %s", run_id, error.message)
+    experiment = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    models = mlflow.search_logged_models(
+        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+        output_format="list")
+    if not models:
+        log.warning("The best trial's run %s logged no servable model to register", run_id)
         return
+    name = f"{cfg.hydra.sweeper.study_name}-best"
+    version = mlflow.register_model(f"models:/{models[0].model_id}", name)
     log.info("Registered the best trial's model as models:/%s/%s", name, version.version)
 
 

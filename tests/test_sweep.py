@@ -95,3 +95,16 @@ def test_unknown_sweep_name_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == ["error: no sweep for 'nope'; choose one of: "
                                                   + ", ".join(sorted(p.stem for p in (PROJECT_ROOT / "conf/hparams_search").glob("*.yaml")))
                                                   + ", all"]
+
+
+def test_the_best_trials_model_is_registered(make_config, tracking_uri, data_overrides, tmp_path):
+    from src.train import train
+
+    train(make_config("tracking.save_policy=true"))
+    client = mlflow.MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("movielens-bandits").experiment_id])
+    sweep.register_best_model(compose(data_overrides, tmp_path), run.info.run_id)
+    (version,) = client.search_model_versions("name = 'linucb-best'")
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/linucb-best/{version.version}")
+    assert model.metadata.signature is not None
