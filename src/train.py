@@ -87,7 +87,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(training.seed)
     data = movielens.load(cfg.data)
 
-    with tracking.run(cfg, run_name(cfg), experiment_id, sweep.trial_tags()) as active:
+    tags = sweep.trial_tags()
+    name = run_name(cfg) + (f"__trial{tags['sweep.trial']}" if "sweep.trial" in tags else "")
+    with tracking.run(cfg, name, experiment_id, tags) as active:
         run_id = active.info.run_id
         sweep.record_run(run_id)
         environment = build_environment(cfg, data)

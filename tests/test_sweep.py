@@ -51,6 +51,7 @@ def test_two_workers_share_one_study_and_every_trial_is_tracked(data_overrides, 
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "parent")
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(int(r.data.tags["sweep.trial"]) for r in trials) == list(range(6))
+    assert all(r.info.run_name.endswith(f"__trial{r.data.tags['sweep.trial']}") for r in trials)
     # Both workers' trials, FAILED in MLflow exactly where Optuna failed them.
     status = {int(r.data.tags["sweep.trial"]): r.info.status for r in trials}
     for trial in study.trials:
