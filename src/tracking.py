@@ -51,7 +51,7 @@ def connect(configured_uri: str | None, experiment: str) -> str:
         if found is not None:
             return found.experiment_id
         # Runs of the default local store keep their artifacts beside it, whatever the cwd.
-        location = DEFAULT_ARTIFACTS.as_uri() if uri == DEFAULT_URI else None
+        location = (DEFAULT_ARTIFACTS / experiment).as_uri() if uri == DEFAULT_URI else None
         return mlflow.create_experiment(experiment, artifact_location=location)
     except MlflowException as error:
         if "Max retries exceeded" in error.message:
