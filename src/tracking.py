@@ -24,7 +24,6 @@ from src.paths import PROJECT_ROOT
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlruns"
 PACKAGES = ("tensorflow", "tf-agents", "tensorflow-probability", "numpy", "mlflow", "hydra-core", "optuna")
 SERVING_PACKAGES = ("tensorflow", "tf-keras", "tf-agents", "tensorflow-probability", "numpy", "pandas", "mlflow")
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
@@ -50,9 +49,7 @@ def connect(configured_uri: str | None, experiment: str) -> str:
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
             return found.experiment_id
-        # Runs of the default local store keep their artifacts beside it, whatever the cwd.
-        location = (DEFAULT_ARTIFACTS / experiment).as_uri() if uri == DEFAULT_URI else None
-        return mlflow.create_experiment(experiment, artifact_location=location)
+        return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
     except MlflowException as error:
         if "Max retries exceeded" in error.message:
             raise unreachable from None
@@ -61,6 +58,15 @@ def connect(configured_uri: str | None, experiment: str) -> str:
         raise unreachable from None
     finally:
         retries.setLevel(logging.NOTSET)
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """A SQLite store keeps its artifacts beside it in `mlruns/<experiment>`, whatever the
+    cwd (MLflow's own default is the cwd's `mlruns/`); a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///")).resolve()
+        return (database.parent / "mlruns" / experiment).as_uri()
+    return None
 
 
 def git_commit() -> str:

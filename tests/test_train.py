@@ -174,6 +174,9 @@ def test_a_run_that_breaks_keeps_what_it_logged(make_config, tracking_uri, monke
     assert [run.info.status for run in found] == [status]
     history = client.get_metric_history(found[0].info.run_id, metrics.CUMULATIVE_REGRET)
     assert len(history) == 20  # the first chunk's loops were logged before the break
+    # Artifacts live beside the SQLite store, not in whatever directory the run started from.
+    store = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    assert found[0].info.artifact_uri.startswith((store / "mlruns" / "movielens-bandits").as_uri())
 
 
 def test_a_diverging_agent_fails_its_run_with_one_line(make_config, tracking_uri):
