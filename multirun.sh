@@ -7,7 +7,7 @@
 # --trials is the study's total: running the same sweep again resumes it until that many
 # trials have finished. --storage defaults to sqlite:///optuna.db in the project; give an
 # RDB URL (e.g. postgresql://user:pass@host/db) to spread workers over several machines.
-# Worker output goes to logs/sweeps/<agent>/<time>-worker-<i>.log; the script waits for all
+# Worker output goes to logs/sweeps/<study>/<time>-worker-<i>.log; the script waits for all
 # workers, reports the best trial, and exits non-zero if any worker failed.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -59,6 +59,11 @@ logs="logs/sweeps/$study"
 mkdir -p "$logs"
 
 pids=()
+stop() {
+  echo "Stopping the workers; their runs in progress are marked KILLED." >&2
+  kill -TERM "${pids[@]}" 2>/dev/null
+}
+trap stop INT TERM
 if [ "$remaining" -le 0 ]; then
   echo "Study '$study' already has $finished finished trials (target $n_trials); raise --trials to run more."
 else
@@ -84,6 +89,7 @@ for i in "${!pids[@]}"; do
     tail -n 5 "$logs/$stamp-worker-$i.log" >&2
   fi
 done
+wait  # a trapped signal ends the waits above early; the workers must be gone before the summary
 
 FAILED_WORKERS=$failed uv run --no-sync python -m src.sweep summarise "${sweep[@]}" || failed=$((failed + 1))
 [ "$failed" -eq 0 ] || exit 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 
 from src.errors import UserError
@@ -26,12 +27,23 @@ def exit_on_user_error():
         sys.exit(130)
 
 
+def interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (multirun.sh stopping its workers, a scheduler's kill) like Ctrl-C, so the
+    run in progress is marked KILLED instead of left RUNNING."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def check_group_choices(overrides: list[str]) -> None:
     """Reject `agent=nope` with the list of choices, before Hydra prints a page about it."""
     for override in overrides:
         group, sep, values = override.partition("=")
         folder = CONFIG_DIR / group.lstrip("+~")
-        if not sep or "." in group or "(" in values or not folder.is_dir():
+        # hydra/* groups are Hydra's and its plugins'; conf/hydra/ adds options, not all of them.
+        if not sep or "." in group or "(" in values or group.startswith("hydra/") or not folder.is_dir():
             continue
         choices = sorted(p.stem for p in folder.glob("*.yaml"))
         for value in values.split(","):

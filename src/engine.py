@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoopMetrics:
-    """Per-loop sums over the loop's `interactions` (batch_size x steps_per_loop)."""
+    """Per-loop figures: sums over the loop's interactions (batch_size x steps_per_loop), and the loss."""
 
     regret: np.ndarray  # float64 [loops]
     reward: np.ndarray  # float64 [loops]

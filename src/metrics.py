@@ -21,7 +21,10 @@ CUMULATIVE_REGRET = "train/cumulative_regret"
 REWARD = "train/reward"
 SUBOPTIMAL_ARM_RATE = "train/suboptimal_arm_rate"
 LOSS = "train/loss"
-FINAL_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
+# The metrics a run returns, each with the direction a sweep optimising it must take.
+OBJECTIVES = {REGRET: "minimize", CUMULATIVE_REGRET: "minimize", REWARD: "maximize",
+              SUBOPTIMAL_ARM_RATE: "minimize"}
+FINAL_METRICS = tuple(OBJECTIVES)
 
 
 class RegretHistory:
@@ -29,15 +32,14 @@ class RegretHistory:
 
     def __init__(self, interactions_per_loop: int):
         self.interactions_per_loop = interactions_per_loop
-        self._chunks: list[LoopMetrics] = []
         self._frames: list[pd.DataFrame] = []
-        self._loops = 0
+        self.loops = 0
         self._cumulative = 0.0
 
     def add(self, chunk: LoopMetrics) -> pd.DataFrame:
         """Record a chunk of loops; return its rows."""
         n = self.interactions_per_loop
-        loops = self._loops + np.arange(1, len(chunk.regret) + 1)
+        loops = self.loops + np.arange(1, len(chunk.regret) + 1)
         cumulative = self._cumulative + np.cumsum(chunk.regret)
         frame = pd.DataFrame({
             "step": loops * n,
@@ -47,7 +49,7 @@ class RegretHistory:
             SUBOPTIMAL_ARM_RATE: chunk.suboptimal / n,
             LOSS: chunk.loss,
         })
-        self._loops = int(loops[-1])
+        self.loops = int(loops[-1])
         self._cumulative = float(cumulative[-1])
         self._frames.append(frame)
         return frame

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -193,6 +192,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # Progress bars for a few kilobytes of artifacts would bury the answer.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     main(sys.argv[1:])

@@ -18,6 +18,7 @@ Three pieces, all wired from `conf/hparams_search/*.yaml`:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shlex
@@ -32,7 +33,7 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig
 
-from src import tracking
+from src import metrics, tracking
 from src.cli import CONFIG_DIR, exit_on_user_error
 from src.errors import UserError
 
@@ -77,8 +78,22 @@ def load_study(cfg: DictConfig, create: bool) -> optuna.Study:
     return study
 
 
+def check_sweeper(cfg: DictConfig) -> None:
+    sweeper = cfg.hydra.sweeper
+    wanted = metrics.OBJECTIVES.get(cfg.objective)
+    if wanted and _directions(sweeper) != [wanted]:
+        raise UserError(f"hydra.sweeper.direction is {sweeper.direction}, but objective={cfg.objective} "
+                        f"is to {wanted}; set hydra.sweeper.direction={wanted}")
+    # `remember_trial` hands one trial to the job that runs next; a batch of several would
+    # tag runs with the wrong trials.
+    if sweeper.n_jobs != 1:
+        raise UserError(f"hydra.sweeper.n_jobs must be 1, got {sweeper.n_jobs}; "
+                        "run trials in parallel with ./multirun.sh --workers N")
+
+
 def prepare(cfg: DictConfig) -> optuna.Study:
     """Create or resume the study and its MLflow parent run; return the study."""
+    check_sweeper(cfg)
     study = load_study(cfg, create=True)
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     client = mlflow.MlflowClient()
@@ -126,7 +141,9 @@ def summarise(cfg: DictConfig, failed_workers: int = 0) -> optuna.trial.FrozenTr
     """Log the study's best trial and Optuna's plots to the parent run; return the best trial."""
     study = load_study(cfg, create=False)
     tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
-    parent_id = study.user_attrs[PARENT_RUN_ATTR]
+    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent_id is None:
+        raise UserError(f"study '{study.study_name}' has no MLflow parent run; run `python -m src.sweep prepare` first")
     client = mlflow.MlflowClient()
     states = [t.state for t in study.trials]
     complete = states.count(optuna.trial.TrialState.COMPLETE)
@@ -161,6 +178,9 @@ def register_best_model(cfg: DictConfig, run_id: str) -> None:
         log.warning("The best trial's run %s logged no servable model to register", run_id)
         return
     name = f"{cfg.hydra.sweeper.study_name}-best"
+    client = mlflow.MlflowClient()
+    if any(v.run_id == run_id for v in client.search_model_versions(f"name = '{name}'")):
+        return  # a resumed sweep whose best trial has not changed
     version = mlflow.register_model(f"models:/{models[0].model_id}", name)
     log.info("Registered the best trial's model as models:/%s/%s", name, version.version)
 
@@ -185,11 +205,19 @@ class SweepTracking(Callback):
         if not os.environ.get(MANAGED_ENV):
             with exit_on_user_error():
                 prepare(config)
+            # Hydra skips on_multirun_end when the sweep raises (every trial failed, Ctrl-C);
+            # the parent run must still end, as FAILED.
+            atexit.register(self._end_abandoned, config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not os.environ.get(MANAGED_ENV):
+            atexit.unregister(self._end_abandoned)
             with exit_on_user_error():
                 summarise(config)
+
+    @staticmethod
+    def _end_abandoned(config: DictConfig) -> None:
+        summarise(config, failed_workers=1)
 
 
 def _compose(overrides: list[str]) -> DictConfig:

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 PACKAGES = ("tensorflow", "tf-agents", "tensorflow-probability", "numpy", "mlflow", "hydra-core", "optuna")
-SERVING_PACKAGES = ("tensorflow", "tf-keras", "tf-agents", "tensorflow-probability", "numpy", "pandas", "mlflow")
+SERVING_PACKAGES = ("tensorflow", "tf-keras", "tf-agents", "tensorflow-probability", "numpy", "pandas",
+                    "mlflow", "omegaconf")
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 
 

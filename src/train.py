@@ -30,10 +30,11 @@ from tqdm import tqdm
 import src  # noqa: F401  (prepares TensorFlow before anything else imports it)
 from src import metrics, plots, serving, sweep, tracking
 from src.agents import build_agent
-from src.cli import check_group_choices, exit_on_user_error
+from src.cli import CONFIG_DIR, check_group_choices, exit_on_user_error, interrupt_on_sigterm
 from src.data import movielens
 from src.engine import Engine, configure_threads
-from src.errors import UserError, require
+from src.errors import UserError, require, require_types_of
+from src.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,18 @@ def seed_everything(seed: int) -> None:
     tf.random.set_seed(seed)
 
 
+def check_types(cfg: DictConfig) -> None:
+    """Values of the wrong type are refused here, by name, before any builder trips on them."""
+    for group, option in (("env", cfg.env.name), ("agent", cfg.agent.name), ("training", "default")):
+        path = CONFIG_DIR / group / f"{option}.yaml"
+        if path.is_file():
+            defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            values = OmegaConf.to_container(cfg[group], resolve=True)
+            require_types_of(values, defaults, group, str(path.relative_to(PROJECT_ROOT)))
+
+
 def check_training(cfg: DictConfig) -> None:
+    check_types(cfg)
     where = "conf/training"
     for key in ("batch_size", "steps_per_loop", "loops", "chunk_loops"):
         value = cfg.training[key]
@@ -108,7 +120,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             for chunk in engine.run(training.loops, training.chunk_loops):
                 bar.update(len(chunk.regret))
                 loops = history.add(chunk)
-                rows = downsampler.push(loops, last=bar.n == training.loops)
+                rows = downsampler.push(loops, last=history.loops == training.loops)
                 if len(rows):
                     tracking.log_history(run_id, rows)
                 check_finite(loops)
@@ -148,4 +160,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:])
+    interrupt_on_sigterm()
     main()

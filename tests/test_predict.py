@@ -29,7 +29,6 @@ USER = 7
 @pytest.fixture
 def trained(make_config, tmp_path, monkeypatch):
     """Train with the policy saved; return (run id, in-memory greedy policy, catalogue)."""
-    monkeypatch.chdir(tmp_path)  # the sqlite store puts artifacts under ./mlruns
     logged = {}
     log_policy = tracking.log_policy
 
@@ -93,7 +92,6 @@ def test_bad_arguments_are_one_clear_error(tracking_uri, arguments, message):
 
 
 def test_run_without_policy_is_refused(make_config, tracking_uri, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     train(make_config("training.loops=20"))
     run_id = mlflow.last_active_run().info.run_id
     with pytest.raises(UserError, match=f"run {run_id} has no saved policy"):

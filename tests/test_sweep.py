@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import mlflow
@@ -10,6 +11,7 @@ import optuna
 import pytest
 
 from src import sweep
+from src.cli import check_group_choices
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from tests.conftest import SMALL
@@ -90,6 +92,21 @@ def test_a_study_with_the_other_direction_is_refused(data_overrides, tmp_path):
         sweep.prepare(cfg)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("objective=train/reward", "objective=train/reward is to maximize; set hydra.sweeper.direction=maximize"),
+    ("hydra.sweeper.n_jobs=2", "hydra.sweeper.n_jobs must be 1"),
+])
+def test_a_sweeper_config_that_cannot_work_is_refused(data_overrides, tmp_path, override, message):
+    cfg = compose(data_overrides, tmp_path, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", override)
+    with pytest.raises(UserError, match=re.escape(message)):
+        sweep.prepare(cfg)
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def test_hydra_groups_are_left_to_hydra():
+    check_group_choices(["hydra/sweeper=optuna", "hydra/launcher=basic"])  # must not exit
+
+
 def test_unknown_sweep_name_is_one_line(tmp_path):
     result = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "nope"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
@@ -104,7 +121,9 @@ def test_the_best_trials_model_is_registered(make_config, tracking_uri, data_ove
     train(make_config("tracking.save_policy=true"))
     client = mlflow.MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("movielens-bandits").experiment_id])
-    sweep.register_best_model(compose(data_overrides, tmp_path), run.info.run_id)
+    cfg = compose(data_overrides, tmp_path)
+    sweep.register_best_model(cfg, run.info.run_id)
+    sweep.register_best_model(cfg, run.info.run_id)  # a resumed sweep, same best trial
     (version,) = client.search_model_versions("name = 'linucb-best'")
     assert version.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model(f"models:/linucb-best/{version.version}")

@@ -135,6 +135,8 @@ def test_bad_input_exits_with_one_line_and_no_running_run(run_cli, movielens_dir
     ("training.loops=0", "training.loops must be an integer >= 1"),
     ("training.seed=-1", "training.seed must be an integer >= 0"),
     ("objective=train/nothing", "objective must be one of"),
+    ("agent.alpha=abc", "agent.alpha must be a number, got 'abc' (conf/agent/linucb.yaml)"),
+    ("env.rank_k=2.5", "env.rank_k must be an integer, got 2.5 (conf/env/movielens.yaml)"),
     ("tracking.uri=http://127.0.0.1:9", "cannot reach the MLflow tracking server at http://127.0.0.1:9"),
 ])
 def test_impossible_config_fails_before_training(make_config, tracking_uri, override, message):
@@ -186,7 +188,8 @@ def test_a_diverging_agent_fails_its_run_with_one_line(make_config, tracking_uri
     assert np.isnan(losses[-1])  # the history up to the divergence is kept
 
 
-def test_ctrl_c_marks_the_run_killed_and_exits_quietly(movielens_dir, tracking_uri, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_marks_the_run_killed_and_exits_quietly(movielens_dir, tracking_uri, tmp_path, signum):
     args = cli_args(movielens_dir, tracking_uri, "training.loops=1000000", "training.chunk_loops=50")
     # A job started in the background inherits an ignored SIGINT; a user's terminal does not.
     process = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=tmp_path, text=True,
@@ -198,7 +201,7 @@ def test_ctrl_c_marks_the_run_killed_and_exits_quietly(movielens_dir, tracking_u
             lines.append(line)
             if "Training linucb" in line:
                 break
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, rest = process.communicate(timeout=120)
     finally:
         process.kill()

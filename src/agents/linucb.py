@@ -76,7 +76,6 @@ class VectorizedLinUCBAgent(tf_agent.TFAgent):
         tf.Module.__init__(self, name=name)
         num_actions = _num_actions(action_spec)
         dim = time_step_spec.observation.shape[-1]
-        self._tikhonov_weight = tikhonov_weight
         self._action_minimum = action_spec.minimum
         identity = tf.eye(dim, batch_shape=[num_actions], dtype=tf.float64)
         self.covariance = tf.Variable(tikhonov_weight * identity, name="covariance")

@@ -20,7 +20,7 @@ from tf_agents.bandits.environments import bandit_tf_environment
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
-from src.errors import UserError, require
+from src.errors import require
 
 MOVIE_SELECTIONS = ("first", "most_rated")
 
@@ -141,7 +141,5 @@ def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
           reward_rank: int | None = None, movie_selection: str = "first",
           name: str = "movielens") -> MovieLensEnvironment:
     """The environment the `env` config group describes, over parsed MovieLens `data`."""
-    if rank_k is None or isinstance(rank_k, bool) or not isinstance(rank_k, int):
-        raise UserError(f"env.rank_k must be a positive integer, got {rank_k!r}")
     model = build_reward_model(data.ratings_matrix(), num_movies, rank_k, reward_rank, movie_selection)
     return MovieLensEnvironment(model, batch_size, seed, name)

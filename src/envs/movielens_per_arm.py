@@ -21,7 +21,7 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
 from src.envs.movielens import RewardModel, build_reward_model
-from src.errors import UserError, require
+from src.errors import require
 
 SOURCE = "conf/env/movielens_per_arm.yaml"
 
@@ -113,8 +113,6 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
           num_movies: int | None = None, reward_rank: int | None = None,
           movie_selection: str = "first", name: str = "movielens_per_arm") -> MovieLensPerArmEnvironment:
     """The environment `conf/env/movielens_per_arm.yaml` describes, over MovieLens `data`."""
-    if rank_k is None or isinstance(rank_k, bool) or not isinstance(rank_k, int):
-        raise UserError(f"env.rank_k must be a positive integer, got {rank_k!r} ({SOURCE})")
     ratings = data.ratings_matrix()
     pool = ratings.shape[1] if num_movies is None else num_movies
     model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
