@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 from omegaconf import DictConfig
 from tf_agents.bandits.agents.examples.v2 import trainer
 from tf_agents.bandits.environments import environment_utilities, movielens_py_environment
@@ -33,6 +31,7 @@ from tf_agents.environments import tf_py_environment
 from tf_agents.metrics import tf_metrics
 
 from src.agents import build_agent
+from src.train import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +63,7 @@ def run_stock(agent_cfg: DictConfig, data_file: str | Path, *, num_movies: int, 
         raise ValueError(f"warmup_loops must be in [0, loops={loops}), got {warmup_loops}")
     # MovieLensPyEnvironment samples users with the global `random`; the agent's
     # initialisation and exploration draw from TensorFlow's global seed.
-    random.seed(seed)
-    np.random.seed(seed)
-    tf.random.set_seed(seed)
+    seed_everything(seed)
     environment = tf_py_environment.TFPyEnvironment(movielens_py_environment.MovieLensPyEnvironment(
         str(data_file), rank_k, batch_size, num_movies=num_movies, csv_delimiter="\t"))
     agent = build_agent(agent_cfg, environment.time_step_spec(), environment.action_spec())

@@ -40,13 +40,13 @@ from benchmarks.stock import run_stock
 from src.agents import build_agent
 from src.data import movielens
 from src.engine import Engine, configure_threads
+from src.cli import CONFIG_DIR
 from src.train import build_environment, seed_everything
 from tests.synthetic import checksum_override, write_movielens
 
 log = logging.getLogger("benchmarks.throughput")
 
 AGENTS = ("linucb", "linucb_tf_agents", "epsilon_greedy")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass(frozen=True)
