@@ -128,3 +128,21 @@ def test_the_best_trials_model_is_registered(make_config, tracking_uri, data_ove
     assert version.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model(f"models:/linucb-best/{version.version}")
     assert model.metadata.signature is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks, parent_status", [("choice(2, 3)", "FINISHED"), ("choice(50)", "FAILED")])
+def test_single_process_sweep_ends_its_parent_run(data_overrides, tmp_path, run_cli, ranks, parent_status):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = sweep_overrides(data_overrides, tmp_path, f"hydra.sweeper.storage={storage}",
+                                "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'multirun'}")
+    overrides = [o if not o.startswith("env.rank_k=") else f"env.rank_k={ranks}" for o in overrides]
+    result = run_cli("src.train", "-m", *overrides)
+    # Every trial failing ends the sweep with an error, and the parent run must not stay RUNNING.
+    assert (result.returncode == 0) == (parent_status == "FINISHED"), result.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("movielens-bandits").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("sweep.role") == "parent")
+    assert parent.info.status == parent_status
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 2
