@@ -36,21 +36,23 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=r".*Distributi
 
 
 @contextlib.contextmanager
-def _silenced_native_stderr():
-    """TensorFlow's C++ runtime and gym write to file descriptor 2 directly, before any
-    Python logging setting applies; an import error still surfaces once it is restored."""
+def _silenced_stderr():
+    """TensorFlow's C++ runtime writes to file descriptor 2 directly and gym prints to
+    `sys.stderr` (not always fd 2, e.g. under a test runner), both before any logging setting
+    applies; an import error still surfaces once both are restored."""
     sys.stderr.flush()
     saved = os.dup(2)
     with open(os.devnull, "w") as devnull:
         os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        try:
+            with contextlib.redirect_stderr(devnull):
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
-with _silenced_native_stderr():
+with _silenced_stderr():
     import tensorflow as _tf
     import tensorflow_probability  # noqa: F401  (registers TypeSpecs SavedModels need)
     import tf_agents.agents  # noqa: F401  (imports gym, which prints a notice)

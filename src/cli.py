@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
 
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
@@ -35,6 +36,36 @@ def interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+@contextlib.contextmanager
+def interrupt_between_chunks():
+    """Inside, Ctrl-C or SIGTERM stops the work at the next `check()`, where its state is
+    consistent (an interrupt landing inside MLflow's or TensorFlow's calls can surface as
+    their own error instead); a second Ctrl-C stops at once. Yields `check`."""
+    requested = []
+
+    def request(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("Stopping after the current chunk of loops (Ctrl-C again to stop at once)")
+
+    def check():
+        if requested:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield check  # only the main thread may handle signals
+        return
+    # A job started in the background ignores SIGINT; it keeps doing so.
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, request) for s in signals}
+    try:
+        yield check
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def check_group_choices(overrides: list[str]) -> None:

@@ -30,7 +30,8 @@ from tqdm import tqdm
 import src  # noqa: F401  (prepares TensorFlow before anything else imports it)
 from src import metrics, plots, serving, sweep, tracking
 from src.agents import build_agent
-from src.cli import CONFIG_DIR, check_group_choices, exit_on_user_error, interrupt_on_sigterm
+from src.cli import (CONFIG_DIR, check_group_choices, exit_on_user_error, interrupt_between_chunks,
+                     interrupt_on_sigterm)
 from src.data import movielens
 from src.engine import Engine, configure_threads
 from src.errors import UserError, require, require_types_of
@@ -116,7 +117,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             environment.model.user_features.shape[1], training.loops, engine.interactions_per_loop)
         started = time.perf_counter()
         downsampler = metrics.Downsampler(cfg.tracking.log_every)
-        with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:
+        with interrupt_between_chunks() as check_interrupt, \
+                tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:
             for chunk in engine.run(training.loops, training.chunk_loops):
                 bar.update(len(chunk.regret))
                 loops = history.add(chunk)
@@ -124,6 +126,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 if len(rows):
                     tracking.log_history(run_id, rows)
                 check_finite(loops)
+                check_interrupt()
                 bar.set_postfix(regret=f"{chunk.regret.mean() / engine.interactions_per_loop:.3f}")
         seconds = time.perf_counter() - started
         final = history.final()

@@ -197,9 +197,9 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed_and_exits_quietly(movielens_dir,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
-        for line in process.stderr:  # wait until training has started
+        for line in process.stderr:  # wait until the progress bar shows: training has started
             lines.append(line)
-            if "Training linucb" in line:
+            if line.startswith("training:"):
                 break
         process.send_signal(signum)
         _, rest = process.communicate(timeout=120)
