@@ -38,7 +38,6 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from scipy import stats
 
@@ -66,18 +65,11 @@ class Report:
 
 def open_experiment(configured_uri: str | None, experiment: str) -> str:
     """The id of an existing experiment; comparing never creates one."""
-    uri = tracking.tracking_uri(configured_uri)
-    mlflow.set_tracking_uri(uri)
-    try:
-        found = mlflow.get_experiment_by_name(experiment)
-    except MlflowException as error:
-        raise UserError(f"MLflow tracking store {uri} refused the request: {error.message}") from None
-    except Exception as error:  # connection errors surface as many requests/urllib3 types
-        raise UserError(f"cannot reach the MLflow tracking store at {uri}: {error}") from None
-    if found is None:
-        raise UserError(f"no experiment '{experiment}' in the MLflow tracking store {uri}; "
-                        "pass --experiment or --tracking-uri")
-    return found.experiment_id
+    experiment_id = tracking.connect(configured_uri, experiment, create=False)
+    if experiment_id is None:
+        raise UserError(f"no experiment '{experiment}' in the MLflow tracking store "
+                        f"{tracking.tracking_uri(configured_uri)}; pass --experiment or --tracking-uri")
+    return experiment_id
 
 
 def find_runs(experiment_id: str, agents: list[str] | None = None, parent: str | None = None) -> pd.DataFrame:

@@ -34,8 +34,9 @@ def tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def connect(configured_uri: str | None, experiment: str) -> str:
-    """Point MLflow at the tracking store and make sure `experiment` exists; return its id.
+def connect(configured_uri: str | None, experiment: str, create: bool = True) -> str | None:
+    """Point MLflow at the tracking store and return the id of `experiment`, made when missing
+    if `create` (else None); an unreachable or refusing store is a one-line `UserError`.
 
     Done before any work starts, so an unreachable server costs seconds, not a run.
     """
@@ -48,8 +49,8 @@ def connect(configured_uri: str | None, experiment: str) -> str:
     retries.setLevel(logging.ERROR)  # one line of ours says it better than a warning per retry
     try:
         found = mlflow.get_experiment_by_name(experiment)
-        if found is not None:
-            return found.experiment_id
+        if found is not None or not create:
+            return found and found.experiment_id
         return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
     except MlflowException as error:
         if "Max retries exceeded" in error.message:
