@@ -29,36 +29,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import src  # noqa: F401,I001  (first: sets TensorFlow's environment before it is imported)
+from src import tf_runtime  # noqa: F401,I001  (first: a quiet TensorFlow start-up)
 
 import numpy as np
 import tensorflow as tf
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from benchmarks.stock import run_stock
-from src.agents import build_agent
-from src.data import movielens
-from src.engine import Engine, configure_threads
-from src.cli import CONFIG_DIR
-from src.train import build_environment, seed_everything
-from tests.synthetic import checksum_override, write_movielens
+from src import config, data, experiment
+from src.data.synthetic import checksum_override, write_movielens
+from src.engine import configure_threads
+from src.stock_pattern import TimedRun, run_stock
 
 log = logging.getLogger("benchmarks.throughput")
 
 AGENTS = ("linucb", "linucb_tf_agents", "epsilon_greedy")
-
-
-@dataclass(frozen=True)
-class OursRun:
-    regret: np.ndarray  # per loop, warm-up included, summed over the loop's interactions
-    seconds: float  # the timed loops only
-    timed_loops: int
-    interactions_per_loop: int
-
-    @property
-    def interactions_per_s(self) -> float:
-        return self.timed_loops * self.interactions_per_loop / self.seconds
 
 
 def peak_rss_mb() -> float:
@@ -66,20 +50,12 @@ def peak_rss_mb() -> float:
 
 
 def compose_config(agent: str, data_overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose("config", overrides=[f"agent={agent}", *data_overrides])
+    return config.compose([f"agent={agent}", *data_overrides])
 
 
-def build_engine(cfg: DictConfig, data) -> Engine:
-    seed_everything(cfg.training.seed)
-    environment = build_environment(cfg, data)
-    agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec())
-    return Engine(environment, agent, cfg.training.steps_per_loop)
-
-
-def run_ours(cfg: DictConfig, data, loops: int) -> OursRun:
+def run_ours(cfg: DictConfig, dataset, loops: int) -> TimedRun:
     """`loops` timed loops after one warm-up chunk that traces the compiled loop."""
-    engine = build_engine(cfg, data)
+    engine = experiment.assemble(cfg, dataset)
     chunk = cfg.training.chunk_loops
     regret = [m.regret for m in engine.run(chunk, chunk)]
     traced = engine.traces
@@ -88,12 +64,12 @@ def run_ours(cfg: DictConfig, data, loops: int) -> OursRun:
     seconds = time.perf_counter() - started
     if engine.traces != traced:
         log.warning("%s retraced during the timed loops: the rate includes tracing", cfg.agent.name)
-    return OursRun(np.concatenate(regret), seconds, loops, engine.interactions_per_loop)
+    return TimedRun(np.concatenate(regret), seconds, loops, engine.interactions_per_loop)
 
 
-def run_example_size(cfg: DictConfig, data) -> dict:
+def run_example_size(cfg: DictConfig, dataset) -> dict:
     """TF-Agents' example, 20,000 loops x 2 steps x batch 8, end to end as `src.train` times it."""
-    engine = build_engine(cfg, data)
+    engine = experiment.assemble(cfg, dataset)
     started = time.perf_counter()
     regret = np.concatenate([m.regret for m in engine.run(cfg.training.loops, cfg.training.chunk_loops)])
     seconds = time.perf_counter() - started
@@ -102,12 +78,12 @@ def run_example_size(cfg: DictConfig, data) -> dict:
             "final_regret": float(regret[-100:].mean() / engine.interactions_per_loop)}
 
 
-def measure(agent: str, data_overrides: list[str], data, data_file: Path,
+def measure(agent: str, data_overrides: list[str], dataset, data_file: Path,
             stock_loops: int, stock_warmup: int, ours_loops: int) -> dict:
     cfg = compose_config(agent, data_overrides)
     training = cfg.training
     log.info("%s: ours, %d loops after a %d-loop warm-up", agent, ours_loops, training.chunk_loops)
-    ours = run_ours(cfg, data, ours_loops)
+    ours = run_ours(cfg, dataset, ours_loops)
     log.info("%s: ours %.0f interactions/s; stock, %d loops (%d warm-up)",
              agent, ours.interactions_per_s, stock_loops, stock_warmup)
     stock = run_stock(cfg.agent, data_file, num_movies=cfg.env.num_movies, rank_k=cfg.env.rank_k,
@@ -173,13 +149,13 @@ def main() -> None:
         base = compose_config("linucb", data_overrides)
         # The pools must be sized before TensorFlow's first op; both sides share them.
         configure_threads(base.training.threads.intra_op, base.training.threads.inter_op)
-        data = movielens.load(base.data)
+        dataset = data.load(base.data)
         log.info("Our LinUCB at TF-Agents' example size: %d loops", base.training.loops)
-        example = run_example_size(base, data)
+        example = run_example_size(base, dataset)
         example["peak_rss_mb"] = peak_rss_mb()
         log.info("%d interactions in %.1f s (%.0f/s), peak RSS %.0f MB", example["interactions"],
                  example["seconds"], example["per_s"], example["peak_rss_mb"])
-        rows = [measure(agent, data_overrides, data, data_dir / "u.data", args.stock_loops,
+        rows = [measure(agent, data_overrides, dataset, data_dir / "u.data", args.stock_loops,
                         args.stock_warmup, args.ours_loops) for agent in args.agents]
 
     by_agent = {r["agent"]: r for r in rows}

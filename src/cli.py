@@ -1,4 +1,4 @@
-"""Command-line helpers shared by the entry points: one-line errors instead of tracebacks."""
+"""Process concerns shared by the entry points: exit codes, one-line errors, signals."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import sys
 import threading
 
 from src.errors import UserError
-from src.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = PROJECT_ROOT / "conf"
 
 
 @contextlib.contextmanager
@@ -67,17 +65,3 @@ def interrupt_between_chunks():
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-
-def check_group_choices(overrides: list[str]) -> None:
-    """Reject `agent=nope` with the list of choices, before Hydra prints a page about it."""
-    for override in overrides:
-        group, sep, values = override.partition("=")
-        folder = CONFIG_DIR / group.lstrip("+~")
-        # hydra/* groups are Hydra's and its plugins'; conf/hydra/ adds options, not all of them.
-        if not sep or "." in group or "(" in values or group.startswith("hydra/") or not folder.is_dir():
-            continue
-        choices = sorted(p.stem for p in folder.glob("*.yaml"))
-        for value in values.split(","):
-            if value not in choices and value != "null":
-                print(f"error: unknown {group} '{value}'; choose one of: {', '.join(choices)}", file=sys.stderr)
-                sys.exit(2)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
@@ -42,7 +41,8 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from src import plots, tracking
-from src.cli import CONFIG_DIR, exit_on_user_error
+from src.cli import exit_on_user_error
+from src.config import CONFIG_DIR
 from src.errors import UserError, require
 from src.metrics import CUMULATIVE_REGRET
 
@@ -209,7 +209,6 @@ def write(report: Report, out: Path, metric: str, confidence: float) -> str:
     report.curves.to_csv(out / "curves.csv", index=False)
     figure = plots.comparison_figure(report.curves, metric, confidence)
     figure.savefig(out / "comparison.png", dpi=120)
-    plt.close(figure)
     log.info("Wrote %s", out)
     return table
 

@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 import tensorflow as tf
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory

@@ -11,10 +11,13 @@ TF-Agents' `RegretMetric` reports only the last batch's mean; the cumulative sum
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
-from src.engine import LoopMetrics
+if TYPE_CHECKING:  # the engine brings TensorFlow, which readers of metrics (src.compare) do without
+    from src.engine import LoopMetrics
 
 REGRET = "train/regret"
 CUMULATIVE_REGRET = "train/cumulative_regret"
@@ -33,13 +36,13 @@ class RegretHistory:
     def __init__(self, interactions_per_loop: int):
         self.interactions_per_loop = interactions_per_loop
         self._frames: list[pd.DataFrame] = []
-        self.loops = 0
+        self.loops_done = 0
         self._cumulative = 0.0
 
     def add(self, chunk: LoopMetrics) -> pd.DataFrame:
         """Record a chunk of loops; return its rows."""
         n = self.interactions_per_loop
-        loops = self.loops + np.arange(1, len(chunk.regret) + 1)
+        loops = self.loops_done + np.arange(1, len(chunk.regret) + 1)
         cumulative = self._cumulative + np.cumsum(chunk.regret)
         frame = pd.DataFrame({
             "step": loops * n,
@@ -49,7 +52,7 @@ class RegretHistory:
             SUBOPTIMAL_ARM_RATE: chunk.suboptimal / n,
             LOSS: chunk.loss,
         })
-        self.loops = int(loops[-1])
+        self.loops_done = int(loops[-1])
         self._cumulative = float(cumulative[-1])
         self._frames.append(frame)
         return frame
@@ -62,12 +65,12 @@ class RegretHistory:
         return {key: float(last[key]) for key in FINAL_METRICS}
 
 
-def every(frame: pd.DataFrame, loops: int) -> pd.DataFrame:
-    """One row per `loops` loops: rates averaged over the window, cumulative regret at its end."""
-    if loops == 1:
+def downsample(frame: pd.DataFrame, window: int) -> pd.DataFrame:
+    """One row per `window` loops: rates averaged over the window, cumulative regret at its end."""
+    if window == 1:
         return frame
-    window = np.arange(len(frame)) // loops
-    grouped = frame.groupby(window)
+    windows = np.arange(len(frame)) // window
+    grouped = frame.groupby(windows)
     coarse = grouped[[REGRET, REWARD, SUBOPTIMAL_ARM_RATE, LOSS]].mean()
     coarse["step"] = grouped["step"].last()
     coarse[CUMULATIVE_REGRET] = grouped[CUMULATIVE_REGRET].last()
@@ -75,15 +78,15 @@ def every(frame: pd.DataFrame, loops: int) -> pd.DataFrame:
 
 
 class Downsampler:
-    """Buffers per-loop rows and releases them `every` loops at a time, downsampled."""
+    """Buffers per-loop rows and releases them a whole `window` of loops at a time, one row each."""
 
-    def __init__(self, loops: int):
-        self.loops = loops
+    def __init__(self, window: int):
+        self.window = window
         self._pending = pd.DataFrame()
 
     def push(self, rows: pd.DataFrame, last: bool = False) -> pd.DataFrame:
         """The whole windows now complete (all pending rows when `last`), one row per window."""
         pending = pd.concat([self._pending, rows], ignore_index=True)
-        ready = len(pending) if last else len(pending) - len(pending) % self.loops
+        ready = len(pending) if last else len(pending) - len(pending) % self.window
         self._pending = pending.iloc[ready:]
-        return every(pending.iloc[:ready], self.loops)
+        return downsample(pending.iloc[:ready], self.window)

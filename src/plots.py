@@ -1,19 +1,21 @@
-"""Regret plots for a run."""
+"""Regret plots for a run and for a comparison.
+
+Figures are made without pyplot, so no GUI backend is needed and the caller's backend and
+open figures are left alone; `figure.savefig` and `mlflow.log_figure` take them as they are.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from src.metrics import CUMULATIVE_REGRET, REGRET  # noqa: E402
+from src.metrics import CUMULATIVE_REGRET, REGRET
 
 
 def regret_figure(frame: pd.DataFrame, title: str, random_policy_regret: float | None = None):
     """Cumulative and per-interaction regret against interactions, beside a uniform-random policy."""
-    figure, (cumulative, per_step) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    cumulative, per_step = figure.subplots(1, 2)
     steps = frame["step"]
     cumulative.plot(steps, frame[CUMULATIVE_REGRET], label="agent")
     # Single loops swing between exact optima (zero) and misses; a window of ~2% of the run
@@ -35,7 +37,8 @@ def regret_figure(frame: pd.DataFrame, title: str, random_policy_regret: float |
 
 def comparison_figure(curves: pd.DataFrame, metric: str, confidence: float):
     """One line per configuration, the mean over seeds, in its band (`low`, `high`)."""
-    figure, axis = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    figure = Figure(figsize=(9, 5), layout="constrained")
+    axis = figure.subplots()
     # Dashes keep a line visible where another configuration lies on top of it.
     styles = ["-", "--", ":", "-."]
     for index, (configuration, curve) in enumerate(curves.groupby("configuration", sort=False)):

@@ -20,19 +20,16 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import src  # noqa: F401  (prepares TensorFlow before anything else imports it)
-from src import serving, tracking
-from src.cli import CONFIG_DIR, exit_on_user_error
-from src.data import movielens
+from src import config, data, serving, tracking
+from src.cli import exit_on_user_error
+from src.envs import build_environment
 from src.errors import UserError, require
-from src.train import build_environment
 
 USAGE = "usage: python -m src.predict run_id=<id>|model_uri=<uri> user_id=<id>|input=<file> [top_k=<k>]"
 
@@ -40,8 +37,7 @@ USAGE = "usage: python -m src.predict run_id=<id>|model_uri=<uri> user_id=<id>|i
 def parse(overrides: list[str]) -> DictConfig:
     """`conf/predict.yaml` with the command line's key=value overrides, checked."""
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-            cfg = compose("predict", overrides=overrides)
+        cfg = config.compose(overrides, config_name="predict")
     except (HydraException, OmegaConfBaseException) as error:
         # Hydra explains over several lines; its first names the bad override.
         raise UserError(f"{str(error).splitlines()[0]} ({USAGE})") from None
@@ -73,11 +69,11 @@ def fetch_policy(cfg: DictConfig, scratch: Path) -> tuple[str, Path]:
     except (MlflowException, OSError) as error:
         raise UserError(f"cannot fetch model_uri={uri}: {str(error).splitlines()[0]}") from None
     if (local / "MLmodel").is_file():
-        model = Model.load(str(local))
-        artifacts = model.flavors.get("python_function", {}).get("artifacts") or {}
-        if "policy" not in artifacts or model.run_id is None:
+        logged_model = Model.load(str(local))
+        artifacts = logged_model.flavors.get("python_function", {}).get("artifacts") or {}
+        if "policy" not in artifacts or logged_model.run_id is None:
             raise UserError(f"model_uri={uri} is not a policy model logged by src.train")
-        return model.run_id, local / artifacts["policy"]["path"]
+        return logged_model.run_id, local / artifacts["policy"]["path"]
     if (local / "saved_model.pb").is_file() and uri.startswith("runs:/"):
         return uri.split("/")[1], local
     raise UserError(f"model_uri={uri} holds neither a policy model nor a saved policy")
@@ -126,14 +122,14 @@ def recommend(cfg: DictConfig) -> str:
         policy = serving.Policy(policy_path)
     if cfg.data.dir is not None:
         run_cfg.data.dir = cfg.data.dir
-    data = movielens.load(run_cfg.data)
-    model = build_environment(run_cfg, data).model
-    catalogue = serving.Catalogue.of(model, data.movies)
+    dataset = data.load(run_cfg.data)
+    reward_model = build_environment(run_cfg, dataset).reward_model
+    catalogue = serving.Catalogue.of(reward_model, dataset.movies)
     if cfg.user_id is not None:
-        require(cfg.user_id in data.users.index, "user_id", cfg.user_id,
-                f"a MovieLens user id, 1..{data.num_users}")
+        require(cfg.user_id in dataset.users.index, "user_id", cfg.user_id,
+                f"a MovieLens user id, 1..{dataset.num_users}")
         observations = catalogue.observations_of([cfg.user_id])
-        ratings = model.rewards[np.flatnonzero(model.user_ids == cfg.user_id)]
+        ratings = reward_model.rewards[np.flatnonzero(reward_model.user_ids == cfg.user_id)]
         labels = [f"user {cfg.user_id}"]
     else:
         observations = read_observations(cfg.input)

@@ -1,5 +1,5 @@
 """A trained policy for inference: the saved TF-Agents policy and, around it, an MLflow pyfunc
-model that `mlflow models serve` answers with.
+model that `mlflow models serve` answers with; `log_policy` packages both into a run.
 
 The pyfunc is self-contained: it bundles the policy's SavedModel and a small catalogue (the
 environment's user features, movie ids and titles), so serving needs neither the MovieLens
@@ -10,7 +10,12 @@ predicted reward of every candidate movie.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -22,11 +27,19 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema
 
-import src  # noqa: F401  (TensorFlow set-up, and the TypeSpecs a saved policy needs, come first)
+from src import tf_runtime  # noqa: F401,I001  (quiet TensorFlow, and the TypeSpecs a saved policy needs)
+import tensorflow as tf
+
 from src.errors import UserError
+from src.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
 
 USER_ID = "user_id"
 FEATURES = "features"
+# What a served model pins; MLflow would otherwise guess from this whole environment.
+SERVING_PACKAGES = ("tensorflow", "tf-keras", "tf-agents", "tensorflow-probability", "numpy", "pandas",
+                    "mlflow", "omegaconf")
 
 
 @dataclass(frozen=True)
@@ -39,10 +52,10 @@ class Catalogue:
     titles: np.ndarray  # [actions]
 
     @classmethod
-    def of(cls, model, movies: pd.DataFrame) -> Catalogue:
-        """The catalogue of an environment's reward `model`, titled from MovieLens `movies`."""
-        return cls(np.asarray(model.user_ids), np.asarray(model.user_features, np.float32),
-                   np.asarray(model.movie_ids), movies.title.loc[model.movie_ids].to_numpy(str))
+    def of(cls, reward_model, movies: pd.DataFrame) -> Catalogue:
+        """The catalogue of an environment's `reward_model`, titled from MovieLens `movies`."""
+        return cls(np.asarray(reward_model.user_ids), np.asarray(reward_model.user_features, np.float32),
+                   np.asarray(reward_model.movie_ids), movies.title.loc[reward_model.movie_ids].to_numpy(str))
 
     def save(self, path: Path) -> None:
         np.savez(path, **asdict(self))
@@ -156,3 +169,50 @@ def _stack(vectors: pd.Series) -> np.ndarray:
         return np.stack([np.asarray(vector, np.float64) for vector in vectors])
     except (TypeError, ValueError):
         raise UserError("feature vectors must hold numbers only") from None
+
+
+def log_policy(policy, catalogue) -> None:
+    """Save the greedy policy as a SavedModel under the run's `policy/` artifacts, and as a
+    servable pyfunc model named `model` that bundles it with the environment's `catalogue`."""
+    from tf_agents.policies import policy_saver
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "policy"
+        with _quiet("absl", "tensorflow"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encoding a StructuredValue")
+            policy_saver.PolicySaver(policy, batch_size=None).save(str(path))
+        mlflow.log_artifacts(str(path), "policy")
+        if tf.nest.is_nested(policy.time_step_spec.observation):
+            log.info("Per-arm policy saved as a SavedModel only: the servable model takes one "
+                     "feature vector per user")
+            return
+        table = Path(scratch) / "catalogue.npz"
+        catalogue.save(table)
+        # MLflow warns about cloudpickle (the class pickles by reference to src.serving, which
+        # the model bundles) and about pip, which uv environments do not have.
+        with _quiet("mlflow.pyfunc", "mlflow.utils.environment", "mlflow.utils.uv_utils"):
+            mlflow.pyfunc.log_model(
+                name="model",
+                python_model=PolicyModel(),
+                artifacts={"policy": str(path), "catalogue": str(table)},
+                # The server imports the model class from the bundled copy of src/, not from here.
+                code_paths=[str(PROJECT_ROOT / "src")],
+                signature=signature(),
+                input_example=input_example(catalogue),
+                pip_requirements=[f"{name}=={version(name)}" for name in SERVING_PACKAGES],
+            )
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Hold these loggers at ERROR: the SavedModel writer logs every renamed argument, and
+    MLflow's model logging gives advice that does not apply here; all harmless."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

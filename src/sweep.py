@@ -8,8 +8,8 @@ with one child run per trial tagged with the study name and trial number.
 Three pieces, all wired from `conf/hparams_search/*.yaml`:
 - `prepare` makes (or resumes) the study and its parent run before any trial starts, and
   refuses an unreachable storage or a study of the same name with another direction;
-- `remember_trial`, the sweeper's `custom_search_space` hook, tells the next job (run in
-  this process by Hydra's basic launcher) which trial it is;
+- `src.sweep_trials.remember_trial`, the sweeper's `custom_search_space` hook, tells the
+  next job (run in this process by Hydra's basic launcher) which trial it is;
 - `summarise` writes the study's outcome into the parent run.
 
     uv run python -m src.sweep prepare hparams_search=linucb     # what multirun.sh calls
@@ -27,24 +27,20 @@ import warnings
 
 import mlflow
 import optuna
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig
 
-from src import metrics, tracking
-from src.cli import CONFIG_DIR, exit_on_user_error
+from src import config, metrics, tracking
+from src.sweep_trials import PARENT_RUN_ATTR, RUN_ATTR
+from src.cli import exit_on_user_error
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-RUN_ATTR = "mlflow_run_id"
 # multirun.sh sets this in its workers: it prepares and summarises the study itself, once.
 MANAGED_ENV = "BANDIT_SWEEP_MANAGED"
-
-_trial: optuna.trial.Trial | None = None
 
 
 def _directions(sweeper: DictConfig) -> list[str]:
@@ -113,28 +109,6 @@ def prepare(cfg: DictConfig) -> optuna.Study:
     log.info("Study '%s' in %s: %d trials finished so far; MLflow parent run %s",
              study.study_name, cfg.hydra.sweeper.storage, finished, parent_id)
     return study
-
-
-def remember_trial(cfg: DictConfig, trial: optuna.trial.Trial) -> None:
-    """The sweeper's `custom_search_space` hook, called just before the trial's job runs."""
-    global _trial
-    _trial = trial
-
-
-def trial_tags() -> dict[str, str]:
-    """MLflow tags linking the current job's run to its trial and the sweep's parent run."""
-    if _trial is None:
-        return {}
-    tags = {"sweep.study": _trial.study.study_name, "sweep.trial": str(_trial.number)}
-    parent = _trial.study.user_attrs.get(PARENT_RUN_ATTR)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    return tags
-
-
-def record_run(run_id: str) -> None:
-    if _trial is not None:
-        _trial.set_user_attr(RUN_ATTR, run_id)
 
 
 def summarise(cfg: DictConfig, failed_workers: int = 0) -> optuna.trial.FrozenTrial | None:
@@ -220,13 +194,12 @@ class SweepTracking(Callback):
         summarise(config, failed_workers=1)
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def compose_sweep(overrides: list[str]) -> DictConfig:
     """The sweep's config without its command-line search dimensions (`x=choice(...)`),
     which only the workers' sweepers read; study, storage and tracking are all that count here."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [text for text, override in zip(overrides, parsed) if not override.is_sweep_override()]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose("config", overrides=fixed, return_hydra_config=True)
+    return config.compose(fixed, with_hydra=True)
 
 
 def main(argv: list[str]) -> None:
@@ -236,7 +209,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_user_error():
-        cfg = _compose(argv[1:])
+        cfg = compose_sweep(argv[1:])
         if "study_name" not in cfg.hydra.sweeper:
             raise UserError("no sweep configured: pass hparams_search=AGENT")
         if argv[0] == "prepare":

@@ -6,13 +6,10 @@ import contextlib
 import logging
 import os
 import subprocess
-import tempfile
-import warnings
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
-import tensorflow as tf
 import pandas as pd
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
@@ -25,8 +22,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 PACKAGES = ("tensorflow", "tf-agents", "tensorflow-probability", "numpy", "mlflow", "hydra-core", "optuna")
-SERVING_PACKAGES = ("tensorflow", "tf-keras", "tf-agents", "tensorflow-probability", "numpy", "pandas",
-                    "mlflow", "omegaconf")
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 
 
@@ -121,52 +116,3 @@ def log_history(run_id: str, frame: pd.DataFrame, step_column: str = "step") -> 
     ]
     for start in range(0, len(metrics), BATCH):
         client.log_batch(run_id, metrics=metrics[start:start + BATCH], synchronous=True)
-
-
-def log_policy(policy, catalogue) -> None:
-    """Save the greedy policy as a SavedModel under the run's `policy/` artifacts, and as a
-    servable pyfunc model named `model` that bundles it with the environment's `catalogue`."""
-    from tf_agents.policies import policy_saver
-
-    from src import serving
-
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / "policy"
-        with _quiet("absl", "tensorflow"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Encoding a StructuredValue")
-            policy_saver.PolicySaver(policy, batch_size=None).save(str(path))
-        mlflow.log_artifacts(str(path), "policy")
-        if tf.nest.is_nested(policy.time_step_spec.observation):
-            log.info("Per-arm policy saved as a SavedModel only: the servable model takes one "
-                     "feature vector per user")
-            return
-        table = Path(scratch) / "catalogue.npz"
-        catalogue.save(table)
-        # MLflow warns about cloudpickle (the class pickles by reference to src.serving, which
-        # the model bundles) and about pip, which uv environments do not have.
-        with _quiet("mlflow.pyfunc", "mlflow.utils.environment", "mlflow.utils.uv_utils"):
-            mlflow.pyfunc.log_model(
-                name="model",
-                python_model=serving.PolicyModel(),
-                artifacts={"policy": str(path), "catalogue": str(table)},
-                # The server imports the model class from the bundled copy of src/, not from here.
-                code_paths=[str(PROJECT_ROOT / "src")],
-                signature=serving.signature(),
-                input_example=serving.input_example(catalogue),
-                pip_requirements=[f"{name}=={version(name)}" for name in SERVING_PACKAGES],
-            )
-
-
-@contextlib.contextmanager
-def _quiet(*names: str):
-    """Hold these loggers at ERROR: the SavedModel writer logs every renamed argument, and
-    MLflow's model logging gives advice that does not apply here; all harmless."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-import src  # noqa: F401  (TensorFlow set-up before any test imports it)
+from src import config, tf_runtime  # noqa: F401  (a quiet TensorFlow start-up before any test imports it)
+from src.data.synthetic import checksum_override, write_movielens
 from src.paths import PROJECT_ROOT
-from tests.synthetic import checksum_override, write_movielens
 
 SMALL = ["env.num_movies=10", "env.rank_k=4", "training.loops=60", "training.chunk_loops=20"]
 
@@ -40,9 +39,8 @@ def make_config(data_overrides, tracking_uri):
     """Compose conf/ as the CLI would, on synthetic data with tracking in tmp_path."""
 
     def make(*overrides: str):
-        with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
-            return compose("config", overrides=[*data_overrides, f"tracking.uri={tracking_uri}",
-                                                "tracking.save_policy=false", *SMALL, *overrides])
+        return config.compose([*data_overrides, f"tracking.uri={tracking_uri}", "tracking.save_policy=false",
+                               *SMALL, *overrides])
 
     return make
 

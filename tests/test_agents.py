@@ -14,12 +14,11 @@ import tensorflow as tf
 from tf_agents.policies import policy_saver
 from tf_agents.trajectories import time_step as ts
 
-from src.agents import AGENT_CONFIGS, build_agent, per_arm_agents
-from src.data import movielens
-from src.engine import Engine
+from src import data, experiment
+from src.agents import AGENT_CONFIGS, per_arm_agents
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
-from src.train import build_environment, train
+from src.train import train
 
 AGENTS = sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml"))
 PER_ARM = per_arm_agents()
@@ -35,19 +34,18 @@ _trained = {}
 
 
 def build(make_config, agent: str, env: str, *overrides: str):
+    """The engine (2 steps per loop) for `agent` on `env`, shrunk to test size."""
     env_overrides = ["env.num_actions=5"] if env == "movielens_per_arm" else []
     cfg = make_config(f"agent={agent}", f"env={env}", *env_overrides, *overrides)
-    environment = build_environment(cfg, movielens.load(cfg.data))
-    tf.random.set_seed(cfg.training.seed)
-    return environment, build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec())
+    return experiment.assemble(cfg, data.load(cfg.data))
 
 
 def trained(make_config, agent: str, env: str):
     """(environment, agent, engine, per-chunk regrets, traces after the first chunk) after
     LOOPS loops; built once per pair and shared by the tests below."""
     if (agent, env) not in _trained:
-        environment, learner = build(make_config, agent, env, *AGENT_OVERRIDES.get(agent, []))
-        engine = Engine(environment, learner, steps_per_loop=2)
+        engine = build(make_config, agent, env, *AGENT_OVERRIDES.get(agent, []))
+        environment, learner = engine.environment, engine.agent
         chunks = engine.run(LOOPS, CHUNK)
         regrets = [next(chunks).regret]
         traces_after_first_chunk = engine.traces
@@ -71,7 +69,7 @@ def test_agents_without_per_arm_features_refuse_the_per_arm_env(make_config, age
 
 
 def test_a_per_arm_run_end_to_end(make_config, tracking_uri):
-    final = train(make_config("agent=linucb", "env=movielens_per_arm", "env.num_actions=5",
+    final, _ = train(make_config("agent=linucb", "env=movielens_per_arm", "env.num_actions=5",
                               "tracking.save_policy=true"))
     assert np.isfinite(final["train/cumulative_regret"])
     client = mlflow.MlflowClient(tracking_uri)
@@ -110,11 +108,11 @@ LEARNING_PAIRS = [
 def test_learning_agents_beat_uniform_random(make_config, agent, env, seeds, share):
     shares = []
     for seed in range(seeds):
-        environment, learner = build(make_config, agent, env, f"training.seed={seed}")
-        engine = Engine(environment, learner, steps_per_loop=2)
+        engine = build(make_config, agent, env, f"training.seed={seed}")
+        environment = engine.environment
         regret = sum(chunk.regret.sum() for chunk in engine.run(LOOPS_TO_LEARN, LOOPS_TO_LEARN))
         interactions = engine.interactions_per_loop * LOOPS_TO_LEARN
-        shares.append(regret / (environment.model.random_policy_regret * interactions))
+        shares.append(regret / (environment.reward_model.random_policy_regret * interactions))
     assert np.mean(shares) < share
 
 
@@ -166,18 +164,23 @@ for path in sys.argv[1:]:
 
 @pytest.mark.slow
 def test_saved_policies_act_in_a_fresh_process(make_config, tmp_path):
-    paths = []
+    paths, greedy = [], {}
     for agent, env in PAIRS:
         environment, learner, *_ = trained(make_config, agent, env)
         path = str(tmp_path / f"{agent}__{env}")
         save(learner, path)
-        observation = environment.reset().observation
-        arrays = observation if isinstance(observation, dict) else {"observation": observation}
+        time_step = environment.reset()
+        arrays = time_step.observation if isinstance(time_step.observation, dict) else {"observation": time_step.observation}
         np.savez(path + ".npz", **{key: value.numpy() for key, value in arrays.items()})
         paths.append(path)
+        actions = [learner.policy.action(time_step).action.numpy().tolist() for _ in range(3)]
+        if actions[0] == actions[1] == actions[2]:
+            greedy[path] = actions[0]
     done = subprocess.run([sys.executable, "-c", ACT, *paths], capture_output=True, text=True,
                           cwd=PROJECT_ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     acted = dict(json.loads(line) for line in done.stdout.splitlines())
     assert sorted(acted) == sorted(paths)
     assert all(len(actions) == 8 for actions in acted.values())
+    assert len(greedy) >= 3  # the LinUCBs and the greedy neural policies at least
+    assert {path: acted[path] for path in greedy} == greedy

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import http.server
+import io
 import shutil
 import threading
+import zipfile
+from pathlib import Path
 
 import pytest
 
 from src.data import movielens
+from src.data.synthetic import write_movielens
 from src.errors import UserError
-from tests.synthetic import write_movielens, zip_directory
+
+
+def zip_directory(directory: Path) -> bytes:
+    """The bytes of an ml-100k.zip holding `directory`'s files under `ml-100k/`."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for path in sorted(directory.iterdir()):
+            bundle.write(path, f"ml-100k/{path.name}")
+    return buffer.getvalue()
 
 
 @pytest.fixture

@@ -17,20 +17,16 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 
-from benchmarks.stock import run_stock
+from src import data, experiment
 from src.agents import build_agent
 from src.agents.linucb import VectorizedLinUCBAgent
-from src.data import movielens
 from src.engine import Engine
-from src.train import build_environment, seed_everything
+from src.stock_pattern import run_stock
 
 
 def make_engine(cfg, seed: int) -> Engine:
     cfg.training.seed = seed
-    seed_everything(seed)
-    environment = build_environment(cfg, movielens.load(cfg.data))
-    agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec())
-    return Engine(environment, agent, cfg.training.steps_per_loop)
+    return experiment.assemble(cfg, data.load(cfg.data))
 
 
 def ours_regret(cfg, seed: int, loops: int) -> np.ndarray:

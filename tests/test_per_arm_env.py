@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 
-from src.data import movielens
+from src import data
 from src.envs import movielens_per_arm
 from src.errors import UserError
-from src.train import build_environment
+from src.envs import build_environment
 
 GLOBAL = bandit_spec_utils.GLOBAL_FEATURE_KEY
 PER_ARM = bandit_spec_utils.PER_ARM_FEATURE_KEY
@@ -22,14 +22,14 @@ PER_ARM = bandit_spec_utils.PER_ARM_FEATURE_KEY
 def make_env(make_config):
     def make(*overrides: str):
         cfg = make_config("env=movielens_per_arm", "env.num_actions=4", *overrides)
-        return build_environment(cfg, movielens.load(cfg.data))
+        return build_environment(cfg, data.load(cfg.data))
 
     return make
 
 
 def test_observation_holds_the_user_and_distinct_candidates(make_env):
     env = make_env("training.batch_size=5")
-    model = env.model
+    model = env.reward_model
     observation = env.reset().observation
     assert observation[GLOBAL].shape == (5, 4) and observation[PER_ARM].shape == (5, 4, 4)
     assert env.action_spec().maximum == 3
@@ -44,7 +44,7 @@ def test_outcome_is_the_reward_model_on_the_candidates(make_env):
     env.reset()
     action = tf.constant([0, 1, 2, 3, 0, 1])
     reward, optimal_reward, optimal_action = (t.numpy() for t in env.outcome(action))
-    rewards = env.model.rewards[env._users.numpy()[:, None], env._candidates.numpy()]
+    rewards = env.reward_model.rewards[env._users.numpy()[:, None], env._candidates.numpy()]
     np.testing.assert_allclose(reward, rewards[np.arange(6), action.numpy()])
     np.testing.assert_allclose(optimal_reward, rewards.max(axis=1))
     np.testing.assert_array_equal(optimal_action, rewards.argmax(axis=1))
@@ -77,7 +77,7 @@ def test_random_policy_regret_matches_monte_carlo(make_env):
         regrets.append((optimal_reward - reward).numpy())
     regrets = np.concatenate(regrets)
     standard_error = regrets.std() / np.sqrt(len(regrets))
-    assert abs(regrets.mean() - env.model.random_policy_regret) < 4 * standard_error
+    assert abs(regrets.mean() - env.reward_model.random_policy_regret) < 4 * standard_error
 
 
 def test_bad_candidate_count_is_a_user_error(make_env):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from tf_agents.trajectories import time_step as ts
 
-from src import predict, tracking
+from src import predict, serving
 from src.errors import UserError
 from src.train import train
 
@@ -30,13 +30,13 @@ USER = 7
 def trained(make_config, tmp_path, monkeypatch):
     """Train with the policy saved; return (run id, in-memory greedy policy, catalogue)."""
     logged = {}
-    log_policy = tracking.log_policy
+    log_policy = serving.log_policy
 
     def spy(policy, catalogue):
         logged.update(policy=policy, catalogue=catalogue)
         log_policy(policy, catalogue)
 
-    monkeypatch.setattr(tracking, "log_policy", spy)
+    monkeypatch.setattr(serving, "log_policy", spy)
     train(make_config("tracking.save_policy=true"))
     run_id = mlflow.last_active_run().info.run_id
     return run_id, logged["policy"], logged["catalogue"]

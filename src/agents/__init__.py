@@ -4,14 +4,15 @@ An agent YAML's `per_arm: true` says its builder handles observations with per-a
 features (`env=movielens_per_arm`); the list of such agents is read from those files.
 """
 
+from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 
+from src import config
 from src.errors import UserError
-from src.paths import PROJECT_ROOT
 
-AGENT_CONFIGS = PROJECT_ROOT / "conf" / "agent"
+AGENT_CONFIGS = config.CONFIG_DIR / "agent"
 
 
 def has_per_arm_features(time_step_spec) -> bool:
@@ -37,4 +38,5 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec):
     if has_per_arm_features(time_step_spec) and not accepts_per_arm:
         raise UserError(f"agent={cfg.name} cannot take this environment's per-arm features; "
                         f"agents that can: {', '.join(per_arm_agents())}")
-    return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)
+    with config.errors_name_source("agent", cfg.name):
+        return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)

@@ -14,16 +14,15 @@ from tf_agents.bandits.agents import dropout_thompson_sampling_agent
 from src.agents.networks import check_layers
 from src.errors import require
 
-SOURCE = "conf/agent/dropout_ts.yaml"
 
 
 def build(time_step_spec, action_spec, learning_rate: float, layers: list[int],
           dropout_offset: float, min_dropout_rate: float, name: str = "dropout_ts"):
-    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0", SOURCE)
+    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
     # 1 / offset is the first loop's rate, which Keras needs below 1.
-    require(dropout_offset > 1, "agent.dropout_offset", dropout_offset, "> 1", SOURCE)
-    require(0 < min_dropout_rate < 1, "agent.min_dropout_rate", min_dropout_rate, "in (0, 1)", SOURCE)
-    check_layers(layers, SOURCE)
+    require(dropout_offset > 1, "agent.dropout_offset", dropout_offset, "> 1")
+    require(0 < min_dropout_rate < 1, "agent.min_dropout_rate", min_dropout_rate, "in (0, 1)")
+    check_layers(layers)
     train_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_step")
 
     def dropout_rate():

@@ -11,14 +11,13 @@ from src.agents import has_per_arm_features
 from src.agents.networks import check_layers, reward_network
 from src.errors import require
 
-SOURCE = "conf/agent/epsilon_greedy.yaml"
 
 
 def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
           layers: list[int], name: str = "epsilon_greedy"):
-    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0", SOURCE)
-    require(0 <= epsilon <= 1, "agent.epsilon", epsilon, "in [0, 1]", SOURCE)
-    check_layers(layers, SOURCE)
+    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
+    require(0 <= epsilon <= 1, "agent.epsilon", epsilon, "in [0, 1]")
+    check_layers(layers)
     return neural_epsilon_greedy_agent.NeuralEpsilonGreedyAgent(
         time_step_spec, action_spec, reward_network=reward_network(time_step_spec, action_spec, layers),
         optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),

@@ -23,14 +23,13 @@ from tf_agents.utils import nest_utils
 from src.agents import has_per_arm_features
 from src.errors import require
 
-SOURCE = "conf/agent/linucb.yaml"
 
 
-def check_hyperparameters(alpha: float, tikhonov_weight: float, where: str = SOURCE) -> None:
-    require(alpha > 0, "agent.alpha", alpha, "> 0", where)
+def check_hyperparameters(alpha: float, tikhonov_weight: float) -> None:
+    require(alpha > 0, "agent.alpha", alpha, "> 0")
     # A zero ridge leaves A singular before an arm is tried: LinUCB then always picks
     # action 0 (tensorflow/agents#698).
-    require(tikhonov_weight > 0, "agent.tikhonov_weight", tikhonov_weight, "> 0", where)
+    require(tikhonov_weight > 0, "agent.tikhonov_weight", tikhonov_weight, "> 0")
 
 
 def _num_actions(action_spec) -> int:
@@ -113,7 +112,7 @@ def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float
     """The vectorised agent; with per-arm features, TF-Agents' `LinearUCBAgent`, because the
     vectorised one keeps a model per fixed movie and candidate sets have no fixed movies."""
     if has_per_arm_features(time_step_spec):
-        return _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, True, name, SOURCE)
+        return _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, True, name)
     return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, name)
 
 
@@ -121,12 +120,11 @@ def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weig
                         use_eigendecomp: bool = True, name: str = "linucb_tf_agents"):
     """TF-Agents' own `LinearUCBAgent`; the eigendecomposition replaces 20 conjugate-gradient
     solves per step with one batched decomposition (same estimates, ~7x faster)."""
-    return _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, use_eigendecomp, name,
-                       "conf/agent/linucb_tf_agents.yaml")
+    return _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, use_eigendecomp, name)
 
 
-def _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, use_eigendecomp, name, where):
-    check_hyperparameters(alpha, tikhonov_weight, where)
+def _linear_ucb(time_step_spec, action_spec, alpha, tikhonov_weight, use_eigendecomp, name):
+    check_hyperparameters(alpha, tikhonov_weight)
     return lin_ucb_agent.LinearUCBAgent(
         time_step_spec, action_spec, alpha=alpha, tikhonov_weight=tikhonov_weight,
         use_eigendecomp=use_eigendecomp, emit_policy_info=("predicted_rewards_mean",),

@@ -9,9 +9,9 @@ from src.agents import has_per_arm_features
 from src.errors import require
 
 
-def check_layers(layers, where: str) -> None:
+def check_layers(layers) -> None:
     require(len(layers) >= 1 and all(isinstance(w, int) and w >= 1 for w in layers),
-            "agent.layers", list(layers), "a non-empty list of positive integer widths", where)
+            "agent.layers", list(layers), "a non-empty list of positive integer widths")
 
 
 def reward_network(time_step_spec, action_spec, layers):

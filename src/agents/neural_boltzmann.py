@@ -12,14 +12,13 @@ from src.agents import has_per_arm_features
 from src.agents.networks import check_layers, reward_network
 from src.errors import require
 
-SOURCE = "conf/agent/neural_boltzmann.yaml"
 
 
 def build(time_step_spec, action_spec, learning_rate: float, temperature: float,
           layers: list[int], name: str = "neural_boltzmann"):
-    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0", SOURCE)
-    require(temperature > 0, "agent.temperature", temperature, "> 0", SOURCE)
-    check_layers(layers, SOURCE)
+    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
+    require(temperature > 0, "agent.temperature", temperature, "> 0")
+    check_layers(layers)
     return neural_boltzmann_agent.NeuralBoltzmannAgent(
         time_step_spec, action_spec, reward_network=reward_network(time_step_spec, action_spec, layers),
         optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),

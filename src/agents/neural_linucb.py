@@ -15,21 +15,20 @@ from src.agents import has_per_arm_features
 from src.agents.networks import check_layers
 from src.errors import require
 
-SOURCE = "conf/agent/neural_linucb.yaml"
 
 
 def build(time_step_spec, action_spec, learning_rate: float, alpha: float, epsilon: float,
           layers: list[int], encoding_dim: int, encoding_network_num_train_steps: int,
           name: str = "neural_linucb"):
-    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0", SOURCE)
-    require(alpha > 0, "agent.alpha", alpha, "> 0", SOURCE)
-    require(0 <= epsilon <= 1, "agent.epsilon", epsilon, "in [0, 1]", SOURCE)
-    check_layers(layers, SOURCE)
+    require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
+    require(alpha > 0, "agent.alpha", alpha, "> 0")
+    require(0 <= epsilon <= 1, "agent.epsilon", epsilon, "in [0, 1]")
+    check_layers(layers)
     require(isinstance(encoding_dim, int) and encoding_dim >= 1, "agent.encoding_dim", encoding_dim,
-            "an integer >= 1", SOURCE)
+            "an integer >= 1")
     require(isinstance(encoding_network_num_train_steps, int) and encoding_network_num_train_steps >= 0,
             "agent.encoding_network_num_train_steps", encoding_network_num_train_steps,
-            "an integer >= 0", SOURCE)
+            "an integer >= 0")
     per_arm = has_per_arm_features(time_step_spec)
     if per_arm:
         network = global_and_arm_feature_network.create_feed_forward_common_tower_network(

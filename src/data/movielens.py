@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from src.errors import UserError
+from src.errors import UserError, require
 from src.paths import resolve
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,10 @@ def _check_consistency(data: MovieLens) -> None:
         )
 
 
-def load(cfg) -> MovieLens:
-    """Locate, verify and parse MovieLens 100K as `cfg` (the `data` config node) says."""
-    directory = locate(cfg.dir, cfg.url, cfg.cache_dir, dict(cfg.sha256))
+def load(dir: str | None, cache_dir: str, url: str, sha256: dict[str, str]) -> MovieLens:
+    """Locate, verify and parse MovieLens 100K as `conf/data/movielens.yaml` describes it."""
+    require(isinstance(sha256, dict) and len(sha256) > 0, "data.sha256", sha256,
+            "a mapping from each MovieLens file to its sha256")
+    directory = locate(dir, url, cache_dir, sha256)
     log.info("Reading MovieLens 100K from %s", directory)
     return parse(directory)

@@ -97,7 +97,7 @@ class MovieLensEnvironment(bandit_tf_environment.BanditTFEnvironment):
         num_users, rank_k = model.user_features.shape
         require(1 <= batch_size <= num_users, "training.batch_size", batch_size,
                 f"between 1 and the {num_users} users in the environment")
-        self.model = model
+        self.reward_model = model
         observation_spec = tf.TensorSpec([rank_k], tf.float32, name="observation")
         action_spec = tensor_spec.BoundedTensorSpec(
             (), tf.int32, minimum=0, maximum=len(model.movie_ids) - 1, name="action")

@@ -23,7 +23,6 @@ from tf_agents.trajectories import time_step as ts
 from src.envs.movielens import RewardModel, build_reward_model
 from src.errors import require
 
-SOURCE = "conf/env/movielens_per_arm.yaml"
 
 
 def expected_max_weights(pool: int, size: int) -> np.ndarray:
@@ -61,7 +60,7 @@ class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
     def __init__(self, model: CandidateSetRewardModel, batch_size: int, seed: int,
                  name: str = "movielens_per_arm"):
         require(batch_size >= 1, "training.batch_size", batch_size, ">= 1")
-        self.model = model
+        self.reward_model = model
         self._num_users, rank_k = model.user_features.shape
         self._num_movies = model.rewards.shape[1]
         num_actions = model.num_actions
@@ -84,7 +83,7 @@ class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
         users = self._rng.uniform([self.batch_size], maxval=self._num_users, dtype=tf.int32)
         # The top k of i.i.d. uniforms is a uniform k-subset, like `random.sample`.
         candidates = tf.math.top_k(self._rng.uniform([self.batch_size, self._num_movies]),
-                                   k=self.model.num_actions).indices
+                                   k=self.reward_model.num_actions).indices
         self._users.assign(users)
         self._candidates.assign(candidates)
         return {
@@ -117,6 +116,6 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
     pool = ratings.shape[1] if num_movies is None else num_movies
     model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
     require(isinstance(num_actions, int) and 2 <= num_actions <= pool, "env.num_actions", num_actions,
-            f"an integer between 2 and env.num_movies={pool}", SOURCE)
+            f"an integer between 2 and env.num_movies={pool}")
     model = CandidateSetRewardModel(**vars(model), num_actions=num_actions)
     return MovieLensPerArmEnvironment(model, batch_size, seed, name)

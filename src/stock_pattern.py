@@ -1,4 +1,5 @@
-"""TF-Agents' stock bandit training pattern, the baseline our compiled engine is measured against.
+"""TF-Agents' stock bandit training pattern: the baseline our compiled engine is benchmarked
+against (`benchmarks/throughput.py`) and checked against (`tests/test_engine.py`).
 
 This is `tf_agents/bandits/agents/examples/v2/trainer.py` as `train_eval_movielens.py` runs
 it, all eager: `MovieLensPyEnvironment` in a `TFPyEnvironment`, a `DynamicStepDriver` with
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
+
+from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 from tf_agents.bandits.agents.examples.v2 import trainer
 from tf_agents.bandits.environments import environment_utilities, movielens_py_environment
 from tf_agents.bandits.metrics import tf_metrics as bandit_metrics
@@ -31,17 +34,17 @@ from tf_agents.environments import tf_py_environment
 from tf_agents.metrics import tf_metrics
 
 from src.agents import build_agent
-from src.train import seed_everything
+from src.experiment import seed_everything
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StockRun:
-    """Per-loop regret summed over the loop's interactions, as `src.engine.LoopMetrics`."""
+class TimedRun:
+    """A training pattern's regret and speed, whichever pattern ran."""
 
-    regret: np.ndarray  # float64 [loops]
-    seconds: float  # wall time of the loops after the warm-up
+    regret: np.ndarray  # float64 [loops], summed over each loop's interactions, warm-up included
+    seconds: float  # wall time of the timed loops only
     timed_loops: int
     interactions_per_loop: int
 
@@ -52,7 +55,7 @@ class StockRun:
 
 def run_stock(agent_cfg: DictConfig, data_file: str | Path, *, num_movies: int, rank_k: int,
               batch_size: int, steps_per_loop: int, loops: int, seed: int,
-              warmup_loops: int = 0) -> StockRun:
+              warmup_loops: int = 0) -> TimedRun:
     """Train the agent `agent_cfg` describes for `loops` loops the way TF-Agents' trainer does.
 
     `agent_cfg` is the composed `agent` config node, built with `src.agents.build_agent`,
@@ -105,6 +108,6 @@ def run_stock(agent_cfg: DictConfig, data_file: str | Path, *, num_movies: int, 
             log.info("stock %s: loop %d/%d", agent_cfg.name, i + 1, loops)
     seconds = time.perf_counter() - started
     per_step = np.asarray(step_regret, np.float64).reshape(loops, steps_per_loop)
-    return StockRun(regret=per_step.sum(axis=1) * batch_size, seconds=seconds,
+    return TimedRun(regret=per_step.sum(axis=1) * batch_size, seconds=seconds,
                     timed_loops=loops - warmup_loops,
                     interactions_per_loop=batch_size * steps_per_loop)

@@ -1,0 +1,94 @@
+"""Everything that reads `conf/`: where it is, how every entry point and test composes it, and
+the checks on what a user chose (group options, value types), each error naming its YAML file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from src.errors import UserError, require
+from src.paths import PROJECT_ROOT
+
+CONFIG_DIR = PROJECT_ROOT / "conf"
+
+# Lets configs place files at the project root whatever the cwd (`${project_root:}`).
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+
+def compose(overrides: Iterable[str] = (), config_name: str = "config", with_hydra: bool = False) -> DictConfig:
+    """`conf/<config_name>.yaml` with command-line style overrides, as `@hydra.main` would
+    compose it; `with_hydra` keeps the `hydra` node (sweeper settings)."""
+    with hydra.initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return hydra.compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def source(group: str, option: str | None = None) -> str:
+    """The file a group's values come from, relative to the project root."""
+    folder = CONFIG_DIR.relative_to(PROJECT_ROOT) / group
+    return str(folder / f"{option}.yaml" if option else folder)
+
+
+@contextlib.contextmanager
+def errors_name_source(group: str, option: str | None = None) -> Iterator[None]:
+    """Inside, a `UserError` about a `group.*` key names the YAML file it is set in, so the
+    builders that raise it need not know where they are configured."""
+    try:
+        yield
+    except UserError as error:
+        if error.key and error.key.startswith(f"{group}.") and error.source is None:
+            error.source = source(group, option)
+        raise
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Refuse `agent=nope` with the list of choices, before Hydra prints a page about it."""
+    for override in overrides:
+        key, sep, values = override.partition("=")
+        group = key.lstrip("+~")
+        folder = CONFIG_DIR / group
+        # hydra/* groups are Hydra's and its plugins'; conf/hydra/ adds options, not all of them.
+        if not sep or "." in group or "(" in values or group.startswith("hydra/") or not folder.is_dir():
+            continue
+        choices = sorted(path.stem for path in folder.glob("*.yaml"))
+        for value in values.split(","):
+            if value not in choices and value != "null":
+                raise UserError(f"unknown {group} '{value}'; choose one of: {', '.join(choices)}")
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Values of the wrong type are refused by name, before any builder trips on them: each
+    value keeps the type of its default in the option's YAML file."""
+    for group, option in (("data", cfg.data.name), ("env", cfg.env.name), ("agent", cfg.agent.name),
+                          ("training", "default")):
+        path = CONFIG_DIR / group / f"{option}.yaml"
+        if path.is_file():
+            defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            values = OmegaConf.to_container(cfg[group], resolve=True)
+            with errors_name_source(group, option):
+                _require_types_of(values, defaults, group)
+
+
+def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
+    """A number stays a number (an integer an integer), a list a list, so `agent.alpha=abc`
+    is refused by name."""
+    for key, default in defaults.items():
+        value = values.get(key)
+        if key.startswith("_") or default is None or (isinstance(default, str) and default.startswith("${")):
+            continue  # no type to keep: Hydra's own keys, optional values, interpolations
+        name = f"{prefix}.{key}"
+        if isinstance(default, dict):
+            require(isinstance(value, dict), name, value, "a mapping")
+            _require_types_of(value, default, name)
+        elif isinstance(default, bool):
+            require(isinstance(value, bool), name, value, "true or false")
+        elif isinstance(default, int):
+            require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
+        elif isinstance(default, float):
+            require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
+        else:
+            require(isinstance(value, type(default)), name, value, f"a {type(default).__name__}")
+

@@ -1,0 +1,39 @@
+"""What links a job of Hydra's Optuna sweeper to its Optuna trial and its MLflow runs.
+
+The sweeper hands the trial to `remember_trial` (its `custom_search_space` hook) just before
+its basic launcher runs the trial's job in this process; the job's entry point then asks for
+the trial's tags and records its run id. The sweeper's plugin API offers no other way to
+reach the trial from the job, hence the one module-level variable.
+"""
+
+from __future__ import annotations
+
+import optuna
+from omegaconf import DictConfig
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"
+
+_trial: optuna.trial.Trial | None = None
+
+
+def remember_trial(cfg: DictConfig, trial: optuna.trial.Trial) -> None:
+    """The sweeper's `custom_search_space` hook, called just before the trial's job runs."""
+    global _trial
+    _trial = trial
+
+
+def trial_tags() -> dict[str, str]:
+    """MLflow tags linking the current job's run to its trial and the sweep's parent run."""
+    if _trial is None:
+        return {}
+    tags = {"sweep.study": _trial.study.study_name, "sweep.trial": str(_trial.number)}
+    parent = _trial.study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return tags
+
+
+def record_run(run_id: str) -> None:
+    if _trial is not None:
+        _trial.set_user_attr(RUN_ATTR, run_id)

@@ -1,0 +1,33 @@
+"""TensorFlow, TensorFlow Probability and TF-Agents, imported once and quietly.
+
+Every module of ours that uses them imports this one first. TensorFlow's C++ runtime writes
+to file descriptor 2 directly and gym prints a notice to `sys.stderr` (not always fd 2, e.g.
+under a test runner), both before any logging setting applies; an import error still
+surfaces once both are restored.
+"""
+
+import contextlib
+import os
+import sys
+
+
+@contextlib.contextmanager
+def _silenced_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(devnull):
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+with _silenced_stderr():
+    import tensorflow as _tf
+    import tensorflow_probability  # noqa: F401  (registers TypeSpecs SavedModels need)
+    import tf_agents.agents  # noqa: F401  (imports gym, which prints a notice)
+
+    _tf.config.list_physical_devices()  # probes for CUDA, which logs when there is none

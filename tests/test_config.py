@@ -1,0 +1,83 @@
+"""src.config: composing conf/, the group-choice and type checks, and errors naming their YAML."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import tensorflow as tf
+from tf_agents.specs import tensor_spec
+from tf_agents.trajectories import time_step as ts
+
+from src import config, data
+from src.agents import build_agent
+from src.errors import UserError
+from src.paths import PROJECT_ROOT
+
+
+def test_compose_gives_the_cli_config_with_overrides():
+    cfg = config.compose(["agent=lints", "agent.alpha=2"])
+    assert cfg.agent.name == "lints" and cfg.agent.alpha == 2
+    assert cfg.data.name == "movielens" and cfg.env.name == "movielens"
+    assert "hydra" not in cfg
+    assert config.compose(["hparams_search=linucb"], with_hydra=True).hydra.sweeper.study_name == "linucb"
+    assert config.compose(config_name="predict").run_id is None
+
+
+def test_project_root_resolver_places_files_at_the_root_whatever_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.compose(["hparams_search=linucb"], with_hydra=True)
+    assert cfg.hydra.sweeper.storage == f"sqlite:///{PROJECT_ROOT}/optuna.db"
+
+
+@pytest.mark.parametrize("overrides", [["agent=nope"], ["agent=linucb,nope"], ["+env=nope"]])
+def test_an_unknown_group_option_lists_the_choices(overrides):
+    group = "env" if "env" in overrides[0] else "agent"
+    choices = ", ".join(sorted(path.stem for path in (config.CONFIG_DIR / group).glob("*.yaml")))
+    with pytest.raises(UserError, match=re.escape(f"unknown {group} 'nope'; choose one of: {choices}")):
+        config.check_group_choices(overrides)
+
+
+def test_known_options_keys_and_hydras_own_groups_pass_the_choice_check():
+    config.check_group_choices(["agent=linucb,lints", "hparams_search=null", "agent.alpha=3", "-m",
+                                "env.rank_k=choice(2, 3)", "hydra/sweeper=optuna", "hydra/launcher=basic"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("agent.alpha=abc", "agent.alpha must be a number, got 'abc' (conf/agent/linucb.yaml)"),
+    ("env.rank_k=2.5", "env.rank_k must be an integer, got 2.5 (conf/env/movielens.yaml)"),
+    ("training.threads.intra_op=x", "training.threads.intra_op must be an integer, got 'x' (conf/training/default.yaml)"),
+    ("tracking.save_policy=maybe", None),  # a top-level key: not a group option's type
+    ("agent.layers=3", "agent.layers must be a list, got 3 (conf/agent/epsilon_greedy.yaml)"),
+    ("data.sha256=null", "data.sha256 must be a mapping, got None (conf/data/movielens.yaml)"),
+])
+def test_values_keep_the_type_of_their_default(override, message):
+    agent = ["agent=epsilon_greedy"] if override.startswith("agent.layers") else []
+    cfg = config.compose([*agent, override])
+    if message is None:
+        config.check_types(cfg)
+        return
+    with pytest.raises(UserError, match=re.escape(message)):
+        config.check_types(cfg)
+
+
+def test_a_builders_error_names_the_yaml_of_its_own_group_only():
+    cfg = config.compose(["agent=lints", "agent.alpha=-1"])
+    action_spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=4)
+    with pytest.raises(UserError) as error:
+        build_agent(cfg.agent, ts.time_step_spec(tf.TensorSpec([3], tf.float32)), action_spec)
+    assert str(error.value) == "agent.alpha must be > 0, got -1 (conf/agent/lints.yaml)"
+    assert error.value.key == "agent.alpha"
+    with pytest.raises(UserError) as error, config.errors_name_source("env", "movielens"):
+        raise UserError("training.batch_size must be >= 1, got 0", key="training.batch_size")
+    assert str(error.value) == "training.batch_size must be >= 1, got 0"
+
+
+def test_synthetic_data_needs_no_files_and_checks_its_sizes():
+    dataset = data.load(config.compose(["data=synthetic", "data.num_users=40", "data.num_movies=25"]).data)
+    assert dataset.num_users == 40 and dataset.num_movies == 25
+    assert dataset.ratings.rating.between(1, 5).all()
+    with pytest.raises(UserError, match=re.escape("data.rank must be an integer between 1 and "
+                                                  "min(data.num_users, data.num_movies), got 30 "
+                                                  "(conf/data/synthetic.yaml)")):
+        data.load(config.compose(["data=synthetic", "data.num_users=40", "data.num_movies=25", "data.rank=30"]).data)
