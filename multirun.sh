@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Parallel Optuna sweep: N worker processes share one study (Optuna's distributed mode).
+# A campaign on N worker processes sharing one Optuna study (src.sweep work).
 #
-#   ./multirun.sh AGENT [--workers N] [--trials N] [--storage URL] [Hydra overrides...]
+#   ./multirun.sh SWEEP [--workers N] [--trials N] [--storage URL] [Hydra overrides...]
 #   ./multirun.sh all   [same options]          # every conf/hparams_search/*.yaml in turn
 #
-# --trials is the study's total: running the same sweep again resumes it until that many
-# trials have finished. --storage defaults to sqlite:///optuna.db in the project; give an
-# RDB URL (e.g. postgresql://user:pass@host/db) to spread workers over several machines.
-# Worker output goes to logs/sweeps/<study>/<time>-worker-<i>.log; the script waits for all
+# SWEEP is a conf/hparams_search/*.yaml (an agent's search, or `grid` for agents x seeds).
+# --trials is the study's number of COMPLETE trials: running the same sweep again, here or on
+# another machine, joins it until that many are complete. --storage defaults to
+# $OPTUNA_STORAGE (eval "$(./stack.sh up)"), else sqlite:///optuna.db in the project.
+# Worker output goes to logs/sweeps/<study>/<time>-worker-<i>.log; the script waits for its
 # workers, reports the best trial, and exits non-zero if any worker failed.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -15,7 +16,7 @@ cd "$(dirname "$0")"
 usage() { sed -n '4,5p' "$0" | sed 's/^# *//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 agent=$1; shift
-workers=1; trials=""; storage="sqlite:///$PWD/optuna.db"; overrides=()
+workers=1; trials=""; storage=""; overrides=()
 while [ $# -gt 0 ]; do
   case $1 in
     --workers) workers=${2:?--workers needs a number}; shift 2 ;;
@@ -33,7 +34,8 @@ if [ "$agent" = all ]; then
   for config in conf/hparams_search/*.yaml; do
     name=$(basename "$config" .yaml)
     echo "=== sweep $name ==="
-    args=(--workers "$workers" --storage "$storage")
+    args=(--workers "$workers")
+    [ -n "$storage" ] && args+=(--storage "$storage")
     [ -n "$trials" ] && args+=(--trials "$trials")
     "$0" "$name" "${args[@]}" "${overrides[@]}" || failed=$((failed + 1))
   done
@@ -47,49 +49,41 @@ if [ ! -f "conf/hparams_search/$agent.yaml" ]; then
   exit 2
 fi
 
-sweep=("hparams_search=$agent" "hydra.sweeper.storage=$storage" "${overrides[@]}")
+sweep=("hparams_search=$agent" "${overrides[@]}")
+[ -n "$storage" ] && sweep+=("hydra.sweeper.storage=$storage")
 [ -n "$trials" ] && sweep+=("hydra.sweeper.n_trials=$trials")
 
 # Creates or resumes the study and its MLflow parent run; checks storage and direction.
 state=$(uv run python -m src.sweep prepare "${sweep[@]}") || exit 2
-eval "$state"  # study=... finished=... n_trials=... seed=...
-remaining=$((n_trials - finished))
+eval "$state"  # study=... seed=...
 stamp=$(date +%Y%m%d-%H%M%S)
 logs="logs/sweeps/$study"
 mkdir -p "$logs"
 
 pids=()
 stop() {
-  echo "Stopping the workers; their runs in progress are marked KILLED." >&2
+  echo "Stopping the workers; their trials in progress end FAIL in Optuna and KILLED in MLflow." >&2
   kill -TERM "${pids[@]}" 2>/dev/null
 }
 trap stop INT TERM
-if [ "$remaining" -le 0 ]; then
-  echo "Study '$study' already has $finished finished trials (target $n_trials); raise --trials to run more."
-else
-  echo "Study '$study': $finished trials finished, running $remaining more on $workers worker(s); logs in $logs/"
-  for ((i = 0; i < workers; i++)); do
-    share=$((remaining / workers + (i < remaining % workers ? 1 : 0)))
-    [ "$share" -gt 0 ] || continue
-    # Each worker samples with its own seed, or they would propose identical first trials.
-    BANDIT_SWEEP_MANAGED=1 uv run --no-sync python -m src.train -m "${sweep[@]}" \
-      "hydra.sweeper.n_trials=$share" "hydra.sweeper.sampler.seed=$((seed + finished + i))" \
-      "hydra.sweep.dir=multirun/$study/$stamp-worker-$i" \
-      >"$logs/$stamp-worker-$i.log" 2>&1 &
-    pids+=($!)
-    echo "  worker $i: $share trial(s), pid $!, log $logs/$stamp-worker-$i.log"
-  done
-fi
+echo "Study '$study' on $workers worker(s); logs in $logs/"
+for ((i = 0; i < workers; i++)); do
+  # Each worker samples with its own seed, or they would propose identical first trials.
+  BANDIT_SWEEP_MANAGED=1 SWEEP_WORKER=$i uv run --no-sync python -m src.sweep work "${sweep[@]}" \
+    >"$logs/$stamp-worker-$i.log" 2>&1 &
+  pids+=($!)
+  echo "  worker $i: pid $!, log $logs/$stamp-worker-$i.log"
+done
 
 failed=0
 for i in "${!pids[@]}"; do
   if ! wait "${pids[$i]}"; then
     failed=$((failed + 1))
-    echo "error: worker $i failed; see the end of its log:" >&2
-    tail -n 5 "$logs/$stamp-worker-$i.log" >&2
+    echo "error: worker $i failed: $(grep -h '\[ERROR\]' "$logs/$stamp-worker-$i.log" | tail -n 1 | sed 's/.*\] - //')" >&2
   fi
 done
 wait  # a trapped signal ends the waits above early; the workers must be gone before the summary
 
-FAILED_WORKERS=$failed uv run --no-sync python -m src.sweep summarise "${sweep[@]}" || failed=$((failed + 1))
+# The last worker to finish has summarised the study; this reports its best trial.
+uv run --no-sync python -m src.sweep summarise "${sweep[@]}" || failed=$((failed + 1))
 [ "$failed" -eq 0 ] || exit 1

@@ -26,7 +26,6 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from src import tf_runtime  # noqa: F401,I001  (first: a quiet TensorFlow start-up)

@@ -54,7 +54,7 @@ ROLE_TAG = "bandits.role"
 # Where results are stored, how the work is spread over threads and what a sweeper
 # optimises: none of these changes what an agent learns, so they never split a group.
 NOT_CONFIG = re.compile(
-    r"training\.seed|training\.chunk_loops|tracking\..*|data\.(dir|cache_dir)|training\.threads\..*|objective")
+    r"training\.seed|training\.chunk_loops|tracking\..*|sweep\..*|data\.(dir|cache_dir)|training\.threads\..*|objective")
 
 
 @dataclass(frozen=True)

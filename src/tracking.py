@@ -81,9 +81,14 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
     return {key: str(value) for key, value in flat.items()}
 
 
+class RunStopped(Exception):
+    """Raised to stop a run on purpose before its end (a sweep's pruner): KILLED, not FAILED."""
+
+
 @contextlib.contextmanager
 def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str, str]):
-    """An MLflow run holding the config; FAILED if the body raises, KILLED on Ctrl-C."""
+    """An MLflow run holding the config; FAILED if the body raises, KILLED on Ctrl-C or when
+    stopped on purpose (`RunStopped`)."""
     commit = git_commit()
     tags = {"git_commit": commit, "mlflow.source.git.commit": commit, **extra_tags}
     tags.update({f"version.{name}": version(name) for name in PACKAGES})
@@ -96,6 +101,10 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         log.warning("Interrupted: run %s marked KILLED", active.info.run_id)
+        raise
+    except RunStopped as stop:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        log.info("Run %s stopped early and marked KILLED: %s", active.info.run_id, stop)
         raise
     except BaseException:
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))

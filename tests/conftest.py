@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -55,3 +55,20 @@ def run_cli(tmp_path):
                               capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """PostgreSQL and an MLflow server on 127.0.0.1, started by `./stack.sh up` (installed by
+    `./stack.sh install` when missing) in `.stack/test`, shared by the test workers and left
+    running for the next session: {"MLFLOW_TRACKING_URI": ..., "OPTUNA_STORAGE": ...}."""
+    env = {**os.environ, "STACK_DIR": str(PROJECT_ROOT / ".stack" / "test")}
+    lock = PROJECT_ROOT / ".stack" / "test.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # one `up` at a time across the test workers
+        for command in ("install", "up"):
+            done = subprocess.run([str(PROJECT_ROOT / "stack.sh"), command], env=env, capture_output=True,
+                                  text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+    return dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines())

@@ -18,7 +18,7 @@ from src import data, experiment
 from src.agents import AGENT_CONFIGS, per_arm_agents
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
-from src.train import train
+from src.training import train
 
 AGENTS = sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml"))
 PER_ARM = per_arm_agents()

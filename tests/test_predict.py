@@ -21,7 +21,7 @@ from tf_agents.trajectories import time_step as ts
 
 from src import predict, serving
 from src.errors import UserError
-from src.train import train
+from src.training import train
 
 USER = 7
 

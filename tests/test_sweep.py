@@ -112,7 +112,7 @@ def test_unknown_sweep_name_is_one_line(tmp_path):
 
 
 def test_the_best_trials_model_is_registered(make_config, tracking_uri, data_overrides, tmp_path):
-    from src.train import train
+    from src.training import train
 
     train(make_config("tracking.save_policy=true"))
     client = mlflow.MlflowClient(tracking_uri)

@@ -14,19 +14,15 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import tensorflow as tf
-from tf_agents.policies import policy_saver
-from tf_agents.trajectories import time_step as ts
 
-from src import metrics, train
-from src import experiment
+from src import metrics, train, training
 from src.data import movielens
+from src.data.synthetic import checksum_override
 from src.engine import Engine
 from src.envs import build_environment
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from tests.conftest import SMALL
-from src.data.synthetic import checksum_override
 
 METRICS = [metrics.REGRET, metrics.CUMULATIVE_REGRET, metrics.REWARD, metrics.SUBOPTIMAL_ARM_RATE]
 
@@ -73,14 +69,14 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
 
 
 def test_same_seed_same_metrics_other_seed_differs(make_config):
-    first, _ = train.train(make_config("training.seed=0"))
-    assert train.train(make_config("training.seed=0"))[0] == first
-    assert train.train(make_config("training.seed=1"))[0] != first
+    first, _ = training.train(make_config("training.seed=0"))
+    assert training.train(make_config("training.seed=0"))[0] == first
+    assert training.train(make_config("training.seed=1"))[0] != first
 
 
 def test_linucb_beats_uniform_random_by_a_clear_margin(make_config):
     cfg = make_config("agent=linucb", "training.loops=200", "training.seed=3")
-    final, _ = train.train(cfg)
+    final, _ = training.train(cfg)
     data = movielens.parse(Path(cfg.data.dir))
     random_regret = build_environment(cfg, data).reward_model.random_policy_regret
     interactions = 200 * 16
@@ -125,7 +121,7 @@ def test_bad_input_exits_with_one_line_and_no_running_run(movielens_dir, trackin
 ])
 def test_impossible_config_fails_before_training(make_config, tracking_uri, override, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        train.train(make_config(override))
+        training.train(make_config(override))
     # Training checks come before any run; env and agent ones inside it, so a sweep's
     # impossible trial shows as FAILED.
     if not override.startswith("tracking.uri"):
@@ -138,7 +134,7 @@ def test_corrupt_data_file_fails_before_any_run(make_config, movielens_dir, tmp_
     shutil.copytree(directory, corrupt)
     (corrupt / "u.data").write_bytes(b"garbage\n")
     with pytest.raises(UserError, match="u.data is corrupt"):
-        train.train(make_config(f"data.dir={corrupt}"))
+        training.train(make_config(f"data.dir={corrupt}"))
     assert runs(tracking_uri)[1] == []
 
 
@@ -153,7 +149,7 @@ def test_a_run_that_breaks_keeps_what_it_logged(make_config, tracking_uri, monke
 
     monkeypatch.setattr(Engine, "run", breaks_after_first_chunk)
     with pytest.raises(type(interruption)):
-        train.train(make_config())
+        training.train(make_config())
     client, found = runs(tracking_uri)
     assert [run.info.status for run in found] == [status]
     history = client.get_metric_history(found[0].info.run_id, metrics.CUMULATIVE_REGRET)
@@ -165,7 +161,7 @@ def test_a_run_that_breaks_keeps_what_it_logged(make_config, tracking_uri, monke
 
 def test_a_diverging_agent_fails_its_run_with_one_line(make_config, tracking_uri):
     with pytest.raises(UserError, match="training diverged: the agent's loss is nan"):
-        train.train(make_config("agent=epsilon_greedy", "agent.learning_rate=1e30"))
+        training.train(make_config("agent=epsilon_greedy", "agent.learning_rate=1e30"))
     client, found = runs(tracking_uri)
     assert [run.info.status for run in found] == ["FAILED"]
     losses = [m.value for m in client.get_metric_history(found[0].info.run_id, metrics.LOSS)]

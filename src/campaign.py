@@ -1,0 +1,449 @@
+"""Campaigns: Optuna studies whose trials are tracked training runs, run by any number of workers.
+
+The study's storage (SQLite on one machine, PostgreSQL across machines) is the shared work
+queue; Optuna keeps it consistent. MLflow gets a parent run per study, holding the best
+value and parameters, the best trial's run id and Optuna's plots, with one child run per
+trial tagged with the study name and trial number.
+
+- `prepare` makes (or resumes) the study and its parent run, and refuses an unreachable
+  storage or a study of the same name with another direction. A grid study (Optuna's
+  `GridSampler` in the sweep config) gets every grid point enqueued once.
+- `work` runs trials until the study holds `n_trials` COMPLETE ones. Trials in progress on
+  other workers count, so however many workers join, the study ends with exactly that many.
+  Each trial sends a heartbeat; a worker that dies (SIGKILL, a lost machine) has its trial
+  failed by a living worker, its MLflow run marked FAILED, and the trial run again.
+  With `sweep.pruner` set, hopeless trials stop early: PRUNED in Optuna, KILLED and tagged
+  `sweep.pruned` in MLflow.
+- `summarise` writes the outcome into the parent run and registers the best trial's model,
+  once the last trial has ended, whichever worker ends it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import warnings
+
+import mlflow
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_class, instantiate
+from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+from mlflow.entities import RunStatus
+from omegaconf import DictConfig, OmegaConf
+
+from src import config, metrics, tracking
+from src.errors import UserError
+from src.sweep_trials import PARENT_RUN_ATTR, RUN_ATTR
+
+log = logging.getLogger(__name__)
+# Heartbeats and retries of dead workers' trials are Optuna features it still calls experimental;
+# Hydra's sampler config still sets TPE options Optuna 4.9 deprecated (at their defaults).
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message=".*has been deprecated in v4.9.0", category=FutureWarning)
+
+COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                              optuna.trial.TrialState.WAITING)
+FAIL, PRUNED = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED
+ERROR_ATTR = "error"
+GRID_ATTR = "grid_size"
+# How often a worker with nothing to do looks again, and fails trials whose worker died.
+POLL_SECONDS = 2.0
+
+
+class Pruned(tracking.RunStopped, optuna.TrialPruned):
+    """The pruner stopped the trial: PRUNED in Optuna, KILLED and tagged in MLflow."""
+
+
+def compose_sweep(overrides: list[str]) -> DictConfig:
+    """The sweep's config without its command-line search dimensions (`x=choice(...)`), which
+    `search_space` reads; study, storage, sampler and tracking are all that count here."""
+    return config.compose(split_overrides(overrides)[0], with_hydra=True)
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(fixed overrides, search dimensions) of a command line."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [text for text, override in zip(overrides, parsed) if not override.is_sweep_override()]
+    return fixed, [text for text in overrides if text not in fixed]
+
+
+def storage_url(cfg: DictConfig) -> str:
+    url = str(cfg.hydra.sweeper.storage or "")
+    if not url:
+        raise UserError("hydra.sweeper.storage is empty: a sweep needs a storage to share and resume")
+    # The PostgreSQL driver installed here is psycopg 3; SQLAlchemy's plain scheme means psycopg2.
+    return url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def open_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
+    """The study's storage, with a heartbeat per running trial: a trial whose worker stops
+    beating for `sweep.grace_s` is failed, its MLflow run too, and it is queued again."""
+    campaign = cfg.sweep
+    url = storage_url(cfg)
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=campaign.heartbeat_s, grace_period=campaign.grace_s,
+            heartbeat_stale_trial_callback=RetryDeadWorkersTrial(campaign.max_retries, cfg.tracking.experiment),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    except ImportError as error:
+        raise UserError(f"Optuna storage {url} needs a driver that is not installed: {error}") from None
+    except Exception as error:  # SQLAlchemy reports an unreachable database in many types
+        raise UserError(f"cannot open Optuna storage {url}: {one_line(error)}") from None
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+class RetryDeadWorkersTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose worker died, which also ends the trial's MLflow run."""
+
+    def __init__(self, max_retry: int, experiment: str):
+        super().__init__(max_retry=max_retry)
+        self.experiment = experiment
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        log.warning("Trial %d's worker stopped beating; the trial failed and runs again", trial.number)
+        super().__call__(study, trial)
+        end_trial_runs(study.study_name, trial.number, self.experiment)
+
+
+def end_trial_runs(study_name: str, number: int, experiment: str) -> None:
+    """Mark the MLflow runs a dead worker left RUNNING for this trial as FAILED."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return
+    client = mlflow.MlflowClient()
+    for run in client.search_runs([found.experiment_id], filter_string=(
+            f"tags.`sweep.study` = '{study_name}' AND tags.`sweep.trial` = '{number}' "
+            "AND attributes.status = 'RUNNING'")):
+        client.set_tag(run.info.run_id, "bandits.ended_by", "heartbeat: its worker died")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        log.warning("Run %s of dead trial %d marked FAILED", run.info.run_id, number)
+
+
+def directions(cfg: DictConfig) -> list[str]:
+    direction = cfg.hydra.sweeper.direction
+    names = [direction] if isinstance(direction, str) else list(direction)
+    return [str(name).lower() for name in names]
+
+
+def check_sweeper(cfg: DictConfig) -> None:
+    sweeper = cfg.hydra.sweeper
+    wanted = metrics.OBJECTIVES.get(cfg.objective)
+    if wanted and directions(cfg) != [wanted]:
+        raise UserError(f"hydra.sweeper.direction is {sweeper.direction}, but objective={cfg.objective} "
+                        f"is to {wanted}; set hydra.sweeper.direction={wanted}")
+    # `remember_trial` hands one trial to the job that runs next; a batch of several would
+    # tag runs with the wrong trials.
+    if sweeper.n_jobs != 1:
+        raise UserError(f"hydra.sweeper.n_jobs must be 1, got {sweeper.n_jobs}; "
+                        "run trials in parallel with ./multirun.sh --workers N")
+    if cfg.sweep.pruner not in (None, "median", "hyperband"):
+        raise UserError(f"sweep.pruner must be null, median or hyperband, got {cfg.sweep.pruner!r}")
+
+
+def pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
+    """Pruning compares trials at equal interactions; none before a fifth of the run."""
+    interactions = cfg.training.loops * cfg.training.batch_size * cfg.training.steps_per_loop
+    if cfg.sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=interactions // 5)
+    if cfg.sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, interactions // 5), max_resource=interactions)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(cfg: DictConfig, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """The study the sweep config names, checked to agree with the config."""
+    name, wanted = cfg.hydra.sweeper.study_name, directions(cfg)
+    storage = open_storage(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner(cfg))
+    except KeyError:
+        raise UserError(f"no study '{name}' in {storage_url(cfg)}; run the sweep first") from None
+    except Exception as error:
+        raise UserError(f"cannot open Optuna storage {storage_url(cfg)}: {one_line(error)}") from None
+    found = [d.name.lower() for d in study.directions]
+    if found != wanted:
+        raise UserError(
+            f"study '{name}' in {storage_url(cfg)} exists with direction {found}, the config asks for {wanted}; "
+            f"use another hydra.sweeper.study_name or storage")
+    return study
+
+
+def is_grid(cfg: DictConfig) -> bool:
+    return get_class(cfg.hydra.sweeper.sampler._target_) is optuna.samplers.GridSampler
+
+
+def search_space(cfg: DictConfig, overrides: list[str]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Optuna distributions from the sweep config's `params` and the command line, read by
+    Hydra's Optuna sweeper's own parser: same syntax, same meaning (a fixed value on the
+    command line takes its key out of the search)."""
+    declared = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
+    space, fixed = create_params_from_overrides([*declared, *overrides])
+    return {name: distribution for name, distribution in space.items() if name not in fixed}
+
+
+def create_study(cfg: DictConfig) -> bool:
+    """Create the study unless it exists; True for the one process that created it (the
+    storage's unique study name decides between workers starting together)."""
+    try:
+        optuna.create_study(study_name=cfg.hydra.sweeper.study_name, storage=open_storage(cfg),
+                            directions=directions(cfg))
+        return True
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(f"cannot open Optuna storage {storage_url(cfg)}: {one_line(error)}") from None
+
+
+def parent_run_of(study: optuna.Study, wait_s: float = 60.0) -> str | None:
+    """The study's MLflow parent run, waiting a while for the worker that creates it."""
+    deadline = time.monotonic() + wait_s
+    while (parent_id := study.user_attrs.get(PARENT_RUN_ATTR)) is None and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+    return parent_id
+
+
+def prepare(cfg: DictConfig, overrides: list[str] = ()) -> optuna.Study:
+    """Create or resume the study and its MLflow parent run; return the study."""
+    check_sweeper(cfg)
+    created = create_study(cfg)
+    study = load_study(cfg)
+    experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
+    client = mlflow.MlflowClient()
+    parent_id = None if created else parent_run_of(study)
+    if parent_id is None:
+        parent = client.create_run(
+            experiment_id, run_name=f"sweep__{study.study_name}",
+            tags={"sweep.study": study.study_name, "sweep.role": "parent",
+                  "sweep.storage": storage_url(cfg).split("@")[-1], "git_commit": tracking.git_commit()})
+        parent_id = parent.info.run_id
+        study.set_user_attr(PARENT_RUN_ATTR, parent_id)
+        for key, value in (cfg.hydra.sweeper.params or {}).items():
+            client.log_param(parent_id, f"search.{key}", value)
+        if is_grid(cfg):
+            enqueue_grid(study, search_space(cfg, list(overrides)))
+    else:
+        client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    log.info("Study '%s': %d trials complete so far; MLflow parent run %s",
+             study.study_name, len(study.get_trials(states=(COMPLETE,))), parent_id)
+    return study
+
+
+def enqueue_grid(study: optuna.Study, space: dict) -> None:
+    """Every grid point once, as a WAITING trial any worker takes (Optuna pops each once)."""
+    names = list(space)
+    points = list(itertools.product(*(space[name].choices for name in names)))
+    for point in points:
+        study.enqueue_trial(dict(zip(names, point)))
+    study.set_user_attr(GRID_ATTR, len(points))
+    log.info("Grid of %d points enqueued over %s", len(points), ", ".join(names))
+
+
+def target(cfg: DictConfig, study: optuna.Study) -> int:
+    """How many COMPLETE trials the study ends with: `n_trials`, or a grid's size."""
+    return study.user_attrs.get(GRID_ATTR) or cfg.hydra.sweeper.n_trials
+
+
+def failed_for_good(study: optuna.Study) -> int:
+    """FAIL trials that will not run again (a retry is a new WAITING trial)."""
+    retried = {RetryDeadWorkersTrial.retried_trial_number(t) for t in study.trials}
+    return sum(1 for t in study.get_trials(states=(FAIL,)) if t.number not in retried)
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """The trial's value for every dimension (an enqueued or retried trial's are fixed)."""
+    values = {}
+    for name, distribution in space.items():
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            values[name] = trial.suggest_categorical(name, distribution.choices)
+        elif isinstance(distribution, optuna.distributions.IntDistribution):
+            values[name] = trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
+                                             log=distribution.log)
+        else:
+            values[name] = trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
+                                               log=distribution.log)
+    return values
+
+
+def work(overrides: list[str], worker: int = 0) -> None:
+    """Run trials of the study `overrides` configure until it holds its `n_trials` COMPLETE
+    trials (or too many have failed); then summarise it if no other worker is still busy."""
+    fixed, _ = split_overrides(overrides)
+    cfg = config.compose(fixed, with_hydra=True)
+    study = prepare(cfg, overrides)
+    seed = (cfg.hydra.sweeper.sampler.get("seed") or 0) + worker + len(study.trials)
+    sampler = None if is_grid(cfg) else instantiate(cfg.hydra.sweeper.sampler, seed=seed)
+    study = load_study(cfg, sampler=sampler)
+    space = search_space(cfg, overrides)
+    trials = [fixed_override for fixed_override in fixed if not fixed_override.startswith("hydra.")]
+    try:
+        while run_next(cfg, study, space, trials):
+            pass
+    except BaseException:
+        summarise_if_done(cfg, study, interrupted=True)
+        raise
+    summarise_if_done(cfg, study)
+
+
+def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str]) -> bool:
+    """Run one trial, or wait while others run; False once there is nothing left to do."""
+    goal = target(cfg, study)
+    complete = len(study.get_trials(states=(COMPLETE,)))
+    running = len(study.get_trials(states=(RUNNING,)))
+    if complete >= goal:
+        return False
+    failed = failed_for_good(study)
+    if failed >= cfg.sweep.max_failures:
+        last = study.get_trials(states=(FAIL,))[-1]
+        raise UserError(f"study '{study.study_name}' stopped: {failed} trials failed (sweep.max_failures="
+                        f"{cfg.sweep.max_failures}); the last, trial {last.number}, because: "
+                        f"{last.user_attrs.get(ERROR_ATTR, 'its worker died')}")
+    waiting = len(study.get_trials(states=(WAITING,)))
+    if GRID_ATTR in study.user_attrs and not waiting and not running:
+        return False  # every grid point has run; failed ones are reported, not replaced
+    if (complete + running >= goal or GRID_ATTR in study.user_attrs) and not waiting:
+        time.sleep(POLL_SECONDS)  # the last trials run elsewhere; take over if their worker dies
+        optuna.storages.fail_stale_trials(study)
+        return True
+    study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1, catch=(Exception,))
+    return True
+
+
+def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list[str], goal: int) -> float:
+    """Train the trial's configuration; its MLflow run is a child of the study's parent run."""
+    from src.training import train  # TensorFlow loads where trials run, not to prepare or summarise
+
+    study = trial.study
+    trials = study.get_trials(deepcopy=False)
+    if sum(t.number < trial.number and t.state in (COMPLETE, RUNNING) for t in trials) >= goal:
+        # Another worker took the last place a moment before this one.
+        trial.set_user_attr("surplus", True)
+        raise optuna.TrialPruned(f"surplus: the study already has its {goal} trials")
+    try:
+        values = suggest(trial, space)
+        trial_cfg = config.compose([*overrides, *(f"{name}={value}" for name, value in values.items())])
+        tags = {"sweep.study": study.study_name, "sweep.trial": str(trial.number),
+                "mlflow.parentRunId": study.user_attrs[PARENT_RUN_ATTR]}
+        retry_of = RetryDeadWorkersTrial.retried_trial_number(next(t for t in trials if t.number == trial.number))
+        if retry_of is not None:
+            tags["sweep.retry_of"] = str(retry_of)
+        log.info("Trial %d: %s", trial.number, " ".join(f"{name}={value}" for name, value in values.items()))
+        final, run_id = train(trial_cfg, tags, pruning_reporter(trial, cfg.objective))
+    except Exception as error:
+        trial.set_user_attr(ERROR_ATTR, one_line(error))
+        raise
+    trial.set_user_attr(RUN_ATTR, run_id)
+    return final[trial_cfg.objective]
+
+
+def pruning_reporter(trial: optuna.Trial, objective_name: str):
+    """Tells the trial's pruner each chunk's objective; stops the run when it says so."""
+
+    def report(step: int, value: float) -> None:
+        trial.report(value, step)
+        if trial.should_prune():
+            mlflow.set_tag("sweep.pruned", f"at {step} interactions")
+            raise Pruned(f"pruned at {step} interactions ({objective_name} = {value:.4g})")
+
+    return report
+
+
+class QuietExpectedFailures(logging.Filter):
+    """Optuna logs each failed trial with its traceback; for a user's error or a Ctrl-C, the
+    one-line message says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (UserError, KeyboardInterrupt)):
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(QuietExpectedFailures())  # where trials are logged
+
+
+def summarise_if_done(cfg: DictConfig, study: optuna.Study,
+                      interrupted: bool = False) -> optuna.trial.FrozenTrial | None:
+    """Summarise unless trials still run on other workers (the last of them will); return
+    the best trial when summarised."""
+    others = len(study.get_trials(states=(RUNNING,)))
+    if others:
+        log.info("%d trials still running on other workers; the last to finish summarises", others)
+        return None
+    return summarise(cfg, failed=interrupted)
+
+
+def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial | None:
+    """Log the study's best trial and Optuna's plots to the parent run; return the best trial."""
+    study = load_study(cfg)
+    tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
+    parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent_id is None:
+        raise UserError(f"study '{study.study_name}' has no MLflow parent run; run `python -m src.sweep prepare` first")
+    client = mlflow.MlflowClient()
+    states = [t.state for t in study.trials]
+    complete = states.count(COMPLETE)
+    for name, state in (("complete", COMPLETE), ("failed", FAIL), ("pruned", PRUNED)):
+        client.log_metric(parent_id, f"sweep/trials_{name}", states.count(state), step=len(states))
+    best = None
+    if complete:
+        best = study.best_trial
+        client.log_metric(parent_id, f"best/{cfg.objective}", best.value, step=len(states))
+        client.set_tag(parent_id, "best.trial", str(best.number))
+        for name, value in best.params.items():
+            client.set_tag(parent_id, f"best.{name}", str(value))
+        best_run = best.user_attrs.get(RUN_ATTR)
+        if best_run:
+            client.set_tag(parent_id, "best.run_id", best_run)
+            register_best_model(cfg, best_run)
+        log_plots(client, parent_id, study)
+        log.info("Best of %d trials: %s = %.4f with %s (trial %d, run %s)", len(states), cfg.objective,
+                 best.value, best.params, best.number, best_run)
+    done = complete >= target(cfg, study)  # a grid with failed points is not done
+    status = RunStatus.FINISHED if done and not failed else RunStatus.FAILED
+    client.set_terminated(parent_id, RunStatus.to_string(status))
+    return best
+
+
+def register_best_model(cfg: DictConfig, run_id: str) -> None:
+    """Register the best trial's servable model under `<study>-best`, first logging it to the
+    trial's run when the trial saved its policy only (sweeps do, to keep trials cheap)."""
+    name = f"{cfg.hydra.sweeper.study_name}-best"
+    client = mlflow.MlflowClient()
+    if any(v.run_id == run_id for v in client.search_model_versions(f"name = '{name}'")):
+        return  # a resumed sweep whose best trial has not changed
+    from src import serving  # TensorFlow, only when there is a model to register
+
+    model = logged_model(run_id) or serving.log_servable_model_to(run_id)
+    if model is None:
+        log.warning("The best trial's run %s saved no policy to register", run_id)
+        return
+    version = mlflow.register_model(f"models:/{model.model_id}", name)
+    log.info("Registered the best trial's model as models:/%s/%s", name, version.version)
+
+
+def logged_model(run_id: str):
+    experiment = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    models = mlflow.search_logged_models(
+        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+        output_format="list")
+    return models[0] if models else None
+
+
+def log_plots(client: mlflow.MlflowClient, run_id: str, study: optuna.Study) -> None:
+    import optuna.visualization.matplotlib as plots
+
+    figures = {"optimization_history.png": plots.plot_optimization_history(study)}
+    # Importances need at least two finished trials and two parameters to compare.
+    if len(study.get_trials(states=(COMPLETE,))) > 1 and len(study.best_trial.params) > 1:
+        figures["param_importances.png"] = plots.plot_param_importances(study)
+    for name, axes in figures.items():
+        client.log_figure(run_id, axes.figure, name)
+

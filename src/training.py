@@ -1,0 +1,125 @@
+"""One tracked training run: check the config, build, train in the compiled engine, and log
+params, metric histories, a regret plot, the config and the policy to an MLflow run.
+
+`train(cfg, tags, report)` is what every way of running an experiment calls: `src.train`
+for one run or a Hydra multirun, `src.sweep` workers for each trial of a campaign.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from src import config, data, experiment, metrics, plots, serving, tracking
+from src.cli import interrupt_between_chunks
+from src.engine import Engine, configure_threads
+from src.errors import UserError, require
+
+log = logging.getLogger(__name__)
+
+# Called after each chunk of loops with (interactions so far, the objective's value so far); it
+# may stop the run by raising `tracking.RunStopped` (a sweep's pruner does).
+Reporter = Callable[[int, float], None]
+
+
+def check_training(cfg: DictConfig) -> None:
+    config.check_types(cfg)
+    with config.errors_name_source("training"):
+        for key in ("batch_size", "steps_per_loop", "loops", "chunk_loops"):
+            value = cfg.training[key]
+            require(isinstance(value, int) and value >= 1, f"training.{key}", value, "an integer >= 1")
+        seed = cfg.training.seed
+        require(isinstance(seed, int) and seed >= 0, "training.seed", seed, "an integer >= 0")
+    log_every = cfg.tracking.log_every
+    require(isinstance(log_every, int) and log_every >= 1, "tracking.log_every", log_every, "an integer >= 1")
+    require(cfg.objective in metrics.FINAL_METRICS, "objective", cfg.objective,
+            f"one of {', '.join(metrics.FINAL_METRICS)}")
+
+
+def check_finite(rows) -> None:
+    """Stop a diverged run (a sweep's trial then fails alone) rather than train on NaNs."""
+    diverged = rows[~np.isfinite(rows[metrics.LOSS])]
+    if len(diverged):
+        first = diverged.iloc[0]
+        raise UserError(f"training diverged: the agent's loss is {first[metrics.LOSS]} after "
+                        f"{int(first['step'])} interactions; try a smaller agent.learning_rate")
+
+
+def run_name(cfg: DictConfig, tags: dict[str, str]) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    trial = f"__trial{tags['sweep.trial']}" if "sweep.trial" in tags else ""
+    return f"{cfg.env.name}__{cfg.agent.name}__seed{cfg.training.seed}__{stamp}{trial}"
+
+
+def train(cfg: DictConfig, tags: dict[str, str] | None = None,
+          report: Reporter | None = None) -> tuple[dict[str, float], str]:
+    """Run the experiment `cfg` describes as an MLflow run with these extra `tags`; return the
+    final metrics and the run's id."""
+    tags = tags or {}
+    check_training(cfg)
+    configure_threads(cfg.training.threads.intra_op, cfg.training.threads.inter_op)
+    experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
+    dataset = data.load(cfg.data)
+    with tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
+        engine = experiment.assemble(cfg, dataset)
+        reward_model = engine.environment.reward_model
+        mlflow.log_metric("env/random_policy_regret", reward_model.random_policy_regret)
+        log.info("Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
+                 cfg.agent.name, cfg.env.name, *reward_model.rewards.shape, reward_model.user_features.shape[1],
+                 cfg.training.loops, engine.interactions_per_loop)
+        history = run_loops(cfg, engine, active.info.run_id, report)
+        log_artifacts(cfg, history, engine.agent, reward_model.random_policy_regret,
+                      serving.Catalogue.of(reward_model, dataset.movies))
+    return history.final(), active.info.run_id
+
+
+def run_loops(cfg: DictConfig, engine: Engine, run_id: str, report: Reporter | None) -> metrics.RegretHistory:
+    """Train for `cfg.training.loops` loops, logging the metrics as they come; stop cleanly
+    between chunks on Ctrl-C or SIGTERM."""
+    training = cfg.training
+    history = metrics.RegretHistory(engine.interactions_per_loop)
+    downsampler = metrics.Downsampler(cfg.tracking.log_every)
+    started = time.perf_counter()
+    with interrupt_between_chunks() as check_interrupt, \
+            tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:
+        for chunk in engine.run(training.loops, training.chunk_loops):
+            bar.update(len(chunk.regret))
+            rows = history.add(chunk)
+            window_rows = downsampler.push(rows, last=history.loops_done == training.loops)
+            if len(window_rows):
+                tracking.log_history(run_id, window_rows)
+            check_finite(rows)
+            check_interrupt()
+            if report:
+                report(int(rows["step"].iloc[-1]), float(rows[cfg.objective].iloc[-1]))
+            bar.set_postfix(regret=f"{chunk.regret.mean() / engine.interactions_per_loop:.3f}")
+    seconds = time.perf_counter() - started
+    final = history.final()
+    rate = training.loops * engine.interactions_per_loop / seconds
+    mlflow.log_metrics({"perf/interactions_per_s": rate, "perf/train_seconds": seconds})
+    log.info("Done in %.1f s (%.0f interactions/s): cumulative regret %.1f, last-loop regret %.4f "
+             "(uniform random: %.4f)", seconds, rate, final[metrics.CUMULATIVE_REGRET],
+             final[metrics.REGRET], engine.environment.reward_model.random_policy_regret)
+    return history
+
+
+def log_artifacts(cfg: DictConfig, history: metrics.RegretHistory, agent, random_regret: float,
+                  catalogue: serving.Catalogue) -> None:
+    frame = history.frame()
+    with tempfile.TemporaryDirectory() as scratch:
+        table = Path(scratch) / "metrics.csv"
+        frame.to_csv(table, index=False)
+        mlflow.log_artifact(str(table))
+    title = f"{cfg.agent.name} on {cfg.env.name} (seed {cfg.training.seed})"
+    mlflow.log_figure(plots.regret_figure(frame, title, random_regret), "regret.png")
+    if cfg.tracking.save_policy:
+        serving.log_policy(agent.policy, catalogue, servable=cfg.tracking.servable_model)

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The services a campaign shares: PostgreSQL (one database for the Optuna study, one for
+# MLflow) and an MLflow tracking server on it, with a proxied artifact store.
+#
+#   eval "$(./stack.sh up)"   # start them (or find them running); point this shell at them
+#   ./stack.sh env            # the export lines again, for another shell
+#   ./stack.sh status         # what runs where; exit 0 when both are up, 3 otherwise
+#   ./stack.sh down           # stop both; the data stays in .stack/ for the next `up`
+#   ./stack.sh install        # install Debian's postgresql package (as root)
+#
+# State lives in $STACK_DIR (default .stack/ in the project, gitignored). Both services
+# listen on $STACK_HOST (default 127.0.0.1); set STACK_HOST=0.0.0.0 and give the workers on
+# other machines this machine's name in the exported URLs. The artifact store is
+# $STACK_DIR/artifacts unless MLFLOW_ARTIFACTS_DESTINATION names another (s3://bucket/path,
+# with the usual AWS_* / MLFLOW_S3_ENDPOINT_URL variables for MinIO).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+STACK_DIR=${STACK_DIR:-$PWD/.stack}
+STACK_HOST=${STACK_HOST:-127.0.0.1}
+PG_USER=bandits
+say() { echo "stack: $*" >&2; }
+die() { echo "error: $*" >&2; exit 2; }
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port_of() {  # a service's port, chosen once and kept, so the URLs stay valid across restarts
+  local file="$STACK_DIR/$1.port"
+  [ -s "$file" ] || free_port >"$file"
+  cat "$file"
+}
+pg_bin() {
+  local bin
+  bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$bin" ] || die "PostgreSQL is not installed; run: ./stack.sh install (Debian's postgresql package, as root)"
+  echo "$bin"
+}
+# PostgreSQL refuses to run as root; Debian's package brings the `postgres` user for that.
+as_db_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+password() { cat "$STACK_DIR/pg/password"; }
+database_url() { echo "postgresql+psycopg://$PG_USER:$(password)@$STACK_HOST:$(port_of postgres)/$1"; }
+tracking_uri() { echo "http://$STACK_HOST:$(port_of mlflow)"; }
+pg_running() { as_db_owner "$(pg_bin)/pg_ctl" -D "$STACK_DIR/pg/data" status >/dev/null 2>&1; }
+mlflow_running() { curl -fsS "$(tracking_uri)/health" >/dev/null 2>&1; }
+
+init_postgres() {
+  local bin=$1
+  say "creating a PostgreSQL cluster in $STACK_DIR/pg"
+  mkdir -p "$STACK_DIR/pg"
+  python3 -c 'import secrets; print(secrets.token_urlsafe(18))' >"$STACK_DIR/pg/password"
+  chmod 600 "$STACK_DIR/pg/password"
+  if [ "$(id -u)" = 0 ]; then chown -R postgres "$STACK_DIR/pg"; fi
+  as_db_owner "$bin/initdb" -D "$STACK_DIR/pg/data" -U "$PG_USER" --pwfile="$STACK_DIR/pg/password" \
+    --auth=scram-sha-256 --encoding=UTF8 >"$STACK_DIR/pg/initdb.log"
+  # Workers on the machine's own networks may connect, with the password, when STACK_HOST allows.
+  echo "host all all samenet scram-sha-256" | as_db_owner tee -a "$STACK_DIR/pg/data/pg_hba.conf" >/dev/null
+}
+
+start_postgres() {
+  local bin port
+  bin=$(pg_bin)
+  [ -f "$STACK_DIR/pg/data/PG_VERSION" ] || init_postgres "$bin"
+  port=$(port_of postgres)
+  if pg_running; then
+    say "PostgreSQL already running on $STACK_HOST:$port"
+  else
+    say "starting PostgreSQL on $STACK_HOST:$port"
+    as_db_owner "$bin/pg_ctl" -D "$STACK_DIR/pg/data" -l "$STACK_DIR/pg/server.log" -w -t 60 \
+      -o "-p $port -c listen_addresses=$STACK_HOST -k $STACK_DIR/pg" start >/dev/null \
+      || die "PostgreSQL did not start; see $STACK_DIR/pg/server.log"
+  fi
+  for database in optuna mlflow; do
+    if ! PGPASSWORD=$(password) "$bin/psql" -h "$STACK_HOST" -p "$port" -U "$PG_USER" -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = '$database'" | grep -q 1; then
+      PGPASSWORD=$(password) "$bin/createdb" -h "$STACK_HOST" -p "$port" -U "$PG_USER" "$database"
+      say "created database $database"
+    fi
+  done
+}
+
+start_mlflow() {
+  local port artifacts
+  port=$(port_of mlflow)
+  if mlflow_running; then
+    say "MLflow server already running at $(tracking_uri)"
+    return
+  fi
+  artifacts=${MLFLOW_ARTIFACTS_DESTINATION:-$STACK_DIR/artifacts}
+  mkdir -p "$STACK_DIR/artifacts"
+  say "starting the MLflow server at $(tracking_uri) (artifacts: $artifacts)"
+  # Its own session, so `down` stops uv, mlflow and the server's workers together.
+  setsid nohup uv run --no-sync mlflow server --backend-store-uri "$(database_url mlflow)" \
+    --artifacts-destination "$artifacts" --host "$STACK_HOST" --port "$port" --workers 2 \
+    ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"} \
+    >"$STACK_DIR/mlflow.log" 2>&1 &
+  echo $! >"$STACK_DIR/mlflow.pid"
+  for _ in $(seq 180); do
+    mlflow_running && return
+    kill -0 "$(cat "$STACK_DIR/mlflow.pid")" 2>/dev/null || break
+    sleep 1
+  done
+  die "the MLflow server did not come up; see $STACK_DIR/mlflow.log"
+}
+
+exports() {
+  echo "export MLFLOW_TRACKING_URI=$(tracking_uri)"
+  echo "export OPTUNA_STORAGE=$(database_url optuna)"
+}
+
+case ${1:-} in
+  up)
+    mkdir -p "$STACK_DIR"
+    start_postgres
+    start_mlflow
+    exports
+    ;;
+  env)
+    [ -s "$STACK_DIR/pg/password" ] || die "no stack in $STACK_DIR; run: eval \"\$(./stack.sh up)\""
+    exports
+    ;;
+  status)
+    up=0
+    if [ -f "$STACK_DIR/pg/data/PG_VERSION" ] && pg_running; then
+      echo "PostgreSQL: running on $STACK_HOST:$(port_of postgres) (databases optuna, mlflow)"
+    else echo "PostgreSQL: stopped"; up=3; fi
+    if [ -s "$STACK_DIR/mlflow.port" ] && mlflow_running; then
+      echo "MLflow server: running at $(tracking_uri)"
+    else echo "MLflow server: stopped"; up=3; fi
+    exit $up
+    ;;
+  down)
+    if [ -s "$STACK_DIR/mlflow.pid" ] && kill -0 "$(cat "$STACK_DIR/mlflow.pid")" 2>/dev/null; then
+      kill -TERM -- "-$(cat "$STACK_DIR/mlflow.pid")" 2>/dev/null || true
+      say "stopped the MLflow server"
+    fi
+    rm -f "$STACK_DIR/mlflow.pid"
+    if [ -f "$STACK_DIR/pg/data/PG_VERSION" ] && pg_running; then
+      as_db_owner "$(pg_bin)/pg_ctl" -D "$STACK_DIR/pg/data" -m fast -w stop >/dev/null
+      say "stopped PostgreSQL"
+    fi
+    ;;
+  install)
+    if ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then say "PostgreSQL is installed"; exit 0; fi
+    [ "$(id -u)" = 0 ] || die "installing PostgreSQL needs root: sudo ./stack.sh install"
+    say "installing Debian's postgresql package"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    ;;
+  *)
+    sed -n '2,9p' "$0" | sed 's/^# *//' >&2
+    exit 2
+    ;;
+esac

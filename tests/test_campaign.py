@@ -1,0 +1,186 @@
+"""Campaigns on real services: workers on PostgreSQL and an MLflow server, a worker killed
+mid-trial, a late joiner; pruning, grids, failures, stale-run cleanup and reproducibility."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+import mlflow
+import optuna
+import pytest
+from mlflow.entities import RunStatus
+
+from src import campaign, config, runs
+from src.errors import UserError
+from src.paths import PROJECT_ROOT
+from src.sweep_trials import RUN_ATTR
+from src.training import train
+
+FIXED = ["env.num_movies=10", "env.reward_rank=4", "env.rank_k=3", "training.chunk_loops=20",
+         "tracking.save_policy=false"]
+
+
+def overrides_for(data_overrides, study: str, storage: str, tracking_uri: str, *extra: str) -> list[str]:
+    return ["hparams_search=linucb", f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={storage}",
+            *data_overrides, *FIXED, f"tracking.uri={tracking_uri}", f"tracking.experiment={study}", *extra]
+
+
+def states(study: optuna.Study) -> collections.Counter:
+    return collections.Counter(trial.state.name for trial in study.trials)
+
+
+def runs_of(tracking_uri: str, experiment: str) -> list:
+    client = mlflow.MlflowClient(tracking_uri)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_trials(
+        stack, data_overrides, tmp_path):
+    study_name = f"pg-{uuid.uuid4().hex[:8]}"
+    storage, tracking_uri = stack["OPTUNA_STORAGE"], stack["MLFLOW_TRACKING_URI"]
+    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "hydra.sweeper.n_trials=6",
+                              "training.loops=600", "sweep.heartbeat_s=1", "sweep.grace_s=5",
+                              "tracking.save_policy=true")
+
+    def start(worker: int) -> subprocess.Popen:
+        log_file = open(tmp_path / f"worker-{worker}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "src.sweep", "work", *overrides], cwd=PROJECT_ROOT,
+                                env={**os.environ, "SWEEP_WORKER": str(worker)}, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+
+    workers = [start(0), start(1)]
+    wait_until(lambda: "Training linucb" in (tmp_path / "worker-1.log").read_text(), 240,
+               "worker 1 to train a trial")
+    workers[1].kill()  # SIGKILL mid-trial: no handler runs, the trial and its run stay RUNNING
+    workers.append(start(2))  # a worker joining late
+    for worker in (workers[0], workers[2]):
+        assert worker.wait(timeout=300) == 0, (tmp_path / "worker-0.log").read_text()[-3000:]
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    counts = states(study)
+    assert counts["COMPLETE"] == 6 and counts["FAIL"] == 1 and counts["RUNNING"] == 0, counts
+    found = runs_of(tracking_uri, study_name)
+    parents = [run for run in found if run.data.tags.get("sweep.role") == "parent"]
+    assert [run.info.status for run in parents] == ["FINISHED"]
+    children = [run for run in found if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    by_status = collections.Counter(run.info.status for run in children)
+    assert by_status == {"FINISHED": 6, "FAILED": 1}, by_status
+    finished = {run.info.run_id for run in children if run.info.status == "FINISHED"}
+    assert {trial.user_attrs[RUN_ATTR] for trial in study.get_trials(states=(campaign.COMPLETE,))} == finished
+    (dead,) = [run for run in children if run.info.status == "FAILED"]
+    assert "worker died" in dead.data.tags["bandits.ended_by"]
+    retried = [run for run in children if "sweep.retry_of" in run.data.tags]
+    assert [run.data.tags["sweep.retry_of"] for run in retried] == [dead.data.tags["sweep.trial"]]
+    assert parents[0].data.tags["best.run_id"] in finished
+    (version,) = mlflow.MlflowClient(tracking_uri).search_model_versions(f"name = '{study_name}-best'")
+    assert version.run_id == parents[0].data.tags["best.run_id"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgresql://nobody:secret@127.0.0.1:1/optuna", "cannot open Optuna storage postgresql+psycopg://"),
+    ("sqlite:////nonexistent/dir/optuna.db", "cannot open Optuna storage sqlite:////nonexistent"),
+])
+def test_an_unreachable_storage_is_one_line_before_any_trial(data_overrides, tmp_path, url, message):
+    overrides = overrides_for(data_overrides, "unreachable", url, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        campaign.work(overrides)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "mlflow.db").exists()  # no run was started
+
+
+def test_a_wrong_database_password_is_one_line(stack, data_overrides, tmp_path):
+    storage = re.sub(r":[^:@/]+@", ":wrong@", stack["OPTUNA_STORAGE"])
+    overrides = overrides_for(data_overrides, "wrong-password", storage, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(UserError, match="password authentication failed") as error:
+        campaign.work(overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_a_sweep_whose_every_trial_fails_says_why_and_leaves_nothing_running(data_overrides, tmp_path):
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = overrides_for(data_overrides, "doomed", storage, tracking_uri, "training.loops=20",
+                              "env.rank_k=50", "sweep.max_failures=2")
+    with pytest.raises(UserError, match=r"study 'doomed' stopped: 2 trials failed .* because: env.rank_k must be"):
+        campaign.work(overrides)
+    assert states(optuna.load_study(study_name="doomed", storage=storage)) == {"FAIL": 2}
+    statuses = collections.Counter(run.info.status for run in runs_of(tracking_uri, "doomed"))
+    assert statuses == {"FAILED": 3}  # two trials and the parent
+
+
+def test_pruning_stops_hopeless_trials_and_a_trial_reproduces_standalone(make_config, data_overrides, tmp_path):
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = overrides_for(data_overrides, "pruned", storage, tracking_uri, "hydra.sweeper.n_trials=9",
+                              "training.loops=60", "sweep.pruner=median")
+    campaign.work(overrides)
+    study = optuna.load_study(study_name="pruned", storage=storage)
+    counts = states(study)
+    assert counts["COMPLETE"] == 9 and counts["PRUNED"] >= 1, counts
+    found = runs_of(tracking_uri, "pruned")
+    pruned = [run for run in found if "sweep.pruned" in run.data.tags]
+    assert len(pruned) == counts["PRUNED"] and all(run.info.status == "KILLED" for run in pruned)
+    # A trial's value is the value of its configuration, trained anywhere else.
+    best = study.best_trial
+    params = [f"{name}={value}" for name, value in best.params.items()]
+    final, _ = train(make_config("agent=linucb", "env.reward_rank=4", "env.rank_k=3", "training.loops=60", *params))
+    assert final["train/cumulative_regret"] == best.value
+
+
+def test_a_grid_of_agents_and_seeds_runs_each_point_once(data_overrides, tmp_path):
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [o.replace("hparams_search=linucb", "hparams_search=grid") for o in overrides_for(
+        data_overrides, "grid", storage, tracking_uri, "training.loops=20",
+        "agent=choice(linucb, random)", "training.seed=choice(0, 1)")]
+    campaign.work(overrides)
+    study = optuna.load_study(study_name="grid", storage=storage)
+    assert sorted((t.params["agent"], t.params["training.seed"]) for t in study.trials) == [
+        ("linucb", 0), ("linucb", 1), ("random", 0), ("random", 1)]
+    assert states(study) == {"COMPLETE": 4}
+
+
+def test_reap_ends_only_runs_idle_longer_than_the_threshold(tracking_uri, capsys):
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.create_experiment("reap")
+    stale, fresh = client.create_run(experiment), client.create_run(experiment)
+    time.sleep(1.5)
+    client.log_metric(fresh.info.run_id, "train/regret", 1.0)  # activity keeps a run alive
+    runs.main(["reap", "--older-than", "1s", "--experiment", "reap", "--tracking-uri", tracking_uri])
+    assert client.get_run(stale.info.run_id).info.status == RunStatus.to_string(RunStatus.FAILED)
+    assert "reap" in client.get_run(stale.info.run_id).data.tags["bandits.ended_by"]
+    assert client.get_run(fresh.info.run_id).info.status == "RUNNING"
+    with pytest.raises(SystemExit) as exit:
+        runs.main(["reap", "--older-than", "soon", "--tracking-uri", tracking_uri])
+    assert exit.value.code == 2
+
+
+STOCHASTIC = ["epsilon_greedy", "neural_boltzmann", "dropout_ts", "lints", "random", "neural_linucb"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", STOCHASTIC)
+def test_a_jobs_metrics_do_not_depend_on_the_jobs_before_it(make_config, agent):
+    job = make_config(f"agent={agent}", "training.loops=20", "training.seed=5")
+    first, _ = train(job)
+    for other in ("linucb", "epsilon_greedy", "random"):
+        train(make_config(f"agent={other}", "training.loops=20", "training.seed=1"))
+    again, _ = train(job)
+    assert again == first
+
+
+def test_the_sweep_settings_are_checked(data_overrides, tmp_path):
+    cfg = config.compose(["hparams_search=linucb", "sweep.pruner=sometimes"], with_hydra=True)
+    with pytest.raises(UserError, match="sweep.pruner must be null, median or hyperband"):
+        campaign.check_sweeper(cfg)
