@@ -20,20 +20,24 @@ trial tagged with the study name and trial number.
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import logging
+import tempfile
 import time
 import warnings
 
 import mlflow
 import optuna
+import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
-from src import config, metrics, tracking
+from src import config, metrics, plots, tracking
 from src.errors import UserError
 from src.sweep_trials import PARENT_RUN_ATTR, RUN_ATTR
 
@@ -329,19 +333,36 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
         raise optuna.TrialPruned(f"surplus: the study already has its {goal} trials")
     try:
         values = suggest(trial, space)
-        trial_cfg = config.compose([*overrides, *(f"{name}={value}" for name, value in values.items())])
+        trial_cfg = trial_config(overrides, values)
         tags = {"sweep.study": study.study_name, "sweep.trial": str(trial.number),
                 "mlflow.parentRunId": study.user_attrs[PARENT_RUN_ATTR]}
         retry_of = RetryDeadWorkersTrial.retried_trial_number(next(t for t in trials if t.number == trial.number))
         if retry_of is not None:
             tags["sweep.retry_of"] = str(retry_of)
         log.info("Trial %d: %s", trial.number, " ".join(f"{name}={value}" for name, value in values.items()))
-        final, run_id = train(trial_cfg, tags, pruning_reporter(trial, cfg.objective))
+        final, run_id = train(trial_cfg, tags, pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None)
     except Exception as error:
         trial.set_user_attr(ERROR_ATTR, one_line(error))
         raise
     trial.set_user_attr(RUN_ATTR, run_id)
     return final[trial_cfg.objective]
+
+
+def trial_config(overrides: list[str], values: dict) -> DictConfig:
+    """The trial's config: the sweep's overrides and the trial's values, with light artifacts
+    (the best trial gets the rest at the end). Composed once per choice of config groups (a
+    grid's agent), since Hydra's compose costs more than a quick trial may spend beyond training."""
+    groups = tuple(f"{name}={value}" for name, value in values.items() if "." not in name)
+    trial_cfg = copy.deepcopy(_composed((*overrides, *groups, "tracking.artifacts=light")))
+    for name, value in values.items():
+        if "." in name:
+            OmegaConf.update(trial_cfg, name, value)
+    return trial_cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    return config.compose(overrides)
 
 
 def pruning_reporter(trial: optuna.Trial, objective_name: str):
@@ -413,12 +434,13 @@ def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial
 
 
 def register_best_model(cfg: DictConfig, run_id: str) -> None:
-    """Register the best trial's servable model under `<study>-best`, first logging it to the
-    trial's run when the trial saved its policy only (sweeps do, to keep trials cheap)."""
+    """Register the best trial's servable model under `<study>-best`, first completing the
+    trial's light artifacts (its regret plot and servable model) when it has only those."""
     name = f"{cfg.hydra.sweeper.study_name}-best"
     client = mlflow.MlflowClient()
     if any(v.run_id == run_id for v in client.search_model_versions(f"name = '{name}'")):
         return  # a resumed sweep whose best trial has not changed
+    log_regret_plot(run_id)
     from src import serving  # TensorFlow, only when there is a model to register
 
     model = logged_model(run_id) or serving.log_servable_model_to(run_id)
@@ -427,6 +449,19 @@ def register_best_model(cfg: DictConfig, run_id: str) -> None:
         return
     version = mlflow.register_model(f"models:/{model.model_id}", name)
     log.info("Registered the best trial's model as models:/%s/%s", name, version.version)
+
+
+def log_regret_plot(run_id: str) -> None:
+    """Draw a finished run's regret plot from its metrics.csv, unless it has one."""
+    client = mlflow.MlflowClient()
+    artifacts = {artifact.path for artifact in client.list_artifacts(run_id)}
+    if "regret.png" in artifacts or "metrics.csv" not in artifacts:
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        frame = pd.read_csv(client.download_artifacts(run_id, "metrics.csv", scratch))
+        run_cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", scratch))
+    random_regret = client.get_run(run_id).data.metrics.get("env/random_policy_regret")
+    client.log_figure(run_id, plots.regret_figure(frame, plots.run_title(run_cfg), random_regret), "regret.png")
 
 
 def logged_model(run_id: str):

@@ -12,6 +12,10 @@ from matplotlib.figure import Figure
 from src.metrics import CUMULATIVE_REGRET, REGRET
 
 
+def run_title(cfg) -> str:
+    return f"{cfg.agent.name} on {cfg.env.name} (seed {cfg.training.seed})"
+
+
 def regret_figure(frame: pd.DataFrame, title: str, random_policy_regret: float | None = None):
     """Cumulative and per-interaction regret against interactions, beside a uniform-random policy."""
     figure = Figure(figsize=(11, 4), layout="constrained")

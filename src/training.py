@@ -39,6 +39,8 @@ def check_training(cfg: DictConfig) -> None:
             require(isinstance(value, int) and value >= 1, f"training.{key}", value, "an integer >= 1")
         seed = cfg.training.seed
         require(isinstance(seed, int) and seed >= 0, "training.seed", seed, "an integer >= 0")
+    require(cfg.tracking.artifacts in ("full", "light"), "tracking.artifacts", cfg.tracking.artifacts,
+            "full or light")
     log_every = cfg.tracking.log_every
     require(isinstance(log_every, int) and log_every >= 1, "tracking.log_every", log_every, "an integer >= 1")
     require(cfg.objective in metrics.FINAL_METRICS, "objective", cfg.objective,
@@ -94,7 +96,9 @@ def run_loops(cfg: DictConfig, engine: Engine, run_id: str, report: Reporter | N
         for chunk in engine.run(training.loops, training.chunk_loops):
             bar.update(len(chunk.regret))
             rows = history.add(chunk)
-            window_rows = downsampler.push(rows, last=history.loops_done == training.loops)
+            # A diverged run ends here: its last, partial window is logged too.
+            ending = history.loops_done == training.loops or not np.isfinite(rows[metrics.LOSS]).all()
+            window_rows = downsampler.push(rows, last=ending)
             if len(window_rows):
                 tracking.log_history(run_id, window_rows)
             check_finite(rows)
@@ -119,7 +123,8 @@ def log_artifacts(cfg: DictConfig, history: metrics.RegretHistory, agent, random
         table = Path(scratch) / "metrics.csv"
         frame.to_csv(table, index=False)
         mlflow.log_artifact(str(table))
-    title = f"{cfg.agent.name} on {cfg.env.name} (seed {cfg.training.seed})"
-    mlflow.log_figure(plots.regret_figure(frame, title, random_regret), "regret.png")
+    full = cfg.tracking.artifacts == "full"
+    if full:
+        mlflow.log_figure(plots.regret_figure(frame, plots.run_title(cfg), random_regret), "regret.png")
     if cfg.tracking.save_policy:
-        serving.log_policy(agent.policy, catalogue, servable=cfg.tracking.servable_model)
+        serving.log_policy(agent.policy, catalogue, servable=full)

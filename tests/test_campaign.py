@@ -90,13 +90,10 @@ def test_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_tr
     assert version.run_id == parents[0].data.tags["best.run_id"]
 
 
-@pytest.mark.parametrize("url, message", [
-    ("postgresql://nobody:secret@127.0.0.1:1/optuna", "cannot open Optuna storage postgresql+psycopg://"),
-    ("sqlite:////nonexistent/dir/optuna.db", "cannot open Optuna storage sqlite:////nonexistent"),
-])
-def test_an_unreachable_storage_is_one_line_before_any_trial(data_overrides, tmp_path, url, message):
+def test_an_unreachable_database_is_one_line_before_any_trial(data_overrides, tmp_path):
+    url = "postgresql://nobody:secret@127.0.0.1:1/optuna"  # the plain scheme works too
     overrides = overrides_for(data_overrides, "unreachable", url, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with pytest.raises(UserError, match=re.escape(message)) as error:
+    with pytest.raises(UserError, match=re.escape("cannot open Optuna storage postgresql+psycopg://")) as error:
         campaign.work(overrides)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "mlflow.db").exists()  # no run was started
@@ -174,8 +171,8 @@ STOCHASTIC = ["epsilon_greedy", "neural_boltzmann", "dropout_ts", "lints", "rand
 def test_a_jobs_metrics_do_not_depend_on_the_jobs_before_it(make_config, agent):
     job = make_config(f"agent={agent}", "training.loops=20", "training.seed=5")
     first, _ = train(job)
-    for other in ("linucb", "epsilon_greedy", "random"):
-        train(make_config(f"agent={other}", "training.loops=20", "training.seed=1"))
+    other = "epsilon_greedy" if agent != "epsilon_greedy" else "neural_boltzmann"
+    train(make_config(f"agent={other}", "training.loops=20", "training.seed=1"))
     again, _ = train(job)
     assert again == first
 

@@ -32,9 +32,9 @@ def trained(make_config, tmp_path, monkeypatch):
     logged = {}
     log_policy = serving.log_policy
 
-    def spy(policy, catalogue):
+    def spy(policy, catalogue, servable):
         logged.update(policy=policy, catalogue=catalogue)
-        log_policy(policy, catalogue)
+        log_policy(policy, catalogue, servable)
 
     monkeypatch.setattr(serving, "log_policy", spy)
     train(make_config("tracking.save_policy=true"))

@@ -149,7 +149,7 @@ def test_a_run_that_breaks_keeps_what_it_logged(make_config, tracking_uri, monke
 
     monkeypatch.setattr(Engine, "run", breaks_after_first_chunk)
     with pytest.raises(type(interruption)):
-        training.train(make_config())
+        training.train(make_config("tracking.log_every=1"))
     client, found = runs(tracking_uri)
     assert [run.info.status for run in found] == [status]
     history = client.get_metric_history(found[0].info.run_id, metrics.CUMULATIVE_REGRET)
