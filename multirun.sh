@@ -69,7 +69,7 @@ trap stop INT TERM
 echo "Study '$study' on $workers worker(s); logs in $logs/"
 for ((i = 0; i < workers; i++)); do
   # Each worker samples with its own seed, or they would propose identical first trials.
-  BANDIT_SWEEP_MANAGED=1 SWEEP_WORKER=$i uv run --no-sync python -m src.sweep work "${sweep[@]}" \
+  SWEEP_WORKER=$i uv run --no-sync python -m src.sweep work "${sweep[@]}" \
     >"$logs/$stamp-worker-$i.log" 2>&1 &
   pids+=($!)
   echo "  worker $i: pid $!, log $logs/$stamp-worker-$i.log"

@@ -448,7 +448,14 @@ def register_best_model(cfg: DictConfig, run_id: str) -> None:
         log.warning("The best trial's run %s saved no policy to register", run_id)
         return
     version = mlflow.register_model(f"models:/{model.model_id}", name)
-    log.info("Registered the best trial's model as models:/%s/%s", name, version.version)
+    # Two workers ending together may both register it; both then keep the first version.
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id)
+    for extra in versions[1:]:
+        try:
+            client.delete_model_version(name, str(extra))
+        except mlflow.exceptions.MlflowException:
+            pass  # the other worker deleted it first
+    log.info("Registered the best trial's model as models:/%s/%s", name, versions[0] if versions else version.version)
 
 
 def log_regret_plot(run_id: str) -> None:

@@ -30,26 +30,22 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 USAGE = "usage: python -m src.sweep {prepare|work|summarise} hparams_search=NAME [overrides...]"
-# multirun.sh and workers set this: they prepare and summarise the study themselves.
-MANAGED_ENV = "BANDIT_SWEEP_MANAGED"
 
 
 class SweepTracking(Callback):
     """Prepares and summarises the study around a single-process `python -m src.train -m` sweep."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if not os.environ.get(MANAGED_ENV):
-            with exit_on_user_error():
-                campaign.prepare(config)
-            # Hydra skips on_multirun_end when the sweep raises (every trial failed, Ctrl-C);
-            # the parent run must still end, as FAILED.
-            atexit.register(self._end_abandoned, config)
+        with exit_on_user_error():
+            campaign.prepare(config)
+        # Hydra skips on_multirun_end when the sweep raises (every trial failed, Ctrl-C);
+        # the parent run must still end, as FAILED.
+        atexit.register(self._end_abandoned, config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if not os.environ.get(MANAGED_ENV):
-            atexit.unregister(self._end_abandoned)
-            with exit_on_user_error():
-                campaign.summarise(config)
+        atexit.unregister(self._end_abandoned)
+        with exit_on_user_error():
+            campaign.summarise(config)
 
     @staticmethod
     def _end_abandoned(config: DictConfig) -> None:
