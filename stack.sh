@@ -19,6 +19,8 @@ cd "$(dirname "$0")"
 STACK_DIR=${STACK_DIR:-$PWD/.stack}
 STACK_HOST=${STACK_HOST:-127.0.0.1}
 PG_USER=bandits
+# The cluster: in the stack's folder, or where .stack/pg links to (see init_postgres).
+if [ -L "$STACK_DIR/pg" ]; then PG_DIR=$(readlink -f "$STACK_DIR/pg"); else PG_DIR=$STACK_DIR/pg; fi
 say() { echo "stack: $*" >&2; }
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -35,37 +37,42 @@ pg_bin() {
   echo "$bin"
 }
 # PostgreSQL refuses to run as root; Debian's package brings the `postgres` user for that.
-as_db_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-password() { cat "$STACK_DIR/pg/password"; }
+as_db_owner() { if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
+password() { cat "$PG_DIR/password"; }
 database_url() { echo "postgresql+psycopg://$PG_USER:$(password)@$STACK_HOST:$(port_of postgres)/$1"; }
 tracking_uri() { echo "http://$STACK_HOST:$(port_of mlflow)"; }
-pg_running() { as_db_owner "$(pg_bin)/pg_ctl" -D "$STACK_DIR/pg/data" status >/dev/null 2>&1; }
+pg_running() { as_db_owner "$(pg_bin)/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; }
 mlflow_running() { curl -fsS "$(tracking_uri)/health" >/dev/null 2>&1; }
 
 init_postgres() {
   local bin=$1
-  say "creating a PostgreSQL cluster in $STACK_DIR/pg"
-  mkdir -p "$STACK_DIR/pg"
-  python3 -c 'import secrets; print(secrets.token_urlsafe(18))' >"$STACK_DIR/pg/password"
-  chmod 600 "$STACK_DIR/pg/password"
-  if [ "$(id -u)" = 0 ]; then chown -R postgres "$STACK_DIR/pg"; fi
-  as_db_owner "$bin/initdb" -D "$STACK_DIR/pg/data" -U "$PG_USER" --pwfile="$STACK_DIR/pg/password" \
-    --auth=scram-sha-256 --encoding=UTF8 >"$STACK_DIR/pg/initdb.log"
+  if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$STACK_DIR"; then
+    # PostgreSQL runs as `postgres`, which cannot enter this folder (a private temp dir, say).
+    PG_DIR=$(mktemp -d /var/tmp/bandits-pg.XXXXXX)
+    ln -s "$PG_DIR" "$STACK_DIR/pg"
+  fi
+  say "creating a PostgreSQL cluster in $PG_DIR"
+  mkdir -p "$PG_DIR"
+  python3 -c 'import secrets; print(secrets.token_urlsafe(18))' >"$PG_DIR/password"
+  chmod 600 "$PG_DIR/password"
+  if [ "$(id -u)" = 0 ]; then chown -R postgres "$PG_DIR"; fi
+  as_db_owner "$bin/initdb" -D "$PG_DIR/data" -U "$PG_USER" --pwfile="$PG_DIR/password" \
+    --auth=scram-sha-256 --encoding=UTF8 >"$PG_DIR/initdb.log"
   # Workers on the machine's own networks may connect, with the password, when STACK_HOST allows.
-  echo "host all all samenet scram-sha-256" | as_db_owner tee -a "$STACK_DIR/pg/data/pg_hba.conf" >/dev/null
+  echo "host all all samenet scram-sha-256" | as_db_owner tee -a "$PG_DIR/data/pg_hba.conf" >/dev/null
 }
 
 start_postgres() {
   local bin port
   bin=$(pg_bin)
-  [ -f "$STACK_DIR/pg/data/PG_VERSION" ] || init_postgres "$bin"
+  [ -f "$PG_DIR/data/PG_VERSION" ] || init_postgres "$bin"
   port=$(port_of postgres)
   if pg_running; then
     say "PostgreSQL already running on $STACK_HOST:$port"
   else
     say "starting PostgreSQL on $STACK_HOST:$port"
-    as_db_owner "$bin/pg_ctl" -D "$STACK_DIR/pg/data" -l "$STACK_DIR/pg/server.log" -w -t 60 \
-      -o "-p $port -c listen_addresses=$STACK_HOST -k $STACK_DIR/pg" start >/dev/null \
+    as_db_owner "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 \
+      -o "-p $port -c listen_addresses=$STACK_HOST -k $PG_DIR" start >/dev/null \
       || die "PostgreSQL did not start; see $STACK_DIR/pg/server.log"
   fi
   for database in optuna mlflow; do
@@ -114,12 +121,12 @@ case ${1:-} in
     exports
     ;;
   env)
-    [ -s "$STACK_DIR/pg/password" ] || die "no stack in $STACK_DIR; run: eval \"\$(./stack.sh up)\""
+    [ -s "$PG_DIR/password" ] || die "no stack in $STACK_DIR; run: eval \"\$(./stack.sh up)\""
     exports
     ;;
   status)
     up=0
-    if [ -f "$STACK_DIR/pg/data/PG_VERSION" ] && pg_running; then
+    if [ -f "$PG_DIR/data/PG_VERSION" ] && pg_running; then
       echo "PostgreSQL: running on $STACK_HOST:$(port_of postgres) (databases optuna, mlflow)"
     else echo "PostgreSQL: stopped"; up=3; fi
     if [ -s "$STACK_DIR/mlflow.port" ] && mlflow_running; then
@@ -133,8 +140,8 @@ case ${1:-} in
       say "stopped the MLflow server"
     fi
     rm -f "$STACK_DIR/mlflow.pid"
-    if [ -f "$STACK_DIR/pg/data/PG_VERSION" ] && pg_running; then
-      as_db_owner "$(pg_bin)/pg_ctl" -D "$STACK_DIR/pg/data" -m fast -w stop >/dev/null
+    if [ -f "$PG_DIR/data/PG_VERSION" ] && pg_running; then
+      as_db_owner "$(pg_bin)/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null
       say "stopped PostgreSQL"
     fi
     ;;
