@@ -24,6 +24,7 @@ import copy
 import functools
 import itertools
 import logging
+import random
 import tempfile
 import time
 import warnings
@@ -31,6 +32,7 @@ import warnings
 import mlflow
 import optuna
 import pandas as pd
+import sqlalchemy
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
@@ -54,6 +56,8 @@ ERROR_ATTR = "error"
 GRID_ATTR = "grid_size"
 # How often a worker with nothing to do looks again, and fails trials whose worker died.
 POLL_SECONDS = 2.0
+# Tries to open a storage whose tables another worker may be creating at the same moment.
+SCHEMA_ATTEMPTS = 5
 
 
 class Pruned(tracking.RunStopped, optuna.TrialPruned):
@@ -81,20 +85,36 @@ def storage_url(cfg: DictConfig) -> str:
     return url.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
+def shown_storage(cfg: DictConfig) -> str:
+    """The storage URL for messages and tags: its password stays out of logs."""
+    return sqlalchemy.engine.make_url(storage_url(cfg)).render_as_string(hide_password=True)
+
+
 def open_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
     """The study's storage, with a heartbeat per running trial: a trial whose worker stops
     beating for `sweep.grace_s` is failed, its MLflow run too, and it is queued again."""
-    campaign = cfg.sweep
-    url = storage_url(cfg)
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=campaign.heartbeat_s, grace_period=campaign.grace_s,
-            heartbeat_stale_trial_callback=RetryDeadWorkersTrial(campaign.max_retries, cfg.tracking.experiment),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
-    except ImportError as error:
-        raise UserError(f"Optuna storage {url} needs a driver that is not installed: {error}") from None
-    except Exception as error:  # SQLAlchemy reports an unreachable database in many types
-        raise UserError(f"cannot open Optuna storage {url}: {one_line(error)}") from None
+    campaign, url = cfg.sweep, storage_url(cfg)
+    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=campaign.heartbeat_s, grace_period=campaign.grace_s,
+                heartbeat_stale_trial_callback=RetryDeadWorkersTrial(campaign.max_retries, cfg.tracking.experiment),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        except ImportError as error:
+            raise UserError(f"Optuna storage {shown_storage(cfg)} needs a driver that is not installed: {error}") \
+                from None
+        except Exception as error:  # SQLAlchemy reports an unreachable database in many types
+            # Workers starting together on a new database all create Optuna's tables; those that
+            # lose the race find them made a moment later.
+            if attempt < SCHEMA_ATTEMPTS and is_schema_race(error):
+                log.info("Optuna's tables were being created by another worker; opening the storage again")
+                time.sleep(random.uniform(0.2, 1.0))
+                continue
+            raise UserError(f"cannot open Optuna storage {shown_storage(cfg)}: {one_line(error)}") from None
+
+
+def is_schema_race(error: Exception) -> bool:
+    return isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
 
 
 def one_line(error: BaseException) -> str:
@@ -168,13 +188,13 @@ def load_study(cfg: DictConfig, sampler: optuna.samplers.BaseSampler | None = No
     try:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner(cfg))
     except KeyError:
-        raise UserError(f"no study '{name}' in {storage_url(cfg)}; run the sweep first") from None
+        raise UserError(f"no study '{name}' in {shown_storage(cfg)}; run the sweep first") from None
     except Exception as error:
-        raise UserError(f"cannot open Optuna storage {storage_url(cfg)}: {one_line(error)}") from None
+        raise UserError(f"cannot open Optuna storage {shown_storage(cfg)}: {one_line(error)}") from None
     found = [d.name.lower() for d in study.directions]
     if found != wanted:
         raise UserError(
-            f"study '{name}' in {storage_url(cfg)} exists with direction {found}, the config asks for {wanted}; "
+            f"study '{name}' in {shown_storage(cfg)} exists with direction {found}, the config asks for {wanted}; "
             f"use another hydra.sweeper.study_name or storage")
     return study
 
@@ -204,7 +224,7 @@ def create_study(cfg: DictConfig) -> bool:
     except UserError:
         raise
     except Exception as error:
-        raise UserError(f"cannot open Optuna storage {storage_url(cfg)}: {one_line(error)}") from None
+        raise UserError(f"cannot open Optuna storage {shown_storage(cfg)}: {one_line(error)}") from None
 
 
 def parent_run_of(study: optuna.Study, wait_s: float = 60.0) -> str | None:
@@ -227,7 +247,7 @@ def prepare(cfg: DictConfig, overrides: list[str] = ()) -> optuna.Study:
         parent = client.create_run(
             experiment_id, run_name=f"sweep__{study.study_name}",
             tags={"sweep.study": study.study_name, "sweep.role": "parent",
-                  "sweep.storage": storage_url(cfg).split("@")[-1], "git_commit": tracking.git_commit()})
+                  "sweep.storage": shown_storage(cfg), "git_commit": tracking.git_commit()})
         parent_id = parent.info.run_id
         study.set_user_attr(PARENT_RUN_ATTR, parent_id)
         for key, value in (cfg.hydra.sweeper.params or {}).items():

@@ -4,17 +4,21 @@ mid-trial, a late joiner; pruning, grids, failures, stale-run cleanup and reprod
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import mlflow
 import optuna
 import pytest
+import sqlalchemy
 from mlflow.entities import RunStatus
+from omegaconf import OmegaConf
 
 from src import campaign, config, runs
 from src.errors import UserError
@@ -99,12 +103,36 @@ def test_an_unreachable_database_is_one_line_before_any_trial(data_overrides, tm
     assert not (tmp_path / "mlflow.db").exists()  # no run was started
 
 
+def test_workers_opening_a_new_database_together_all_get_the_storage(stack):
+    """The first workers on a new database all create Optuna's tables; none may fail for it."""
+    admin = sqlalchemy.engine.make_url(stack["OPTUNA_STORAGE"])
+    database = f"race_{uuid.uuid4().hex[:8]}"
+    engine = sqlalchemy.create_engine(admin.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
+    cfg = OmegaConf.create({"hydra": {"sweeper": {"storage": admin.set(database=database).render_as_string(False)}},
+                            "sweep": {"heartbeat_s": 5, "grace_s": 30, "max_retries": 0},
+                            "tracking": {"experiment": database}})
+    barrier = threading.Barrier(6)
+
+    def open_together(_) -> optuna.storages.RDBStorage:
+        barrier.wait()
+        return campaign.open_storage(cfg)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        storages = list(pool.map(open_together, range(6)))
+    assert len(storages) == 6
+    optuna.create_study(study_name="after-the-race", storage=storages[0])
+    assert [study.study_name for study in storages[-1].get_all_studies()] == ["after-the-race"]
+
+
 def test_a_wrong_database_password_is_one_line(stack, data_overrides, tmp_path):
     storage = re.sub(r":[^:@/]+@", ":wrong@", stack["OPTUNA_STORAGE"])
     overrides = overrides_for(data_overrides, "wrong-password", storage, f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(UserError, match="password authentication failed") as error:
         campaign.work(overrides)
     assert "\n" not in str(error.value)
+    assert "wrong" not in str(error.value) and "***" in str(error.value)  # no password in logs
 
 
 def test_a_sweep_whose_every_trial_fails_says_why_and_leaves_nothing_running(data_overrides, tmp_path):
