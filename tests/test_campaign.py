@@ -56,8 +56,8 @@ def test_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_tr
         stack, data_overrides, tmp_path):
     study_name = f"pg-{uuid.uuid4().hex[:8]}"
     storage, tracking_uri = stack["OPTUNA_STORAGE"], stack["MLFLOW_TRACKING_URI"]
-    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "hydra.sweeper.n_trials=6",
-                              "training.loops=600", "sweep.heartbeat_s=1", "sweep.grace_s=5",
+    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "hydra.sweeper.n_trials=4",
+                              "training.loops=300", "sweep.heartbeat_s=1", "sweep.grace_s=5",
                               "tracking.save_policy=true")
 
     def start(worker: int) -> subprocess.Popen:
@@ -76,13 +76,13 @@ def test_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_tr
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     counts = states(study)
-    assert counts["COMPLETE"] == 6 and counts["FAIL"] == 1 and counts["RUNNING"] == 0, counts
+    assert counts["COMPLETE"] == 4 and counts["FAIL"] == 1 and counts["RUNNING"] == 0, counts
     found = runs_of(tracking_uri, study_name)
     parents = [run for run in found if run.data.tags.get("sweep.role") == "parent"]
     assert [run.info.status for run in parents] == ["FINISHED"]
     children = [run for run in found if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     by_status = collections.Counter(run.info.status for run in children)
-    assert by_status == {"FINISHED": 6, "FAILED": 1}, by_status
+    assert by_status == {"FINISHED": 4, "FAILED": 1}, by_status
     finished = {run.info.run_id for run in children if run.info.status == "FINISHED"}
     assert {trial.user_attrs[RUN_ATTR] for trial in study.get_trials(states=(campaign.COMPLETE,))} == finished
     (dead,) = [run for run in children if run.info.status == "FAILED"]
@@ -191,7 +191,9 @@ def test_reap_ends_only_runs_idle_longer_than_the_threshold(tracking_uri, capsys
     assert exit.value.code == 2
 
 
-STOCHASTIC = ["epsilon_greedy", "neural_boltzmann", "dropout_ts", "lints", "random", "neural_linucb"]
+# Each source of randomness once: sampled actions, network weights, dropout, posterior draws,
+# uniform picks. (NeuralLinUCB's come from the same network weights and epsilon sampling.)
+STOCHASTIC = ["epsilon_greedy", "neural_boltzmann", "dropout_ts", "lints", "random"]
 
 
 @pytest.mark.slow
