@@ -60,6 +60,11 @@ POLL_SECONDS = 2.0
 SCHEMA_ATTEMPTS = 5
 
 
+class TrackingServerLost(UserError):
+    """The tracking server stopped answering mid-trial: the worker stops, as every trial
+    would fail the same way; a worker started later ends the trial's run."""
+
+
 class Pruned(tracking.RunStopped, optuna.TrialPruned):
     """The pruner stopped the trial: PRUNED in Optuna, KILLED and tagged in MLflow."""
 
@@ -137,16 +142,35 @@ class RetryDeadWorkersTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
 def end_trial_runs(study_name: str, number: int, experiment: str) -> None:
     """Mark the MLflow runs a dead worker left RUNNING for this trial as FAILED."""
+    for run in running_trial_runs(study_name, experiment, f" AND tags.`sweep.trial` = '{number}'"):
+        fail_run(run.info.run_id, "heartbeat: its worker died")
+        log.warning("Run %s of dead trial %d marked FAILED", run.info.run_id, number)
+
+
+def end_orphaned_runs(study: optuna.Study, experiment: str) -> None:
+    """Mark FAILED the runs left RUNNING for trials Optuna has ended, as when the tracking
+    server stopped answering mid-trial (a trial's run ends before Optuna ends the trial)."""
+    trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
+    for run in running_trial_runs(study.study_name, experiment):
+        trial = trials.get(int(run.data.tags.get("sweep.trial", -1)))  # the parent has no trial
+        if trial is not None and trial.state.is_finished():
+            fail_run(run.info.run_id, f"trial {trial.number} ended {trial.state.name}: "
+                                      f"{trial.user_attrs.get(ERROR_ATTR, 'no error recorded')}")
+            log.warning("Run %s of trial %d, left RUNNING, marked FAILED", run.info.run_id, trial.number)
+
+
+def running_trial_runs(study_name: str, experiment: str, condition: str = "") -> list:
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
-        return
+        return []
+    return mlflow.MlflowClient().search_runs([found.experiment_id], filter_string=(
+        f"tags.`sweep.study` = '{study_name}' AND attributes.status = 'RUNNING'{condition}"))
+
+
+def fail_run(run_id: str, reason: str) -> None:
     client = mlflow.MlflowClient()
-    for run in client.search_runs([found.experiment_id], filter_string=(
-            f"tags.`sweep.study` = '{study_name}' AND tags.`sweep.trial` = '{number}' "
-            "AND attributes.status = 'RUNNING'")):
-        client.set_tag(run.info.run_id, "bandits.ended_by", "heartbeat: its worker died")
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
-        log.warning("Run %s of dead trial %d marked FAILED", run.info.run_id, number)
+    client.set_tag(run_id, "bandits.ended_by", reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
 def directions(cfg: DictConfig) -> list[str]:
@@ -256,6 +280,7 @@ def prepare(cfg: DictConfig, overrides: list[str] = ()) -> optuna.Study:
             enqueue_grid(study, search_space(cfg, list(overrides)))
     else:
         client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        end_orphaned_runs(study, cfg.tracking.experiment)
     log.info("Study '%s': %d trials complete so far; MLflow parent run %s",
              study.study_name, len(study.get_trials(states=(COMPLETE,))), parent_id)
     return study
@@ -311,6 +336,8 @@ def work(overrides: list[str], worker: int = 0) -> None:
     try:
         while run_next(cfg, study, space, trials):
             pass
+    except TrackingServerLost:
+        raise  # nothing more can reach MLflow
     except BaseException:
         summarise_if_done(cfg, study, interrupted=True)
         raise
@@ -337,7 +364,13 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
         time.sleep(POLL_SECONDS)  # the last trials run elsewhere; take over if their worker dies
         optuna.storages.fail_stale_trials(study)
         return True
-    study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1, catch=(Exception,))
+    try:
+        # Optuna fails the trial (and records why) before re-raising.
+        study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1)
+    except TrackingServerLost:
+        raise
+    except Exception:
+        pass  # a failed trial counts towards sweep.max_failures; others replace it
     return True
 
 
@@ -362,6 +395,12 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
         log.info("Trial %d: %s", trial.number, " ".join(f"{name}={value}" for name, value in values.items()))
         final, run_id = train(trial_cfg, tags, pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None)
     except Exception as error:
+        if tracking.is_unreachable(error):
+            lost = TrackingServerLost(
+                f"the MLflow tracking server at {mlflow.get_tracking_uri()} stopped answering during trial "
+                f"{trial.number}; the trial failed, and a worker started when the server is back ends its run")
+            trial.set_user_attr(ERROR_ATTR, str(lost))
+            raise lost from None
         trial.set_user_attr(ERROR_ATTR, one_line(error))
         raise
     trial.set_user_attr(RUN_ATTR, run_id)

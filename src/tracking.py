@@ -48,13 +48,23 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
             return found and found.experiment_id
         return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
     except MlflowException as error:
-        if "Max retries exceeded" in error.message:
+        if is_unreachable(error):
             raise unreachable from None
         raise UserError(f"MLflow tracking store {uri} refused the request: {error.message}") from None
     except OSError:
         raise unreachable from None
     finally:
         retries.setLevel(logging.NOTSET)
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether `error` (or one it arose from) is the tracking server not answering, after
+    MLflow's own retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, about 4 minutes by default)."""
+    while error is not None:
+        if isinstance(error, MlflowException) and "Max retries exceeded" in error.message:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 
@@ -72,3 +73,9 @@ def stack(tmp_path_factory):
                                   text=True, timeout=600)
             assert done.returncode == 0, done.stderr[-3000:]
     return dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -7,11 +7,14 @@ import collections
 import concurrent.futures
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -25,6 +28,7 @@ from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from src.sweep_trials import RUN_ATTR
 from src.training import train
+from tests.conftest import free_port
 
 FIXED = ["env.num_movies=10", "env.reward_rank=4", "env.rank_k=3", "training.chunk_loops=20",
          "tracking.save_policy=false"]
@@ -92,6 +96,65 @@ def test_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_tr
     assert parents[0].data.tags["best.run_id"] in finished
     (version,) = mlflow.MlflowClient(tracking_uri).search_model_versions(f"name = '{study_name}-best'")
     assert version.run_id == parents[0].data.tags["best.run_id"]
+
+
+def start_tracking_server(tmp_path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` of this test's own (stopping the shared stack's would break
+    other tests), on SQLite in tmp_path; returns once it answers."""
+    scripts = Path(sys.executable).parent
+    server = subprocess.Popen(
+        [str(scripts / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"})
+
+    def answers() -> bool:
+        assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200
+        except OSError:
+            return False
+
+    wait_until(answers, 120, "the MLflow server to answer")
+    return server
+
+
+@pytest.mark.slow
+def test_a_tracking_server_stopped_mid_sweep_stops_the_worker_with_one_line(data_overrides, tmp_path):
+    port = free_port()
+    tracking_uri, storage = f"http://127.0.0.1:{port}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = overrides_for(data_overrides, "server-stops", storage, tracking_uri, "hydra.sweeper.n_trials=3",
+                              "training.loops=1000000", "tracking.log_every=1")
+    server = start_tracking_server(tmp_path, port)
+    log_path = tmp_path / "worker.log"
+    # Bounded retries, short for the test; a user's workers keep MLflow's default (about 4 minutes).
+    worker = subprocess.Popen([sys.executable, "-m", "src.sweep", "work", *overrides], cwd=PROJECT_ROOT,
+                              env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"},
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "training:" in log_path.read_text(), 240, "the worker to train")
+        time.sleep(2)  # a few chunks' metrics reach the server
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        assert worker.wait(timeout=120) == 2, log_path.read_text()[-3000:]
+    finally:
+        worker.kill()
+    log_lines = log_path.read_text().splitlines()
+    assert "Traceback" not in log_path.read_text(), log_lines[-40:]
+    assert re.match(r".*ERROR.* the MLflow tracking server at .* stopped answering", log_lines[-1]), log_lines[-5:]
+    assert states(optuna.load_study(study_name="server-stops", storage=storage)) == {"FAIL": 1}
+
+    server = start_tracking_server(tmp_path, port)  # back, on the same database
+    try:
+        campaign.prepare(campaign.compose_sweep(overrides))  # a worker resuming the sweep
+        (run,) = [run for run in runs_of(tracking_uri, "server-stops") if "sweep.trial" in run.data.tags]
+        assert run.info.status == "FAILED"
+        assert "tracking server" in run.data.tags["bandits.ended_by"]
+        assert len(mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/cumulative_regret")) > 1
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_an_unreachable_database_is_one_line_before_any_trial(data_overrides, tmp_path):

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from tf_agents.trajectories import time_step as ts
 from src import predict, serving
 from src.errors import UserError
 from src.training import train
+from tests.conftest import free_port
 
 USER = 7
 
@@ -96,12 +96,6 @@ def test_run_without_policy_is_refused(make_config, tracking_uri, tmp_path, monk
     run_id = mlflow.last_active_run().info.run_id
     with pytest.raises(UserError, match=f"run {run_id} has no saved policy"):
         predict.recommend(predict.parse([f"run_id={run_id}", "user_id=1", f"tracking.uri={tracking_uri}"]))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:
