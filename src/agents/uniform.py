@@ -3,15 +3,35 @@ training does nothing; its regret is the environment's `random_policy_regret`.""
 
 from __future__ import annotations
 
+import random
+
 import tensorflow as tf
 from tf_agents.agents import tf_agent
 from tf_agents.policies import random_tf_policy
+from tf_agents.trajectories import policy_step
+
+
+class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
+    """TF-Agents' random policy, drawing from its own seeded generator. The stock one draws
+    with TensorFlow's op-level seeds, and in a process that had run other jobs its picks
+    came out different for the same seed."""
+
+    def __init__(self, time_step_spec, action_spec, seed: int):
+        super().__init__(time_step_spec, action_spec)
+        self._generator = tf.random.Generator.from_seed(seed)
+
+    def _action(self, time_step, policy_state, seed):
+        spec = self.action_spec
+        action = self._generator.uniform(tf.shape(time_step.step_type), minval=int(spec.minimum),
+                                         maxval=int(spec.maximum) + 1, dtype=spec.dtype)
+        return policy_step.PolicyStep(action, policy_state, ())
 
 
 class UniformRandomAgent(tf_agent.TFAgent):
     def __init__(self, time_step_spec, action_spec, name: str | None = None):
         tf.Module.__init__(self, name=name)
-        policy = random_tf_policy.RandomTFPolicy(time_step_spec, action_spec)
+        # Python's generator, seeded by the run's seed just before the agent is built.
+        policy = SeededUniformPolicy(time_step_spec, action_spec, seed=random.getrandbits(31))
         super().__init__(time_step_spec, action_spec, policy, policy, train_sequence_length=None)
 
     def _initialize(self):
