@@ -59,7 +59,7 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
 
 def is_unreachable(error: BaseException) -> bool:
     """Whether `error` (or one it arose from) is the tracking server not answering, after
-    MLflow's own retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, about 4 minutes by default)."""
+    MLflow's own retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`; see `src/__init__`)."""
     while error is not None:
         if isinstance(error, MlflowException) and "Max retries exceeded" in error.message:
             return True

@@ -128,7 +128,7 @@ def test_a_tracking_server_stopped_mid_sweep_stops_the_worker_with_one_line(data
                               "training.loops=1000000", "tracking.log_every=1")
     server = start_tracking_server(tmp_path, port)
     log_path = tmp_path / "worker.log"
-    # Bounded retries, short for the test; a user's workers keep MLflow's default (about 4 minutes).
+    # MLflow's bounded retries (the product's default count), with short waits for the test.
     worker = subprocess.Popen([sys.executable, "-m", "src.sweep", "work", *overrides], cwd=PROJECT_ROOT,
                               env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"},
