@@ -143,12 +143,14 @@ def test_cli_writes_logs_and_prints_the_report(experiment, store, tmp_path, caps
     assert compare.compare(experiment_id).table["n"].tolist() == [2]
 
 
-def test_cli_no_matching_runs_is_one_line_and_non_zero(experiment, store, run_cli):
+def test_cli_no_matching_runs_is_one_line_and_non_zero(experiment, store, caplog, capsys):
     name, _, log_run = experiment
     log_run(STEPS, agent__name="linucb", training__seed=0)
 
-    result = run_cli("src.compare", "--tracking-uri", store, "--experiment", name, "--agents", "lints", timeout=120)
+    with pytest.raises(SystemExit) as exit:
+        compare.main(["--tracking-uri", store, "--experiment", name, "--agents", "lints"])
 
-    assert result.returncode == 2
-    assert "no FINISHED training runs" in result.stderr and "agents lints" in result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert exit.value.code == 2
+    (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert "no FINISHED training runs" in error and "agents lints" in error and "\n" not in error
+    assert capsys.readouterr().out == ""
