@@ -409,7 +409,7 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
 
 def trial_config(overrides: list[str], values: dict) -> DictConfig:
     """The trial's config: the sweep's overrides and the trial's values, with light artifacts
-    (the best trial gets the rest at the end). Composed once per choice of config groups (a
+    (the best trial gets its plot and policy at the end). Composed once per choice of config groups (a
     grid's agent), since Hydra's compose costs more than a quick trial may spend beyond training."""
     groups = tuple(f"{name}={value}" for name, value in values.items() if "." not in name)
     trial_cfg = copy.deepcopy(_composed((*overrides, *groups, "tracking.artifacts=light")))
@@ -494,15 +494,17 @@ def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial
 
 def register_best_model(cfg: DictConfig, run_id: str) -> None:
     """Register the best trial's servable model under `<study>-best`, first completing the
-    trial's light artifacts (its regret plot and servable model) when it has only those."""
+    trial's light artifacts with its regret plot and its policy."""
     name = f"{cfg.hydra.sweeper.study_name}-best"
     client = mlflow.MlflowClient()
     if any(v.run_id == run_id for v in client.search_model_versions(f"name = '{name}'")):
         return  # a resumed sweep whose best trial has not changed
     log_regret_plot(run_id)
-    from src import serving  # TensorFlow, only when there is a model to register
-
-    model = logged_model(run_id) or serving.log_servable_model_to(run_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        run_cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", scratch))
+    if run_cfg.tracking.save_policy and "policy" not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        retrain_policy(run_id, run_cfg)
+    model = logged_model(run_id)
     if model is None:
         log.warning("The best trial's run %s saved no policy to register", run_id)
         return
@@ -515,6 +517,28 @@ def register_best_model(cfg: DictConfig, run_id: str) -> None:
         except mlflow.exceptions.MlflowException:
             pass  # the other worker deleted it first
     log.info("Registered the best trial's model as models:/%s/%s", name, versions[0] if versions else version.version)
+
+
+def retrain_policy(run_id: str, run_cfg: DictConfig) -> None:
+    """Train the run's config again and log the policy (and servable model) into the run.
+    Trials save no policy: a SavedModel costs more than a quick trial's training, and a job's
+    result depends only on its config and seed, which the objective's value checks here."""
+    from src import data, experiment, serving  # TensorFlow, only when there is a model to register
+
+    log.info("Training the best trial (run %s) again for its policy", run_id)
+    dataset = data.load(run_cfg.data)
+    engine = experiment.assemble(run_cfg, dataset)
+    history = metrics.RegretHistory(engine.interactions_per_loop)
+    for chunk in engine.run(run_cfg.training.loops, run_cfg.training.chunk_loops):
+        history.add(chunk)
+    value = history.final()[run_cfg.objective]
+    logged = mlflow.MlflowClient().get_run(run_id).data.metrics[run_cfg.objective]
+    if abs(value - logged) > 1e-6 * max(1.0, abs(logged)):
+        log.warning("The best trial gave %s = %.6g when trained again, %.6g in the sweep (another CPU type?)",
+                    run_cfg.objective, value, logged)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.set_tag("sweep.policy_from", f"trained again after the sweep: {run_cfg.objective} = {value:.6g}")
+        serving.log_policy(engine.agent.policy, serving.Catalogue.of(engine.environment.reward_model, dataset.movies))
 
 
 def log_regret_plot(run_id: str) -> None:

@@ -26,7 +26,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema
-from omegaconf import OmegaConf
 
 from src import tf_runtime  # noqa: F401,I001  (quiet TensorFlow, and the TypeSpecs a saved policy needs)
 import tensorflow as tf
@@ -172,9 +171,9 @@ def _stack(vectors: pd.Series) -> np.ndarray:
         raise UserError("feature vectors must hold numbers only") from None
 
 
-def log_policy(policy, catalogue: Catalogue, servable: bool = True) -> None:
-    """Save the greedy policy as a SavedModel under the active run's `policy/` artifacts and,
-    if `servable`, as a pyfunc model named `model` bundling it with the environment's `catalogue`."""
+def log_policy(policy, catalogue: Catalogue) -> None:
+    """Save the greedy policy as a SavedModel under the active run's `policy/` artifacts and
+    as a pyfunc model named `model` bundling it with the environment's `catalogue`."""
     from tf_agents.policies import policy_saver
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -183,33 +182,11 @@ def log_policy(policy, catalogue: Catalogue, servable: bool = True) -> None:
             warnings.filterwarnings("ignore", message="Encoding a StructuredValue")
             policy_saver.PolicySaver(policy, batch_size=None).save(str(path))
         mlflow.log_artifacts(str(path), "policy")
-        if not servable:
-            return
         if tf.nest.is_nested(policy.time_step_spec.observation):
             log.info("Per-arm policy saved as a SavedModel only: the servable model takes one "
                      "feature vector per user")
             return
         _log_servable_model(path, catalogue)
-
-
-def log_servable_model_to(run_id: str):
-    """Add the servable model to a finished run that saved its policy only (a sweep's best
-    trial); the catalogue is rebuilt from the run's config. None if the run cannot serve."""
-    from src import data
-    from src.envs import build_environment
-
-    client = mlflow.MlflowClient()
-    if "policy" not in {artifact.path for artifact in client.list_artifacts(run_id)}:
-        return None
-    with tempfile.TemporaryDirectory() as scratch:
-        policy = Path(client.download_artifacts(run_id, "policy", scratch))
-        run_cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", scratch))
-        if run_cfg.env.name != "movielens":
-            return None  # per-arm policies observe candidate sets, not one vector per user
-        dataset = data.load(run_cfg.data)
-        catalogue = Catalogue.of(build_environment(run_cfg, dataset).reward_model, dataset.movies)
-        with mlflow.start_run(run_id=run_id):
-            return _log_servable_model(policy, catalogue)
 
 
 def _log_servable_model(policy: Path, catalogue: Catalogue):

@@ -123,8 +123,7 @@ def log_artifacts(cfg: DictConfig, history: metrics.RegretHistory, agent, random
         table = Path(scratch) / "metrics.csv"
         frame.to_csv(table, index=False)
         mlflow.log_artifact(str(table))
-    full = cfg.tracking.artifacts == "full"
-    if full:
+    if cfg.tracking.artifacts == "full":
         mlflow.log_figure(plots.regret_figure(frame, plots.run_title(cfg), random_regret), "regret.png")
-    if cfg.tracking.save_policy:
-        serving.log_policy(agent.policy, catalogue, servable=full)
+        if cfg.tracking.save_policy:
+            serving.log_policy(agent.policy, catalogue)

@@ -32,9 +32,9 @@ def trained(make_config, tmp_path, monkeypatch):
     logged = {}
     log_policy = serving.log_policy
 
-    def spy(policy, catalogue, servable):
+    def spy(policy, catalogue):
         logged.update(policy=policy, catalogue=catalogue)
-        log_policy(policy, catalogue, servable)
+        log_policy(policy, catalogue)
 
     monkeypatch.setattr(serving, "log_policy", spy)
     train(make_config("tracking.save_policy=true"))
