@@ -5,7 +5,8 @@
 
 Three measurements, each against a baseline measured in the same run:
   overhead  a 20-trial quick LinUCB sweep in one worker: wall time against the sum of its
-            trials' `perf/train_seconds`; the difference per trial is the fixed cost of a job
+            trials' `perf/train_seconds`, per trial; and the fixed cost of a job alone: each
+            trial's duration in Optuna less its training (no worker start-up, study summary)
   pruning   a 30-trial quick LinUCB sweep with `sweep.pruner=median` against the same sweep
             without: wall time and best value
   grid      `./multirun.sh grid` (8 agents x 3 seeds, quick) on 2 workers against 1 worker
@@ -19,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -47,11 +49,14 @@ def sweep(name: str, trials: int, data: list[str], storage: str, tracking_uri: s
     wall = time.perf_counter() - started
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(f"bench-{study}")
-    trained = [run for run in client.search_runs([experiment.experiment_id])
-               if "perf/train_seconds" in run.data.metrics]
+    trained = {int(run.data.tags["sweep.trial"]): run.data.metrics["perf/train_seconds"]
+               for run in client.search_runs([experiment.experiment_id]) if "perf/train_seconds" in run.data.metrics}
     result = optuna.load_study(study_name=study, storage=storage)
     states = [trial.state.name for trial in result.trials]
-    return {"study": study, "wall_s": wall, "train_s": sum(run.data.metrics["perf/train_seconds"] for run in trained),
+    job_costs = [(trial.datetime_complete - trial.datetime_start).total_seconds() - trained[trial.number]
+                 for trial in result.trials if trial.number in trained and trial.datetime_complete]
+    return {"study": study, "wall_s": wall, "train_s": sum(trained.values()),
+            "job_cost_s": statistics.median(job_costs) if job_costs else None,
             "trials": len(states), "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
             "best": result.best_value}
 
@@ -86,8 +91,9 @@ def main() -> None:
             run = sweep("overhead", 20, data, storage, tracking_uri)
             run["overhead_per_trial_s"] = (run["wall_s"] - run["train_s"]) / run["trials"]
             figures["overhead"] = run
-            log.info("20 trials: %.1f s wall, %.1f s training: %.2f s per trial beyond training",
-                     run["wall_s"], run["train_s"], run["overhead_per_trial_s"])
+            log.info("20 trials: %.1f s wall, %.1f s training: %.2f s per trial beyond training, of which "
+                     "%.2f s (median) per job and the rest the worker's start-up and the study's summary",
+                     run["wall_s"], run["train_s"], run["overhead_per_trial_s"], run["job_cost_s"])
         if "pruning" in wanted:
             plain = sweep("unpruned", 30, data, storage, tracking_uri)
             pruned = sweep("pruned", 30, data, storage, tracking_uri, "sweep.pruner=median")
