@@ -77,9 +77,16 @@ done
 
 failed=0
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
+  wait "${pids[$i]}"
+  status=$?
+  if [ "$status" -ne 0 ]; then
     failed=$((failed + 1))
-    echo "error: worker $i failed: $(grep -h '\[ERROR\]' "$logs/$stamp-worker-$i.log" | tail -n 1 | sed 's/.*\] - //')" >&2
+    reason=$(grep -h '\[ERROR\]' "$logs/$stamp-worker-$i.log" | tail -n 1 | sed 's/.*\] - //')
+    # No error line: a signal stopped it (SIGKILL, out of memory); its trial runs again elsewhere.
+    if [ -z "$reason" ] && [ "$status" -gt 128 ]; then
+      reason="stopped by signal $((status - 128)); see $logs/$stamp-worker-$i.log"
+    fi
+    echo "error: worker $i failed: $reason" >&2
   fi
 done
 wait  # a trapped signal ends the waits above early; the workers must be gone before the summary
