@@ -46,7 +46,12 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None or not create:
             return found and found.experiment_id
-        return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+        try:
+            return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return mlflow.get_experiment_by_name(experiment).experiment_id  # another worker made it just now
     except MlflowException as error:
         if is_unreachable(error):
             raise unreachable from None

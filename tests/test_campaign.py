@@ -23,7 +23,7 @@ import sqlalchemy
 from mlflow.entities import RunStatus
 from omegaconf import OmegaConf
 
-from src import campaign, config, runs
+from src import campaign, config, runs, tracking
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from src.sweep_trials import RUN_ATTR
@@ -185,6 +185,19 @@ def test_workers_opening_a_new_database_together_all_get_the_storage(stack):
     assert len(storages) == 6
     optuna.create_study(study_name="after-the-race", storage=storages[0])
     assert [study.study_name for study in storages[-1].get_all_studies()] == ["after-the-race"]
+
+
+def test_workers_starting_together_share_one_new_experiment(stack):
+    mlflow.set_tracking_uri(stack["MLFLOW_TRACKING_URI"])
+    name = f"together-{uuid.uuid4().hex[:8]}"
+    barrier = threading.Barrier(6)
+
+    def connect_together(_) -> str:
+        barrier.wait()
+        return tracking.connect(stack["MLFLOW_TRACKING_URI"], name)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        assert len(set(pool.map(connect_together, range(6)))) == 1
 
 
 def test_a_wrong_database_password_is_one_line(stack, data_overrides, tmp_path):
