@@ -8,8 +8,9 @@
 # --trials is the study's number of COMPLETE trials: running the same sweep again, here or on
 # another machine, joins it until that many are complete. --storage defaults to
 # $OPTUNA_STORAGE (eval "$(./stack.sh up)"), else sqlite:///optuna.db in the project.
-# Worker output goes to logs/sweeps/<study>/<time>-worker-<i>.log; the script waits for its
-# workers, reports the best trial, and exits non-zero if any worker failed.
+# Worker output goes to logs/sweeps/<study>/<time>-worker-<i>.log (under $SWEEP_LOG_DIR if
+# set); the script waits for its workers, reports the best trial, and exits non-zero if any
+# worker failed.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -57,7 +58,7 @@ sweep=("hparams_search=$agent" "${overrides[@]}")
 state=$(uv run python -m src.sweep prepare "${sweep[@]}") || exit 2
 eval "$state"  # study=... seed=...
 stamp=$(date +%Y%m%d-%H%M%S)
-logs="logs/sweeps/$study"
+logs="${SWEEP_LOG_DIR:-logs/sweeps}/$study"
 mkdir -p "$logs"
 
 pids=()

@@ -45,9 +45,9 @@ from src.sweep_trials import PARENT_RUN_ATTR, RUN_ATTR
 
 log = logging.getLogger(__name__)
 # Heartbeats and retries of dead workers' trials are Optuna features it still calls experimental;
-# Hydra's sampler config still sets TPE options Optuna 4.9 deprecated (at their defaults).
+# Hydra's sampler config still sets TPE options Optuna 4 deprecated (at their defaults).
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message=".*has been deprecated in v4.9.0", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*has been deprecated in v4\.", category=FutureWarning)
 
 COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                               optuna.trial.TrialState.WAITING)
@@ -63,6 +63,11 @@ SCHEMA_ATTEMPTS = 5
 class TrackingServerLost(UserError):
     """The tracking server stopped answering mid-trial: the worker stops, as every trial
     would fail the same way; a worker started later ends the trial's run."""
+
+
+class StorageLost(UserError):
+    """The study's database stopped answering for longer than `sweep.storage_patience_s`:
+    the worker stops; a worker started when it is back fails and reruns the trial."""
 
 
 class Pruned(tracking.RunStopped, optuna.TrialPruned):
@@ -95,14 +100,80 @@ def shown_storage(cfg: DictConfig) -> str:
     return sqlalchemy.engine.make_url(storage_url(cfg)).render_as_string(hide_password=True)
 
 
-def open_storage(cfg: DictConfig) -> optuna.storages.RDBStorage:
+class PatientStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage, waiting out a database that restarts: every call that loses its
+    connection is tried again for `patience_s`, then raises `StorageLost` (at once, from then on)."""
+
+    def __init__(self, url: str, shown_url: str, patience_s: float, **kwargs):
+        self.shown_url, self.patience_s, self.lost = shown_url, patience_s, None
+        super().__init__(url, **kwargs)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            _patiently(optuna.storages.RDBStorage.record_heartbeat)(self, trial_id)
+        except StorageLost:
+            pass  # Optuna's heartbeat thread has no handler; the worker's own next call reports it
+
+
+def _patiently(method):
+    @functools.wraps(method)
+    def call(storage: PatientStorage, *args, **kwargs):
+        deadline = None
+        while storage.lost is None:
+            try:
+                result = method(storage, *args, **kwargs)
+            except Exception as error:  # Optuna wraps SQLAlchemy's errors in its own
+                cause = connection_error(error)
+                if cause is None:
+                    raise
+                if deadline is None:
+                    deadline = time.monotonic() + storage.patience_s
+                    log.warning("The Optuna storage %s does not answer (%s); trying again for %.0f s",
+                                storage.shown_url, cause, storage.patience_s)
+                if time.monotonic() < deadline:
+                    time.sleep(POLL_SECONDS)
+                    continue
+                storage.lost = StorageLost(f"the Optuna storage {storage.shown_url} stopped answering for "
+                                           f"{storage.patience_s:.0f} s ({cause}); a worker started when it is "
+                                           f"back fails the interrupted trial and runs it again")
+            else:
+                if deadline is not None:
+                    log.info("The Optuna storage %s answers again", storage.shown_url)
+                return result
+        raise storage.lost
+
+    return call
+
+
+# Every call that reaches the database: Optuna's storage API and what its cache and heartbeat call.
+for _name in [*vars(optuna.storages.BaseStorage), "_create_new_trial", "_set_trial_param", "_get_best_trial_id",
+              "_get_trials", "_get_stale_trial_ids"]:
+    if not _name.startswith("__") and callable(getattr(optuna.storages.RDBStorage, _name, None)):
+        setattr(PatientStorage, _name, _patiently(getattr(PatientStorage, _name)))
+
+
+def connection_error(error: BaseException) -> str | None:
+    """The first line of the lost or refused connection behind `error`, if that is its cause."""
+    cause = in_chain(error, sqlalchemy.exc.OperationalError)
+    return None if cause is None else one_line(cause.orig or cause)
+
+
+def in_chain(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """`error`, or the first error it arose from, that is a `kind`; None if there is none."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def open_storage(cfg: DictConfig) -> PatientStorage:
     """The study's storage, with a heartbeat per running trial: a trial whose worker stops
     beating for `sweep.grace_s` is failed, its MLflow run too, and it is queued again."""
     campaign, url = cfg.sweep, storage_url(cfg)
     for attempt in range(1, SCHEMA_ATTEMPTS + 1):
         try:
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=campaign.heartbeat_s, grace_period=campaign.grace_s,
+            return PatientStorage(
+                url, shown_storage(cfg), campaign.storage_patience_s,
+                heartbeat_interval=campaign.heartbeat_s, grace_period=campaign.grace_s,
                 heartbeat_stale_trial_callback=RetryDeadWorkersTrial(campaign.max_retries, cfg.tracking.experiment),
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
         except ImportError as error:
@@ -141,17 +212,19 @@ class RetryDeadWorkersTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
 
 def end_trial_runs(study_name: str, number: int, experiment: str) -> None:
-    """Mark the MLflow runs a dead worker left RUNNING for this trial as FAILED."""
-    for run in running_trial_runs(study_name, experiment, f" AND tags.`sweep.trial` = '{number}'"):
-        fail_run(run.info.run_id, "heartbeat: its worker died")
-        log.warning("Run %s of dead trial %d marked FAILED", run.info.run_id, number)
+    """Mark FAILED the MLflow run of a trial whose worker died: left RUNNING, or FINISHED when
+    the worker lost the study's database before it could record the trial's value."""
+    for run in trial_runs(study_name, experiment, f" AND tags.`sweep.trial` = '{number}'"):
+        if run.info.status in ("RUNNING", "FINISHED"):
+            fail_run(run.info.run_id, "heartbeat: its worker died before the trial was recorded")
+            log.warning("Run %s of dead trial %d marked FAILED", run.info.run_id, number)
 
 
 def end_orphaned_runs(study: optuna.Study, experiment: str) -> None:
     """Mark FAILED the runs left RUNNING for trials Optuna has ended, as when the tracking
     server stopped answering mid-trial (a trial's run ends before Optuna ends the trial)."""
     trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
-    for run in running_trial_runs(study.study_name, experiment):
+    for run in trial_runs(study.study_name, experiment, " AND attributes.status = 'RUNNING'"):
         trial = trials.get(int(run.data.tags.get("sweep.trial", -1)))  # the parent has no trial
         if trial is not None and trial.state.is_finished():
             fail_run(run.info.run_id, f"trial {trial.number} ended {trial.state.name}: "
@@ -159,12 +232,12 @@ def end_orphaned_runs(study: optuna.Study, experiment: str) -> None:
             log.warning("Run %s of trial %d, left RUNNING, marked FAILED", run.info.run_id, trial.number)
 
 
-def running_trial_runs(study_name: str, experiment: str, condition: str = "") -> list:
+def trial_runs(study_name: str, experiment: str, condition: str) -> list:
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return mlflow.MlflowClient().search_runs([found.experiment_id], filter_string=(
-        f"tags.`sweep.study` = '{study_name}' AND attributes.status = 'RUNNING'{condition}"))
+    return mlflow.MlflowClient().search_runs([found.experiment_id],
+                                             filter_string=f"tags.`sweep.study` = '{study_name}'{condition}")
 
 
 def fail_run(run_id: str, reason: str) -> None:
@@ -213,6 +286,8 @@ def load_study(cfg: DictConfig, sampler: optuna.samplers.BaseSampler | None = No
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner(cfg))
     except KeyError:
         raise UserError(f"no study '{name}' in {shown_storage(cfg)}; run the sweep first") from None
+    except UserError:
+        raise
     except Exception as error:
         raise UserError(f"cannot open Optuna storage {shown_storage(cfg)}: {one_line(error)}") from None
     found = [d.name.lower() for d in study.directions]
@@ -336,8 +411,8 @@ def work(overrides: list[str], worker: int = 0) -> None:
     try:
         while run_next(cfg, study, space, trials):
             pass
-    except TrackingServerLost:
-        raise  # nothing more can reach MLflow
+    except (TrackingServerLost, StorageLost):
+        raise  # nothing more can reach MLflow, or the study
     except BaseException:
         summarise_if_done(cfg, study, interrupted=True)
         raise
@@ -369,8 +444,12 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
         study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1)
     except TrackingServerLost:
         raise
-    except Exception:
-        pass  # a failed trial counts towards sweep.max_failures; others replace it
+    except Exception as error:
+        # Optuna's own bookkeeping may fail on the lost storage too, hiding the cause.
+        lost = in_chain(error, StorageLost)
+        if lost is not None:
+            raise lost from None
+        # A failed trial counts towards sweep.max_failures; others replace it.
     return True
 
 
@@ -394,6 +473,8 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
             tags["sweep.retry_of"] = str(retry_of)
         log.info("Trial %d: %s", trial.number, " ".join(f"{name}={value}" for name, value in values.items()))
         final, run_id = train(trial_cfg, tags, pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None)
+    except StorageLost:
+        raise
     except Exception as error:
         if tracking.is_unreachable(error):
             lost = TrackingServerLost(

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -56,27 +58,31 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_trials(
+def test_multirun_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_trials(
         stack, data_overrides, tmp_path):
     study_name = f"pg-{uuid.uuid4().hex[:8]}"
     storage, tracking_uri = stack["OPTUNA_STORAGE"], stack["MLFLOW_TRACKING_URI"]
-    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "hydra.sweeper.n_trials=4",
-                              "training.loops=300", "sweep.heartbeat_s=1", "sweep.grace_s=5",
-                              "tracking.save_policy=true")
-
-    def start(worker: int) -> subprocess.Popen:
-        log_file = open(tmp_path / f"worker-{worker}.log", "w")
-        return subprocess.Popen([sys.executable, "-m", "src.sweep", "work", *overrides], cwd=PROJECT_ROOT,
-                                env={**os.environ, "SWEEP_WORKER": str(worker)}, stdout=log_file,
-                                stderr=subprocess.STDOUT)
-
-    workers = [start(0), start(1)]
-    wait_until(lambda: "Training linucb" in (tmp_path / "worker-1.log").read_text(), 240,
-               "worker 1 to train a trial")
-    workers[1].kill()  # SIGKILL mid-trial: no handler runs, the trial and its run stay RUNNING
-    workers.append(start(2))  # a worker joining late
-    for worker in (workers[0], workers[2]):
-        assert worker.wait(timeout=300) == 0, (tmp_path / "worker-0.log").read_text()[-3000:]
+    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "training.loops=300",
+                              "sweep.heartbeat_s=1", "sweep.grace_s=5", "tracking.save_policy=true")[1:]
+    env = {**os.environ, "SWEEP_LOG_DIR": str(tmp_path / "logs")}
+    multirun_out = tmp_path / "multirun.out"
+    multirun = subprocess.Popen([str(PROJECT_ROOT / "multirun.sh"), "linucb", "--workers", "2", "--trials", "4",
+                                 "--storage", storage, *overrides], cwd=PROJECT_ROOT, env=env,
+                                stdout=open(multirun_out, "w"), stderr=subprocess.STDOUT)
+    worker_line = re.compile(r"worker 1: pid (\d+), log (\S+)")
+    wait_until(lambda: worker_line.search(multirun_out.read_text()), 120, "multirun.sh to start its workers")
+    pid, log_path = worker_line.search(multirun_out.read_text()).groups()
+    wait_until(lambda: "Training linucb" in Path(log_path).read_text(), 240, "worker 1 to train a trial")
+    # SIGKILL mid-trial (the worker is `uv run`'s child): no handler runs, the trial and its run stay RUNNING.
+    for python in subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split():
+        os.kill(int(python), signal.SIGKILL)
+    late = subprocess.Popen([sys.executable, "-m", "src.sweep", "work", "hparams_search=linucb",
+                             f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=4", *overrides],
+                            cwd=PROJECT_ROOT, env={**env, "SWEEP_WORKER": "2"},
+                            stdout=open(tmp_path / "late.log", "w"), stderr=subprocess.STDOUT)
+    assert late.wait(timeout=300) == 0, (tmp_path / "late.log").read_text()[-3000:]
+    assert multirun.wait(timeout=300) == 1, multirun_out.read_text()[-3000:]
+    assert "error: worker 1 failed: stopped by signal 9" in multirun_out.read_text()
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     counts = states(study)
@@ -85,6 +91,7 @@ def test_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_tr
     parents = [run for run in found if run.data.tags.get("sweep.role") == "parent"]
     assert [run.info.status for run in parents] == ["FINISHED"]
     children = [run for run in found if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert all(run.info.run_name.endswith(f"__trial{run.data.tags['sweep.trial']}") for run in children)
     by_status = collections.Counter(run.info.status for run in children)
     assert by_status == {"FINISHED": 4, "FAILED": 1}, by_status
     finished = {run.info.run_id for run in children if run.info.status == "FINISHED"}
@@ -93,9 +100,16 @@ def test_workers_on_postgresql_survive_a_killed_worker_and_end_with_exactly_n_tr
     assert "worker died" in dead.data.tags["bandits.ended_by"]
     retried = [run for run in children if "sweep.retry_of" in run.data.tags]
     assert [run.data.tags["sweep.retry_of"] for run in retried] == [dead.data.tags["sweep.trial"]]
-    assert parents[0].data.tags["best.run_id"] in finished
-    (version,) = mlflow.MlflowClient(tracking_uri).search_model_versions(f"name = '{study_name}-best'")
-    assert version.run_id == parents[0].data.tags["best.run_id"]
+
+    best, parent = study.best_trial, parents[0]
+    assert parent.data.tags["best.trial"] == str(best.number)
+    assert parent.data.tags["best.run_id"] == best.user_attrs[RUN_ATTR]
+    assert parent.data.metrics["best/train/cumulative_regret"] == pytest.approx(best.value)
+    client = mlflow.MlflowClient(tracking_uri)
+    assert "optimization_history.png" in {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
+    (version,) = client.search_model_versions(f"name = '{study_name}-best'")
+    assert version.run_id == parent.data.tags["best.run_id"]
+    assert not (PROJECT_ROOT / "logs" / "sweeps" / study_name).exists()  # the logs went where asked
 
 
 def start_tracking_server(tmp_path, port: int) -> subprocess.Popen:
@@ -155,6 +169,86 @@ def test_a_tracking_server_that_stops_answering_mid_sweep_stops_the_worker_with_
         os.killpg(server.pid, signal.SIGKILL)
 
 
+class Relay:
+    """A TCP relay to a real server, cut as a restart would cut it: the connections through it
+    drop, and new ones are refused until it is restored."""
+
+    def __init__(self, address: tuple[str, int]):
+        self.address, self.port, self.connections = address, free_port(), []
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.listener.close()
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self.connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.address)
+            self.connections += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.slow
+def test_a_study_database_that_restarts_mid_sweep_is_waited_for_then_given_up_on_with_one_line(
+        stack, data_overrides, tmp_path):
+    study_name = f"restart-{uuid.uuid4().hex[:8]}"
+    database = sqlalchemy.engine.make_url(stack["OPTUNA_STORAGE"])
+    relay = Relay((database.host, database.port))
+    storage = database.set(port=relay.port).render_as_string(hide_password=False)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "hydra.sweeper.n_trials=2",
+                              "training.loops=1000", "sweep.heartbeat_s=1", "sweep.grace_s=5",
+                              "sweep.storage_patience_s=10")
+    log_path = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "src.sweep", "work", *overrides], cwd=PROJECT_ROOT,
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Training linucb" in log_path.read_text(), 240, "the first trial to train")
+        relay.cut()  # a restart shorter than the patience: waited out
+        time.sleep(4)
+        relay.restore()
+        wait_until(lambda: "answers again" in log_path.read_text(), 60, "the worker to reconnect")
+        wait_until(lambda: log_path.read_text().count("Training linucb") == 2, 240, "the second trial to train")
+        relay.cut()  # down for good: the worker gives up
+        assert worker.wait(timeout=120) == 2, log_path.read_text()[-3000:]
+    finally:
+        worker.kill()
+    text = log_path.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert re.match(r".*ERROR.* the Optuna storage postgresql\+psycopg://bandits:\*\*\*@.* stopped answering for 10 s",
+                    text.splitlines()[-1]), text.splitlines()[-5:]
+
+    relay.restore()  # back: a worker started now fails the interrupted trial and runs it again
+    campaign.work(overrides)
+    study = optuna.load_study(study_name=study_name, storage=stack["OPTUNA_STORAGE"])
+    assert states(study) == {"COMPLETE": 2, "FAIL": 1}
+    found = runs_of(tracking_uri, study_name)
+    assert collections.Counter(run.info.status for run in found) == {"FINISHED": 3, "FAILED": 1}  # with the parent
+    (failed,) = [run for run in found if run.info.status == "FAILED"]
+    assert failed.data.tags["sweep.trial"] == str(study.get_trials(states=(campaign.FAIL,))[0].number)
+
+
 def test_an_unreachable_database_is_one_line_before_any_trial(data_overrides, tmp_path):
     url = "postgresql://nobody:secret@127.0.0.1:1/optuna"  # the plain scheme works too
     overrides = overrides_for(data_overrides, "unreachable", url, f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -172,7 +266,7 @@ def test_workers_opening_a_new_database_together_all_get_the_storage(stack):
     with engine.connect() as connection:
         connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
     cfg = OmegaConf.create({"hydra": {"sweeper": {"storage": admin.set(database=database).render_as_string(False)}},
-                            "sweep": {"heartbeat_s": 5, "grace_s": 30, "max_retries": 0},
+                            "sweep": {"heartbeat_s": 5, "grace_s": 30, "max_retries": 0, "storage_patience_s": 0},
                             "tracking": {"experiment": database}})
     barrier = threading.Barrier(6)
 

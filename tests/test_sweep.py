@@ -14,7 +14,6 @@ import pytest
 from src import campaign
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
-from src.sweep_trials import RUN_ATTR
 from tests.conftest import SMALL
 
 
@@ -29,44 +28,6 @@ def sweep_overrides(data_overrides, tmp_path, *extra):
         "env.rank_k=choice(2, 3, 50)",
         *extra,
     ]
-
-
-def run_multirun(tmp_path, args):
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "linucb", *args], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-@pytest.mark.slow
-def test_two_workers_share_one_study_and_every_trial_is_tracked(data_overrides, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    overrides = sweep_overrides(data_overrides, tmp_path, "hydra.sweeper.study_name=test-sweep")
-    result = run_multirun(tmp_path, ["--workers", "2", "--trials", "4", "--storage", storage, *overrides])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "worker 0" in result.stdout and "worker 1" in result.stdout
-
-    study = optuna.load_study(study_name="test-sweep", storage=storage)
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    assert len(complete) == 4  # failed trials (rank 50) do not count: others replace them
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("movielens-bandits").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert all(r.info.run_name.endswith(f"__trial{r.data.tags['sweep.trial']}") for r in trials)
-    # Both workers' trials, FAILED in MLflow exactly where Optuna failed them.
-    status = {int(r.data.tags["sweep.trial"]): r.info.status for r in trials}
-    assert {trial.number for trial in complete} <= set(status)
-    for trial in study.trials:
-        if trial.number in status:
-            assert status[trial.number] == ("FINISHED" if trial.state == optuna.trial.TrialState.COMPLETE
-                                            else "FAILED")
-    best = study.best_trial
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["best.trial"] == str(best.number)
-    assert parent.data.tags["best.run_id"] == best.user_attrs[RUN_ATTR]
-    assert parent.data.metrics["best/train/cumulative_regret"] == pytest.approx(best.value)
-    assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-
 
 
 def compose(data_overrides, tmp_path, *extra):
