@@ -3,7 +3,6 @@ and the single-process Hydra sweep."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 
