@@ -5,6 +5,7 @@ the checks on what a user chose (group options, value types), each error naming 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 
 import hydra
@@ -14,6 +15,10 @@ from src.errors import UserError, require
 from src.paths import PROJECT_ROOT
 
 CONFIG_DIR = PROJECT_ROOT / "conf"
+# No setting here comes near these: beyond them a value is a typo or an overflow (alpha=1e308
+# trains like random; a seed of 2^32 overflows NumPy).
+LARGEST_NUMBER = 1e6
+LARGEST_INTEGER = 2**31 - 1
 
 # Lets configs place files at the project root whatever the cwd (`${project_root:}`).
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -59,9 +64,22 @@ def check_group_choices(overrides: list[str]) -> None:
                 raise UserError(f"unknown {group} '{value}'; choose one of: {', '.join(choices)}")
 
 
+def check_command_line(args: list[str]) -> None:
+    """Refuse an unknown group option, an unknown key or a malformed override in one line,
+    before Hydra prints a page about it and exits 1."""
+    check_group_choices(args)
+    if any(arg.startswith("-") for arg in args):
+        return  # Hydra's own modes (-m, --cfg, --help) take overrides a single config cannot
+    try:
+        compose(args)
+    except hydra.errors.HydraException as error:
+        raise UserError(" ".join(str(error).split("\n"))) from None
+
+
 def check_types(cfg: DictConfig) -> None:
-    """Values of the wrong type are refused by name, before any builder trips on them: each
-    value keeps the type of its default in the option's YAML file."""
+    """Values of the wrong type, non-finite or absurdly large, are refused by name before any
+    builder trips on them: each value keeps the type of its default in its YAML file, the
+    group options' and conf/config.yaml's own (tracking, sweep, objective)."""
     for group, option in (("data", cfg.data.name), ("env", cfg.env.name), ("agent", cfg.agent.name),
                           ("training", "default")):
         path = CONFIG_DIR / group / f"{option}.yaml"
@@ -70,16 +88,19 @@ def check_types(cfg: DictConfig) -> None:
             values = OmegaConf.to_container(cfg[group], resolve=True)
             with errors_name_source(group, option):
                 _require_types_of(values, defaults, group)
+    top = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"), resolve=False)
+    own = {key: default for key, default in top.items() if key not in ("defaults", "hydra")}
+    _require_types_of(OmegaConf.to_container(cfg, resolve=True), own, "")
 
 
 def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
-    """A number stays a number (an integer an integer), a list a list, so `agent.alpha=abc`
-    is refused by name."""
+    """A number stays a finite number of sensible size (an integer an integer), a boolean a
+    boolean, a list a list, so `agent.alpha=abc` or `agent.alpha=inf` is refused by name."""
     for key, default in defaults.items():
         value = values.get(key)
         if key.startswith("_") or default is None or (isinstance(default, str) and default.startswith("${")):
             continue  # no type to keep: Hydra's own keys, optional values, interpolations
-        name = f"{prefix}.{key}"
+        name = f"{prefix}.{key}" if prefix else key
         if isinstance(default, dict):
             require(isinstance(value, dict), name, value, "a mapping")
             _require_types_of(value, default, name)
@@ -87,8 +108,10 @@ def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
             require(isinstance(value, bool), name, value, "true or false")
         elif isinstance(default, int):
             require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
+            require(abs(value) <= LARGEST_INTEGER, name, value, f"an integer of at most {LARGEST_INTEGER} in size")
         elif isinstance(default, float):
             require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
+            require(math.isfinite(value) and abs(value) <= LARGEST_NUMBER, name, value,
+                    f"a finite number of at most {LARGEST_NUMBER:g} in size")
         else:
             require(isinstance(value, type(default)), name, value, f"a {type(default).__name__}")
-

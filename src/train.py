@@ -43,7 +43,7 @@ def cli() -> None:
     # Hydra replaces this logging set-up with its own once it starts the job.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_user_error():
-        config.check_group_choices(sys.argv[1:])
+        config.check_command_line(sys.argv[1:])
     interrupt_on_sigterm()
     main()
 

@@ -39,6 +39,9 @@ def check_training(cfg: DictConfig) -> None:
             require(isinstance(value, int) and value >= 1, f"training.{key}", value, "an integer >= 1")
         seed = cfg.training.seed
         require(isinstance(seed, int) and seed >= 0, "training.seed", seed, "an integer >= 0")
+        for key, value in cfg.training.threads.items():
+            # 0 lets TensorFlow choose; a negative count aborts the process inside TensorFlow.
+            require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
     require(cfg.tracking.artifacts in ("full", "light"), "tracking.artifacts", cfg.tracking.artifacts,
             "full or light")
     log_every = cfg.tracking.log_every
@@ -71,8 +74,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     configure_threads(cfg.training.threads.intra_op, cfg.training.threads.inter_op)
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = data.load(cfg.data)
+    engine = experiment.assemble(cfg, dataset)  # before the run: a config error leaves no FAILED run
     with tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
-        engine = experiment.assemble(cfg, dataset)
         reward_model = engine.environment.reward_model
         mlflow.log_metric("env/random_policy_regret", reward_model.random_policy_regret)
         log.info("Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",

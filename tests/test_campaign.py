@@ -311,7 +311,7 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_leaves_nothing_running(dat
         campaign.work(overrides)
     assert states(optuna.load_study(study_name="doomed", storage=storage)) == {"FAIL": 2}
     statuses = collections.Counter(run.info.status for run in runs_of(tracking_uri, "doomed"))
-    assert statuses == {"FAILED": 3}  # two trials and the parent
+    assert statuses == {"FAILED": 1}  # the parent; a config error starts no run
 
 
 def test_pruning_stops_hopeless_trials_and_a_trial_reproduces_standalone(make_config, data_overrides, tmp_path):

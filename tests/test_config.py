@@ -47,16 +47,16 @@ def test_known_options_keys_and_hydras_own_groups_pass_the_choice_check():
     ("agent.alpha=abc", "agent.alpha must be a number, got 'abc' (conf/agent/linucb.yaml)"),
     ("env.rank_k=2.5", "env.rank_k must be an integer, got 2.5 (conf/env/movielens.yaml)"),
     ("training.threads.intra_op=x", "training.threads.intra_op must be an integer, got 'x' (conf/training/default.yaml)"),
-    ("tracking.save_policy=maybe", None),  # a top-level key: not a group option's type
+    ("tracking.save_policy=maybe", "tracking.save_policy must be true or false, got 'maybe'"),
+    ("agent.alpha=inf", "agent.alpha must be a finite number of at most 1e+06 in size, got inf"),
+    ("agent.alpha=1e308", "agent.alpha must be a finite number of at most 1e+06 in size, got 1e+308"),
+    ("training.seed=4294967296", "training.seed must be an integer of at most 2147483647 in size, got 4294967296"),
     ("agent.layers=3", "agent.layers must be a list, got 3 (conf/agent/epsilon_greedy.yaml)"),
     ("data.sha256=null", "data.sha256 must be a mapping, got None (conf/data/movielens.yaml)"),
 ])
 def test_values_keep_the_type_of_their_default(override, message):
     agent = ["agent=epsilon_greedy"] if override.startswith("agent.layers") else []
     cfg = config.compose([*agent, override])
-    if message is None:
-        config.check_types(cfg)
-        return
     with pytest.raises(UserError, match=re.escape(message)):
         config.check_types(cfg)
 

@@ -97,4 +97,4 @@ def test_single_process_sweep_ends_its_parent_run(data_overrides, tmp_path, run_
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "parent")
     assert parent.info.status == parent_status
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(trials) == 2
+    assert len(trials) == (2 if parent_status == "FINISHED" else 0)  # a config error starts no run
