@@ -4,7 +4,7 @@ Per loop, with n = batch_size x steps_per_loop interactions:
   train/regret                 mean regret per interaction in the loop
   train/cumulative_regret      total regret over all interactions so far
   train/reward                 mean reward (reconstructed rating) per interaction
-  train/suboptimal_arm_rate    share of interactions that did not pick the best movie
+  train/suboptimal_arm_rate    share of interactions whose pick earned less than the best movie
   train/loss                   the agent's training loss on the loop's experience
 TF-Agents' `RegretMetric` reports only the last batch's mean; the cumulative sum is ours.
 """

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from tf_agents.agents import tf_agent
+from tf_agents.policies import fixed_policy
 from tf_agents.policies import utils as policy_utilities
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
@@ -21,6 +23,7 @@ from src import data, experiment
 from src.agents import build_agent
 from src.agents.linucb import VectorizedLinUCBAgent
 from src.engine import Engine
+from src.envs.movielens import MovieLensEnvironment, RewardModel
 from src.stock_pattern import run_stock
 
 
@@ -90,6 +93,28 @@ def test_seed_fixes_every_metric(make_config, agent):
     first = metrics(0)
     np.testing.assert_array_equal(metrics(0), first)
     assert not np.array_equal(metrics(1), first)
+
+
+# Each loop sees all 3 users twice (batch 3, 2 steps): movie 2 misses by 4 + 1 + 2 per step.
+@pytest.mark.parametrize("movie, suboptimal, regret", [(1, 0, 0.0), (2, 6, 14.0)])
+def test_a_pick_tied_with_the_best_movie_is_optimal(movie, suboptimal, regret):
+    # Movies 0 and 1 tie as every user's best; argmax names movie 0 alone.
+    rewards = np.array([[5.0, 5.0, 1.0], [4.0, 4.0, 3.0], [2.0, 2.0, 0.0]])
+    model = RewardModel(user_ids=np.arange(1, 4), movie_ids=np.arange(1, 4), user_features=np.eye(3),
+                        movie_features=np.eye(3), rewards=rewards)
+    environment = MovieLensEnvironment(model, batch_size=3, seed=0)
+
+    class AlwaysTheSameMovie:
+        collect_policy = fixed_policy.FixedPolicy(np.int32(movie), environment.time_step_spec(),
+                                                  environment.action_spec())
+
+        @staticmethod
+        def train(experience):
+            return tf_agent.LossInfo(loss=tf.constant(0.0), extra=())
+
+    (metrics,) = Engine(environment, AlwaysTheSameMovie, steps_per_loop=2).run(loops=3, chunk=3)
+    np.testing.assert_array_equal(metrics.suboptimal, [suboptimal] * 3)
+    np.testing.assert_array_equal(metrics.regret, [regret] * 3)
 
 
 def linucb_closed_form(x, actions, rewards, num_actions, tikhonov_weight, alpha, queries):

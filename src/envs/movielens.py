@@ -40,10 +40,6 @@ class RewardModel:
         return self.rewards.max(axis=1)
 
     @property
-    def optimal_action(self) -> np.ndarray:
-        return self.rewards.argmax(axis=1)
-
-    @property
     def random_policy_regret(self) -> float:
         """Expected per-interaction regret of picking movies uniformly at random."""
         return float(np.mean(self.optimal_reward - self.rewards.mean(axis=1)))
@@ -105,7 +101,6 @@ class MovieLensEnvironment(bandit_tf_environment.BanditTFEnvironment):
         self._features = tf.constant(model.user_features, tf.float32)
         self._rewards = tf.constant(model.rewards, tf.float64)
         self._optimal_reward = tf.constant(model.optimal_reward, tf.float64)
-        self._optimal_action = tf.constant(model.optimal_action, tf.int32)
         self._rng = tf.random.Generator.from_seed(seed)
         self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False, name="users")
         super().__init__(ts.time_step_spec(observation_spec), action_spec, batch_size, name)
@@ -123,18 +118,14 @@ class MovieLensEnvironment(bandit_tf_environment.BanditTFEnvironment):
         indices = tf.stack([self._users, tf.cast(action, tf.int32)], axis=-1)
         return tf.gather_nd(self._rewards, indices)
 
-    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(reward, optimal reward, optimal action) for the current users, in float64.
+    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(reward, optimal reward) for the current users, in float64.
 
         Read between `reset()` and `step()`: it describes the users the policy just saw,
         which is what a regret metric needs (TF-Agents' own metric reads the previous
         users through a `py_function` that a compiled graph does not order).
         """
-        return (
-            self._rewards_of(action),
-            tf.gather(self._optimal_reward, self._users),
-            tf.gather(self._optimal_action, self._users),
-        )
+        return self._rewards_of(action), tf.gather(self._optimal_reward, self._users)
 
 
 def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,

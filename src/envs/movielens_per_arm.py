@@ -98,14 +98,14 @@ class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
     def _apply_action(self, action: tf.Tensor) -> tf.Tensor:
         return tf.cast(self.outcome(action)[0], tf.float32)
 
-    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(reward, optimal reward, optimal action) among the current candidates, float64.
+    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(reward, optimal reward) among the current candidates, float64.
 
         Read between `reset()` and `step()`, like `MovieLensEnvironment.outcome`.
         """
         rewards = self._candidate_rewards()
         chosen = tf.gather(rewards, tf.cast(action, tf.int32), batch_dims=1)
-        return chosen, tf.reduce_max(rewards, axis=1), tf.argmax(rewards, axis=1, output_type=tf.int32)
+        return chosen, tf.reduce_max(rewards, axis=1)
 
 
 def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
