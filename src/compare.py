@@ -5,13 +5,14 @@
     uv run python -m src.compare --parent <run id>               # only one sweep's children
     uv run python -m src.compare --metric train/reward --out reports/reward
 
-Finished training runs are grouped by configuration: the agent plus every config parameter
-whose value differs between the selected runs (an agent's own parameters when they differ
-for that agent). Left out are the seed and the settings that cannot change what an agent
-learns (tracking.*, data locations, thread counts, the sweeper's objective), so the seeds of
-one configuration form one group. Environment parameters are thus always in the key: runs
-on different environments are never averaged. `--group-by agent.name` forces a coarser key
-and is refused when a group would mix environments.
+Finished training runs are grouped by configuration (a warning counts the runs left out for
+their status): the agent plus every config parameter whose value differs between the
+selected runs (an agent's own parameters when they differ for that agent). Left out are the
+seed and the settings that cannot change what an agent learns (tracking.*, data locations,
+thread counts, the sweeper's objective), so the seeds of one configuration form one group.
+Environment parameters are thus always in the key: runs on different environments are never
+averaged. `--group-by agent.name` forces a coarser key and is refused when a group would mix
+environments.
 
 Within a group, histories are aligned by linear interpolation onto the union of their steps,
 restricted to the range every run covers; identical step grids (the usual case) stay exactly
@@ -73,16 +74,21 @@ def open_experiment(configured_uri: str | None, experiment: str) -> str:
 
 
 def find_runs(experiment_id: str, agents: list[str] | None = None, parent: str | None = None) -> pd.DataFrame:
-    """Finished training runs, one row each, MLflow's `params.*`/`metrics.*`/`tags.*` columns."""
-    runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
+    """Finished training runs, one row each, MLflow's `params.*`/`metrics.*`/`tags.*` columns;
+    the matching runs in any other state are counted in a warning."""
+    runs = mlflow.search_runs([experiment_id])
     agent = column(runs, f"params.{AGENT}")
     chosen = agent.notna() & column(runs, f"tags.{ROLE_TAG}").isna()
     if parent:
         chosen &= column(runs, "tags.mlflow.parentRunId") == parent
     if agents:
         chosen &= agent.isin(agents)
-        if absent := sorted(set(agents) - set(agent[chosen])):
-            log.warning("No finished runs of %s", ", ".join(absent))
+    finished = runs["status"] == "FINISHED"
+    if (chosen & ~finished).any():
+        log.warning(skipped(runs["status"][chosen & ~finished]))
+    chosen &= finished
+    if agents and (absent := sorted(set(agents) - set(agent[chosen]))):
+        log.warning("No finished runs of %s", ", ".join(absent))
     if not chosen.any():
         wanted = "".join([f", agents {','.join(agents)}" if agents else "", f", parent run {parent}" if parent else ""])
         experiment = mlflow.get_experiment(experiment_id).name
@@ -90,6 +96,15 @@ def find_runs(experiment_id: str, agents: list[str] | None = None, parent: str |
                         f"({mlflow.get_tracking_uri()}); train some first or widen --agents/--parent")
     numeric = functools.partial(pd.to_numeric, errors="coerce")
     return runs[chosen].sort_values(f"params.{SEED}", key=numeric).set_index("run_id")
+
+
+def skipped(statuses: pd.Series) -> str:
+    """One line counting the runs left out, by status."""
+    # A RUNNING run may be training still, or be left by a process that died without ending it.
+    hint = " (still training, or left by a dead process: `uv run python -m src.runs reap` ends those)"
+    parts = [f"{count} {status}" + (hint if status == "RUNNING" else "")
+             for status, count in statuses.value_counts().items()]
+    return f"Skipped {len(statuses)} runs that are not FINISHED: {', '.join(parts)}"
 
 
 def column(runs: pd.DataFrame, name: str) -> pd.Series:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -34,7 +36,8 @@ def experiment(store, request, tmp_path):
         settings = {**BASE, **{key.replace("__", "."): value for key, value in params.items()}}
         client.log_batch(run_id, metrics=[Metric(METRIC, float(v), 0, int(s)) for s, v in zip(steps, values)],
                          params=[Param(key, str(value)) for key, value in settings.items()])
-        client.set_terminated(run_id, status)
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
         return run_id
 
     compare.open_experiment(store, name)
@@ -88,6 +91,21 @@ def test_groups_by_the_config_parameters_that_differ(experiment):
         "linucb (agent.alpha=1.0, env.rank_k=20)": {"agent.alpha": "1.0", "env.rank_k": "20", "n": 2},
         "linucb (agent.alpha=10.0, env.rank_k=20)": {"agent.alpha": "10.0", "env.rank_k": "20", "n": 2},
     }
+
+
+def test_runs_left_out_for_their_status_are_counted_in_one_line(experiment, caplog):
+    _, experiment_id, log_run = experiment
+    for seed, status in enumerate(["FINISHED", "FINISHED", "RUNNING", "RUNNING", "FAILED"]):
+        log_run(STEPS, status=status, agent__name="linucb", training__seed=seed)
+    log_run(STEPS, status="KILLED", agent__name="lints", training__seed=0)  # not asked for
+
+    with caplog.at_level(logging.INFO, logger=compare.__name__):
+        table = compare.compare(experiment_id, agents=["linucb"]).table
+
+    assert table["n"].tolist() == [2]
+    (skipped,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert skipped == ("Skipped 3 runs that are not FINISHED: 2 RUNNING (still training, or left by a dead "
+                       "process: `uv run python -m src.runs reap` ends those), 1 FAILED")
 
 
 def test_different_step_grids_are_interpolated_over_the_common_range(experiment):
