@@ -3,14 +3,15 @@ model that `mlflow models serve` answers with; `log_policy` packages both into a
 
 The pyfunc is self-contained: it bundles the policy's SavedModel and a small catalogue (the
 environment's user features, movie ids and titles), so serving needs neither the MovieLens
-files nor the environment code. Requests carry either MovieLens user ids or raw feature
-vectors; the answer is the recommended movie and, where the policy reports them, the
-predicted reward of every candidate movie.
+files nor the environment code. Requests, JSON or CSV, carry either MovieLens user ids or
+raw feature vectors; the answer is the recommended movie and, where the policy reports them,
+the predicted reward of every candidate movie.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 import warnings
@@ -25,7 +26,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema
+from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
 from src import tf_runtime  # noqa: F401,I001  (quiet TensorFlow, and the TypeSpecs a saved policy needs)
 import tensorflow as tf
@@ -108,18 +109,16 @@ class Policy:
 
 
 def signature() -> ModelSignature:
-    """Either a user id or a feature vector per row in; the movie and its scores out."""
-    inputs = Schema([
-        ColSpec(DataType.long, USER_ID, required=False),
-        ColSpec(Array(DataType.double), FEATURES, required=False),
-    ])
+    """The movie and its scores out. No input schema: with one, MLflow's scoring server cuts
+    a user id of 1.5 down to user 1 before the model sees it, and refuses every CSV request
+    (it cannot type a column of vectors). `PolicyModel` checks each request itself."""
     outputs = Schema([
         ColSpec(DataType.long, "movie_id"),
         ColSpec(DataType.string, "title"),
         ColSpec(DataType.double, "predicted_reward", required=False),
         ColSpec(Map(DataType.double), "scores", required=False),
     ])
-    return ModelSignature(inputs, outputs)
+    return ModelSignature(outputs=outputs)
 
 
 def input_example(catalogue: Catalogue) -> pd.DataFrame:
@@ -142,11 +141,13 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
 
     def _recommend(self, frame: pd.DataFrame) -> pd.DataFrame:
         given = [column for column in (USER_ID, FEATURES) if column in frame]
-        if len(given) != 1 or frame[given[0]].isna().any():
-            raise UserError(f"every row needs a '{USER_ID}' or every row a '{FEATURES}' vector, "
-                            f"not both; got columns {list(frame.columns)}")
+        if len(given) != 1:
+            raise UserError(f"send a '{USER_ID}' column (MovieLens user ids) or a '{FEATURES}' column "
+                            f"(feature vectors), not both; got columns {list(frame.columns)}")
+        if frame[given[0]].isna().any():
+            raise UserError(f"every row needs a '{given[0]}'")
         if given == [USER_ID]:
-            observations = self._catalogue.observations_of(frame[USER_ID].astype(int))
+            observations = self._catalogue.observations_of(_user_ids(frame[USER_ID]))
         else:
             observations = _stack(frame[FEATURES])
         actions, scores = self._policy.decide(observations)
@@ -161,14 +162,27 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
         return answer
 
 
+def _user_ids(column: pd.Series) -> pd.Series:
+    """The ids as numbers: 3 or 3.0 names user 3; 1.5, "abc" or true name no one."""
+    # CSV leaves every id as text when one is not a number.
+    ids = pd.to_numeric(column, errors="coerce")
+    for value, number in zip(column, ids):
+        if isinstance(value, bool) or number % 1 != 0:
+            raise UserError(f"{USER_ID} must be a MovieLens user id, a whole number, got {value!r}")
+    return ids
+
+
 def _stack(vectors: pd.Series) -> np.ndarray:
-    lengths = {len(np.atleast_1d(vector)) for vector in vectors}
-    if len(lengths) != 1:
-        raise UserError(f"feature vectors differ in length: {sorted(lengths)}")
     try:
-        return np.stack([np.asarray(vector, np.float64) for vector in vectors])
+        # CSV carries a vector as text, the way pandas writes a list: "[0.1, 0.2]".
+        rows = [np.atleast_1d(np.asarray(json.loads(vector) if isinstance(vector, str) else vector, np.float64))
+                for vector in vectors]
     except (TypeError, ValueError):
         raise UserError("feature vectors must hold numbers only") from None
+    lengths = {len(row) for row in rows}
+    if len(lengths) != 1:
+        raise UserError(f"feature vectors differ in length: {sorted(lengths)}")
+    return np.stack(rows)
 
 
 def log_policy(policy, catalogue: Catalogue) -> None:

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
 from tf_agents.trajectories import time_step as ts
 
 from src import predict, serving
@@ -98,8 +101,44 @@ def test_run_without_policy_is_refused(make_config, tracking_uri, tmp_path, monk
         predict.recommend(predict.parse([f"run_id={run_id}", "user_id=1", f"tracking.uri={tracking_uri}"]))
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+def invoke(model, body: str, content_type: str) -> tuple[int, str]:
+    """What `mlflow models serve` answers to `body`: its own request parsing and prediction,
+    in this process."""
+    try:
+        answer = scoring_server.invocations(body, content_type, model, model.metadata.get_input_schema())
+    except MlflowException as error:
+        return error.get_http_status_code(), error.message
+    return answer.status, answer.response
+
+
+def test_served_model_reads_csv_and_refuses_what_names_no_user(trained):
+    run_id, policy, catalogue = trained
+    movie, _ = greedy_movie(policy, catalogue, USER)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    # pandas writes a vector into CSV as its list: "[0.1, 0.2, ...]"
+    features = pd.DataFrame({"features": [catalogue.observations_of([USER])[0].tolist()]}).to_csv(index=False)
+    for body, content_type in [(f"user_id\n{USER}\n{USER}.0\n", "text/csv"), (features, "text/csv"),
+                               (json.dumps({"dataframe_records": [{"user_id": float(USER)}]}), "application/json")]:
+        status, answer = invoke(model, body, content_type)
+        assert status == 200, answer
+        assert {prediction["movie_id"] for prediction in json.loads(answer)["predictions"]} == {movie}
+
+    accepted = "send a 'user_id' column (MovieLens user ids) or a 'features' column (feature vectors)"
+    for body, content_type, message in [
+        (json.dumps({"dataframe_records": [{"user_id": 1.5}]}), "application/json",
+         "user_id must be a MovieLens user id, a whole number, got 1.5"),
+        (json.dumps({"dataframe_records": [{"user_id": True}]}), "application/json", "got True"),
+        ("user_id\n7\nabc\n", "text/csv", "user_id must be a MovieLens user id, a whole number, got 'abc'"),
+        (json.dumps({"dataframe_records": [{}]}), "application/json", f"{accepted}, not both; got columns []"),
+        ("user\n7\n", "text/csv", f"{accepted}, not both; got columns ['user']"),
+        ("user_id,features\n7,[1.0]\n", "text/csv", "not both; got columns ['user_id', 'features']"),
+    ]:
+        status, answer = invoke(model, body, content_type)
+        assert status == 400 and message in answer and "Traceback" not in answer, (status, answer)
+
+
+def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -144,9 +183,13 @@ def test_served_model_answers_and_rejects_bad_requests(trained, tracking_uri, tm
         status, answer = post(invocations, json.dumps({"dataframe_records": [{"features": features}]}).encode())
         assert status == 200 and answer["predictions"][0]["movie_id"] == movie, answer
 
+        status, answer = post(invocations, f"user_id\n{USER}\n".encode(), "text/csv")
+        assert status == 200 and answer["predictions"][0]["movie_id"] == movie, answer
+
         for body, message in [
             (json.dumps({"dataframe_records": [{"user_id": 100000}]}), "user_id 100000 is not in this environment"),
             (json.dumps({"dataframe_records": [{"features": features[:-1]}]}), "must have 4 features"),
+            (json.dumps({"dataframe_records": [{"user_id": 1.5}]}), "got 1.5"),
             ("{not json", ""),
         ]:
             status, answer = post(invocations, body.encode())
