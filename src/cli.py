@@ -13,55 +13,70 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C, but exiting with 143 (128 + 15) as schedulers expect."""
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
-    """Turn a `UserError` into one log line and exit status 2, Ctrl-C into status 130."""
+    """Turn a `UserError` into one log line and exit status 2, Ctrl-C into status 130 and
+    SIGTERM into 143."""
     try:
         yield
     except UserError as error:
         log.error("%s", error)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         log.warning("Interrupted")
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
 
 
 def interrupt_on_sigterm() -> None:
     """Treat SIGTERM (multirun.sh stopping its workers, a scheduler's kill) like Ctrl-C, so the
     run in progress is marked KILLED instead of left RUNNING."""
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    def terminate(signum, frame):
+        raise Terminated
 
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, terminate)
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM during a run only ask it to stop; it stops where its state is
+    consistent and no write to the tracking store is under way: at the end of the chunk of
+    loops in progress, after logging it, or without logging it on a second Ctrl-C. (An
+    interrupt landing inside a write can leave a SQLite store locked; the run's end then waits
+    on that lock and fails, leaving the run RUNNING.) Signals during the clean-up that follows
+    are ignored, so it completes however often a user presses."""
+
+    def __init__(self):
+        self.received: list[int] = []
+
+    def _receive(self, signum, frame) -> None:
+        if not self.received:
+            log.warning("Stopping after the current chunk of loops (Ctrl-C again to stop without logging it)")
+        self.received.append(signum)
+
+    def check(self, urgent_only: bool = False) -> None:
+        """Stop here if asked to (`urgent_only`: if asked twice)."""
+        if len(self.received) > (1 if urgent_only else 0):
+            raise Terminated if self.received[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def interrupt_between_chunks():
-    """Inside, Ctrl-C or SIGTERM stops the work at the next `check()`, where its state is
-    consistent (an interrupt landing inside MLflow's or TensorFlow's calls can surface as
-    their own error instead); a second Ctrl-C stops at once. Yields `check`."""
-    requested = []
-
-    def request(signum, frame):
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signum)
-        log.warning("Stopping after the current chunk of loops (Ctrl-C again to stop at once)")
-
-    def check():
-        if requested:
-            raise KeyboardInterrupt
-
+def interrupts_handled():
+    """Inside, Ctrl-C and SIGTERM go to the `Interrupts` it yields; one that came too late for
+    its last `check()` stops the process on leaving. Only the main thread may handle signals;
+    a background job's ignored SIGINT stays ignored."""
+    interrupts = Interrupts()
     if threading.current_thread() is not threading.main_thread():
-        yield check  # only the main thread may handle signals
+        yield interrupts
         return
-    # A job started in the background ignores SIGINT; it keeps doing so.
     signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, request) for s in signals}
+    previous = {s: signal.signal(s, interrupts._receive) for s in signals}
     try:
-        yield check
+        yield interrupts
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
+    interrupts.check()

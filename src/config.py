@@ -84,7 +84,8 @@ def check_types(cfg: DictConfig) -> None:
                           ("training", "default")):
         path = CONFIG_DIR / group / f"{option}.yaml"
         if path.is_file():
-            defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            # A default like `${.rank_k}` has the type of what it points to.
+            defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
             values = OmegaConf.to_container(cfg[group], resolve=True)
             with errors_name_source(group, option):
                 _require_types_of(values, defaults, group)

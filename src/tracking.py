@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -43,7 +44,8 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
     retries = logging.getLogger("urllib3.connectionpool")
     retries.setLevel(logging.ERROR)  # one line of ours says it better than a warning per retry
     try:
-        found = mlflow.get_experiment_by_name(experiment)
+        with first_use_in_turn(uri):
+            found = mlflow.get_experiment_by_name(experiment)
         if found is not None or not create:
             return found and found.experiment_id
         try:
@@ -60,6 +62,23 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
         raise unreachable from None
     finally:
         retries.setLevel(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def first_use_in_turn(uri: str):
+    """MLflow creates and migrates a new SQLite store on its first use in a process, and
+    processes starting together on a new store break each other's migrations: they take
+    turns, holding a lock on the store's folder (a server store migrates once, itself)."""
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    if not uri.startswith("sqlite:///") or not folder.is_dir():
+        yield  # a missing folder is reported by MLflow itself
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def is_unreachable(error: BaseException) -> bool:

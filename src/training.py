@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from src import config, data, experiment, metrics, plots, serving, tracking
-from src.cli import interrupt_between_chunks
+from src.cli import Interrupts, interrupts_handled
 from src.engine import Engine, configure_threads
 from src.errors import UserError, require
 
@@ -75,37 +75,44 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = data.load(cfg.data)
     engine = experiment.assemble(cfg, dataset)  # before the run: a config error leaves no FAILED run
-    with tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
-        reward_model = engine.environment.reward_model
+    reward_model = engine.environment.reward_model
+    history = metrics.RegretHistory(engine.interactions_per_loop)
+    with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
         mlflow.log_metric("env/random_policy_regret", reward_model.random_policy_regret)
         log.info("Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
                  cfg.agent.name, cfg.env.name, *reward_model.rewards.shape, reward_model.user_features.shape[1],
                  cfg.training.loops, engine.interactions_per_loop)
-        history = run_loops(cfg, engine, active.info.run_id, report)
-        log_artifacts(cfg, history, engine.agent, reward_model.random_policy_regret,
-                      serving.Catalogue.of(reward_model, dataset.movies))
+        try:
+            run_loops(cfg, engine, history, interrupts, active.info.run_id, report)
+        except (KeyboardInterrupt, tracking.RunStopped, UserError):
+            if history.loops_done:  # a stopped or diverged run keeps its table and plot so far
+                log_tables(cfg, history, reward_model.random_policy_regret)
+            raise
+        log_tables(cfg, history, reward_model.random_policy_regret)
+        if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
+            serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
     return history.final(), active.info.run_id
 
 
-def run_loops(cfg: DictConfig, engine: Engine, run_id: str, report: Reporter | None) -> metrics.RegretHistory:
-    """Train for `cfg.training.loops` loops, logging the metrics as they come; stop cleanly
-    between chunks on Ctrl-C or SIGTERM."""
+def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory, interrupts: Interrupts,
+              run_id: str, report: Reporter | None) -> None:
+    """Train for `cfg.training.loops` loops into `history`, logging the metrics as they come;
+    stop cleanly between chunks on Ctrl-C or SIGTERM."""
     training = cfg.training
-    history = metrics.RegretHistory(engine.interactions_per_loop)
     downsampler = metrics.Downsampler(cfg.tracking.log_every)
     started = time.perf_counter()
-    with interrupt_between_chunks() as check_interrupt, \
-            tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:
+    with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:
         for chunk in engine.run(training.loops, training.chunk_loops):
             bar.update(len(chunk.regret))
             rows = history.add(chunk)
+            interrupts.check(urgent_only=True)
             # A diverged run ends here: its last, partial window is logged too.
             ending = history.loops_done == training.loops or not np.isfinite(rows[metrics.LOSS]).all()
             window_rows = downsampler.push(rows, last=ending)
             if len(window_rows):
                 tracking.log_history(run_id, window_rows)
             check_finite(rows)
-            check_interrupt()
+            interrupts.check()
             if report:
                 report(int(rows["step"].iloc[-1]), float(rows[cfg.objective].iloc[-1]))
             bar.set_postfix(regret=f"{chunk.regret.mean() / engine.interactions_per_loop:.3f}")
@@ -116,11 +123,10 @@ def run_loops(cfg: DictConfig, engine: Engine, run_id: str, report: Reporter | N
     log.info("Done in %.1f s (%.0f interactions/s): cumulative regret %.1f, last-loop regret %.4f "
              "(uniform random: %.4f)", seconds, rate, final[metrics.CUMULATIVE_REGRET],
              final[metrics.REGRET], engine.environment.reward_model.random_policy_regret)
-    return history
 
 
-def log_artifacts(cfg: DictConfig, history: metrics.RegretHistory, agent, random_regret: float,
-                  catalogue: serving.Catalogue) -> None:
+def log_tables(cfg: DictConfig, history: metrics.RegretHistory, random_regret: float) -> None:
+    """Every loop's metrics as metrics.csv and, with full artifacts, the regret plot."""
     frame = history.frame()
     with tempfile.TemporaryDirectory() as scratch:
         table = Path(scratch) / "metrics.csv"
@@ -128,5 +134,3 @@ def log_artifacts(cfg: DictConfig, history: metrics.RegretHistory, agent, random
         mlflow.log_artifact(str(table))
     if cfg.tracking.artifacts == "full":
         mlflow.log_figure(plots.regret_figure(frame, plots.run_title(cfg), random_regret), "regret.png")
-        if cfg.tracking.save_policy:
-            serving.log_policy(agent.policy, catalogue)

@@ -1,0 +1,102 @@
+"""A standing hostile battery: faults and bad input a user or the machine can throw at the
+product, each of which must end in one clear line, a non-zero exit, no run left RUNNING and
+nothing lost. Signals and dead processes are tried in tests/test_train.py and
+tests/test_campaign.py (Ctrl-C bursts, SIGTERM, SIGKILLed workers, lost servers)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import mlflow
+from omegaconf import OmegaConf
+
+from src import config, training
+from src.errors import UserError
+from src.paths import PROJECT_ROOT
+
+# A run of its own in a fresh process, started at an agreed moment.
+FIRST_RUN = """
+import sys, time
+import mlflow
+from src import tracking
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+with mlflow.start_run(experiment_id=tracking.connect(sys.argv[1], "fresh")):
+    mlflow.log_metric("train/regret", 1.0)
+"""
+
+
+def test_parallel_first_runs_on_a_new_store_all_record(tmp_path):
+    """Processes that start together on a store that does not exist yet all create it; they
+    must not break each other's schema migrations."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start_at = str(time.time() + 8)  # after every process has imported MLflow
+    processes = [subprocess.Popen([sys.executable, "-c", FIRST_RUN, uri, start_at], cwd=PROJECT_ROOT,
+                                  env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(3)]
+    errors = [process.communicate(timeout=120)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0] * 3, "\n".join(e[-1500:] for e in errors)
+    client = mlflow.MlflowClient(uri)
+    found = client.search_runs([client.get_experiment_by_name("fresh").experiment_id])
+    assert [run.info.status for run in found] == ["FINISHED"] * 3
+
+
+def leaves(node: dict, prefix: str) -> Iterator[tuple[str, object]]:
+    for key, value in node.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            yield from leaves(value, name)
+        elif not key.startswith("_"):
+            yield name, value
+
+
+def bad_values(default) -> list:
+    if isinstance(default, bool):
+        return ["maybe", 1]
+    if isinstance(default, (int, float)):
+        return [float("inf"), float("nan"), 1e308, -1e308, "abc", [1]]
+    return []
+
+
+def configs_to_spoil(data_overrides) -> Iterator[tuple[str, OmegaConf]]:
+    """Every option of every config group the training reads, and the top-level keys; each
+    as (its keys' prefix, the composed config)."""
+    for group in ("agent", "env", "training", "data"):
+        for path in sorted((config.CONFIG_DIR / group).glob("*.yaml")):
+            overrides = [o for o in data_overrides if group != "data"] + [f"{group}={path.stem}"]
+            yield group, config.compose(overrides)
+    yield "", config.compose(data_overrides)
+
+
+def test_every_number_and_switch_in_every_yaml_refuses_spoilt_values(data_overrides, tmp_path):
+    """Non-finite, huge and wrongly typed values for every numeric or boolean key, found in the
+    YAMLs, so that new keys are covered as they come: each must be one line naming the key,
+    before any run exists."""
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    problems, tried = [], 0
+    for prefix, base in configs_to_spoil(data_overrides):
+        OmegaConf.update(base, "tracking.uri", tracking_uri)
+        section = OmegaConf.to_container(base[prefix] if prefix else base, resolve=True)
+        for key, default in leaves(section, prefix):
+            if not prefix and key.split(".")[0] in ("agent", "env", "training", "data"):
+                continue  # the group options' own keys, tried above
+            for value in bad_values(default):
+                tried += 1
+                spoilt = copy.deepcopy(base)
+                OmegaConf.update(spoilt, key, value)
+                try:
+                    training.train(spoilt)
+                    problems.append(f"{key}={value!r}: accepted")
+                except UserError as error:
+                    if key not in str(error) or "\n" in str(error):
+                        problems.append(f"{key}={value!r}: unclear error {error}")
+                except Exception as error:  # noqa: BLE001 (what the battery looks for)
+                    problems.append(f"{key}={value!r}: {type(error).__name__}: {error}")
+    assert tried > 200 and not problems, "\n".join(problems)
+    if (tmp_path / "mlflow.db").exists():
+        client = mlflow.MlflowClient(tracking_uri)
+        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
