@@ -40,7 +40,7 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
 from src import config, metrics, plots, tracking
-from src.errors import UserError
+from src.errors import UserError, one_line
 from src.sweep_trials import PARENT_RUN_ATTR, RUN_ATTR
 
 log = logging.getLogger(__name__)
@@ -191,11 +191,6 @@ def open_storage(cfg: DictConfig) -> PatientStorage:
 
 def is_schema_race(error: Exception) -> bool:
     return isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 class RetryDeadWorkersTrial(optuna.storages.RetryHeartbeatStaleTrialCallback):

@@ -13,14 +13,27 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 
+# Handled like Ctrl-C: a scheduler's or multirun.sh's stop, a closed terminal.
+TERMINATION = (signal.SIGTERM, signal.SIGHUP)
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C, but exiting with 143 (128 + 15) as schedulers expect."""
+    """SIGTERM or SIGHUP, handled like Ctrl-C but exiting with 128 + the signal's number, as
+    shells and schedulers expect."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stopped_by(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 @contextlib.contextmanager
 def exit_on_user_error():
     """Turn a `UserError` into one log line and exit status 2, Ctrl-C into status 130 and
-    SIGTERM into 143."""
+    SIGTERM or SIGHUP into 143 or 129."""
     try:
         yield
     except UserError as error:
@@ -28,17 +41,18 @@ def exit_on_user_error():
         sys.exit(2)
     except KeyboardInterrupt as stop:
         log.warning("Interrupted")
-        sys.exit(143 if isinstance(stop, Terminated) else 130)
+        sys.exit(128 + stop.signum if isinstance(stop, Terminated) else 130)
 
 
-def interrupt_on_sigterm() -> None:
-    """Treat SIGTERM (multirun.sh stopping its workers, a scheduler's kill) like Ctrl-C, so the
-    run in progress is marked KILLED instead of left RUNNING."""
+def stop_on_termination_signals() -> None:
+    """Treat SIGTERM and SIGHUP like Ctrl-C, so the run in progress is marked KILLED instead of
+    left RUNNING by a process killed outright."""
 
     def terminate(signum, frame):
-        raise Terminated
+        raise Terminated(signum)
 
-    signal.signal(signal.SIGTERM, terminate)
+    for signum in TERMINATION:
+        signal.signal(signum, terminate)
 
 
 class Interrupts:
@@ -60,7 +74,7 @@ class Interrupts:
     def check(self, urgent_only: bool = False) -> None:
         """Stop here if asked to (`urgent_only`: if asked twice)."""
         if len(self.received) > (1 if urgent_only else 0):
-            raise Terminated if self.received[0] == signal.SIGTERM else KeyboardInterrupt
+            raise stopped_by(self.received[0])
 
 
 @contextlib.contextmanager
@@ -72,7 +86,7 @@ def interrupts_handled():
     if threading.current_thread() is not threading.main_thread():
         yield interrupts
         return
-    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    signals = [s for s in (signal.SIGINT, *TERMINATION) if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, interrupts._receive) for s in signals}
     try:
         yield interrupts

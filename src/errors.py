@@ -28,3 +28,9 @@ def require(condition: bool, key: str, value, rule: str) -> None:
     """Raise a `UserError` naming the config key, its value and the allowed range."""
     if not condition:
         raise UserError(f"{key} must be {rule}, got {value!r}", key=key)
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (a library's may run to pages), or its type."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -188,19 +188,24 @@ def _stack(vectors: pd.Series) -> np.ndarray:
 def log_policy(policy, catalogue: Catalogue) -> None:
     """Save the greedy policy as a SavedModel under the active run's `policy/` artifacts and
     as a pyfunc model named `model` bundling it with the environment's `catalogue`."""
-    from tf_agents.policies import policy_saver
-
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "policy"
-        with _quiet("absl", "tensorflow"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Encoding a StructuredValue")
-            policy_saver.PolicySaver(policy, batch_size=None).save(str(path))
+        save_policy(policy, path)
         mlflow.log_artifacts(str(path), "policy")
         if tf.nest.is_nested(policy.time_step_spec.observation):
             log.info("Per-arm policy saved as a SavedModel only: the servable model takes one "
                      "feature vector per user")
             return
         _log_servable_model(path, catalogue)
+
+
+def save_policy(policy, path: Path) -> None:
+    """The greedy policy as a TF SavedModel in the folder `path`."""
+    from tf_agents.policies import policy_saver
+
+    with _quiet("absl", "tensorflow"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encoding a StructuredValue")
+        policy_saver.PolicySaver(policy, batch_size=None).save(str(path))
 
 
 def _log_servable_model(policy: Path, catalogue: Catalogue):

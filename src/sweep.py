@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from src import campaign
-from src.cli import exit_on_user_error, interrupt_on_sigterm
+from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
             state = {"study": study.study_name, "seed": cfg.hydra.sweeper.sampler.get("seed") or 0}
             print(" ".join(f"{key}={shlex.quote(str(value))}" for key, value in state.items()))
         elif command == "work":
-            interrupt_on_sigterm()
+            stop_on_termination_signals()
             campaign.work(overrides, worker=int(os.environ.get("SWEEP_WORKER", "0")))
         else:
             best = campaign.summarise_if_done(cfg, campaign.load_study(cfg))

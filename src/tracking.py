@@ -16,7 +16,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from src.errors import UserError
+from src.errors import UserError, one_line
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,11 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
     log.info("MLflow run %s (%s) in %s", run_name, active.info.run_id, mlflow.get_tracking_uri())
     try:
         mlflow.log_params(flatten(cfg))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        try:  # the artifact store's first write, before any training it could lose
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        except (OSError, MlflowException) as error:
+            raise UserError(f"cannot write to the artifact store {mlflow.get_artifact_uri()}: "
+                            f"{one_line(error)}") from None
         yield active
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from src import config, sweep_trials
-from src.cli import exit_on_user_error, interrupt_on_sigterm
+from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.training import train
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_user_error():
         config.check_command_line(sys.argv[1:])
-    interrupt_on_sigterm()
+    stop_on_termination_signals()
     main()
 
 

@@ -16,15 +16,20 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from src import config, data, experiment, metrics, plots, serving, tracking
 from src.cli import Interrupts, interrupts_handled
 from src.engine import Engine, configure_threads
-from src.errors import UserError, require
+from src.errors import UserError, one_line, require
+from src.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
+
+# Where a run's artifacts go when its artifact store refuses them after training.
+UNLOGGED = PROJECT_ROOT / "outputs" / "unlogged"
 
 # Called after each chunk of loops with (interactions so far, the objective's value so far); it
 # may stop the run by raising `tracking.RunStopped` (a sweep's pruner does).
@@ -88,9 +93,19 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
             if history.loops_done:  # a stopped or diverged run keeps its table and plot so far
                 log_tables(cfg, history, reward_model.random_policy_regret)
             raise
-        log_tables(cfg, history, reward_model.random_policy_regret)
-        if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
-            serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
+        with_policy = cfg.tracking.artifacts == "full" and cfg.tracking.save_policy
+        try:
+            log_tables(cfg, history, reward_model.random_policy_regret)
+            if with_policy:
+                serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
+        except (OSError, MlflowException) as error:
+            kept = UNLOGGED / active.info.run_id
+            kept.mkdir(parents=True, exist_ok=True)
+            write_tables(cfg, history, reward_model.random_policy_regret, kept)
+            if with_policy:
+                serving.save_policy(engine.agent.policy, kept / "policy")
+            raise UserError(f"the trained run's artifacts could not be written to {mlflow.get_artifact_uri()} "
+                            f"({one_line(error)}); they are kept in {kept}") from None
     return history.final(), active.info.run_id
 
 
@@ -126,11 +141,14 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory, i
 
 
 def log_tables(cfg: DictConfig, history: metrics.RegretHistory, random_regret: float) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        write_tables(cfg, history, random_regret, Path(scratch))
+        mlflow.log_artifacts(scratch)
+
+
+def write_tables(cfg: DictConfig, history: metrics.RegretHistory, random_regret: float, folder: Path) -> None:
     """Every loop's metrics as metrics.csv and, with full artifacts, the regret plot."""
     frame = history.frame()
-    with tempfile.TemporaryDirectory() as scratch:
-        table = Path(scratch) / "metrics.csv"
-        frame.to_csv(table, index=False)
-        mlflow.log_artifact(str(table))
+    frame.to_csv(folder / "metrics.csv", index=False)
     if cfg.tracking.artifacts == "full":
-        mlflow.log_figure(plots.regret_figure(frame, plots.run_title(cfg), random_regret), "regret.png")
+        plots.regret_figure(frame, plots.run_title(cfg), random_regret).savefig(folder / "regret.png")

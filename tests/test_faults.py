@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
+import pytest
 from omegaconf import OmegaConf
 
-from src import config, training
+from src import cli, config, training
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
 
@@ -100,3 +105,47 @@ def test_every_number_and_switch_in_every_yaml_refuses_spoilt_values(data_overri
     if (tmp_path / "mlflow.db").exists():
         client = mlflow.MlflowClient(tracking_uri)
         assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_closed_terminal_stops_a_run_like_ctrl_c_with_its_own_exit_status():
+    with pytest.raises(cli.Terminated) as stop, cli.interrupts_handled() as interrupts:
+        os.kill(os.getpid(), signal.SIGHUP)  # without a handler, SIGHUP kills at once: no clean-up
+        time.sleep(0.1)
+        interrupts.check()
+    assert stop.value.signum == signal.SIGHUP
+    with pytest.raises(SystemExit) as exit, cli.exit_on_user_error():
+        raise stop.value
+    assert exit.value.code == 129
+
+
+def test_an_artifact_store_that_cannot_be_written_is_refused_before_training(make_config, tracking_uri, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.create_experiment("blocked", artifact_location=(blocker / "artifacts").as_uri())
+    with pytest.raises(UserError, match="cannot write to the artifact store") as error:
+        training.train(make_config("tracking.experiment=blocked"))
+    assert "\n" not in str(error.value)
+    (run,) = mlflow.search_runs(experiment_names=["blocked"], output_format="list")
+    assert run.info.status == "FAILED" and "train/cumulative_regret" not in run.data.metrics
+
+
+def test_artifacts_refused_after_training_are_kept_on_local_disk(make_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "UNLOGGED", tmp_path / "unlogged")
+
+    def break_the_store(step: int, value: float) -> None:  # its artifact folder becomes a file mid-run
+        artifacts = Path(urlparse(mlflow.get_artifact_uri()).path)
+        if artifacts.is_dir():
+            shutil.rmtree(artifacts)
+            artifacts.write_text("")
+
+    with pytest.raises(UserError, match="artifacts could not be written to .*; they are kept in") as error:
+        training.train(make_config("tracking.save_policy=true"), report=break_the_store)
+    assert "\n" not in str(error.value)
+    run = mlflow.last_active_run()
+    assert run.info.status == "FAILED"
+    kept = tmp_path / "unlogged" / run.info.run_id
+    assert str(kept) in str(error.value)
+    assert {"metrics.csv", "regret.png", "policy"} <= {path.name for path in kept.iterdir()}
+    assert (kept / "policy" / "saved_model.pb").is_file()
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/cumulative_regret")) > 1
