@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import config, metrics, plots, tracking
 from src.errors import UserError, one_line
-from src.sweep_trials import PARENT_RUN_ATTR, RUN_ATTR
+from src.sweep_trials import ERROR_ATTR, PARENT_RUN_ATTR, RUN_ATTR
 
 log = logging.getLogger(__name__)
 # Heartbeats and retries of dead workers' trials are Optuna features it still calls experimental;
@@ -52,7 +52,6 @@ warnings.filterwarnings("ignore", message=r".*has been deprecated in v4\.", cate
 COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                               optuna.trial.TrialState.WAITING)
 FAIL, PRUNED = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED
-ERROR_ATTR = "error"
 GRID_ATTR = "grid_size"
 # How often a worker with nothing to do looks again, and fails trials whose worker died.
 POLL_SECONDS = 2.0

@@ -11,8 +11,11 @@ from __future__ import annotations
 import optuna
 from omegaconf import DictConfig
 
+from src.errors import one_line
+
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
+ERROR_ATTR = "error"
 
 _trial: optuna.trial.Trial | None = None
 
@@ -37,3 +40,19 @@ def trial_tags() -> dict[str, str]:
 def record_run(run_id: str) -> None:
     if _trial is not None:
         _trial.set_user_attr(RUN_ATTR, run_id)
+
+
+def record_error(error: BaseException) -> None:
+    if _trial is not None:
+        _trial.set_user_attr(ERROR_ATTR, one_line(error))
+
+
+def every_trial_failed() -> str | None:
+    """Why the last trial failed, if every trial of the sweep did (Hydra's Optuna sweeper then
+    ends asking Optuna for a best trial there is not); else None."""
+    if _trial is None:
+        return None
+    trials = _trial.study.get_trials(deepcopy=False)
+    if any(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials):
+        return None
+    return trials[-1].user_attrs.get(ERROR_ATTR, "no error recorded")

@@ -10,6 +10,7 @@ configured objective, which Hydra's Optuna sweeper reads in a single-process swe
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from src import config, sweep_trials
 from src.cli import exit_on_user_error, stop_on_termination_signals
+from src.errors import UserError
 from src.training import train
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,11 @@ def main(cfg: DictConfig) -> float:
         return final[cfg.objective]
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return run()  # a failed trial must fail alone; the sweeper records it and goes on
+        try:
+            return run()  # a failed trial must fail alone; the sweeper records it and goes on
+        except Exception as error:
+            sweep_trials.record_error(error)
+            raise
     with exit_on_user_error():
         return run()
 
@@ -45,7 +51,16 @@ def cli() -> None:
     with exit_on_user_error():
         config.check_command_line(sys.argv[1:])
     stop_on_termination_signals()
-    main()
+    # Hydra then hands us what ends a multirun, to say in one line rather than as its trace.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    with exit_on_user_error():
+        try:
+            main()
+        except Exception:
+            failed = sweep_trials.every_trial_failed()
+            if failed is None:
+                raise
+            raise UserError(f"every trial of the sweep failed; the last because: {failed}") from None
 
 
 if __name__ == "__main__":

@@ -92,6 +92,11 @@ def test_single_process_sweep_ends_its_parent_run(data_overrides, tmp_path, run_
     result = run_cli("src.train", "-m", *overrides)
     # Every trial failing ends the sweep with an error, and the parent run must not stay RUNNING.
     assert (result.returncode == 0) == (parent_status == "FINISHED"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    if parent_status == "FAILED":
+        assert result.returncode == 2
+        assert re.search(r"\] every trial of the sweep failed; the last because: env.rank_k must be",
+                         result.stderr), result.stderr[-1000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("movielens-bandits").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("sweep.role") == "parent")
