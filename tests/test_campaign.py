@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -112,69 +112,15 @@ def test_multirun_workers_on_postgresql_survive_a_killed_worker_and_end_with_exa
     assert not (PROJECT_ROOT / "logs" / "sweeps" / study_name).exists()  # the logs went where asked
 
 
-def start_tracking_server(tmp_path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` of this test's own (stopping the shared stack's would break
-    other tests), on SQLite in tmp_path; returns once it answers."""
-    scripts = Path(sys.executable).parent
-    server = subprocess.Popen(
-        [str(scripts / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=open(tmp_path / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}",
-             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # as ./stack.sh starts it
-
-    def answers() -> bool:
-        assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200
-        except OSError:
-            return False
-
-    wait_until(answers, 120, "the MLflow server to answer")
-    return server
-
-
-@pytest.mark.slow
-def test_a_tracking_server_that_stops_answering_mid_sweep_stops_the_worker_with_one_line(data_overrides, tmp_path):
-    port = free_port()
-    tracking_uri, storage = f"http://127.0.0.1:{port}", f"sqlite:///{tmp_path / 'optuna.db'}"
-    overrides = overrides_for(data_overrides, "server-stops", storage, tracking_uri, "hydra.sweeper.n_trials=3",
-                              "training.loops=1000000", "tracking.log_every=1")
-    server = start_tracking_server(tmp_path, port)
-    log_path = tmp_path / "worker.log"
-    # MLflow's bounded retries (the product's default count), with a short wait for an answer.
-    worker = subprocess.Popen([sys.executable, "-m", "src.sweep", "work", *overrides], cwd=PROJECT_ROOT,
-                              env={**os.environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
-                                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"},
-                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: "training:" in log_path.read_text(), 240, "the worker to train")
-        time.sleep(2)  # a few chunks' metrics reach the server
-        os.killpg(server.pid, signal.SIGSTOP)  # hung: connections open, nothing answers
-        assert worker.wait(timeout=120) == 2, log_path.read_text()[-3000:]
-        os.killpg(server.pid, signal.SIGCONT)  # back, with what it had stored
-        log_lines = log_path.read_text().splitlines()
-        assert "Traceback" not in log_path.read_text(), log_lines[-40:]
-        assert re.match(r".*ERROR.* the MLflow tracking server at .* stopped answering", log_lines[-1]), log_lines[-5:]
-        assert states(optuna.load_study(study_name="server-stops", storage=storage)) == {"FAIL": 1}
-
-        campaign.prepare(campaign.compose_sweep(overrides))  # a worker resuming the sweep
-        (run,) = [run for run in runs_of(tracking_uri, "server-stops") if "sweep.trial" in run.data.tags]
-        assert run.info.status == "FAILED"
-        assert "tracking server" in run.data.tags["bandits.ended_by"]
-        assert len(mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/cumulative_regret")) > 1
-    finally:
-        worker.kill()
-        os.killpg(server.pid, signal.SIGKILL)
-
-
 class Relay:
-    """A TCP relay to a real server, cut as a restart would cut it: the connections through it
-    drop, and new ones are refused until it is restored."""
+    """A TCP relay to a real server, cut as a restart would cut it (the connections through it
+    drop, and new ones are refused until it is restored) or frozen as a hung server (connections
+    stay open, nothing answers until it thaws)."""
 
     def __init__(self, address: tuple[str, int]):
         self.address, self.port, self.connections = address, free_port(), []
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.restore()
 
     def restore(self) -> None:
@@ -189,6 +135,12 @@ class Relay:
                 connection.shutdown(socket.SHUT_RDWR)
         self.connections.clear()
 
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -200,13 +152,48 @@ class Relay:
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                self.flowing.wait()
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_stops_answering_mid_sweep_stops_the_worker_with_one_line(
+        stack, data_overrides, tmp_path):
+    name = f"server-stops-{uuid.uuid4().hex[:8]}"
+    server = urllib.parse.urlparse(stack["MLFLOW_TRACKING_URI"])
+    relay = Relay((server.hostname, server.port))  # the shared server, hung for this worker only
+    tracking_uri, storage = f"http://127.0.0.1:{relay.port}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = overrides_for(data_overrides, name, storage, tracking_uri, "hydra.sweeper.n_trials=3",
+                              "training.loops=1000000", "tracking.log_every=1")
+    log_path = tmp_path / "worker.log"
+    # MLflow's bounded retries (the product's default count), with a short wait for an answer.
+    worker = subprocess.Popen([sys.executable, "-m", "src.sweep", "work", *overrides], cwd=PROJECT_ROOT,
+                              env={**os.environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+                                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"},
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "training:" in log_path.read_text(), 240, "the worker to train")
+        time.sleep(2)  # a few chunks' metrics reach the server
+        relay.freeze()  # hung: connections open, nothing answers
+        assert worker.wait(timeout=120) == 2, log_path.read_text()[-3000:]
+    finally:
+        worker.kill()
+    relay.thaw()  # back, with what it had stored
+    log_lines = log_path.read_text().splitlines()
+    assert "Traceback" not in log_path.read_text(), log_lines[-40:]
+    assert re.match(r".*ERROR.* the MLflow tracking server at .* stopped answering", log_lines[-1]), log_lines[-5:]
+    assert states(optuna.load_study(study_name=name, storage=storage)) == {"FAIL": 1}
+
+    campaign.prepare(campaign.compose_sweep(overrides))  # a worker resuming the sweep
+    (run,) = [run for run in runs_of(tracking_uri, name) if "sweep.trial" in run.data.tags]
+    assert run.info.status == "FAILED"
+    assert "tracking server" in run.data.tags["bandits.ended_by"]
+    assert len(mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/cumulative_regret")) > 1
 
 
 @pytest.mark.slow
