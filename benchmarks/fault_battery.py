@@ -30,7 +30,7 @@ BAD_INPUTS = [
     "agent.alpha=inf", "agent.alpha=-inf", "agent.alpha=nan", "agent.alpha=1e308", "agent.alpha=-1",
     "agent.alpha=abc", "agent.tikhonov_weight=0", "env.rank_k=2.5", "env.rank_k=500", "env.num_movies=0",
     "env.num_movies=100000", "env.reward_rank=abc", "training.threads.intra_op=-1", "training.seed=4294967296",
-    "training.seed=-1", "training.loops=0", "training.batch_size=1e308", "data.sha256=null", "~data.sha256",
+    "training.seed=-1", "training.loops=0", "training.batch_size=1e308", "data=movielens data.sha256=null", "data=movielens ~data.sha256",
     "tracking.save_policy=maybe", "tracking.log_every=0", "tracking.artifacts=heavy", "objective=train/nothing",
     "agent=epsilon_greedy agent.learning_rate=inf", "agent=epsilon_greedy agent.layers=3",
     "agent=lints agent.alpha=0", "agent=dropout_ts agent.min_dropout_rate=2", "agent=epsilon_greedy agent.epsilon=1.5",
