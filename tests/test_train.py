@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from src import metrics, train, training
+from src.cli import exit_on_user_error
 from src.data import movielens
 from src.data.synthetic import checksum_override
 from src.engine import Engine
@@ -173,11 +174,24 @@ def test_a_diverging_agent_fails_its_run_with_one_line(make_config, tracking_uri
     assert "metrics.csv" in {artifact.path for artifact in client.list_artifacts(found[0].info.run_id)}
 
 
-@pytest.mark.parametrize("signals, code", [([signal.SIGTERM], 143), ([signal.SIGINT] * 30, 130)])
-def test_ctrl_c_or_sigterm_marks_the_run_killed_and_keeps_its_history(movielens_dir, tracking_uri, tmp_path,
-                                                                      signals, code):
-    """A user hammering Ctrl-C (the burst) must still get a clean stop: no interrupt may land
-    inside a write to the store, or the run's end waits on a SQLite lock and leaves it RUNNING."""
+def test_sigterm_marks_the_run_killed_keeps_its_history_and_exits_143(make_config, tracking_uri):
+    def terminate(step: int, value: float) -> None:  # as a scheduler would, mid-run
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as exit, exit_on_user_error():
+        training.train(make_config("training.loops=1000000", "tracking.log_every=1"), report=terminate)
+    assert exit.value.code == 143
+    client, (run,) = runs(tracking_uri)
+    assert run.info.status == "KILLED"
+    assert {"metrics.csv", "regret.png"} <= {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert len(client.get_metric_history(run.info.run_id, metrics.CUMULATIVE_REGRET)) >= 20
+
+
+def test_a_burst_of_ctrl_c_marks_the_run_killed_keeps_its_history_and_exits_quietly(movielens_dir, tracking_uri,
+                                                                                   tmp_path):
+    """A user hammering Ctrl-C must still get a clean stop: no interrupt may land inside a
+    write to the store, or the run's end waits on a SQLite lock and leaves it RUNNING."""
+    signals, code = [signal.SIGINT] * 30, 130
     args = cli_args(movielens_dir, tracking_uri, "training.loops=1000000", "training.chunk_loops=5",
                     "tracking.log_every=1")
     # A job started in the background inherits an ignored SIGINT; a user's terminal does not.
