@@ -62,7 +62,7 @@ def test_multirun_workers_on_postgresql_survive_a_killed_worker_and_end_with_exa
         stack, data_overrides, tmp_path):
     study_name = f"pg-{uuid.uuid4().hex[:8]}"
     storage, tracking_uri = stack["OPTUNA_STORAGE"], stack["MLFLOW_TRACKING_URI"]
-    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "training.loops=300",
+    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "training.loops=200",
                               "sweep.heartbeat_s=1", "sweep.grace_s=5", "tracking.save_policy=true")[1:]
     env = {**os.environ, "SWEEP_LOG_DIR": str(tmp_path / "logs")}
     multirun_out = tmp_path / "multirun.out"

@@ -54,12 +54,10 @@ def window_means(regret_of, seeds, loops: int) -> np.ndarray:
 # Measured, LinUCB, 6 seeds x 30 loops: mean regret per interaction ours 0.88 +- 0.03,
 # stock 0.88 +- 0.03 (uniform random: ~1.8); over 24 loops the seed std is ~0.035, so a
 # difference of 3-seed means has std ~0.03: 0.1 is ~3.5 of those.
-# Epsilon-greedy, 6 seeds x 20 loops: ours 1.77 +- 0.32, stock 1.83 +- 0.27 (uniform random
-# 1.85): the network barely starts learning in a window the eager pattern can afford, so
-# this catches gross errors (reward sign, wrong users), not fine ones. A difference of
-# 3-seed means has std ~0.24: 0.75 is ~3 of those.
+# (Epsilon-greedy's network barely starts learning in a window the eager pattern can afford:
+# compared so, it caught only gross errors, which its learning tests catch too.)
 @pytest.mark.slow
-@pytest.mark.parametrize("agent, loops, tolerance", [("linucb", 24, 0.1), ("epsilon_greedy", 16, 0.75)])
+@pytest.mark.parametrize("agent, loops, tolerance", [("linucb", 24, 0.1)])
 def test_engine_matches_stock_pattern(make_config, agent, loops, tolerance):
     cfg = make_config(f"agent={agent}")
     seeds = (0, 1, 2)
