@@ -36,8 +36,12 @@ def runs(uri: str):
 
 
 def cli_args(movielens_dir, uri, *extra):
+    """The command line of a test run: its data, its store, and Hydra's output folder beside
+    the store (not in the checkout, where an in-process run would put it)."""
     directory, checksums = movielens_dir
-    return [f"data.dir={directory}", checksum_override(checksums), f"tracking.uri={uri}", *SMALL, *extra]
+    outputs = Path(uri.removeprefix("sqlite:///")).parent / "outputs"
+    return [f"data.dir={directory}", checksum_override(checksums), f"tracking.uri={uri}",
+            f"hydra.run.dir={outputs}", *SMALL, *extra]
 
 
 def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
