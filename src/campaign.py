@@ -591,7 +591,13 @@ def register_best_model(cfg: DictConfig, run_id: str) -> None:
             client.delete_model_version(name, str(extra))
         except mlflow.exceptions.MlflowException:
             pass  # the other worker deleted it first
-    log.info("Registered the best trial's model as models:/%s/%s", name, versions[0] if versions else version.version)
+    kept = str(versions[0] if versions else version.version)
+    # The alias follows the best trial as a resumed sweep finds better ones; serve `@champion`.
+    client.set_registered_model_alias(name, "champion", kept)
+    client.update_registered_model(name, description=(
+        f"The best trial of the Optuna study '{cfg.hydra.sweeper.study_name}' by {cfg.objective} "
+        f"({directions(cfg)[0]}); each version is a best trial's policy, trained again from its config."))
+    log.info("Registered the best trial's model as models:/%s/%s (alias @champion)", name, kept)
 
 
 def retrain_policy(run_id: str, run_cfg: DictConfig) -> None:

@@ -78,6 +78,8 @@ def test_the_best_trials_model_is_registered(make_config, tracking_uri, data_ove
     campaign.register_best_model(cfg, run.info.run_id)  # a resumed sweep, same best trial
     (version,) = client.search_model_versions("name = 'linucb-best'")
     assert version.run_id == run.info.run_id
+    assert client.get_model_version_by_alias("linucb-best", "champion").version == version.version
+    assert "Optuna study 'linucb'" in client.get_registered_model("linucb-best").description
     model = mlflow.pyfunc.load_model(f"models:/linucb-best/{version.version}")
     assert model.metadata.signature is not None
 
