@@ -220,7 +220,8 @@ def end_orphaned_runs(study: optuna.Study, experiment: str) -> None:
     trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
     for run in trial_runs(study.study_name, experiment, " AND attributes.status = 'RUNNING'"):
         trial = trials.get(int(run.data.tags.get("sweep.trial", -1)))  # the parent has no trial
-        if trial is not None and trial.state.is_finished():
+        # A COMPLETE trial's run is RUNNING again while the summarising worker adds its policy.
+        if trial is not None and trial.state.is_finished() and trial.state != COMPLETE:
             fail_run(run.info.run_id, f"trial {trial.number} ended {trial.state.name}: "
                                       f"{trial.user_attrs.get(ERROR_ATTR, 'no error recorded')}")
             log.warning("Run %s of trial %d, left RUNNING, marked FAILED", run.info.run_id, trial.number)

@@ -236,6 +236,22 @@ def test_a_study_database_that_restarts_mid_sweep_is_waited_for_then_given_up_on
     assert failed.data.tags["sweep.trial"] == str(study.get_trials(states=(campaign.FAIL,))[0].number)
 
 
+def test_resuming_fails_the_runs_of_failed_trials_only(tmp_path):
+    """A worker joining late fails the runs a lost server left RUNNING, but not the best
+    trial's run, RUNNING again while the summarising worker adds its policy."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("resume")
+    study = optuna.create_study(study_name="resume", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    study.add_trial(optuna.trial.create_trial(state=campaign.FAIL))
+    completing, orphaned = (client.create_run(experiment, tags={"sweep.study": "resume", "sweep.trial": str(number)})
+                            for number in (0, 1))
+    campaign.end_orphaned_runs(study, "resume")
+    assert client.get_run(completing.info.run_id).info.status == "RUNNING"
+    assert client.get_run(orphaned.info.run_id).info.status == "FAILED"
+
+
 def test_an_unreachable_database_is_one_line_before_any_trial(data_overrides, tmp_path):
     url = "postgresql://nobody:secret@127.0.0.1:1/optuna"  # the plain scheme works too
     overrides = overrides_for(data_overrides, "unreachable", url, f"sqlite:///{tmp_path / 'mlflow.db'}")
