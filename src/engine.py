@@ -11,6 +11,7 @@ environment is asked for observations (`reset()`) and rewards (`outcome()`) only
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 import tensorflow as tf
 from tf_agents.trajectories import time_step as ts
+from tf_agents.trajectories.policy_step import PolicyStep
 from tf_agents.trajectories import trajectory
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ class LoopMetrics:
     reward: np.ndarray  # float64 [loops]
     suboptimal: np.ndarray  # float64 [loops], number of non-optimal picks
     loss: np.ndarray  # float64 [loops], the agent's training loss on the loop's experience
+    # float64 [loops x interactions per loop, 4]: user row, action, the collect policy's
+    # probability of that action (NaN when unknown) and reward; None unless recorded.
+    interactions: np.ndarray | None = None
 
 
 def configure_threads(intra_op: int, inter_op: int) -> None:
@@ -42,14 +47,26 @@ def configure_threads(intra_op: int, inter_op: int) -> None:
         log.debug("TensorFlow already initialised; keeping its thread settings")
 
 
-class Engine:
-    """Runs `agent` on the in-graph bandit `environment`, `chunk` loops per compiled call."""
+# Maps the collect policy's `PolicyStep` to each action's probability, [batch, actions] float64.
+ActionProbabilities = Callable[[PolicyStep], tf.Tensor]
 
-    def __init__(self, environment, agent, steps_per_loop: int):
+
+class Engine:
+    """Runs `agent` on the in-graph bandit `environment`, `chunk` loops per compiled call.
+
+    With `record_interactions`, each chunk also returns every interaction as logged bandit
+    feedback for off-policy evaluation; `action_probabilities` (None for a policy whose
+    propensities are unknown) gives each pick's propensity.
+    """
+
+    def __init__(self, environment, agent, steps_per_loop: int, record_interactions: bool = False,
+                 action_probabilities: ActionProbabilities | None = None):
         self.environment = environment
         self.agent = agent
         self.steps_per_loop = steps_per_loop
         self.interactions_per_loop = environment.batch_size * steps_per_loop
+        self.record_interactions = record_interactions
+        self.action_probabilities = action_probabilities
         self.traces = 0
         self.run_chunk = tf.function(
             self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
@@ -70,29 +87,45 @@ class Engine:
         suboptimal = tf.cast(reward < optimal_reward, tf.float64)
         metrics = tf.stack([tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
                             tf.reduce_sum(suboptimal)])
-        return transition, metrics
+        return transition, metrics, self._interactions(action_step, reward)
+
+    def _interactions(self, action_step, reward):
+        if not self.record_interactions:
+            return tf.zeros([0, 4], tf.float64)
+        action = tf.cast(action_step.action, tf.int32)
+        if self.action_probabilities is None:
+            propensity = tf.fill(tf.shape(reward), tf.constant(np.nan, tf.float64))
+        else:
+            propensity = tf.gather(self.action_probabilities(action_step), action, batch_dims=1)
+        return tf.stack([tf.cast(self.environment.users, tf.float64), tf.cast(action, tf.float64),
+                         propensity, reward], axis=1)
 
     def _run_loop(self):
-        transitions, metrics = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
+        transitions, metrics, interactions = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
         experience = tf.nest.map_structure(lambda *steps: tf.stack(steps, axis=1), *transitions)
         loss = tf.reduce_mean(tf.cast(self.agent.train(experience).loss, tf.float64))
-        return tf.concat([tf.add_n(metrics), [loss]], axis=0)
+        return tf.concat([tf.add_n(metrics), [loss]], axis=0), tf.concat(interactions, axis=0)
 
     def _run_chunk(self, num_loops):
         self.traces += 1
+        recorded = self.interactions_per_loop if self.record_interactions else 0
 
-        def body(i, history):
-            return i + 1, history.write(i, self._run_loop())
+        def body(i, history, interactions):
+            loop_metrics, loop_interactions = self._run_loop()
+            return i + 1, history.write(i, loop_metrics), interactions.write(i, loop_interactions)
 
         history = tf.TensorArray(tf.float64, size=num_loops, element_shape=[4])
-        _, history = tf.while_loop(lambda i, _: i < num_loops, body, (0, history))
-        return history.stack()
+        interactions = tf.TensorArray(tf.float64, size=num_loops, element_shape=[recorded, 4])
+        _, history, interactions = tf.while_loop(
+            lambda i, *_: i < num_loops, body, (0, history, interactions))
+        return history.stack(), interactions.concat()
 
     def run(self, loops: int, chunk: int):
         """Yield `LoopMetrics` for each chunk of up to `chunk` loops until `loops` have run."""
         done = 0
         while done < loops:
             size = min(chunk, loops - done)
-            history = self.run_chunk(tf.constant(size, tf.int32)).numpy()
+            history, interactions = self.run_chunk(tf.constant(size, tf.int32))
             done += size
-            yield LoopMetrics(*history.T)
+            yield LoopMetrics(*history.numpy().T,
+                              interactions=interactions.numpy() if self.record_interactions else None)

@@ -11,9 +11,11 @@ from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from src.agents import build_agent
+from src.agents import action_probabilities, build_agent
 from src.engine import Engine
 from src.envs import build_environment
+from src.envs.movielens import MovieLensEnvironment
+from src.errors import UserError
 
 
 def seed_everything(seed: int) -> None:
@@ -29,4 +31,11 @@ def assemble(cfg: DictConfig, data) -> Engine:
     seed_everything(cfg.training.seed)
     environment = build_environment(cfg, data)
     agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec())
-    return Engine(environment, agent, cfg.training.steps_per_loop)
+    if not cfg.tracking.log_interactions:
+        return Engine(environment, agent, cfg.training.steps_per_loop)
+    if not isinstance(environment, MovieLensEnvironment):
+        raise UserError(f"tracking.log_interactions=true needs env=movielens: a round of env={cfg.env.name} "
+                        f"holds a candidate set that the log does not keep")
+    num_actions = len(environment.reward_model.movie_ids)
+    return Engine(environment, agent, cfg.training.steps_per_loop, record_interactions=True,
+                  action_probabilities=action_probabilities(cfg.agent, num_actions))

@@ -53,3 +53,20 @@ def comparison_figure(curves: pd.DataFrame, metric: str, confidence: float):
     axis.grid(alpha=0.3)
     axis.legend()
     return figure
+
+
+def estimates_figure(table: pd.DataFrame, true_value: float, title: str, confidence: float):
+    """Each estimator's estimate and interval (`table`: estimator, estimate, ci_low, ci_high)
+    against the true value."""
+    figure = Figure(figsize=(7, 0.6 * len(table) + 1.6), layout="constrained")
+    axis = figure.subplots()
+    positions = range(len(table))
+    errors = [table.estimate - table.ci_low, table.ci_high - table.estimate]
+    axis.errorbar(table.estimate, positions, xerr=errors, fmt="o", capsize=4, label=f"estimate, {confidence:.0%} bootstrap")
+    axis.axvline(true_value, color="grey", linestyle="--", label=f"true value {true_value:.3f}")
+    axis.set_yticks(list(positions), table.estimator)
+    axis.invert_yaxis()
+    axis.set(title=title, xlabel="value (mean reward per interaction)")
+    axis.grid(alpha=0.3, axis="x")
+    figure.legend(loc="outside lower center", ncols=2)
+    return figure

@@ -21,12 +21,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 from hydra.errors import HydraException
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from src import config, data, serving, tracking
+from src import artifacts, config, data, serving, tracking
 from src.cli import exit_on_user_error
 from src.envs import build_environment
 from src.errors import UserError, require
@@ -52,50 +50,6 @@ def parse(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def fetch_policy(cfg: DictConfig, scratch: Path) -> tuple[str, Path]:
-    """The id of the run that trained the policy, and the policy downloaded into `scratch`."""
-    if cfg.run_id is not None:
-        run_id = str(cfg.run_id)
-        check_run(run_id)
-        try:
-            return run_id, Path(mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="policy", dst_path=str(scratch)))
-        except (MlflowException, OSError):
-            raise UserError(f"run {run_id} has no saved policy (artifact policy/); "
-                            f"train with tracking.save_policy=true") from None
-    uri = str(cfg.model_uri)
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
-    except (MlflowException, OSError) as error:
-        raise UserError(f"cannot fetch model_uri={uri}: {str(error).splitlines()[0]}") from None
-    if (local / "MLmodel").is_file():
-        logged_model = Model.load(str(local))
-        artifacts = logged_model.flavors.get("python_function", {}).get("artifacts") or {}
-        if "policy" not in artifacts or logged_model.run_id is None:
-            raise UserError(f"model_uri={uri} is not a policy model logged by src.train")
-        return logged_model.run_id, local / artifacts["policy"]["path"]
-    if (local / "saved_model.pb").is_file() and uri.startswith("runs:/"):
-        return uri.split("/")[1], local
-    raise UserError(f"model_uri={uri} holds neither a policy model nor a saved policy")
-
-
-def check_run(run_id: str) -> None:
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-    except MlflowException:
-        raise UserError(f"no run {run_id} in the tracking store {mlflow.get_tracking_uri()} "
-                        f"(pass tracking.uri= if it is elsewhere)") from None
-
-
-def logged_config(run_id: str, scratch: Path) -> DictConfig:
-    try:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="config.yaml", dst_path=str(scratch))
-    except (MlflowException, OSError):
-        raise UserError(f"run {run_id} has no config.yaml; was it logged by src.train?") from None
-    return OmegaConf.load(path)
-
-
 def read_observations(path: str) -> np.ndarray:
     """Observation vectors, one per row: a JSON list of lists or a CSV file without header."""
     file = Path(path)
@@ -117,8 +71,8 @@ def recommend(cfg: DictConfig) -> str:
     """Run the policy on the user or the observations `cfg` names; return the report."""
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
     with tempfile.TemporaryDirectory() as scratch:
-        run_id, policy_path = fetch_policy(cfg, Path(scratch))
-        run_cfg = logged_config(run_id, Path(scratch))
+        run_id, policy_path = artifacts.fetch_policy(cfg.run_id, cfg.model_uri, Path(scratch))
+        run_cfg = artifacts.logged_config(run_id, Path(scratch))
         policy = serving.Policy(policy_path)
     if cfg.data.dir is not None:
         run_cfg.data.dir = cfg.data.dir

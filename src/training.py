@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from src import config, data, experiment, metrics, plots, serving, tracking
+from src import config, data, experiment, interactions, metrics, plots, serving, tracking
 from src.cli import Interrupts, interrupts_handled
 from src.engine import Engine, configure_threads
 from src.errors import UserError, one_line, require
@@ -82,13 +82,14 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     engine = experiment.assemble(cfg, dataset)  # before the run: a config error leaves no FAILED run
     reward_model = engine.environment.reward_model
     history = metrics.RegretHistory(engine.interactions_per_loop)
+    logged = interactions.InteractionLog() if engine.record_interactions else None
     with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
         mlflow.log_metric("env/random_policy_regret", reward_model.random_policy_regret)
         log.info("Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
                  cfg.agent.name, cfg.env.name, *reward_model.rewards.shape, reward_model.user_features.shape[1],
                  cfg.training.loops, engine.interactions_per_loop)
         try:
-            run_loops(cfg, engine, history, interrupts, active.info.run_id, report)
+            run_loops(cfg, engine, history, logged, interrupts, active.info.run_id, report)
         except (KeyboardInterrupt, tracking.RunStopped, UserError):
             if history.loops_done:  # a stopped or diverged run keeps its table and plot so far
                 log_tables(cfg, history, reward_model.random_policy_regret)
@@ -96,12 +97,16 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
         with_policy = cfg.tracking.artifacts == "full" and cfg.tracking.save_policy
         try:
             log_tables(cfg, history, reward_model.random_policy_regret)
+            if logged is not None:
+                interactions.log(logged.frame(reward_model))
             if with_policy:
                 serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
         except (OSError, MlflowException) as error:
             kept = UNLOGGED / active.info.run_id
             kept.mkdir(parents=True, exist_ok=True)
             write_tables(cfg, history, reward_model.random_policy_regret, kept)
+            if logged is not None:
+                logged.frame(reward_model).to_parquet(kept / interactions.FILE, index=False)
             if with_policy:
                 serving.save_policy(engine.agent.policy, kept / "policy")
             raise UserError(f"the trained run's artifacts could not be written to {mlflow.get_artifact_uri()} "
@@ -109,10 +114,11 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     return history.final(), active.info.run_id
 
 
-def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory, interrupts: Interrupts,
-              run_id: str, report: Reporter | None) -> None:
-    """Train for `cfg.training.loops` loops into `history`, logging the metrics as they come;
-    stop cleanly between chunks on Ctrl-C or SIGTERM."""
+def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
+              logged: interactions.InteractionLog | None, interrupts: Interrupts, run_id: str,
+              report: Reporter | None) -> None:
+    """Train for `cfg.training.loops` loops into `history` (and `logged`, when recording),
+    logging the metrics as they come; stop cleanly between chunks on Ctrl-C or SIGTERM."""
     training = cfg.training
     downsampler = metrics.Downsampler(cfg.tracking.log_every)
     started = time.perf_counter()
@@ -120,6 +126,8 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory, i
         for chunk in engine.run(training.loops, training.chunk_loops):
             bar.update(len(chunk.regret))
             rows = history.add(chunk)
+            if logged is not None:
+                logged.add(chunk.interactions)
             interrupts.check(urgent_only=True)
             # A diverged run ends here: its last, partial window is logged too.
             ending = history.loops_done == training.loops or not np.isfinite(rows[metrics.LOSS]).all()

@@ -12,7 +12,7 @@ import pytest
 
 from src.paths import PROJECT_ROOT
 
-ENTRY_POINTS = {"src.train", "src.sweep", "src.predict", "src.compare", "src.runs"}
+ENTRY_POINTS = {"src.train", "src.sweep", "src.predict", "src.evaluate", "src.compare", "src.runs"}
 
 
 def module_name(path: Path) -> str:

@@ -4,6 +4,11 @@ An agent YAML's `per_arm: true` says its builder handles observations with per-a
 features (`env=movielens_per_arm`); the list of such agents is read from those files.
 """
 
+from __future__ import annotations
+
+import functools
+import importlib
+
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
@@ -40,3 +45,15 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec):
                         f"agents that can: {', '.join(per_arm_agents())}")
     with config.errors_name_source("agent", cfg.name):
         return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)
+
+
+def action_probabilities(cfg: DictConfig, num_actions: int):
+    """The agent's collect-policy propensities as a function of its `PolicyStep`, from its
+    builder module's `action_probabilities`; None where they are unknown (LinUCB is
+    deterministic given its state; LinTS and dropout TS sample without a closed form)."""
+    module = importlib.import_module(cfg._target_.rsplit(".", 1)[0])
+    probabilities = getattr(module, "action_probabilities", None)
+    if probabilities is None:
+        return None
+    hyperparameters = OmegaConf.to_container(cfg, resolve=True)
+    return functools.partial(probabilities, num_actions=num_actions, **hyperparameters)

@@ -12,7 +12,6 @@ from src.agents.networks import check_layers, reward_network
 from src.errors import require
 
 
-
 def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
           layers: list[int], name: str = "epsilon_greedy"):
     require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
@@ -24,3 +23,11 @@ def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
         epsilon=epsilon, emit_policy_info=("predicted_rewards_mean",),
         info_fields_to_inherit_from_greedy=["predicted_rewards_mean"],
         accepts_per_arm_features=has_per_arm_features(time_step_spec), name=name)
+
+
+def action_probabilities(action_step, num_actions: int, epsilon: float, **_) -> tf.Tensor:
+    """Each movie's probability of being picked: epsilon spread uniformly, the rest on the
+    greedy movie. (TF-Agents' own log-probability is that of the branch taken, which
+    undercounts the greedy movie by epsilon / num_actions.)"""
+    greedy = tf.argmax(action_step.info.predicted_rewards_mean, axis=-1)
+    return epsilon / num_actions + (1 - epsilon) * tf.one_hot(greedy, num_actions, dtype=tf.float64)

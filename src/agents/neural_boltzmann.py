@@ -13,7 +13,6 @@ from src.agents.networks import check_layers, reward_network
 from src.errors import require
 
 
-
 def build(time_step_spec, action_spec, learning_rate: float, temperature: float,
           layers: list[int], name: str = "neural_boltzmann"):
     require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
@@ -24,3 +23,9 @@ def build(time_step_spec, action_spec, learning_rate: float, temperature: float,
         optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),
         temperature=temperature, emit_policy_info=("predicted_rewards_mean",),
         accepts_per_arm_features=has_per_arm_features(time_step_spec), name=name)
+
+
+def action_probabilities(action_step, num_actions: int, temperature: float, **_) -> tf.Tensor:
+    """The softmax the policy samples from, on the predicted ratings it reports."""
+    logits = tf.cast(action_step.info.predicted_rewards_mean, tf.float64) / temperature
+    return tf.nn.softmax(logits)

@@ -42,5 +42,9 @@ class UniformRandomAgent(tf_agent.TFAgent):
         return tf_agent.LossInfo(loss=tf.constant(0.0), extra=())
 
 
+def action_probabilities(action_step, num_actions: int, **_) -> tf.Tensor:
+    return tf.fill([tf.shape(action_step.action)[0], num_actions], tf.constant(1 / num_actions, tf.float64))
+
+
 def build(time_step_spec, action_spec, name: str = "random") -> UniformRandomAgent:
     return UniformRandomAgent(time_step_spec, action_spec, name)

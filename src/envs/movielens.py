@@ -105,6 +105,11 @@ class MovieLensEnvironment(bandit_tf_environment.BanditTFEnvironment):
         self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False, name="users")
         super().__init__(ts.time_step_spec(observation_spec), action_spec, batch_size, name)
 
+    @property
+    def users(self) -> tf.Variable:
+        """The reward model's rows of the users observed at the last `reset()`."""
+        return self._users
+
     def _observe(self) -> tf.Tensor:
         # Distinct users within a batch, like TF-Agents' `random.sample`.
         users = tf.math.top_k(self._rng.uniform([self._num_users]), k=self.batch_size).indices
