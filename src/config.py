@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from src.errors import UserError, require
+from src.metrics import OBJECTIVES
 from src.paths import PROJECT_ROOT
 
 CONFIG_DIR = PROJECT_ROOT / "conf"
@@ -22,6 +23,10 @@ LARGEST_INTEGER = 2**31 - 1
 
 # Lets configs place files at the project root whatever the cwd (`${project_root:}`).
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+# A sweep's direction follows its objective (a cost is minimised, an estimated value maximised);
+# a search config cannot set it itself, as Hydra merges the sweeper's own config after it.
+OmegaConf.register_new_resolver("direction_of", lambda objective: OBJECTIVES.get(objective, "minimize"),
+                                replace=True)
 
 
 def compose(overrides: Iterable[str] = (), config_name: str = "config", with_hydra: bool = False) -> DictConfig:

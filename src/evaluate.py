@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from src import artifacts, config, data, interactions, ope, plots, serving, tracking
@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 
 USAGE = "usage: python -m src.evaluate target_run_id=<id>|target_model_uri=<uri> logs_run_id=<id>"
 ROLE_TAG = "bandits.role"
-# What must agree between the logs' run and the target's: the same users, movies and features.
-ENVIRONMENT_KEYS = ("env", "data")
-WHEREABOUTS = ("dir", "cache_dir", "url")  # where the data lives, not what it is
 
 
 def parse(overrides: list[str]) -> DictConfig:
@@ -62,55 +59,6 @@ def parse(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def environment_of(run_cfg: DictConfig) -> dict:
-    """The flattened env and data settings that fix users, movies and rewards."""
-    described = OmegaConf.masked_copy(run_cfg, list(ENVIRONMENT_KEYS))
-    flat = tracking.flatten(described)
-    return {key: value for key, value in flat.items() if key.split(".")[-1] not in WHEREABOUTS}
-
-
-def check_same_environment(logs_cfg: DictConfig, target_cfg: DictConfig, logs_run_id: str, target_run_id: str):
-    logs_env, target_env = environment_of(logs_cfg), environment_of(target_cfg)
-    if logs_env["env.num_movies"] != target_env["env.num_movies"]:
-        raise UserError(f"the action spaces differ: the logs of run {logs_run_id} have "
-                        f"{logs_env['env.num_movies']} movies, the target policy of run {target_run_id} "
-                        f"{target_env['env.num_movies']}")
-    differing = sorted(key for key in logs_env.keys() | target_env.keys() if logs_env.get(key) != target_env.get(key))
-    if differing:
-        key = differing[0]
-        raise UserError(f"the logs of run {logs_run_id} come from another environment than the target "
-                        f"policy of run {target_run_id}: {key} is {logs_env.get(key)} in the logs and "
-                        f"{target_env.get(key)} for the target")
-
-
-def feedback_of(frame: pd.DataFrame, reward_model, logs_run_id: str) -> tuple[ope.Feedback, np.ndarray]:
-    """The logged rounds, and each round's row in `reward_model`; refuses logs whose users and
-    features are not this environment's."""
-    rows = pd.Index(reward_model.user_ids).get_indexer(frame.user_id)
-    contexts = interactions.contexts(frame)
-    if (rows < 0).any() or contexts.shape[1] != reward_model.user_features.shape[1] or not np.allclose(
-            contexts, reward_model.user_features[rows], atol=1e-5):
-        raise UserError(f"the interactions of run {logs_run_id} do not match the environment its config "
-                        f"describes (other users or features): was the data changed since?")
-    feedback = ope.Feedback(contexts, frame.action.to_numpy(np.int64), frame.reward.to_numpy(np.float64),
-                            frame.propensity.to_numpy(np.float64))
-    return feedback, rows
-
-
-def check_propensities(feedback: ope.Feedback, estimators, logs_run_id: str, logging_agent: str) -> None:
-    needing = [name for name in estimators if name in ope.NEEDS_PROPENSITIES]
-    if not needing:
-        return
-    if np.isnan(feedback.propensities).any():
-        raise UserError(f"the logs of run {logs_run_id} have no propensities: agent={logging_agent} does not "
-                        f"expose its action probabilities, so {', '.join(needing)} cannot score them; "
-                        f"use estimators=[dm], or log with epsilon_greedy, neural_boltzmann or random")
-    zero = np.flatnonzero(feedback.propensities <= 0)
-    if len(zero):
-        raise UserError(f"the logs of run {logs_run_id} hold a propensity of {feedback.propensities[zero[0]]} "
-                        f"(round {zero[0]}): importance weights need propensities > 0")
-
-
 def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
     """Estimates with intervals and errors, the target's true value, and the evaluation run's id."""
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
@@ -121,13 +69,14 @@ def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
         frame = interactions.load(logs_run_id)
         target_run_id, policy_path = artifacts.fetch_policy(cfg.target_run_id, cfg.target_model_uri, Path(scratch))
         target_cfg = artifacts.logged_config(target_run_id, Path(scratch) / "target")
-        check_same_environment(logs_cfg, target_cfg, logs_run_id, target_run_id)
+        interactions.check_same_environment(logs_cfg, target_cfg, f"the logs of run {logs_run_id}",
+                                            f"the target policy of run {target_run_id}")
         policy = serving.Policy(policy_path)
     if cfg.data.dir is not None:
         logs_cfg.data.dir = cfg.data.dir
     reward_model = build_environment(logs_cfg, data.load(logs_cfg.data)).reward_model
-    feedback, user_rows = feedback_of(frame, reward_model, logs_run_id)
-    check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
+    feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
+    interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
 
     # The saved policy is greedy, so deterministic: its choice for each user settles both the
     # true value and the target's probabilities on the logged rounds.

@@ -22,7 +22,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
 
+from src import ope, tracking
 from src.errors import UserError
 
 ARTIFACT_DIR = "interactions"
@@ -30,6 +32,9 @@ FILE = "interactions.parquet"
 # "exact" or "unknown": whether the log's propensities are the logging policy's true ones.
 PROPENSITIES_TAG = "interactions.propensities"
 CONTEXT_PREFIX = "context_"
+# What must agree between the logs' run and a policy or agent used with them.
+ENVIRONMENT_KEYS = ("env", "data")
+WHEREABOUTS = ("dir", "cache_dir", "url")  # where the data lives, not what it is
 
 
 class InteractionLog:
@@ -92,6 +97,55 @@ def load(run_id: str) -> pd.DataFrame:
         return pd.read_parquet(path)
 
 
-def contexts(frame: pd.DataFrame) -> np.ndarray:
+def context_features(frame: pd.DataFrame) -> np.ndarray:
     """The features each round's policy saw, [rounds, k]."""
     return frame.filter(like=CONTEXT_PREFIX).to_numpy(np.float32)
+
+
+def environment_of(run_cfg: DictConfig) -> dict:
+    """The flattened env and data settings that fix users, movies and rewards."""
+    described = OmegaConf.masked_copy(run_cfg, list(ENVIRONMENT_KEYS))
+    flat = tracking.flatten(described)
+    return {key: value for key, value in flat.items() if key.split(".")[-1] not in WHEREABOUTS}
+
+
+def check_same_environment(logs_cfg: DictConfig, other_cfg: DictConfig, logs: str, other: str) -> None:
+    """Refuse to use the logs (described as `logs`) with a policy or agent (`other`) of another
+    environment: other movies, users, features or rewards."""
+    logs_env, other_env = environment_of(logs_cfg), environment_of(other_cfg)
+    if logs_env["env.num_movies"] != other_env["env.num_movies"]:
+        raise UserError(f"the action spaces differ: {logs} have {logs_env['env.num_movies']} movies, "
+                        f"{other} {other_env['env.num_movies']}")
+    differing = sorted(key for key in logs_env.keys() | other_env.keys() if logs_env.get(key) != other_env.get(key))
+    if differing:
+        key = differing[0]
+        raise UserError(f"{logs} come from another environment than {other}: {key} is "
+                        f"{logs_env.get(key)} in the logs and {other_env.get(key)} for {other}")
+
+
+def feedback_of(frame: pd.DataFrame, reward_model, logs_run_id: str) -> tuple[ope.Feedback, np.ndarray]:
+    """The logged rounds, and each round's row in `reward_model`; refuses logs whose users and
+    features are not this environment's."""
+    rows = pd.Index(reward_model.user_ids).get_indexer(frame.user_id)
+    contexts = context_features(frame)
+    if (rows < 0).any() or contexts.shape[1] != reward_model.user_features.shape[1] or not np.allclose(
+            contexts, reward_model.user_features[rows], atol=1e-5):
+        raise UserError(f"the interactions of run {logs_run_id} do not match the environment its config "
+                        f"describes (other users or features): was the data changed since?")
+    feedback = ope.Feedback(contexts, frame.action.to_numpy(np.int64), frame.reward.to_numpy(np.float64),
+                            frame.propensity.to_numpy(np.float64))
+    return feedback, rows
+
+
+def check_propensities(feedback: ope.Feedback, estimators, logs_run_id: str, logging_agent: str) -> None:
+    needing = [name for name in estimators if name in ope.NEEDS_PROPENSITIES]
+    if not needing:
+        return
+    if np.isnan(feedback.propensities).any():
+        raise UserError(f"the logs of run {logs_run_id} have no propensities: agent={logging_agent} does not "
+                        f"expose its action probabilities, so {', '.join(needing)} cannot score them; "
+                        f"use estimators=[dm], or log with epsilon_greedy, neural_boltzmann or random")
+    zero = np.flatnonzero(feedback.propensities <= 0)
+    if len(zero):
+        raise UserError(f"the logs of run {logs_run_id} hold a propensity of {feedback.propensities[zero[0]]} "
+                        f"(round {zero[0]}): importance weights need propensities > 0")

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from src.ope import ESTIMATORS
+
 if TYPE_CHECKING:  # the engine brings TensorFlow, which readers of metrics (src.compare) do without
     from src.engine import LoopMetrics
 
@@ -24,10 +26,12 @@ CUMULATIVE_REGRET = "train/cumulative_regret"
 REWARD = "train/reward"
 SUBOPTIMAL_ARM_RATE = "train/suboptimal_arm_rate"
 LOSS = "train/loss"
-# The metrics a run returns, each with the direction a sweep optimising it must take.
+# The metrics a run returns, each with the direction a sweep optimising it must take; an
+# off-policy estimate of the learned policy's value when the agent learns offline (src.offline).
 OBJECTIVES = {REGRET: "minimize", CUMULATIVE_REGRET: "minimize", REWARD: "maximize",
-              SUBOPTIMAL_ARM_RATE: "minimize"}
+              SUBOPTIMAL_ARM_RATE: "minimize", **{f"ope/{name}": "maximize" for name in ESTIMATORS}}
 FINAL_METRICS = tuple(OBJECTIVES)
+ONLINE_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
 
 
 class RegretHistory:
@@ -62,7 +66,7 @@ class RegretHistory:
 
     def final(self) -> dict[str, float]:
         last = self._frames[-1].iloc[-1]
-        return {key: float(last[key]) for key in FINAL_METRICS}
+        return {key: float(last[key]) for key in ONLINE_METRICS}
 
 
 def downsample(frame: pd.DataFrame, window: int) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from src import config, data, experiment, interactions, metrics, plots, serving, tracking
+from src import config, data, experiment, interactions, metrics, offline, plots, serving, tracking
 from src.cli import Interrupts, interrupts_handled
 from src.engine import Engine, configure_threads
 from src.errors import UserError, one_line, require
@@ -53,6 +53,8 @@ def check_training(cfg: DictConfig) -> None:
     require(isinstance(log_every, int) and log_every >= 1, "tracking.log_every", log_every, "an integer >= 1")
     require(cfg.objective in metrics.FINAL_METRICS, "objective", cfg.objective,
             f"one of {', '.join(metrics.FINAL_METRICS)}")
+    if offline.is_offline(cfg):
+        offline.check(cfg)
 
 
 def check_finite(rows) -> None:
@@ -80,6 +82,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = data.load(cfg.data)
     engine = experiment.assemble(cfg, dataset)  # before the run: a config error leaves no FAILED run
+    if offline.is_offline(cfg):
+        return train_offline(cfg, engine, dataset, experiment_id, tags)
     reward_model = engine.environment.reward_model
     history = metrics.RegretHistory(engine.interactions_per_loop)
     logged = interactions.InteractionLog() if engine.record_interactions else None
@@ -112,6 +116,21 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
             raise UserError(f"the trained run's artifacts could not be written to {mlflow.get_artifact_uri()} "
                             f"({one_line(error)}); they are kept in {kept}") from None
     return history.final(), active.info.run_id
+
+
+def train_offline(cfg: DictConfig, engine: Engine, dataset, experiment_id: str,
+                  tags: dict[str, str]) -> tuple[dict[str, float], str]:
+    """Learn from logged interactions, not the environment, and score off-policy (src.offline)."""
+    reward_model = engine.environment.reward_model
+    logs = offline.logged_feedback(cfg, reward_model)  # before the run, like every input check
+    with tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
+        final = offline.learn(cfg, engine, *logs)
+        mlflow.log_metrics(final)
+        log.info("Learnt offline: %s = %.4f, true value %.4f", cfg.objective, final[cfg.objective],
+                 final[offline.TRUE_VALUE])
+        if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
+            serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
+    return final, active.info.run_id
 
 
 def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,

@@ -47,16 +47,23 @@ def test_a_study_with_the_other_direction_is_refused(data_overrides, tmp_path):
         campaign.prepare(cfg)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("objective=train/reward", "objective=train/reward is to maximize; set hydra.sweeper.direction=maximize"),
-    ("hydra.sweeper.n_jobs=2", "hydra.sweeper.n_jobs must be 1"),
+@pytest.mark.parametrize("overrides, message", [
+    (["objective=train/reward", "hydra.sweeper.direction=minimize"],
+     "objective=train/reward is to maximize; set hydra.sweeper.direction=maximize"),
+    (["hydra.sweeper.n_jobs=2"], "hydra.sweeper.n_jobs must be 1"),
 ])
-def test_a_sweeper_config_that_cannot_work_is_refused(data_overrides, tmp_path, override, message):
-    cfg = compose(data_overrides, tmp_path, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", override)
+def test_a_sweeper_config_that_cannot_work_is_refused(data_overrides, tmp_path, overrides, message):
+    cfg = compose(data_overrides, tmp_path, f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", *overrides)
     with pytest.raises(UserError, match=re.escape(message)):
         campaign.prepare(cfg)
     assert not (tmp_path / "optuna.db").exists()
 
+
+
+@pytest.mark.parametrize("objective, direction", [
+    ("train/cumulative_regret", "minimize"), ("train/reward", "maximize"), ("ope/dr", "maximize")])
+def test_the_direction_follows_the_objective(data_overrides, tmp_path, objective, direction):
+    assert compose(data_overrides, tmp_path, f"objective={objective}").hydra.sweeper.direction == direction
 
 
 def test_unknown_sweep_name_is_one_line(tmp_path):

@@ -1,0 +1,104 @@
+"""Offline learning scored off-policy: `objective=ope/<estimator>`.
+
+The agent never meets the environment. It learns from the first `offline.train_share` of
+the rounds another run logged (`offline.logs_run_id`, a run trained with
+`tracking.log_interactions=true`), in the same batches as online training would see them,
+one pass. Its greedy policy is then scored on the remaining rounds by every estimator of
+`src.ope`; the objective is one of them, so a sweep tunes an agent with no online
+interaction. The simulator's exact value of the policy is logged beside them
+(`ope/true_value`), which shows how far the off-policy score can be trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig
+from tf_agents.specs import tensor_spec
+from tf_agents.trajectories import time_step as ts
+from tf_agents.trajectories import trajectory
+
+from src import artifacts, interactions, ope
+from src.errors import UserError, require
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ope/"
+TRUE_VALUE = "ope/true_value"
+
+
+def is_offline(cfg: DictConfig) -> bool:
+    return str(cfg.objective).startswith(PREFIX)
+
+
+def check(cfg: DictConfig) -> None:
+    require(cfg.offline.logs_run_id is not None, "offline.logs_run_id", None,
+            f"a run trained with tracking.log_interactions=true, for objective={cfg.objective}")
+    share = cfg.offline.train_share
+    require(0 < share < 1, "offline.train_share", share, "in (0, 1): the rest of the log scores the policy")
+    require(cfg.offline.reward_model_ridge > 0, "offline.reward_model_ridge", cfg.offline.reward_model_ridge, "> 0")
+
+
+def logged_feedback(cfg: DictConfig, reward_model) -> tuple[ope.Feedback, np.ndarray]:
+    """The logs' rounds and their rows in `reward_model`, refused if they come from another
+    environment than `cfg`'s or lack what the objective's estimator needs."""
+    logs_run_id = str(cfg.offline.logs_run_id)
+    artifacts.check_run(logs_run_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        logs_cfg = artifacts.logged_config(logs_run_id, Path(scratch))
+    interactions.check_same_environment(logs_cfg, cfg, f"the logs of run {logs_run_id}", "this run")
+    frame = interactions.load(logs_run_id)
+    feedback, rows = interactions.feedback_of(frame, reward_model, logs_run_id)
+    estimator = cfg.objective.removeprefix(PREFIX)
+    interactions.check_propensities(feedback, [estimator], logs_run_id, logs_cfg.agent.name)
+    return feedback, rows
+
+
+def learn(cfg: DictConfig, engine, feedback: ope.Feedback, rows: np.ndarray) -> dict[str, float]:
+    """Train `engine.agent` on the logged `feedback` (its users' `rows` in the environment) and
+    score its greedy policy: every estimator's value (`ope/<estimator>`) and the true one
+    (`ope/true_value`)."""
+    reward_model = engine.environment.reward_model
+    split = int(len(feedback) * cfg.offline.train_share)
+    per_batch = engine.interactions_per_loop
+    if split < per_batch or len(feedback) - split < 1:
+        raise UserError(f"the log of run {cfg.offline.logs_run_id} has {len(feedback)} rounds: too few to train "
+                        f"on {cfg.offline.train_share:.0%} of them in batches of {per_batch} and score on the rest")
+    log.info("Learning offline from %d logged rounds, scoring on the %d after them", split, len(feedback) - split)
+    train_step = tf.function(engine.agent.train, autograph=False)
+    for start in range(0, split - per_batch + 1, per_batch):
+        train_step(experience(engine, feedback.take(np.arange(start, start + per_batch))))
+
+    num_users, num_actions = reward_model.rewards.shape
+    users = tf.constant(reward_model.user_features, tf.float32)
+    choices = engine.agent.policy.action(ts.restart(users, batch_size=num_users)).action.numpy()
+    scored = feedback.take(np.arange(split, len(feedback)))
+    coefficients = ope.fit_reward_model(scored, num_actions, cfg.offline.reward_model_ridge)
+    terms = ope.terms(scored, np.eye(num_actions)[choices[rows[split:]]],
+                      ope.predict_rewards(coefficients, scored.contexts))
+    usable = ope.ESTIMATORS if np.isfinite(scored.propensities).all() else ("dm",)
+    final = {f"{PREFIX}{name}": ope.estimate(name, terms, switch_tau=num_actions) for name in usable}
+    final[TRUE_VALUE] = float(reward_model.rewards[np.arange(num_users), choices].mean())
+    return final
+
+
+def experience(engine, batch: ope.Feedback) -> trajectory.Trajectory:
+    """Logged rounds as the [batch_size, steps_per_loop] experience `agent.train` takes."""
+    shape = (engine.environment.batch_size, engine.steps_per_loop)
+    spec = engine.agent.training_data_spec
+
+    def shaped(values, dtype):
+        return tf.reshape(tf.constant(values, dtype), shape + tuple(np.shape(values)[1:]))
+
+    return trajectory.Trajectory(
+        step_type=tf.fill(shape, ts.StepType.FIRST), observation=shaped(batch.contexts, tf.float32),
+        action=shaped(batch.actions, spec.action.dtype),
+        # What the logging policy reported is not what this agent's policy would have: zeros
+        # of this agent's own info structure, which bandit agents read only for per-arm features.
+        policy_info=tensor_spec.zero_spec_nest(spec.policy_info, outer_dims=shape),
+        next_step_type=tf.fill(shape, ts.StepType.LAST), reward=shaped(batch.rewards, tf.float32),
+        discount=tf.zeros(shape))
