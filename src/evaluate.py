@@ -4,7 +4,9 @@
     uv run python -m src.evaluate target_run_id=<LinUCB run> logs_run_id=<epsilon-greedy run>
 
 The target is the greedy policy a training run saved (`target_run_id=` or
-`target_model_uri=`); the logs are a run's `interactions.parquet`. Each estimator of
+`target_model_uri=`), or an agent config trained from scratch offline on the first
+`train_share` of the logs (`target_agent=lints`; the estimates then use only the rounds after
+them). The logs are a run's `interactions.parquet`. Each estimator of
 `src.ope` gives its estimate with a bootstrap interval; because the simulator knows every
 reward, the target's true value (its mean reward over the environment's users, who are
 drawn uniformly) is computed exactly beside them, with each estimator's error. The result
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -26,14 +29,14 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from src import artifacts, config, data, interactions, ope, plots, serving, tracking
+from src import artifacts, config, data, experiment, interactions, offline, ope, plots, serving, tracking
 from src.cli import exit_on_user_error
 from src.envs import build_environment
 from src.errors import UserError, require
 
 log = logging.getLogger(__name__)
 
-USAGE = "usage: python -m src.evaluate target_run_id=<id>|target_model_uri=<uri> logs_run_id=<id>"
+USAGE = "usage: python -m src.evaluate target_run_id=<id>|target_model_uri=<uri>|target_agent=<agent> logs_run_id=<id>"
 ROLE_TAG = "bandits.role"
 
 
@@ -43,8 +46,9 @@ def parse(overrides: list[str]) -> DictConfig:
         cfg = config.compose(overrides, config_name="evaluate")
     except (HydraException, OmegaConfBaseException) as error:
         raise UserError(f"{str(error).splitlines()[0]} ({USAGE})") from None
-    if (cfg.target_run_id is None) == (cfg.target_model_uri is None):
-        raise UserError(f"give exactly one of target_run_id= and target_model_uri= ({USAGE})")
+    if sum(cfg[key] is not None for key in ("target_run_id", "target_model_uri", "target_agent")) != 1:
+        raise UserError(f"give exactly one of target_run_id=, target_model_uri= and target_agent= ({USAGE})")
+    require(0 < cfg.train_share < 1, "train_share", cfg.train_share, "in (0, 1)")
     if cfg.logs_run_id is None:
         raise UserError(f"give logs_run_id=, a run trained with tracking.log_interactions=true ({USAGE})")
     unknown = [name for name in cfg.estimators if name not in ope.ESTIMATORS]
@@ -59,53 +63,91 @@ def parse(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+@dataclass(frozen=True)
+class Target:
+    """The policy scored: what it is, and its movie for each of the environment's users."""
+
+    label: str  # e.g. "linucb (run <id>)"
+    agent: str
+    tags: dict[str, str]
+    choices: np.ndarray
+
+
 def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
     """Estimates with intervals and errors, the target's true value, and the evaluation run's id."""
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
     logs_run_id = str(cfg.logs_run_id)
+    artifacts.check_run(logs_run_id)
     with tempfile.TemporaryDirectory() as scratch:
-        artifacts.check_run(logs_run_id)
-        logs_cfg = artifacts.logged_config(logs_run_id, Path(scratch) / "logs")
-        frame = interactions.load(logs_run_id)
-        target_run_id, policy_path = artifacts.fetch_policy(cfg.target_run_id, cfg.target_model_uri, Path(scratch))
-        target_cfg = artifacts.logged_config(target_run_id, Path(scratch) / "target")
-        interactions.check_same_environment(logs_cfg, target_cfg, f"the logs of run {logs_run_id}",
-                                            f"the target policy of run {target_run_id}")
-        policy = serving.Policy(policy_path)
+        logs_cfg = artifacts.logged_config(logs_run_id, Path(scratch))
+    frame = interactions.load(logs_run_id)
+    logs = f"the logs of run {logs_run_id}"
     if cfg.data.dir is not None:
         logs_cfg.data.dir = cfg.data.dir
-    reward_model = build_environment(logs_cfg, data.load(logs_cfg.data)).reward_model
-    feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
-    interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
+    dataset = data.load(logs_cfg.data)
+    if cfg.target_agent is None:
+        reward_model = build_environment(logs_cfg, dataset).reward_model
+        feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
+        interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
+        target = saved_policy(cfg, logs_cfg, logs, reward_model)
+    else:
+        target_cfg = agent_on(logs_cfg, str(cfg.target_agent))
+        engine = experiment.assemble(target_cfg, dataset)
+        reward_model = engine.environment.reward_model
+        feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
+        interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
+        split = offline.split_point(len(feedback), cfg.train_share, engine.interactions_per_loop, logs_run_id)
+        offline.fit(engine, feedback.take(np.arange(split)))
+        feedback, user_rows = feedback.take(np.arange(split, len(feedback))), user_rows[split:]
+        target = Target(f"{cfg.target_agent} trained offline on the first {split} rounds", str(cfg.target_agent),
+                        {"ope.target_agent": str(cfg.target_agent), "ope.train_rounds": str(split)},
+                        offline.greedy_choices(engine.agent.policy, reward_model))
 
-    # The saved policy is greedy, so deterministic: its choice for each user settles both the
-    # true value and the target's probabilities on the logged rounds.
-    choices, _ = policy.decide(reward_model.user_features)
     num_users, num_actions = reward_model.rewards.shape
-    true_value = float(reward_model.rewards[np.arange(num_users), choices].mean())
-    target_probabilities = np.eye(num_actions)[choices[user_rows]]
+    true_value = float(reward_model.rewards[np.arange(num_users), target.choices].mean())
     coefficients = ope.fit_reward_model(feedback, num_actions, cfg.reward_model_ridge)
-    terms = ope.terms(feedback, target_probabilities, ope.predict_rewards(coefficients, feedback.contexts))
+    terms = ope.terms(feedback, np.eye(num_actions)[target.choices[user_rows]],
+                      ope.predict_rewards(coefficients, feedback.contexts))
     switch_tau = cfg.switch_tau if cfg.switch_tau is not None else num_actions
-    log.info("Estimating the value of %s's policy (run %s) on %d rounds logged by %s (run %s), "
-             "%d bootstrap resamples", target_cfg.agent.name, target_run_id, len(feedback),
-             logs_cfg.agent.name, logs_run_id, cfg.bootstrap.samples)
+    log.info("Estimating the value of %s on %d rounds logged by %s (run %s), %d bootstrap resamples",
+             target.label, len(feedback), logs_cfg.agent.name, logs_run_id, cfg.bootstrap.samples)
     table = ope.estimate_all(list(cfg.estimators), terms, switch_tau, cfg.bootstrap.samples,
                              cfg.bootstrap.confidence, cfg.bootstrap.seed)
     table["error"] = table.estimate - true_value
     table["relative_error"] = table.error / abs(true_value)
-    run_id = log_evaluation(cfg, table, true_value, logs_cfg, target_cfg, logs_run_id, target_run_id, frame)
+    run_id = log_evaluation(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame)
     return table, true_value, run_id
 
 
-def log_evaluation(cfg, table, true_value, logs_cfg, target_cfg, logs_run_id, target_run_id, frame) -> str:
+def saved_policy(cfg: DictConfig, logs_cfg: DictConfig, logs: str, reward_model) -> Target:
+    """The greedy policy a training run saved. Greedy, so deterministic: its choice for each user
+    settles both the true value and the target's probabilities on the logged rounds."""
+    with tempfile.TemporaryDirectory() as scratch:
+        run_id, policy_path = artifacts.fetch_policy(cfg.target_run_id, cfg.target_model_uri, Path(scratch))
+        target_cfg = artifacts.logged_config(run_id, Path(scratch) / "target")
+        interactions.check_same_environment(logs_cfg, target_cfg, logs, f"the target policy of run {run_id}")
+        choices, _ = serving.Policy(policy_path).decide(reward_model.user_features)
+    return Target(f"{target_cfg.agent.name}'s policy (run {run_id})", target_cfg.agent.name,
+                  {"ope.target_run_id": run_id}, choices)
+
+
+def agent_on(logs_cfg: DictConfig, agent: str) -> DictConfig:
+    """A fresh `agent` on the logs' environment, data and training batches, to learn offline."""
+    config.check_group_choices([f"agent={agent}"])
+    target_cfg = config.compose([f"agent={agent}"])
+    for key in ("data", "env", "training"):
+        target_cfg[key] = logs_cfg[key]
+    target_cfg.tracking.log_interactions = False
+    return target_cfg
+
+
+def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs_run_id: str, frame) -> str:
     experiment_id = mlflow.MlflowClient().get_run(logs_run_id).info.experiment_id
-    title = f"{target_cfg.agent.name} scored on {logs_cfg.agent.name}'s logs"
-    tags = {ROLE_TAG: "evaluation", "ope.logs_run_id": logs_run_id, "ope.target_run_id": target_run_id,
-            "mlflow.note.content": f"Off-policy evaluation of run {target_run_id}'s policy on the "
-                                   f"{len(frame)} interactions logged by run {logs_run_id}."}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"ope__{target_cfg.agent.name}__on__"
-                          f"{logs_cfg.agent.name}", tags=tags) as active:
+    tags = {ROLE_TAG: "evaluation", "ope.logs_run_id": logs_run_id, **target.tags,
+            "mlflow.note.content": f"Off-policy evaluation of {target.label} on the {len(frame)} "
+                                   f"interactions logged by {logs_agent} (run {logs_run_id})."}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"ope__{target.agent}__on__{logs_agent}",
+                          tags=tags) as active:
         mlflow.log_params({**tracking.flatten(cfg), "rounds": len(frame)})
         mlflow.log_input(interactions.as_dataset(frame), context="evaluation")
         mlflow.log_metric("ope/true_value", true_value)
@@ -113,8 +155,9 @@ def log_evaluation(cfg, table, true_value, logs_cfg, target_cfg, logs_run_id, ta
             mlflow.log_metrics({f"ope/{row.estimator}": row.estimate, f"ope/{row.estimator}_ci_low": row.ci_low,
                                 f"ope/{row.estimator}_ci_high": row.ci_high, f"ope/{row.estimator}_error": row.error})
         mlflow.log_table(table, "estimates.json")
-        mlflow.log_figure(plots.estimates_figure(table, true_value, title, cfg.bootstrap.confidence),
-                          "estimates.png")
+        figure = plots.estimates_figure(table, true_value, f"{target.agent} scored on {logs_agent}'s logs",
+                                        cfg.bootstrap.confidence)
+        mlflow.log_figure(figure, "estimates.png")
     log.info("Logged MLflow run %s", active.info.run_id)
     return active.info.run_id
 

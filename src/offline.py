@@ -63,19 +63,11 @@ def learn(cfg: DictConfig, engine, feedback: ope.Feedback, rows: np.ndarray) -> 
     score its greedy policy: every estimator's value (`ope/<estimator>`) and the true one
     (`ope/true_value`)."""
     reward_model = engine.environment.reward_model
-    split = int(len(feedback) * cfg.offline.train_share)
-    per_batch = engine.interactions_per_loop
-    if split < per_batch or len(feedback) - split < 1:
-        raise UserError(f"the log of run {cfg.offline.logs_run_id} has {len(feedback)} rounds: too few to train "
-                        f"on {cfg.offline.train_share:.0%} of them in batches of {per_batch} and score on the rest")
-    log.info("Learning offline from %d logged rounds, scoring on the %d after them", split, len(feedback) - split)
-    train_step = tf.function(engine.agent.train, autograph=False)
-    for start in range(0, split - per_batch + 1, per_batch):
-        train_step(experience(engine, feedback.take(np.arange(start, start + per_batch))))
-
+    split = split_point(len(feedback), cfg.offline.train_share, engine.interactions_per_loop,
+                        str(cfg.offline.logs_run_id))
+    fit(engine, feedback.take(np.arange(split)))
+    choices = greedy_choices(engine.agent.policy, reward_model)
     num_users, num_actions = reward_model.rewards.shape
-    users = tf.constant(reward_model.user_features, tf.float32)
-    choices = engine.agent.policy.action(ts.restart(users, batch_size=num_users)).action.numpy()
     scored = feedback.take(np.arange(split, len(feedback)))
     coefficients = ope.fit_reward_model(scored, num_actions, cfg.offline.reward_model_ridge)
     terms = ope.terms(scored, np.eye(num_actions)[choices[rows[split:]]],
@@ -84,6 +76,31 @@ def learn(cfg: DictConfig, engine, feedback: ope.Feedback, rows: np.ndarray) -> 
     final = {f"{PREFIX}{name}": ope.estimate(name, terms, switch_tau=num_actions) for name in usable}
     final[TRUE_VALUE] = float(reward_model.rewards[np.arange(num_users), choices].mean())
     return final
+
+
+def split_point(rounds: int, train_share: float, per_batch: int, logs_run_id: str) -> int:
+    """How many of the first logged rounds train; the rest score."""
+    split = int(rounds * train_share)
+    if split < per_batch or rounds - split < 1:
+        raise UserError(f"the log of run {logs_run_id} has {rounds} rounds: too few to train on "
+                        f"{train_share:.0%} of them in batches of {per_batch} and score on the rest")
+    log.info("Learning offline from %d logged rounds, scoring on the %d after them", split, rounds - split)
+    return split
+
+
+def fit(engine, feedback: ope.Feedback) -> None:
+    """One pass of `engine.agent`'s training over the logged rounds, in the batches online
+    training would take (a last partial batch is left out)."""
+    train_step = tf.function(engine.agent.train, autograph=False)
+    per_batch = engine.interactions_per_loop
+    for start in range(0, len(feedback) - per_batch + 1, per_batch):
+        train_step(experience(engine, feedback.take(np.arange(start, start + per_batch))))
+
+
+def greedy_choices(policy, reward_model) -> np.ndarray:
+    """The movie `policy` picks for each of the environment's users (a trained policy is deterministic)."""
+    users = tf.constant(reward_model.user_features, tf.float32)
+    return policy.action(ts.restart(users, batch_size=len(reward_model.user_ids))).action.numpy()
 
 
 def experience(engine, batch: ope.Feedback) -> trajectory.Trajectory:

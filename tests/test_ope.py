@@ -201,7 +201,8 @@ def test_evaluate_prints_every_estimate_beside_the_true_value_and_logs_a_linked_
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["logs_run_id={logs}"], "give exactly one of target_run_id= and target_model_uri="),
+    (["logs_run_id={logs}"], "give exactly one of target_run_id=, target_model_uri= and target_agent="),
+    (["target_agent=nope", "logs_run_id={logs}"], "unknown agent 'nope'; choose one of:"),
     (["target_run_id={target}"], "give logs_run_id="),
     (["target_run_id={target}", "logs_run_id={logs}", "estimators=[dm,magic]"], "estimators must be a non-empty list"),
     (["target_run_id={target}", "logs_run_id={target}"], "logged no interactions"),
@@ -216,6 +217,16 @@ def test_bad_input_is_one_line_and_exit_2(runs, caplog, arguments, message):
     assert exit_.value.code == 2
     (line,) = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert message in line and "\n" not in line
+
+
+def test_an_agent_config_is_trained_offline_on_the_logs_and_scored_on_the_rest(runs, capsys):
+    uri, _, ids = runs
+    evaluate.main(["target_agent=lints", f"logs_run_id={ids['logs']}", f"tracking.uri={uri}", "bootstrap.samples=20"])
+    assert "\n      ipw " in capsys.readouterr().out
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_run(ids["logs"]).info.experiment_id],
+                                "tags.`ope.target_agent` = 'lints'")
+    assert run.data.tags["ope.train_rounds"] == str(len(interactions.load(ids["logs"])) // 2)
 
 
 def test_dm_alone_scores_logs_without_propensities(runs, capsys):
