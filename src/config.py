@@ -9,7 +9,9 @@ import math
 from collections.abc import Iterable, Iterator
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from src.errors import UserError, require
 from src.metrics import OBJECTIVES
@@ -34,6 +36,16 @@ def compose(overrides: Iterable[str] = (), config_name: str = "config", with_hyd
     compose it; `with_hydra` keeps the `hydra` node (sweeper settings)."""
     with hydra.initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         return hydra.compose(config_name, overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def compose_command(overrides: list[str], config_name: str, usage: str) -> DictConfig:
+    """A command's own `conf/<config_name>.yaml` with its key=value arguments; a bad one is one
+    line ending in the command's `usage`."""
+    try:
+        return compose(overrides, config_name=config_name)
+    except (HydraException, OmegaConfBaseException) as error:
+        # Hydra explains over several lines; its first names the bad override.
+        raise UserError(f"{str(error).splitlines()[0]} ({usage})") from None
 
 
 def source(group: str, option: str | None = None) -> str:

@@ -25,9 +25,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from src import artifacts, config, data, experiment, interactions, offline, ope, plots, serving, tracking
 from src.cli import exit_on_user_error
@@ -37,15 +35,11 @@ from src.errors import UserError, require
 log = logging.getLogger(__name__)
 
 USAGE = "usage: python -m src.evaluate target_run_id=<id>|target_model_uri=<uri>|target_agent=<agent> logs_run_id=<id>"
-ROLE_TAG = "bandits.role"
 
 
 def parse(overrides: list[str]) -> DictConfig:
     """`conf/evaluate.yaml` with the command line's key=value overrides, checked."""
-    try:
-        cfg = config.compose(overrides, config_name="evaluate")
-    except (HydraException, OmegaConfBaseException) as error:
-        raise UserError(f"{str(error).splitlines()[0]} ({USAGE})") from None
+    cfg = config.compose_command(overrides, "evaluate", USAGE)
     if sum(cfg[key] is not None for key in ("target_run_id", "target_model_uri", "target_agent")) != 1:
         raise UserError(f"give exactly one of target_run_id=, target_model_uri= and target_agent= ({USAGE})")
     require(0 < cfg.train_share < 1, "train_share", cfg.train_share, "in (0, 1)")
@@ -143,7 +137,7 @@ def agent_on(logs_cfg: DictConfig, agent: str) -> DictConfig:
 
 def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs_run_id: str, frame) -> str:
     experiment_id = mlflow.MlflowClient().get_run(logs_run_id).info.experiment_id
-    tags = {ROLE_TAG: "evaluation", "ope.logs_run_id": logs_run_id, **target.tags,
+    tags = {tracking.ROLE_TAG: "evaluation", "ope.logs_run_id": logs_run_id, **target.tags,
             "mlflow.note.content": f"Off-policy evaluation of {target.label} on the {len(frame)} "
                                    f"interactions logged by {logs_agent} (run {logs_run_id})."}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ope__{target.agent}__on__{logs_agent}",

@@ -20,9 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from hydra.errors import HydraException
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from src import artifacts, config, data, serving, tracking
 from src.cli import exit_on_user_error
@@ -34,11 +32,7 @@ USAGE = "usage: python -m src.predict run_id=<id>|model_uri=<uri> user_id=<id>|i
 
 def parse(overrides: list[str]) -> DictConfig:
     """`conf/predict.yaml` with the command line's key=value overrides, checked."""
-    try:
-        cfg = config.compose(overrides, config_name="predict")
-    except (HydraException, OmegaConfBaseException) as error:
-        # Hydra explains over several lines; its first names the bad override.
-        raise UserError(f"{str(error).splitlines()[0]} ({USAGE})") from None
+    cfg = config.compose_command(overrides, "predict", USAGE)
     if (cfg.run_id is None) == (cfg.model_uri is None):
         raise UserError(f"give exactly one of run_id= and model_uri= ({USAGE})")
     if (cfg.user_id is None) == (cfg.input is None):

@@ -25,6 +25,9 @@ DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 PACKAGES = ("tensorflow", "tf-agents", "tensorflow-probability", "numpy", "mlflow", "hydra-core", "optuna")
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 
+# Marks runs that are not training runs (a comparison, an evaluation), which comparisons skip.
+ROLE_TAG = "bandits.role"
+
 
 def tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
