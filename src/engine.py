@@ -33,8 +33,9 @@ class LoopMetrics:
     reward: np.ndarray  # float64 [loops]
     suboptimal: np.ndarray  # float64 [loops], number of non-optimal picks
     loss: np.ndarray  # float64 [loops], the agent's training loss on the loop's experience
-    # float64 [loops x interactions per loop, 4]: user row, action, the collect policy's
-    # probability of that action (NaN when unknown) and reward; None unless recorded.
+    # float64 [loops x interactions per loop, 3]: user row, action and the collect policy's
+    # probability of that action (NaN when unknown); None unless recorded. (The reward is the
+    # reward model's for that user and action.)
     interactions: np.ndarray | None = None
 
 
@@ -87,18 +88,18 @@ class Engine:
         suboptimal = tf.cast(reward < optimal_reward, tf.float64)
         metrics = tf.stack([tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
                             tf.reduce_sum(suboptimal)])
-        return transition, metrics, self._interactions(action_step, reward)
+        return transition, metrics, self._interactions(action_step)
 
-    def _interactions(self, action_step, reward):
+    def _interactions(self, action_step):
         if not self.record_interactions:
-            return tf.zeros([0, 4], tf.float64)
+            return tf.zeros([0, 3], tf.float64)
         action = tf.cast(action_step.action, tf.int32)
         if self.action_probabilities is None:
-            propensity = tf.fill(tf.shape(reward), tf.constant(np.nan, tf.float64))
+            propensity = tf.fill(tf.shape(action), tf.constant(np.nan, tf.float64))
         else:
             propensity = tf.gather(self.action_probabilities(action_step), action, batch_dims=1)
-        return tf.stack([tf.cast(self.environment.users, tf.float64), tf.cast(action, tf.float64),
-                         propensity, reward], axis=1)
+        return tf.stack([tf.cast(self.environment.users, tf.float64), tf.cast(action, tf.float64), propensity],
+                        axis=1)
 
     def _run_loop(self):
         transitions, metrics, interactions = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
@@ -115,7 +116,7 @@ class Engine:
             return i + 1, history.write(i, loop_metrics), interactions.write(i, loop_interactions)
 
         history = tf.TensorArray(tf.float64, size=num_loops, element_shape=[4])
-        interactions = tf.TensorArray(tf.float64, size=num_loops, element_shape=[recorded, 4])
+        interactions = tf.TensorArray(tf.float64, size=num_loops, element_shape=[recorded, 3])
         _, history, interactions = tf.while_loop(
             lambda i, *_: i < num_loops, body, (0, history, interactions))
         return history.stack(), interactions.concat()

@@ -58,7 +58,7 @@ class InteractionLog:
             "action": actions,
             "movie_id": reward_model.movie_ids[actions],
             "propensity": rows[:, 2],
-            "reward": rows[:, 3],
+            "reward": reward_model.rewards[users, actions],
         })
 
 
