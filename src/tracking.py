@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from src.errors import UserError, one_line
+from src.metrics import rounded
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -153,11 +154,12 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
 
 
 def log_history(run_id: str, frame: pd.DataFrame, step_column: str = "step") -> None:
-    """Log every column of `frame` but the step as metric histories, 1,000 values a call."""
+    """Log every column of `frame` but the step as metric histories, rounded (`metrics.rounded`),
+    1,000 values a call."""
     client = mlflow.MlflowClient()
     timestamp = int(pd.Timestamp.now().timestamp() * 1000)
     metrics = [
-        Metric(key, float(value), timestamp, int(step))
+        Metric(key, rounded(value), timestamp, int(step))
         for key in frame.columns.drop(step_column)
         for step, value in zip(frame[step_column], frame[key])
     ]

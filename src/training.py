@@ -34,6 +34,7 @@ UNLOGGED = PROJECT_ROOT / "outputs" / "unlogged"
 # Called after each chunk of loops with (interactions so far, the objective's value so far); it
 # may stop the run by raising `tracking.RunStopped` (a sweep's pruner does).
 Reporter = Callable[[int, float], None]
+LONG_NAME_TAG = "bandits.long_name"
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -65,6 +66,18 @@ def check_finite(rows) -> None:
 
 
 def run_name(cfg: DictConfig, tags: dict[str, str]) -> str:
+    """What tells runs apart, first, and short enough for MLflow's runs table: `linucb·s0·t12`
+    (agent, seed, the sweep's trial; the environment only when it is not the default)."""
+    parts = [cfg.agent.name, f"s{cfg.training.seed}"]
+    if "sweep.trial" in tags:
+        parts.append(f"t{tags['sweep.trial']}")
+    if cfg.env.name != config.default_option("env"):
+        parts.append(cfg.env.name)
+    return "·".join(parts)
+
+
+def long_name(cfg: DictConfig, tags: dict[str, str]) -> str:
+    """Every part of the run's identity, `<env>__<agent>__seed<N>__<time>[__trial<N>]`, for its tag."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     trial = f"__trial{tags['sweep.trial']}" if "sweep.trial" in tags else ""
     return f"{cfg.env.name}__{cfg.agent.name}__seed{cfg.training.seed}__{stamp}{trial}"
@@ -82,8 +95,9 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     engine = experiment.assemble(cfg, dataset)  # before the run: a config error leaves no FAILED run
     reward_model = engine.environment.reward_model
     history = metrics.RegretHistory(engine.interactions_per_loop)
+    tags = {**tags, LONG_NAME_TAG: long_name(cfg, tags),
+            metrics.RANDOM_REGRET_TAG: str(metrics.rounded(reward_model.random_policy_regret))}
     with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
-        mlflow.log_metric("env/random_policy_regret", reward_model.random_policy_regret)
         log.info("Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
                  cfg.agent.name, cfg.env.name, *reward_model.rewards.shape, reward_model.user_features.shape[1],
                  cfg.training.loops, engine.interactions_per_loop)
@@ -134,7 +148,7 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory, i
     seconds = time.perf_counter() - started
     final = history.final()
     rate = training.loops * engine.interactions_per_loop / seconds
-    mlflow.log_metrics({"perf/interactions_per_s": rate, "perf/train_seconds": seconds})
+    mlflow.log_metrics({metrics.INTERACTIONS_PER_S: metrics.rounded(rate), metrics.SECONDS: metrics.rounded(seconds)})
     log.info("Done in %.1f s (%.0f interactions/s): cumulative regret %.1f, last-loop regret %.4f "
              "(uniform random: %.4f)", seconds, rate, final[metrics.CUMULATIVE_REGRET],
              final[metrics.REGRET], engine.environment.reward_model.random_policy_regret)

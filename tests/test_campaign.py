@@ -91,7 +91,7 @@ def test_multirun_workers_on_postgresql_survive_a_killed_worker_and_end_with_exa
     parents = [run for run in found if run.data.tags.get("sweep.role") == "parent"]
     assert [run.info.status for run in parents] == ["FINISHED"]
     children = [run for run in found if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert all(run.info.run_name.endswith(f"__trial{run.data.tags['sweep.trial']}") for run in children)
+    assert all(run.info.run_name == f"linucb·s0·t{run.data.tags['sweep.trial']}" for run in children)
     by_status = collections.Counter(run.info.status for run in children)
     assert by_status == {"FINISHED": 4, "FAILED": 1}, by_status
     finished = {run.info.run_id for run in children if run.info.status == "FINISHED"}
