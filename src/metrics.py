@@ -39,6 +39,8 @@ DECIMALS = 9
 OBJECTIVES = {REGRET: "minimize", CUMULATIVE_REGRET: "minimize", REWARD: "maximize",
               SUBOPTIMAL_ARM_RATE: "minimize"}
 FINAL_METRICS = tuple(OBJECTIVES)
+# The range each metric lies in (None: unbounded), which a confidence band must respect.
+BOUNDS = {REGRET: (0.0, None), CUMULATIVE_REGRET: (0.0, None), SUBOPTIMAL_ARM_RATE: (0.0, 1.0), LOSS: (0.0, None)}
 
 
 def rounded(value: float) -> float:

@@ -55,6 +55,7 @@ def test_final_mean_std_and_band_match_numpy(experiment):
     report = compare.compare(experiment_id)
 
     table = report.table.set_index("configuration")
+    clipped = []
     for agent, values in histories.items():
         row = table.loc[agent]
         assert row["n"] == 3 and row["step"] == STEPS[-1] and row["seeds"] == "0,1,2"
@@ -65,8 +66,11 @@ def test_final_mean_std_and_band_match_numpy(experiment):
         half_width = T_975_DF2 * values.std(axis=0, ddof=1) / np.sqrt(3)
         np.testing.assert_array_equal(curve["step"], STEPS)
         np.testing.assert_allclose(curve["mean"], values.mean(axis=0))
-        np.testing.assert_allclose(curve["low"], values.mean(axis=0) - half_width)
+        # Cumulative regret is never negative: the early, wide bands are clipped at 0.
+        np.testing.assert_allclose(curve["low"], np.maximum(0, values.mean(axis=0) - half_width))
+        clipped.append((values.mean(axis=0) - half_width < 0).any())
         np.testing.assert_allclose(curve["high"], values.mean(axis=0) + half_width)
+    assert any(clipped)
 
 
 def test_groups_by_the_config_parameters_that_differ(experiment):
@@ -88,9 +92,44 @@ def test_groups_by_the_config_parameters_that_differ(experiment):
     groups = table.set_index("configuration")[["agent.alpha", "env.rank_k", "n"]].fillna("-")
     assert groups.to_dict("index") == {
         "epsilon_greedy (env.rank_k=10)": {"agent.alpha": "-", "env.rank_k": "10", "n": 2},
-        "linucb (agent.alpha=1.0, env.rank_k=20)": {"agent.alpha": "1.0", "env.rank_k": "20", "n": 2},
-        "linucb (agent.alpha=10.0, env.rank_k=20)": {"agent.alpha": "10.0", "env.rank_k": "20", "n": 2},
+        "linucb (alpha=1, env.rank_k=20)": {"agent.alpha": "1.0", "env.rank_k": "20", "n": 2},
+        "linucb (alpha=10, env.rank_k=20)": {"agent.alpha": "10.0", "env.rank_k": "20", "n": 2},
     }
+
+
+def test_a_mixed_store_keeps_labels_short_and_a_sweep_one_group(experiment, tmp_path):
+    _, experiment_id, log_run = experiment
+    rng = np.random.default_rng(1)
+
+    def history():
+        return np.cumsum(rng.uniform(0, 2, len(STEPS)))
+
+    for seed in (0, 1):
+        for agent in ("linucb", "lints"):
+            log_run(history(), agent__name=agent, agent__alpha=1.0, training__seed=seed)
+    log_run(history(), agent__name="lints", agent__alpha=1.0, env__name="movielens_per_arm", training__seed=0)
+    sweep = {compare.STUDY_TAG: "linucb", "mlflow.parentRunId": "0" * 32}
+    # Sampled values at full precision; the last two trials tie on rank k, as a search that converges does.
+    trials = [log_run(history(), tags=sweep, agent__name="linucb", agent__alpha=rng.uniform(0.1, 30),
+                      agent__tikhonov_weight=rng.uniform(1e-4, 1), env__rank_k=rank, training__seed=0)
+              for rank in (3, 11, 17, 20, 20)]
+
+    report = compare.compare(experiment_id)
+
+    table = report.table.set_index("configuration")
+    assert table["n"].to_dict() == {"linucb (env.name=movielens)": 2, "linucb (sweep=linucb, env.name=movielens)": 5,
+                                    "lints (env.name=movielens)": 2, "lints (env.name=movielens_per_arm)": 1}
+    assert set(table.loc["linucb (sweep=linucb, env.name=movielens)", "run_ids"].split(",")) == set(trials)
+    assert (report.curves["low"].dropna() >= 0).all()
+    text = compare.markdown(report.table, METRIC, 0.95)
+    assert "nan" not in text and "1.234 (n=1)" not in text and " (n=1) |" in text
+    compare.write(report, tmp_path / "report", METRIC, 0.95)
+    assert (tmp_path / "report" / "comparison.png").stat().st_size > 0
+
+    # One sweep looked into: a group per trial, its sampled values to 3 significant digits.
+    labels = compare.compare(experiment_id, parent="0" * 32).table["configuration"]
+    assert len(labels) == 5 and labels.str.len().max() <= 60, labels.tolist()
+    assert not labels.str.contains(r"\d{6}").any(), labels.tolist()
 
 
 def test_runs_left_out_for_their_status_are_counted_in_one_line(experiment, caplog):
