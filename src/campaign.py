@@ -436,7 +436,8 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
         return True
     try:
         # Optuna fails the trial (and records why) before re-raising.
-        study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1)
+        study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1,
+                       callbacks=[functools.partial(announce, cfg.objective)])
     except TrackingServerLost:
         raise
     except Exception as error:
@@ -446,6 +447,16 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
             raise lost from None
         # A failed trial counts towards sweep.max_failures; others replace it.
     return True
+
+
+def announce(objective_name: str, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per trial that ends COMPLETE or PRUNED, which multirun.sh passes on to its console
+    (Optuna's own line says why a trial failed)."""
+    if trial.state == COMPLETE:
+        log.info("Trial %d finished: %s = %.6g (run %s)", trial.number, objective_name, trial.value,
+                 trial.user_attrs.get(RUN_ATTR))
+    elif trial.state == PRUNED and not trial.user_attrs.get("surplus"):
+        log.info("Trial %d pruned", trial.number)
 
 
 def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list[str], goal: int) -> float:

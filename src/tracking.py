@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import subprocess
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 PACKAGES = ("tensorflow", "tf-agents", "tensorflow-probability", "numpy", "mlflow", "hydra-core", "optuna")
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+# What MLflow's UI shows as the experiment's description.
+EXPERIMENT_DESCRIPTION = (
+    "Contextual-bandit recommenders learning online on MovieLens 100K. Each training run is named "
+    "agent·seed (·trial in a sweep; the long form is the tag bandits.long_name); a sweep is a parent "
+    "run with its trials nested under it. Start with train/cumulative_regret and the run's regret.png; "
+    "every metric is defined in the project README, under 'What a run logs'.")
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -50,7 +57,8 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
         if found is not None or not create:
             return found and found.experiment_id
         try:
-            return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+            return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
+                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -151,6 +159,18 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
         raise
     else:
         mlflow.end_run()
+
+
+def log_dataset(name: str, ratings: pd.DataFrame, source: str) -> None:
+    """The ratings the active run learns from, as its training input: MLflow records their name,
+    a digest of their content, their schema and size, and where they were read from (a URL or a
+    file:// URI)."""
+    with warnings.catch_warnings():
+        # MLflow registers two equivalent sources for local files and says so; its advice on
+        # integer columns concerns serving inputs that may lack values, not complete training data.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        mlflow.log_input(mlflow.data.from_pandas(ratings, source=source, name=name), context="training")
 
 
 def log_history(run_id: str, frame: pd.DataFrame, step_column: str = "step") -> None:

@@ -98,6 +98,9 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     tags = {**tags, LONG_NAME_TAG: long_name(cfg, tags),
             metrics.RANDOM_REGRET_TAG: str(metrics.rounded(reward_model.random_policy_regret))}
     with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
+        # A download is named by its address; a local copy (or generated data) by its folder.
+        downloaded = cfg.data.get("url") and not cfg.data.get("dir")
+        tracking.log_dataset(cfg.data.name, dataset.ratings, cfg.data.url if downloaded else dataset.source.as_uri())
         log.info("Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
                  cfg.agent.name, cfg.env.name, *reward_model.rewards.shape, reward_model.user_features.shape[1],
                  cfg.training.loops, engine.interactions_per_loop)
@@ -111,6 +114,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
         try:
             log_tables(cfg, history, reward_model.random_policy_regret)
             if with_policy:
+                log.info("Saving the policy and its servable model")
                 serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
         except (OSError, MlflowException) as error:
             kept = UNLOGGED / active.info.run_id
@@ -130,10 +134,17 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory, i
     training = cfg.training
     downsampler = metrics.Downsampler(cfg.tracking.log_every)
     started = time.perf_counter()
-    with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:
+    # A bar on a terminal only: in a log file each frame would be a line. There, a line per
+    # tenth of the run says how far it is.
+    with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True, disable=None) as bar:
+        tenths_logged = 0
         for chunk in engine.run(training.loops, training.chunk_loops):
             bar.update(len(chunk.regret))
             rows = history.add(chunk)
+            if bar.disable and (tenths := 10 * history.loops_done // training.loops) > tenths_logged:
+                tenths_logged = tenths
+                log.info("Loop %d of %d: cumulative regret %.1f", history.loops_done, training.loops,
+                         history.final()[metrics.CUMULATIVE_REGRET])
             interrupts.check(urgent_only=True)
             # A diverged run ends here: its last, partial window is logged too.
             ending = history.loops_done == training.loops or not np.isfinite(rows[metrics.LOSS]).all()

@@ -54,6 +54,11 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     assert run.info.run_name == "linucb·s0"
     assert run.data.tags[training.LONG_NAME_TAG].startswith("movielens__linucb__seed0__")
     assert float(run.data.tags[metrics.RANDOM_REGRET_TAG]) > 0
+    assert "MovieLens" in client.get_experiment(run.info.experiment_id).tags["mlflow.note.content"]
+    (ratings,) = run.inputs.dataset_inputs
+    directory, _ = movielens_dir
+    assert (ratings.dataset.name, ratings.dataset.source_type) == ("movielens", "local")
+    assert directory.name in ratings.dataset.source and len(ratings.dataset.digest) >= 8
     assert run.data.params["agent.alpha"] == "10.0"
     assert run.data.params["env.rank_k"] == "4"
     assert run.data.tags["version.tf-agents"] == "0.19.0"
