@@ -167,9 +167,11 @@ def log_dataset(name: str, ratings: pd.DataFrame, source: str) -> None:
     file:// URI)."""
     with warnings.catch_warnings():
         # MLflow registers two equivalent sources for local files and says so; its advice on
-        # integer columns concerns serving inputs that may lack values, not complete training data.
+        # integer columns concerns serving inputs that may lack values, not complete training
+        # data; and its digest code calls pandas in a way pandas 4 will refuse.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        warnings.filterwarnings("ignore", message="Starting with pandas version 4.0")  # MLflow's digest code
         mlflow.log_input(mlflow.data.from_pandas(ratings, source=source, name=name), context="training")
 
 
