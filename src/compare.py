@@ -199,12 +199,13 @@ def label(values: pd.Series) -> str:
 
 
 def shown(value: str) -> str:
-    """A parameter's value for a label: numbers to 3 significant digits (a sampled 1.2345678901234567
-    is 1.23), anything else as it is."""
+    """A parameter's value for a label: fractional numbers to 3 significant digits (a sampled
+    1.2345678901234567 is 1.23), anything else, whole numbers included, as it is."""
     try:
-        return f"{float(value):.3g}"
+        number = float(value)
     except ValueError:
         return value
+    return value if number.is_integer() and "." not in value else f"{number:.3g}"
 
 
 def compare(experiment_id: str, metric: str = metrics.CUMULATIVE_REGRET, agents: list[str] | None = None,

@@ -211,3 +211,9 @@ def test_cli_no_matching_runs_is_one_line_and_non_zero(experiment, store, caplog
     (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
     assert "no FINISHED training runs" in error and "agents lints" in error and "\n" not in error
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("value, shown", [("1.2345678901234567", "1.23"), ("10.0", "10"), ("0.000123456", "0.000123"),
+                                          ("20000", "20000"), ("movielens_per_arm", "movielens_per_arm")])
+def test_label_values_are_rounded_and_whole_numbers_kept(value, shown):
+    assert compare.shown(value) == shown

@@ -79,7 +79,7 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     assert (local / "policy" / "saved_model.pb").is_file()
     table = np.genfromtxt(local / "metrics.csv", delimiter=",", names=True)
     assert len(table) == 60
-    assert table["traincumulative_regret"][-1] == pytest.approx(cumulative[-1])
+    assert metrics.rounded(table["traincumulative_regret"][-1]) == cumulative[-1]  # the CSV as computed
     assert "Done in" in result.stderr
 
 
