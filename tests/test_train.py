@@ -81,6 +81,10 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     assert len(table) == 60
     assert metrics.rounded(table["traincumulative_regret"][-1]) == cumulative[-1]  # the CSV as computed
     assert "Done in" in result.stderr
+    # Said before the imports that take tens of seconds; in a log (stderr is a pipe here) no
+    # progress-bar frames, but a line per tenth of the run.
+    assert result.stderr.splitlines()[0].endswith("Loading TensorFlow, MLflow and Optuna...")
+    assert "loop/s" not in result.stderr and "Loop 60 of 60: cumulative regret" in result.stderr
 
 
 def test_same_seed_same_metrics_other_seed_differs(make_config):
