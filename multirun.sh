@@ -9,8 +9,8 @@
 # another machine, joins it until that many are complete. --storage defaults to
 # $OPTUNA_STORAGE (eval "$(./stack.sh up)"), else sqlite:///optuna.db in the project.
 # Worker output goes to logs/sweeps/<study>/<time>-worker-<i>.log (under $SWEEP_LOG_DIR if
-# set); the script waits for its workers, reports the best trial, and exits non-zero if any
-# worker failed.
+# set), and a line per ended trial to the console; the script waits for its workers, reports
+# the best trial, and exits non-zero if any worker failed.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -68,13 +68,19 @@ stop() {
 }
 trap stop INT TERM
 echo "Study '$study' on $workers worker(s); logs in $logs/"
+worker_logs=()
 for ((i = 0; i < workers; i++)); do
   # Each worker samples with its own seed, or they would propose identical first trials.
   SWEEP_WORKER=$i uv run --no-sync python -m src.sweep work "${sweep[@]}" \
     >"$logs/$stamp-worker-$i.log" 2>&1 &
   pids+=($!)
+  worker_logs+=("$logs/$stamp-worker-$i.log")
   echo "  worker $i: pid $!, log $logs/$stamp-worker-$i.log"
 done
+# One line per ended trial from the workers' logs, as it happens (pids[] holds workers only).
+tail -q -n +1 -F "${worker_logs[@]}" 2>/dev/null \
+  > >(grep --line-buffered -oE 'Trial [0-9]+ (finished|failed|pruned).*' | sed -u 's/^/  /') &
+follower=$!
 
 failed=0
 for i in "${!pids[@]}"; do
@@ -90,7 +96,9 @@ for i in "${!pids[@]}"; do
     echo "error: worker $i failed: $reason" >&2
   fi
 done
-wait  # a trapped signal ends the waits above early; the workers must be gone before the summary
+wait "${pids[@]}"  # a trapped signal ends the waits above early; the workers must be gone before the summary
+sleep 1  # tail -F looks every second: the last trials' lines
+kill "$follower" 2>/dev/null
 
 # The last worker to finish has summarised the study; this reports its best trial.
 uv run --no-sync python -m src.sweep summarise "${sweep[@]}" || failed=$((failed + 1))

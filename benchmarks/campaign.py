@@ -5,7 +5,7 @@
 
 Three measurements, each against a baseline measured in the same run:
   overhead  a 20-trial quick LinUCB sweep in one worker: wall time against the sum of its
-            trials' `perf/train_seconds`, per trial; and the fixed cost of a job alone: each
+            trials' `train/seconds`, per trial; and the fixed cost of a job alone: each
             trial's duration in Optuna less its training (no worker start-up, study summary)
   pruning   a 30-trial quick LinUCB sweep with `sweep.pruner=median` against the same sweep
             without: wall time and best value
@@ -49,8 +49,8 @@ def sweep(name: str, trials: int, data: list[str], storage: str, tracking_uri: s
     wall = time.perf_counter() - started
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(f"bench-{study}")
-    trained = {int(run.data.tags["sweep.trial"]): run.data.metrics["perf/train_seconds"]
-               for run in client.search_runs([experiment.experiment_id]) if "perf/train_seconds" in run.data.metrics}
+    trained = {int(run.data.tags["sweep.trial"]): run.data.metrics["train/seconds"]
+               for run in client.search_runs([experiment.experiment_id]) if "train/seconds" in run.data.metrics}
     result = optuna.load_study(study_name=study, storage=storage)
     states = [trial.state.name for trial in result.trials]
     job_costs = [(trial.datetime_complete - trial.datetime_start).total_seconds() - trained[trial.number]

@@ -339,7 +339,7 @@ def prepare(cfg: DictConfig, overrides: list[str] = ()) -> optuna.Study:
     parent_id = None if created else parent_run_of(study)
     if parent_id is None:
         parent = client.create_run(
-            experiment_id, run_name=f"sweep__{study.study_name}",
+            experiment_id, run_name=f"{study.study_name}·sweep",
             tags={"sweep.study": study.study_name, "sweep.role": "parent",
                   "sweep.storage": shown_storage(cfg), "git_commit": tracking.git_commit()})
         parent_id = parent.info.run_id
@@ -436,7 +436,8 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
         return True
     try:
         # Optuna fails the trial (and records why) before re-raising.
-        study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1)
+        study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1,
+                       callbacks=[functools.partial(announce, cfg.objective)])
     except TrackingServerLost:
         raise
     except Exception as error:
@@ -446,6 +447,16 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
             raise lost from None
         # A failed trial counts towards sweep.max_failures; others replace it.
     return True
+
+
+def announce(objective_name: str, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per trial that ends COMPLETE or PRUNED, which multirun.sh passes on to its console
+    (Optuna's own line says why a trial failed)."""
+    if trial.state == COMPLETE:
+        log.info("Trial %d finished: %s = %.6g (run %s)", trial.number, objective_name, trial.value,
+                 trial.user_attrs.get(RUN_ATTR))
+    elif trial.state == PRUNED and not trial.user_attrs.get("surplus"):
+        log.info("Trial %d pruned", trial.number)
 
 
 def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list[str], goal: int) -> float:
@@ -551,7 +562,7 @@ def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial
     best = None
     if complete:
         best = study.best_trial
-        client.log_metric(parent_id, f"best/{cfg.objective}", best.value, step=len(states))
+        client.log_metric(parent_id, f"best/{cfg.objective}", metrics.rounded(best.value), step=len(states))
         client.set_tag(parent_id, "best.trial", str(best.number))
         for name, value in best.params.items():
             client.set_tag(parent_id, f"best.{name}", str(value))
@@ -619,7 +630,7 @@ def retrain_policy(run_id: str, run_cfg: DictConfig) -> None:
             history.add(chunk)
         value = history.final()[run_cfg.objective]
     logged = mlflow.MlflowClient().get_run(run_id).data.metrics[run_cfg.objective]
-    if abs(value - logged) > 1e-6 * max(1.0, abs(logged)):
+    if abs(metrics.rounded(value) - logged) > 1e-6 * max(1.0, abs(logged)):
         log.warning("The best trial gave %s = %.6g when trained again, %.6g in the sweep (another CPU type?)",
                     run_cfg.objective, value, logged)
     with mlflow.start_run(run_id=run_id):
@@ -636,8 +647,9 @@ def log_regret_plot(run_id: str) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         frame = pd.read_csv(client.download_artifacts(run_id, "metrics.csv", scratch))
         run_cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", scratch))
-    random_regret = client.get_run(run_id).data.metrics.get("env/random_policy_regret")
-    client.log_figure(run_id, plots.regret_figure(frame, plots.run_title(run_cfg), random_regret), "regret.png")
+    random_regret = client.get_run(run_id).data.tags.get(metrics.RANDOM_REGRET_TAG)
+    figure = plots.regret_figure(frame, plots.run_title(run_cfg), random_regret and float(random_regret))
+    client.log_figure(run_id, figure, "regret.png")
 
 
 def logged_model(run_id: str):

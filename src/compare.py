@@ -11,13 +11,17 @@ selected runs (an agent's own parameters when they differ for that agent). Left 
 seed and the settings that cannot change what an agent learns (tracking.*, data locations,
 thread counts, the sweeper's objective), so the seeds of one configuration form one group.
 Environment parameters are thus always in the key: runs on different environments are never
-averaged. `--group-by agent.name` forces a coarser key and is refused when a group would mix
-environments.
+averaged. The exception is a hyperparameter search: unless `--parent` picks one sweep, its
+trials form one group per study and agent, over the parameters it searched (every trial
+would otherwise be a group of one). `--group-by agent.name` forces a coarser key and is
+refused when a group would mix environments. Labels name the agent and the parameters that
+differ, with numbers to 3 significant digits.
 
 Within a group, histories are aligned by linear interpolation onto the union of their steps,
 restricted to the range every run covers; identical step grids (the usual case) stay exactly
 as logged. The band is the Student t-interval of the mean over seeds at each step (95% by
-default); a group of one seed has none. The final value is the one at the group's last step.
+default), clipped to the metric's range (regret is never negative); a group of one run has
+none. The final value is the one at the group's last step.
 
 Writes comparison.png, comparison.md and comparison.csv (one row per group: final mean ± std,
 seeds, run ids) and curves.csv (mean, std, band per step), logs them to a run tagged
@@ -41,17 +45,17 @@ import pandas as pd
 from omegaconf import OmegaConf
 from scipy import stats
 
-from src import plots, tracking
+from src import metrics, plots, tracking
 from src.cli import exit_on_user_error
 from src.config import CONFIG_DIR
 from src.errors import UserError, require
-from src.metrics import CUMULATIVE_REGRET
 
 log = logging.getLogger(__name__)
 
 AGENT = "agent.name"
 SEED = "training.seed"
-ROLE_TAG = "bandits.role"
+STUDY_TAG = "sweep.study"
+SWEEP = "sweep"  # in a group's key: the study whose trials it gathers
 # Where results are stored, how the work is spread over threads and what a sweeper
 # optimises: none of these changes what an agent learns, so they never split a group.
 NOT_CONFIG = re.compile(
@@ -78,7 +82,7 @@ def find_runs(experiment_id: str, agents: list[str] | None = None, parent: str |
     the matching runs in any other state are counted in a warning."""
     runs = mlflow.search_runs([experiment_id])
     agent = column(runs, f"params.{AGENT}")
-    chosen = agent.notna() & column(runs, f"tags.{ROLE_TAG}").isna()
+    chosen = agent.notna() & column(runs, f"tags.{tracking.ROLE_TAG}").isna()
     if parent:
         chosen &= column(runs, "tags.mlflow.parentRunId") == parent
     if agents:
@@ -118,13 +122,31 @@ def config_params(runs: pd.DataFrame) -> pd.DataFrame:
     return params.drop(columns=[key for key in params if NOT_CONFIG.fullmatch(key)]).dropna(axis=1, how="all")
 
 
+def gather_searches(runs: pd.DataFrame, params: pd.DataFrame) -> pd.DataFrame:
+    """`params` with the trials of each search made one configuration per study and agent: the
+    parameters that vary among them are blanked, and the study takes their place in the key."""
+    study = column(runs, f"tags.{STUDY_TAG}")
+    trials = params[study.notna()]
+    gathered = params.copy()
+    for (name, agent), members in trials.groupby([study[trials.index], trials[AGENT]]):
+        searched = [key for key in members if members[key].nunique(dropna=False) > 1]
+        if searched:  # a grid of agents x seeds searched nothing within an agent: its runs stay as they are
+            gathered.loc[members.index, searched] = np.nan
+            gathered.loc[members.index, SWEEP] = name
+            log.info("%d trials of sweep '%s' (%s) form one group over the %s they searched; --parent "
+                     "compares one sweep's trials one by one", len(members), name, agent, ", ".join(searched))
+    return gathered
+
+
 def grouping_key(params: pd.DataFrame) -> list[str]:
-    """The agent, and every parameter that differs: across all runs, or for agent.* within an agent."""
-    across = params.nunique(dropna=False)
-    within_agent = params.groupby(AGENT).nunique(dropna=False).max()
+    """The agent, and every parameter that differs: across all runs, or for agent.* within an agent.
+    A parameter some runs lack (another agent's, or one a search blanked) does not differ for them;
+    a search's trials are kept apart by their study."""
+    across = params.nunique()
+    within_agent = params.groupby(AGENT).nunique().max()
     differs = [key for key in sorted(params) if key != AGENT
                and (within_agent[key] if key.startswith("agent.") else across[key]) > 1]
-    return [AGENT, *differs]
+    return [AGENT, *([SWEEP] if SWEEP in params else []), *differs]
 
 
 def check_groups(params: pd.DataFrame, key: list[str]) -> None:
@@ -156,21 +178,36 @@ def align(histories: list[pd.Series]) -> pd.DataFrame:
     return frame.loc[start:end]
 
 
-def summarise(aligned: pd.DataFrame, confidence: float) -> pd.DataFrame:
-    """Mean, sample std and the t-interval of the mean over the runs (columns), per step."""
+def summarise(aligned: pd.DataFrame, confidence: float, metric: str) -> pd.DataFrame:
+    """Mean, sample std and the t-interval of the mean over the runs (columns), per step, within
+    the metric's range."""
     n = aligned.shape[1]
     mean = aligned.mean(axis=1)
     half_width = stats.t.ppf(0.5 + confidence / 2, n - 1) * stats.sem(aligned, axis=1) if n > 1 else np.nan
+    low, high = metrics.BOUNDS.get(metric, (None, None))
     return pd.DataFrame({"step": aligned.index, "mean": mean, "std": aligned.std(axis=1), "n": n,
-                         "low": mean - half_width, "high": mean + half_width}).reset_index(drop=True)
+                         "low": (mean - half_width).clip(lower=low), "high": (mean + half_width).clip(upper=high)}
+                        ).reset_index(drop=True)
 
 
 def label(values: pd.Series) -> str:
-    details = ", ".join(f"{key}={value}" for key, value in values.drop(AGENT).dropna().items())
+    """`linucb (alpha=1.23, env.rank_k=7)`: the agent leads, so its own parameters go unprefixed."""
+    details = ", ".join(f"{key.removeprefix('agent.')}={shown(value)}"
+                        for key, value in values.drop(AGENT).dropna().items())
     return f"{values[AGENT]} ({details})" if details else values[AGENT]
 
 
-def compare(experiment_id: str, metric: str = CUMULATIVE_REGRET, agents: list[str] | None = None,
+def shown(value: str) -> str:
+    """A parameter's value for a label: fractional numbers to 3 significant digits (a sampled
+    1.2345678901234567 is 1.23), anything else, whole numbers included, as it is."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "." not in value else f"{number:.3g}"
+
+
+def compare(experiment_id: str, metric: str = metrics.CUMULATIVE_REGRET, agents: list[str] | None = None,
             parent: str | None = None, group_by: list[str] | None = None, confidence: float = 0.95) -> Report:
     """Group the matching runs by configuration and summarise `metric` over each group's seeds."""
     runs = find_runs(experiment_id, agents, parent)
@@ -182,6 +219,8 @@ def compare(experiment_id: str, metric: str = CUMULATIVE_REGRET, agents: list[st
             f"{len(lacking)} of {len(runs)} runs ({', '.join(lacking)}) have"
         raise UserError(f"{which} a history of {metric}; pass --metric, one of: {', '.join(shared) or 'none shared'}")
     params = config_params(runs)
+    if not parent and not group_by:
+        params = gather_searches(runs, params)
     key = [AGENT, *[name for name in group_by if name != AGENT]] if group_by else grouping_key(params)
     check_groups(params, key)
     client = mlflow.MlflowClient()
@@ -189,7 +228,7 @@ def compare(experiment_id: str, metric: str = CUMULATIVE_REGRET, agents: list[st
     for values, members in params.groupby(key, dropna=False, sort=True):
         name = label(pd.Series(values, index=key))
         aligned = align([history(client, run_id, metric) for run_id in members.index])
-        curve = summarise(aligned, confidence)
+        curve = summarise(aligned, confidence, metric)
         final = curve.iloc[-1]
         seeds = runs.loc[members.index, f"params.{SEED}"]
         rows.append({"configuration": name, **dict(zip(key, values)), "n": len(members),
@@ -204,12 +243,14 @@ def markdown(table: pd.DataFrame, metric: str, confidence: float) -> str:
     def number(value: float) -> str:
         return np.format_float_positional(value, precision=4, fractional=False, trim="-")
 
-    columns = ["configuration", "n", f"final {metric}, mean ± std", f"{confidence:.0%} CI of the mean",
+    bounded = " (within the metric's range)" if metric in metrics.BOUNDS else ""
+    columns = ["configuration", "n", f"final {metric}, mean ± std", f"{confidence:.0%} CI of the mean{bounded}",
                "interactions", "seeds", "run ids"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table.itertuples():
-        interval = f"[{number(row.ci_low)}, {number(row.ci_high)}]" if row.n > 1 else "—"
-        cells = [row.configuration, str(row.n), f"{number(row.mean)} ± {number(row.std)}", interval,
+        interval = f"[{number(row.ci_low)}, {number(row.ci_high)}]" if row.n > 1 else "— (n=1)"
+        spread = f" ± {number(row.std)}" if row.n > 1 else " (n=1)"
+        cells = [row.configuration, str(row.n), number(row.mean) + spread, interval,
                  f"{row.step:,}", row.seeds, row.run_ids.replace(",", ", ")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -231,7 +272,7 @@ def write(report: Report, out: Path, metric: str, confidence: float) -> str:
 def log_comparison(experiment_id: str, out: Path, params: dict) -> str:
     """Log the report as a run tagged so that later comparisons do not take it for a training run."""
     name = f"comparison__{datetime.now():%Y%m%d-%H%M%S}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={ROLE_TAG: "comparison"}) as active:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={tracking.ROLE_TAG: "comparison"}) as active:
         mlflow.log_params({key: str(value) for key, value in params.items()})
         mlflow.log_artifacts(str(out))
     log.info("Logged MLflow run %s (%s)", name, active.info.run_id)
@@ -249,7 +290,8 @@ def parser() -> argparse.ArgumentParser:
                             "else sqlite:///mlflow.db at the project root)")
     names.add_argument("--agents", type=lambda text: text.split(","), help="comma-separated agent names to keep")
     names.add_argument("--parent", help="keep only the child runs of this parent run id (a sweep)")
-    names.add_argument("--metric", default=CUMULATIVE_REGRET, help="metric history to compare (default: %(default)s)")
+    names.add_argument("--metric", default=metrics.CUMULATIVE_REGRET,
+                       help="metric history to compare (default: %(default)s)")
     names.add_argument("--group-by", type=lambda text: text.split(","),
                        help="comma-separated parameters that form the groups with the agent, e.g. agent.name "
                             "for the agent alone (default: the agent and every config parameter that differs)")

@@ -48,6 +48,12 @@ def compose_command(overrides: list[str], config_name: str, usage: str) -> DictC
         raise UserError(f"{str(error).splitlines()[0]} ({usage})") from None
 
 
+def default_option(group: str) -> str:
+    """The option conf/config.yaml's defaults list chooses for `group` (`env` -> `movielens`)."""
+    defaults = OmegaConf.load(CONFIG_DIR / "config.yaml").defaults
+    return next(entry[group] for entry in defaults if isinstance(entry, DictConfig) and group in entry)
+
+
 def source(group: str, option: str | None = None) -> str:
     """The file a group's values come from, relative to the project root."""
     folder = CONFIG_DIR.relative_to(PROJECT_ROOT) / group

@@ -15,7 +15,6 @@ run's input dataset (context `logged_interactions`). Columns:
 from __future__ import annotations
 
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -75,14 +74,7 @@ def log(frame: pd.DataFrame) -> None:
 
 
 def as_dataset(frame: pd.DataFrame, source: str | None = None):
-    """`frame` as an MLflow dataset, digest and schema included."""
-    with warnings.catch_warnings():
-        # MLflow warns that an artifact path could be two kinds of source (both are the
-        # artifact store's), and that integer columns cannot hold NaN (ours never do).
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(frame, source=source, name="interactions", targets="reward")
-        dataset.schema  # noqa: B018  (inferred once, here, where its warning is silenced)
-    return dataset
+    return tracking.as_dataset(frame, "interactions", source, targets="reward")
 
 
 def load(run_id: str) -> pd.DataFrame:

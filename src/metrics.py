@@ -26,12 +26,31 @@ CUMULATIVE_REGRET = "train/cumulative_regret"
 REWARD = "train/reward"
 SUBOPTIMAL_ARM_RATE = "train/suboptimal_arm_rate"
 LOSS = "train/loss"
+# Training speed, in the train/ section beside the regret: MLflow sorts sections by name, and
+# the cumulative regret should be the first chart a person sees.
+INTERACTIONS_PER_S = "train/interactions_per_s"
+SECONDS = "train/seconds"
+# Expected regret per interaction of a uniform-random policy, the dashed line in regret.png; a
+# constant of the environment, so a run's tag rather than one more metric chart.
+RANDOM_REGRET_TAG = "bandits.random_policy_regret"
+SIGNIFICANT_DIGITS = 6
+# Regrets are differences of reconstructed ratings (1 to 5) in float64: below 1e-9 what is left
+# is rounding error (3.5e-15 where the pick was the best movie), not regret.
+DECIMALS = 9
 # The metrics a run returns, each with the direction a sweep optimising it must take; an
 # off-policy estimate of the learned policy's value when the agent learns offline (src.offline).
 OBJECTIVES = {REGRET: "minimize", CUMULATIVE_REGRET: "minimize", REWARD: "maximize",
               SUBOPTIMAL_ARM_RATE: "minimize", **{f"ope/{name}": "maximize" for name in ESTIMATORS}}
 FINAL_METRICS = tuple(OBJECTIVES)
 ONLINE_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
+# The range each metric lies in (None: unbounded), which a confidence band must respect.
+BOUNDS = {REGRET: (0.0, None), CUMULATIVE_REGRET: (0.0, None), SUBOPTIMAL_ARM_RATE: (0.0, 1.0), LOSS: (0.0, None)}
+
+
+def rounded(value: float) -> float:
+    """`value` to 6 significant digits and 9 decimals, as logged to MLflow: what lies beyond is
+    float noise (5947.0000000020955), and the per-loop sums come from float32 (7 digits) anyway."""
+    return round(float(f"{value:.{SIGNIFICANT_DIGITS}g}"), DECIMALS)
 
 
 class RegretHistory:

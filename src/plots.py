@@ -40,18 +40,22 @@ def regret_figure(frame: pd.DataFrame, title: str, random_policy_regret: float |
 
 
 def comparison_figure(curves: pd.DataFrame, metric: str, confidence: float):
-    """One line per configuration, the mean over seeds, in its band (`low`, `high`)."""
-    figure = Figure(figsize=(9, 5), layout="constrained")
+    """One line per configuration, the mean over its runs, in its band (`low`, `high`); the
+    legend below the plot, where it covers no line however many configurations there are."""
+    groups = list(curves.groupby("configuration", sort=False))
+    columns = 1 if len(groups) <= 4 else 2
+    legend_rows = -(-len(groups) // columns)
+    figure = Figure(figsize=(9, 5 + 0.22 * legend_rows), layout="constrained")
     axis = figure.subplots()
     # Dashes keep a line visible where another configuration lies on top of it.
     styles = ["-", "--", ":", "-."]
-    for index, (configuration, curve) in enumerate(curves.groupby("configuration", sort=False)):
+    for index, (configuration, curve) in enumerate(groups):
         (line,) = axis.plot(curve["step"], curve["mean"], styles[index % len(styles)],
                             label=f"{configuration} (n={curve['n'].iloc[0]})")
         axis.fill_between(curve["step"], curve["low"], curve["high"], color=line.get_color(), alpha=0.25, linewidth=0)
-    axis.set(title=f"{metric}: mean over seeds, {confidence:.0%} t-interval", xlabel="interactions", ylabel=metric)
+    axis.set(title=f"{metric}: mean over runs, {confidence:.0%} t-interval", xlabel="interactions", ylabel=metric)
     axis.grid(alpha=0.3)
-    axis.legend()
+    figure.legend(loc="outside lower center", ncols=columns, fontsize="small", frameon=False)
     return figure
 
 

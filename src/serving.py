@@ -35,6 +35,11 @@ from src.errors import UserError
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
+# PolicySaver warns that epsilon-greedy's and the random policy's distribution() cannot be
+# saved; the servable model only calls action(). A filter: holding the absl logger at ERROR
+# while saving (`_quiet`) does not stop this one.
+logging.getLogger("absl").addFilter(
+    lambda record: "Could not serialize policy.distribution()" not in record.getMessage())
 
 USER_ID = "user_id"
 FEATURES = "features"

@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import subprocess
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from src.errors import UserError, one_line
+from src.metrics import rounded
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,12 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 PACKAGES = ("tensorflow", "tf-agents", "tensorflow-probability", "numpy", "mlflow", "hydra-core", "optuna")
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+# What MLflow's UI shows as the experiment's description.
+EXPERIMENT_DESCRIPTION = (
+    "Contextual-bandit recommenders learning online on MovieLens 100K. Each training run is named "
+    "agent·seed (·trial in a sweep; the long form is the tag bandits.long_name); a sweep is a parent "
+    "run with its trials nested under it. Start with train/cumulative_regret and the run's regret.png; "
+    "every metric is defined in the project README, under 'What a run logs'.")
 
 # Marks runs that are not training runs (a comparison, an evaluation), which comparisons skip.
 ROLE_TAG = "bandits.role"
@@ -52,7 +60,8 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
         if found is not None or not create:
             return found and found.experiment_id
         try:
-            return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+            return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
+                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -155,12 +164,35 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
         mlflow.end_run()
 
 
+def log_dataset(name: str, ratings: pd.DataFrame, source: str) -> None:
+    """The ratings the active run learns from, as its training input: MLflow records their name,
+    a digest of their content, their schema and size, and where they were read from (a URL or a
+    file:// URI)."""
+    mlflow.log_input(as_dataset(ratings, name, source), context="training")
+
+
+def as_dataset(frame: pd.DataFrame, name: str, source: str | None = None, targets: str | None = None):
+    """`frame` as an MLflow dataset, its digest and schema computed here, where MLflow's
+    warnings about them are silenced."""
+    with warnings.catch_warnings():
+        # MLflow registers two equivalent sources for local files and says so; its advice on
+        # integer columns concerns serving inputs that may lack values, not complete training
+        # data; and its digest code calls pandas in a way pandas 4 will refuse.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        warnings.filterwarnings("ignore", message="Starting with pandas version 4.0")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, targets=targets)
+        dataset.schema  # noqa: B018  (inferred once, lazily, and here its warning is silenced)
+    return dataset
+
+
 def log_history(run_id: str, frame: pd.DataFrame, step_column: str = "step") -> None:
-    """Log every column of `frame` but the step as metric histories, 1,000 values a call."""
+    """Log every column of `frame` but the step as metric histories, rounded (`metrics.rounded`),
+    1,000 values a call."""
     client = mlflow.MlflowClient()
     timestamp = int(pd.Timestamp.now().timestamp() * 1000)
     metrics = [
-        Metric(key, float(value), timestamp, int(step))
+        Metric(key, rounded(value), timestamp, int(step))
         for key in frame.columns.drop(step_column)
         for step, value in zip(frame[step_column], frame[key])
     ]

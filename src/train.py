@@ -18,16 +18,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from src import config, sweep_trials
+from src import config
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError
-from src.training import train
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path=str(config.CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
+    # Loaded here, after cli() has said so: TensorFlow, MLflow and Optuna take tens of seconds.
+    from src import sweep_trials
+    from src.training import train
+
     def run() -> float:
         final, run_id = train(cfg, sweep_trials.trial_tags())
         sweep_trials.record_run(run_id)
@@ -50,6 +53,7 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_user_error():
         config.check_command_line(sys.argv[1:])
+    log.info("Loading TensorFlow, MLflow and Optuna...")
     stop_on_termination_signals()
     # Hydra then hands us what ends a multirun, to say in one line rather than as its trace.
     os.environ["HYDRA_FULL_ERROR"] = "1"
@@ -57,6 +61,8 @@ def cli() -> None:
         try:
             main()
         except Exception:
+            from src import sweep_trials
+
             failed = sweep_trials.every_trial_failed()
             if failed is None:
                 raise

@@ -34,6 +34,7 @@ UNLOGGED = PROJECT_ROOT / "outputs" / "unlogged"
 # Called after each chunk of loops with (interactions so far, the objective's value so far); it
 # may stop the run by raising `tracking.RunStopped` (a sweep's pruner does).
 Reporter = Callable[[int, float], None]
+LONG_NAME_TAG = "bandits.long_name"
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -67,6 +68,18 @@ def check_finite(rows) -> None:
 
 
 def run_name(cfg: DictConfig, tags: dict[str, str]) -> str:
+    """What tells runs apart, first, and short enough for MLflow's runs table: `linucb·s0·t12`
+    (agent, seed, the sweep's trial; the environment only when it is not the default)."""
+    parts = [cfg.agent.name, f"s{cfg.training.seed}"]
+    if "sweep.trial" in tags:
+        parts.append(f"t{tags['sweep.trial']}")
+    if cfg.env.name != config.default_option("env"):
+        parts.append(cfg.env.name)
+    return "·".join(parts)
+
+
+def long_name(cfg: DictConfig, tags: dict[str, str]) -> str:
+    """Every part of the run's identity, `<env>__<agent>__seed<N>__<time>[__trial<N>]`, for its tag."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     trial = f"__trial{tags['sweep.trial']}" if "sweep.trial" in tags else ""
     return f"{cfg.env.name}__{cfg.agent.name}__seed{cfg.training.seed}__{stamp}{trial}"
@@ -82,13 +95,15 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = data.load(cfg.data)
     engine = experiment.assemble(cfg, dataset)  # before the run: a config error leaves no FAILED run
+    reward_model = engine.environment.reward_model
+    tags = {**tags, LONG_NAME_TAG: long_name(cfg, tags),
+            metrics.RANDOM_REGRET_TAG: str(metrics.rounded(reward_model.random_policy_regret))}
     if offline.is_offline(cfg):
         return train_offline(cfg, engine, dataset, experiment_id, tags)
-    reward_model = engine.environment.reward_model
     history = metrics.RegretHistory(engine.interactions_per_loop)
     logged = interactions.InteractionLog() if engine.record_interactions else None
     with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
-        mlflow.log_metric("env/random_policy_regret", reward_model.random_policy_regret)
+        log_ratings(cfg, dataset)
         log.info("Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
                  cfg.agent.name, cfg.env.name, *reward_model.rewards.shape, reward_model.user_features.shape[1],
                  cfg.training.loops, engine.interactions_per_loop)
@@ -104,6 +119,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
             if logged is not None:
                 interactions.log(logged.frame(reward_model))
             if with_policy:
+                log.info("Saving the policy and its servable model")
                 serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
         except (OSError, MlflowException) as error:
             kept = UNLOGGED / active.info.run_id
@@ -118,14 +134,22 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     return history.final(), active.info.run_id
 
 
+def log_ratings(cfg: DictConfig, dataset) -> None:
+    """The ratings as the run's training input; a download is named by its address, a local
+    copy (or generated data) by its folder."""
+    downloaded = cfg.data.get("url") and not cfg.data.get("dir")
+    tracking.log_dataset(cfg.data.name, dataset.ratings, cfg.data.url if downloaded else dataset.source.as_uri())
+
+
 def train_offline(cfg: DictConfig, engine: Engine, dataset, experiment_id: str,
                   tags: dict[str, str]) -> tuple[dict[str, float], str]:
     """Learn from logged interactions, not the environment, and score off-policy (src.offline)."""
     reward_model = engine.environment.reward_model
     logs = offline.logged_feedback(cfg, reward_model)  # before the run, like every input check
     with tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
+        log_ratings(cfg, dataset)
         final = offline.learn(cfg, engine, *logs)
-        mlflow.log_metrics(final)
+        mlflow.log_metrics({name: metrics.rounded(value) for name, value in final.items()})
         log.info("Learnt offline: %s = %.4f, true value %.4f", cfg.objective, final[cfg.objective],
                  final[offline.TRUE_VALUE])
         if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
@@ -141,12 +165,19 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
     training = cfg.training
     downsampler = metrics.Downsampler(cfg.tracking.log_every)
     started = time.perf_counter()
-    with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True) as bar:
+    # A bar on a terminal only: in a log file each frame would be a line. There, a line per
+    # tenth of the run says how far it is.
+    with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True, disable=None) as bar:
+        tenths_logged = 0
         for chunk in engine.run(training.loops, training.chunk_loops):
             bar.update(len(chunk.regret))
             rows = history.add(chunk)
             if logged is not None:
                 logged.add(chunk.interactions)
+            if bar.disable and (tenths := 10 * history.loops_done // training.loops) > tenths_logged:
+                tenths_logged = tenths
+                log.info("Loop %d of %d: cumulative regret %.1f", history.loops_done, training.loops,
+                         history.final()[metrics.CUMULATIVE_REGRET])
             interrupts.check(urgent_only=True)
             # A diverged run ends here: its last, partial window is logged too.
             ending = history.loops_done == training.loops or not np.isfinite(rows[metrics.LOSS]).all()
@@ -161,7 +192,7 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
     seconds = time.perf_counter() - started
     final = history.final()
     rate = training.loops * engine.interactions_per_loop / seconds
-    mlflow.log_metrics({"perf/interactions_per_s": rate, "perf/train_seconds": seconds})
+    mlflow.log_metrics({metrics.INTERACTIONS_PER_S: metrics.rounded(rate), metrics.SECONDS: metrics.rounded(seconds)})
     log.info("Done in %.1f s (%.0f interactions/s): cumulative regret %.1f, last-loop regret %.4f "
              "(uniform random: %.4f)", seconds, rate, final[metrics.CUMULATIVE_REGRET],
              final[metrics.REGRET], engine.environment.reward_model.random_policy_regret)

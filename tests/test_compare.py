@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param
 
-from src import compare
+from src import compare, tracking
 from src.errors import UserError
 
 METRIC = "train/cumulative_regret"
@@ -55,6 +55,7 @@ def test_final_mean_std_and_band_match_numpy(experiment):
     report = compare.compare(experiment_id)
 
     table = report.table.set_index("configuration")
+    clipped = []
     for agent, values in histories.items():
         row = table.loc[agent]
         assert row["n"] == 3 and row["step"] == STEPS[-1] and row["seeds"] == "0,1,2"
@@ -65,8 +66,11 @@ def test_final_mean_std_and_band_match_numpy(experiment):
         half_width = T_975_DF2 * values.std(axis=0, ddof=1) / np.sqrt(3)
         np.testing.assert_array_equal(curve["step"], STEPS)
         np.testing.assert_allclose(curve["mean"], values.mean(axis=0))
-        np.testing.assert_allclose(curve["low"], values.mean(axis=0) - half_width)
+        # Cumulative regret is never negative: the early, wide bands are clipped at 0.
+        np.testing.assert_allclose(curve["low"], np.maximum(0, values.mean(axis=0) - half_width))
+        clipped.append((values.mean(axis=0) - half_width < 0).any())
         np.testing.assert_allclose(curve["high"], values.mean(axis=0) + half_width)
+    assert any(clipped)
 
 
 def test_groups_by_the_config_parameters_that_differ(experiment):
@@ -80,7 +84,7 @@ def test_groups_by_the_config_parameters_that_differ(experiment):
             log_run(ramp * alpha, agent__name="linucb", agent__alpha=alpha, training__seed=seed, **where)
         log_run(ramp, agent__name="epsilon_greedy", env__rank_k=10, training__seed=seed, **where)
     log_run(ramp, status="FAILED", agent__name="linucb", agent__alpha=1.0, training__seed=2)
-    log_run(ramp, tags={compare.ROLE_TAG: "comparison"}, agent__name="linucb", agent__alpha=1.0, training__seed=3)
+    log_run(ramp, tags={tracking.ROLE_TAG: "comparison"}, agent__name="linucb", agent__alpha=1.0, training__seed=3)
 
     table = compare.compare(experiment_id).table
 
@@ -88,9 +92,44 @@ def test_groups_by_the_config_parameters_that_differ(experiment):
     groups = table.set_index("configuration")[["agent.alpha", "env.rank_k", "n"]].fillna("-")
     assert groups.to_dict("index") == {
         "epsilon_greedy (env.rank_k=10)": {"agent.alpha": "-", "env.rank_k": "10", "n": 2},
-        "linucb (agent.alpha=1.0, env.rank_k=20)": {"agent.alpha": "1.0", "env.rank_k": "20", "n": 2},
-        "linucb (agent.alpha=10.0, env.rank_k=20)": {"agent.alpha": "10.0", "env.rank_k": "20", "n": 2},
+        "linucb (alpha=1, env.rank_k=20)": {"agent.alpha": "1.0", "env.rank_k": "20", "n": 2},
+        "linucb (alpha=10, env.rank_k=20)": {"agent.alpha": "10.0", "env.rank_k": "20", "n": 2},
     }
+
+
+def test_a_mixed_store_keeps_labels_short_and_a_sweep_one_group(experiment, tmp_path):
+    _, experiment_id, log_run = experiment
+    rng = np.random.default_rng(1)
+
+    def history():
+        return np.cumsum(rng.uniform(0, 2, len(STEPS)))
+
+    for seed in (0, 1):
+        for agent in ("linucb", "lints"):
+            log_run(history(), agent__name=agent, agent__alpha=1.0, training__seed=seed)
+    log_run(history(), agent__name="lints", agent__alpha=1.0, env__name="movielens_per_arm", training__seed=0)
+    sweep = {compare.STUDY_TAG: "linucb", "mlflow.parentRunId": "0" * 32}
+    # Sampled values at full precision; the last two trials tie on rank k, as a search that converges does.
+    trials = [log_run(history(), tags=sweep, agent__name="linucb", agent__alpha=rng.uniform(0.1, 30),
+                      agent__tikhonov_weight=rng.uniform(1e-4, 1), env__rank_k=rank, training__seed=0)
+              for rank in (3, 11, 17, 20, 20)]
+
+    report = compare.compare(experiment_id)
+
+    table = report.table.set_index("configuration")
+    assert table["n"].to_dict() == {"linucb (env.name=movielens)": 2, "linucb (sweep=linucb, env.name=movielens)": 5,
+                                    "lints (env.name=movielens)": 2, "lints (env.name=movielens_per_arm)": 1}
+    assert set(table.loc["linucb (sweep=linucb, env.name=movielens)", "run_ids"].split(",")) == set(trials)
+    assert (report.curves["low"].dropna() >= 0).all()
+    text = compare.markdown(report.table, METRIC, 0.95)
+    assert "nan" not in text and "1.234 (n=1)" not in text and " (n=1) |" in text
+    compare.write(report, tmp_path / "report", METRIC, 0.95)
+    assert (tmp_path / "report" / "comparison.png").stat().st_size > 0
+
+    # One sweep looked into: a group per trial, its sampled values to 3 significant digits.
+    labels = compare.compare(experiment_id, parent="0" * 32).table["configuration"]
+    assert len(labels) == 5 and labels.str.len().max() <= 60, labels.tolist()
+    assert not labels.str.contains(r"\d{6}").any(), labels.tolist()
 
 
 def test_runs_left_out_for_their_status_are_counted_in_one_line(experiment, caplog):
@@ -155,7 +194,7 @@ def test_cli_writes_logs_and_prints_the_report(experiment, store, tmp_path, caps
     assert printed.strip() == (out / "comparison.md").read_text().strip()
     assert "| linucb | 2 |" in printed
     assert pd.read_csv(out / "comparison.csv")["mean"].tolist() == [STEPS[-1] * 1.5]
-    logged = mlflow.search_runs([experiment_id], filter_string=f"tags.{compare.ROLE_TAG} = 'comparison'")
+    logged = mlflow.search_runs([experiment_id], filter_string=f"tags.{tracking.ROLE_TAG} = 'comparison'")
     assert len(logged) == 1
     # The comparison run sits in the same experiment, yet is not taken for a training run.
     assert compare.compare(experiment_id).table["n"].tolist() == [2]
@@ -172,3 +211,9 @@ def test_cli_no_matching_runs_is_one_line_and_non_zero(experiment, store, caplog
     (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
     assert "no FINISHED training runs" in error and "agents lints" in error and "\n" not in error
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("value, shown", [("1.2345678901234567", "1.23"), ("10.0", "10"), ("0.000123456", "0.000123"),
+                                          ("20000", "20000"), ("movielens_per_arm", "movielens_per_arm")])
+def test_label_values_are_rounded_and_whole_numbers_kept(value, shown):
+    assert compare.shown(value) == shown

@@ -59,3 +59,14 @@ def test_downsampler_releases_whole_windows_then_the_rest_at_the_end(window):
     # Pushed in chunks of 4 loops, the windows come out as if the whole run were downsampled at once.
     pd.testing.assert_frame_equal(pd.concat(released, ignore_index=True), metrics.downsample(frame, window))
     assert all(len(rows) == 0 or rows["step"].iloc[-1] % (window * N) == 0 for rows in released[:-1])
+
+
+@pytest.mark.parametrize("value, logged", [
+    (5947.0000000020955, 5947.0),  # float noise in a running total
+    (3.5e-15, 0.0),  # a difference of equal ratings computed two ways
+    (0.0031234567, 0.00312346),  # a small regret keeps its 6 significant digits
+    (123456789.0, 123457000.0),
+    (-1.23456789e-7, -1.23e-7),  # below 1e-9 nothing is kept
+])
+def test_logged_values_keep_6_significant_digits_and_no_noise_below_1e_9(value, logged):
+    assert metrics.rounded(value) == logged

@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from absl import logging as absl_logging
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 from tf_agents.trajectories import time_step as ts
@@ -202,3 +203,11 @@ def test_served_model_answers_and_rejects_bad_requests(trained, tracking_uri, tm
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log_file.close()
+
+
+def test_the_policy_savers_distribution_warning_is_silenced_and_others_are_not(caplog):
+    # What PolicySaver says of epsilon-greedy and random policies, whose action() is all we serve.
+    with caplog.at_level(logging.WARNING):
+        absl_logging.warning('WARNING: Could not serialize policy.distribution() for policy "%s".', serving.__name__)
+        absl_logging.warning("another warning")
+    assert [record.getMessage() for record in caplog.records] == ["another warning"]

@@ -88,7 +88,7 @@ def download(url: str, cache_dir: Path, checksums: dict[str, str]) -> Path:
         try:
             with urllib.request.urlopen(url, timeout=30) as response, open(archive, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc="ml-100k.zip") as bar:
+                with tqdm(total=total, unit="B", unit_scale=True, desc="ml-100k.zip", disable=None) as bar:
                     for block in iter(lambda: response.read(1 << 16), b""):
                         out.write(block)
                         bar.update(len(block))
