@@ -179,7 +179,7 @@ def test_a_tracking_server_that_stops_answering_mid_sweep_stops_the_worker_with_
                                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"},
                               stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "training:" in log_path.read_text(), 240, "the worker to train")
+        wait_until(lambda: "Training linucb on" in log_path.read_text(), 240, "the worker to train")
         time.sleep(2)  # a few chunks' metrics reach the server
         relay.freeze()  # hung: connections open, nothing answers
         assert worker.wait(timeout=120) == 2, log_path.read_text()[-3000:]

@@ -167,7 +167,8 @@ def test_the_logged_dataset_round_trips_through_mlflow(runs):
     mlflow.set_tracking_uri(uri)
     frame = interactions.load(ids["logs"])
     run = mlflow.MlflowClient(uri).get_run(ids["logs"])
-    (logged_input,) = run.inputs.dataset_inputs
+    (logged_input,) = [i for i in run.inputs.dataset_inputs if i.dataset.name == "interactions"]
+    assert [tag.value for tag in logged_input.tags if tag.key == "mlflow.data.context"] == ["logged_interactions"]
     assert logged_input.dataset.digest == interactions.as_dataset(frame).digest
     assert run.data.tags[interactions.PROPENSITIES_TAG] == "exact"
     metrics_csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=ids["logs"], artifact_path="metrics.csv"))

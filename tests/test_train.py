@@ -54,7 +54,9 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     assert run.info.run_name == "linucb·s0"
     assert run.data.tags[training.LONG_NAME_TAG].startswith("movielens__linucb__seed0__")
     assert float(run.data.tags[metrics.RANDOM_REGRET_TAG]) > 0
-    assert "MovieLens" in client.get_experiment(run.info.experiment_id).tags["mlflow.note.content"]
+    experiment_tags = client.get_experiment(run.info.experiment_id).tags
+    assert "MovieLens" in experiment_tags["mlflow.note.content"]
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     (ratings,) = run.inputs.dataset_inputs
     directory, _ = movielens_dir
     assert (ratings.dataset.name, ratings.dataset.source_type) == ("movielens", "local")
@@ -216,8 +218,8 @@ def test_a_burst_of_ctrl_c_marks_the_run_killed_keeps_its_history_and_exits_quie
                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        for line in process.stderr:  # wait until the progress bar shows: training has started
-            if line.startswith("training:"):
+        for line in process.stderr:  # wait until training starts
+            if "Training linucb on" in line:
                 break
         time.sleep(1)  # a few chunks logged
         for signum in signals:
