@@ -157,7 +157,6 @@ def runs(movielens_dir, tmp_path_factory):
         "linucb_logs": run("agent=linucb", "tracking.log_interactions=true", "tracking.save_policy=false"),
         "target": run("agent=linucb", "tracking.artifacts=full"),
         "target_other_movies": run("agent=linucb", "tracking.artifacts=full", "env.num_movies=8"),
-        "target_other_rank": run("agent=linucb", "tracking.artifacts=full", "env.rank_k=3"),
     }
     return uri, data, ids
 
@@ -209,7 +208,6 @@ def test_evaluate_prints_every_estimate_beside_the_true_value_and_logs_a_linked_
     (["target_run_id={target}", "logs_run_id={target}"], "logged no interactions"),
     (["target_run_id={target}", "logs_run_id={linucb_logs}"], "have no propensities: agent=linucb"),
     (["target_run_id={target_other_movies}", "logs_run_id={logs}"], "the action spaces differ: the logs of run"),
-    (["target_run_id={target_other_rank}", "logs_run_id={logs}"], "another environment than the target policy of run"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, caplog, arguments, message):
     uri, _, ids = runs
@@ -228,6 +226,15 @@ def test_an_agent_config_is_trained_offline_on_the_logs_and_scored_on_the_rest(r
     (run,) = client.search_runs([client.get_run(ids["logs"]).info.experiment_id],
                                 "tags.`ope.target_agent` = 'lints'")
     assert run.data.tags["ope.train_rounds"] == str(len(interactions.load(ids["logs"])) // 2)
+
+
+@pytest.mark.parametrize("override, key", [("env.rank_k=3", "env.rank_k"), ("env.movie_selection=most_rated",
+                                            "env.movie_selection"), ("data.rank=5", "data.rank")])
+def test_logs_from_another_environment_are_refused_whatever_differs(override, key):
+    logs_cfg = config.compose(["data=synthetic"])
+    other_cfg = config.compose(["data=synthetic", override])
+    with pytest.raises(UserError, match=f"the logs of run x come from another environment than the target: {key} is"):
+        interactions.check_same_environment(logs_cfg, other_cfg, "the logs of run x", "the target")
 
 
 def test_dm_alone_scores_logs_without_propensities(runs, capsys):
