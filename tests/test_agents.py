@@ -190,5 +190,5 @@ def test_saved_policies_act_in_a_fresh_process(make_config, tmp_path):
     acted = dict(json.loads(line) for line in done.stdout.splitlines())
     assert sorted(acted) == sorted(paths)
     assert all(len(actions) == 8 for actions in acted.values())
-    assert len(greedy) >= 3  # the LinUCBs and the greedy neural policy at least
+    assert len(greedy) >= 2  # the LinUCBs at least (a neural policy may sample)
     assert {path: acted[path] for path in greedy} == greedy
