@@ -33,9 +33,6 @@ EXPERIMENT_DESCRIPTION = (
     "run with its trials nested under it. Start with train/cumulative_regret and the run's regret.png; "
     "every metric is defined in the project README, under 'What a run logs'.")
 
-# MLflow 3's UI opens an experiment of no declared kind on its GenAI overview (traces, with a
-# popup); declared as model development, it opens on the runs.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # Marks runs that are not training runs (a comparison, an evaluation), which comparisons skip.
 ROLE_TAG = "bandits.role"
 
@@ -64,8 +61,7 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
             return found and found.experiment_id
         try:
             return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri, experiment),
-                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION,
-                                                  EXPERIMENT_KIND_TAG: "custom_model_development"})
+                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
