@@ -34,6 +34,11 @@ if [ "$agent" = all ]; then
   failed=0
   for config in conf/hparams_search/*.yaml; do
     name=$(basename "$config" .yaml)
+    # A sweep scored off-policy learns from a logged run, which only the user can name.
+    if grep -q '^objective: ope/' "$config" && [[ " ${overrides[*]} " != *" offline.logs_run_id="* ]]; then
+      echo "=== sweep $name skipped: it learns from logged interactions; pass offline.logs_run_id=<run id> ==="
+      continue
+    fi
     echo "=== sweep $name ==="
     args=(--workers "$workers")
     [ -n "$storage" ] && args+=(--storage "$storage")
