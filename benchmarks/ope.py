@@ -112,17 +112,15 @@ def draw_log(model, probabilities: np.ndarray, rounds: int, rng) -> tuple[ope.Fe
 
 
 def study(model, choices, sizes: list[int], seeds: int) -> pd.DataFrame:
-    num_users, num_actions = model.rewards.shape
-    truth = model.rewards[np.arange(num_users), choices].mean()
-    target = np.eye(num_actions)[choices]
+    num_actions = model.rewards.shape[1]
+    truth = model.value_of(choices)
     rows = []
     for name, probabilities in logging_policies(model, np.random.default_rng(1234)).items():
         for rounds in sizes:
             estimates = {estimator: [] for estimator in ope.ESTIMATORS}
             for seed in range(seeds):
                 feedback, users = draw_log(model, probabilities, rounds, np.random.default_rng(seed))
-                coefficients = ope.fit_reward_model(feedback, num_actions, RIDGE)
-                terms = ope.terms(feedback, target[users], ope.predict_rewards(coefficients, feedback.contexts))
+                terms = ope.deterministic_target_terms(feedback, choices[users], num_actions, RIDGE)
                 for estimator in ope.ESTIMATORS:
                     estimates[estimator].append(ope.estimate(estimator, terms, switch_tau=num_actions))
             row = {"logging policy": name, "rounds": rounds}

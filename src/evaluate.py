@@ -79,17 +79,17 @@ def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
     if cfg.data.dir is not None:
         logs_cfg.data.dir = cfg.data.dir
     dataset = data.load(logs_cfg.data)
+    engine = None
     if cfg.target_agent is None:
         reward_model = build_environment(logs_cfg, dataset).reward_model
-        feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
-        interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
+    else:
+        engine = experiment.assemble(agent_on(logs_cfg, str(cfg.target_agent)), dataset)
+        reward_model = engine.environment.reward_model
+    feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
+    interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
+    if engine is None:
         target = saved_policy(cfg, logs_cfg, logs, reward_model)
     else:
-        target_cfg = agent_on(logs_cfg, str(cfg.target_agent))
-        engine = experiment.assemble(target_cfg, dataset)
-        reward_model = engine.environment.reward_model
-        feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
-        interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
         split = offline.split_point(len(feedback), cfg.train_share, engine.interactions_per_loop, logs_run_id)
         offline.fit(engine, feedback.take(np.arange(split)))
         feedback, user_rows = feedback.take(np.arange(split, len(feedback))), user_rows[split:]
@@ -97,11 +97,9 @@ def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
                         {"ope.target_agent": str(cfg.target_agent), "ope.train_rounds": str(split)},
                         offline.greedy_choices(engine.agent.policy, reward_model))
 
-    num_users, num_actions = reward_model.rewards.shape
-    true_value = float(reward_model.rewards[np.arange(num_users), target.choices].mean())
-    coefficients = ope.fit_reward_model(feedback, num_actions, cfg.reward_model_ridge)
-    terms = ope.terms(feedback, np.eye(num_actions)[target.choices[user_rows]],
-                      ope.predict_rewards(coefficients, feedback.contexts))
+    num_actions = len(reward_model.movie_ids)
+    true_value = reward_model.value_of(target.choices)
+    terms = ope.deterministic_target_terms(feedback, target.choices[user_rows], num_actions, cfg.reward_model_ridge)
     switch_tau = cfg.switch_tau if cfg.switch_tau is not None else num_actions
     log.info("Estimating the value of %s on %d rounds logged by %s (run %s), %d bootstrap resamples",
              target.label, len(feedback), logs_cfg.agent.name, logs_run_id, cfg.bootstrap.samples)

@@ -67,14 +67,12 @@ def learn(cfg: DictConfig, engine, feedback: ope.Feedback, rows: np.ndarray) -> 
                         str(cfg.offline.logs_run_id))
     fit(engine, feedback.take(np.arange(split)))
     choices = greedy_choices(engine.agent.policy, reward_model)
-    num_users, num_actions = reward_model.rewards.shape
+    num_actions = len(reward_model.movie_ids)
     scored = feedback.take(np.arange(split, len(feedback)))
-    coefficients = ope.fit_reward_model(scored, num_actions, cfg.offline.reward_model_ridge)
-    terms = ope.terms(scored, np.eye(num_actions)[choices[rows[split:]]],
-                      ope.predict_rewards(coefficients, scored.contexts))
+    terms = ope.deterministic_target_terms(scored, choices[rows[split:]], num_actions, cfg.offline.reward_model_ridge)
     usable = ope.ESTIMATORS if np.isfinite(scored.propensities).all() else ("dm",)
     final = {f"{PREFIX}{name}": ope.estimate(name, terms, switch_tau=num_actions) for name in usable}
-    final[TRUE_VALUE] = float(reward_model.rewards[np.arange(num_users), choices].mean())
+    final[TRUE_VALUE] = reward_model.value_of(choices)
     return final
 
 

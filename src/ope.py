@@ -87,6 +87,13 @@ def terms(feedback: Feedback, target_probabilities: np.ndarray, reward_estimates
                  residuals=feedback.rewards - reward_estimates[rounds, feedback.actions])
 
 
+def deterministic_target_terms(feedback: Feedback, choices: np.ndarray, num_actions: int, ridge: float) -> Terms:
+    """The terms for a deterministic target that picks `choices[i]` in round i, with the direct
+    method's reward model fitted on the same rounds."""
+    reward_estimates = predict_rewards(fit_reward_model(feedback, num_actions, ridge), feedback.contexts)
+    return terms(feedback, np.eye(num_actions)[choices], reward_estimates)
+
+
 def estimate(name: str, t: Terms, rows: np.ndarray | slice = slice(None), switch_tau: float = np.inf) -> float:
     """Estimator `name` on the rounds `rows` of `t` (all by default; a bootstrap passes a resample)."""
     dm, weights, rewards, residuals = t.dm[rows], t.weights[rows], t.rewards[rows], t.residuals[rows]

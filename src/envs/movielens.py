@@ -39,6 +39,11 @@ class RewardModel:
     def optimal_reward(self) -> np.ndarray:
         return self.rewards.max(axis=1)
 
+    def value_of(self, choices: np.ndarray) -> float:
+        """Exact mean reward of a deterministic policy picking `choices[u]` for each user row u,
+        users drawn uniformly as the environment draws them."""
+        return float(self.rewards[np.arange(len(choices)), choices].mean())
+
     @property
     def random_policy_regret(self) -> float:
         """Expected per-interaction regret of picking movies uniformly at random."""
