@@ -37,6 +37,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from mlflow.entities import RunStatus
+from mlflow.tracking.context import registry as context_registry
 from omegaconf import DictConfig, OmegaConf
 
 from src import config, metrics, plots, tracking
@@ -338,10 +339,11 @@ def prepare(cfg: DictConfig, overrides: list[str] = ()) -> optuna.Study:
     client = mlflow.MlflowClient()
     parent_id = None if created else parent_run_of(study)
     if parent_id is None:
+        # The client, unlike `mlflow.start_run`, adds no source tags (git commit, user) itself.
         parent = client.create_run(
             experiment_id, run_name=f"{study.study_name}·sweep",
-            tags={"sweep.study": study.study_name, "sweep.role": "parent",
-                  "sweep.storage": shown_storage(cfg), "git_commit": tracking.git_commit()})
+            tags=context_registry.resolve_tags({"sweep.study": study.study_name, "sweep.role": "parent",
+                                                "sweep.storage": shown_storage(cfg)}))
         parent_id = parent.info.run_id
         study.set_user_attr(PARENT_RUN_ATTR, parent_id)
         for key, value in (cfg.hydra.sweeper.params or {}).items():

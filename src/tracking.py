@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import subprocess
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -112,15 +111,6 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """Dotted keys for every leaf of the resolved config, as MLflow params."""
     flat = pd.json_normalize(OmegaConf.to_container(cfg, resolve=True), sep=".").iloc[0].to_dict()
@@ -135,10 +125,16 @@ class RunStopped(Exception):
 def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str, str]):
     """An MLflow run holding the config; FAILED if the body raises, KILLED on Ctrl-C or when
     stopped on purpose (`RunStopped`)."""
-    commit = git_commit()
-    tags = {"git_commit": commit, "mlflow.source.git.commit": commit, **extra_tags}
+    # MLflow adds the source's git commit, branch and repository itself (mlflow.source.git.*).
+    tags = dict(extra_tags)
     tags.update({f"version.{name}": version(name) for name in PACKAGES})
-    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    sampling = cfg.tracking.system_metrics_every_s
+    if sampling:
+        mlflow.set_system_metrics_sampling_interval(sampling)
+        # Its start and stop lines, and a line saying there is no GPU, tell a user nothing.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    active = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                              log_system_metrics=bool(sampling))
     log.info("MLflow run %s (%s) in %s", run_name, active.info.run_id, mlflow.get_tracking_uri())
     try:
         mlflow.log_params(flatten(cfg))

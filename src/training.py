@@ -52,6 +52,8 @@ def check_training(cfg: DictConfig) -> None:
             "full or light")
     log_every = cfg.tracking.log_every
     require(isinstance(log_every, int) and log_every >= 1, "tracking.log_every", log_every, "an integer >= 1")
+    sampling = cfg.tracking.system_metrics_every_s
+    require(sampling >= 0, "tracking.system_metrics_every_s", sampling, ">= 0 (0: none)")
     require(cfg.objective in metrics.FINAL_METRICS, "objective", cfg.objective,
             f"one of {', '.join(metrics.FINAL_METRICS)}")
     if offline.is_offline(cfg):

@@ -45,7 +45,8 @@ def cli_args(movielens_dir, uri, *extra):
 
 
 def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
-    result = run_cli("src.train", *cli_args(movielens_dir, tracking_uri, "agent=linucb", "tracking.log_every=2"))
+    result = run_cli("src.train", *cli_args(movielens_dir, tracking_uri, "agent=linucb", "tracking.log_every=2",
+                                              "tracking.system_metrics_every_s=1"))
     assert result.returncode == 0, result.stderr[-2000:]
     client, found = runs(tracking_uri)
     assert len(found) == 1
@@ -63,7 +64,8 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     assert run.data.params["agent.alpha"] == "10.0"
     assert run.data.params["env.rank_k"] == "4"
     assert run.data.tags["version.tf-agents"] == "0.19.0"
-    assert len(run.data.tags["git_commit"]) in (40, len("unknown"))
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert run.data.metrics["system/cpu_utilization_percentage"] >= 0  # MLflow's System metrics tab
     interactions = 8 * 2
     for key in METRICS:
         history = client.get_metric_history(run.info.run_id, key)
