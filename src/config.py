@@ -73,7 +73,11 @@ def errors_name_source(group: str, option: str | None = None) -> Iterator[None]:
 
 
 def check_group_choices(overrides: list[str]) -> None:
-    """Refuse `agent=nope` with the list of choices, before Hydra prints a page about it."""
+    """Refuse `agent=nope` with the list of choices.
+
+    Hydra makes this check too, but per job: in a sweep (`-m agent=linucb,nope`) it finds the
+    bad option only when that job starts, after the others have run, and says so in a page.
+    """
     for override in overrides:
         key, sep, values = override.partition("=")
         group = key.lstrip("+~")
@@ -102,7 +106,12 @@ def check_command_line(args: list[str]) -> None:
 def check_types(cfg: DictConfig) -> None:
     """Values of the wrong type, non-finite or absurdly large, are refused by name before any
     builder trips on them: each value keeps the type of its default in its YAML file, the
-    group options' and conf/config.yaml's own (tracking, sweep, objective)."""
+    group options' and conf/config.yaml's own (tracking, sweep, objective).
+
+    Hydra's structured configs would check types too, but from a dataclass per YAML file that
+    repeats each of its defaults; here the YAML files stay the one schema, and the finite-size
+    bound (which structured configs lack) comes with it. Ranges are the builders' to check.
+    """
     for group, option in (("data", cfg.data.name), ("env", cfg.env.name), ("agent", cfg.agent.name),
                           ("training", "default")):
         path = CONFIG_DIR / group / f"{option}.yaml"

@@ -10,21 +10,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+import pooch
+import requests
 
-from src.errors import UserError, require
+from src.errors import UserError, one_line, require
 from src.paths import resolve
 
 log = logging.getLogger(__name__)
+pooch.get_logger().setLevel(logging.WARNING)  # our own lines say what is downloaded, and where
 
 GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -84,24 +85,20 @@ def download(url: str, cache_dir: Path, checksums: dict[str, str]) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("Downloading MovieLens 100K from %s (first use only)", url)
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
-        archive = Path(scratch) / "ml-100k.zip"
         try:
-            with urllib.request.urlopen(url, timeout=30) as response, open(archive, "wb") as out:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc="ml-100k.zip", disable=None) as bar:
-                    for block in iter(lambda: response.read(1 << 16), b""):
-                        out.write(block)
-                        bar.update(len(block))
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
+            # GroupLens publishes no hash of the archive, only of its files: those are checked
+            # below, as they are for a local copy.
+            pooch.retrieve(url, known_hash=None, fname="ml-100k.zip", path=scratch,
+                           processor=pooch.Unzip(extract_dir="."),
+                           downloader=pooch.HTTPDownloader(progressbar=sys.stderr.isatty(), timeout=30))
+        except (requests.RequestException, OSError) as error:
+            # requests wraps urllib3's retries around the cause (refused, timed out, not found).
+            reason = getattr(error.args[0], "reason", error) if error.args else error
             raise UserError(
-                f"could not download MovieLens 100K from {url} ({reason}). Offline? Put the "
+                f"could not download MovieLens 100K from {url} ({one_line(reason)}). Offline? Put the "
                 f"unpacked ml-100k files (u.data, u.item, u.user) in {target} or pass "
                 f"data.dir=/path/to/ml-100k"
             ) from None
-        try:
-            with zipfile.ZipFile(archive) as bundle:
-                bundle.extractall(scratch)
         except zipfile.BadZipFile:
             raise UserError(f"the download from {url} is not a valid zip archive") from None
         unpacked = Path(scratch) / "ml-100k"
