@@ -9,8 +9,8 @@
 # another machine, joins it until that many are complete. --storage defaults to
 # $OPTUNA_STORAGE (eval "$(./stack.sh up)"), else sqlite:///optuna.db in the project.
 # Worker output goes to logs/sweeps/<study>/<time>-worker-<i>.log (under $SWEEP_LOG_DIR if
-# set), and a line per ended trial to the console; the script waits for its workers, reports
-# the best trial, and exits non-zero if any worker failed.
+# set), and a line per trial as it starts and ends to the console; the script waits for its
+# workers, reports the best trial, and exits non-zero if any worker failed.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -60,6 +60,7 @@ sweep=("hparams_search=$agent" "${overrides[@]}")
 [ -n "$trials" ] && sweep+=("hydra.sweeper.n_trials=$trials")
 
 # Creates or resumes the study and its MLflow parent run; checks storage and direction.
+echo "Preparing the study (loading MLflow and Optuna)..."
 state=$(uv run python -m src.sweep prepare "${sweep[@]}") || exit 2
 eval "$state"  # study=... seed=...
 stamp=$(date +%Y%m%d-%H%M%S)
@@ -82,9 +83,10 @@ for ((i = 0; i < workers; i++)); do
   worker_logs+=("$logs/$stamp-worker-$i.log")
   echo "  worker $i: pid $!, log $logs/$stamp-worker-$i.log"
 done
-# One line per ended trial from the workers' logs, as it happens (pids[] holds workers only).
+# A line per trial as it starts and ends, from the workers' logs (pids[] holds workers only).
 tail -q -n +1 -F "${worker_logs[@]}" 2>/dev/null \
-  > >(grep --line-buffered -oE 'Trial [0-9]+ (finished|failed|pruned).*' | sed -u 's/^/  /') &
+  > >(grep --line-buffered -oE 'Worker [0-9]+: loading.*|Trial [0-9]+ (started|finished|failed|pruned).*' \
+      | grep --line-buffered -v 'failed with value None' | sed -u 's/^/  /') &  # Optuna's echo of a failure
 follower=$!
 
 failed=0

@@ -405,6 +405,8 @@ def work(overrides: list[str], worker: int = 0) -> None:
     study = load_study(cfg, sampler=sampler)
     space = search_space(cfg, overrides)
     trials = [fixed_override for fixed_override in fixed if not fixed_override.startswith("hydra.")]
+    log.info("Worker %d: loading TensorFlow for its trials...", worker)
+    from src import training  # noqa: F401  (here, where the line above says what the wait is)
     try:
         while run_next(cfg, study, space, trials):
             pass
@@ -414,6 +416,12 @@ def work(overrides: list[str], worker: int = 0) -> None:
         summarise_if_done(cfg, study, interrupted=True)
         raise
     summarise_if_done(cfg, study)
+
+
+def shown_params(params: dict) -> str:
+    """Sampled values as a person reads them: 2.288, not 2.2881136684755243 (runs log them whole)."""
+    return " ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+                    for name, value in params.items())
 
 
 def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str]) -> bool:
@@ -479,7 +487,7 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
         retry_of = RetryDeadWorkersTrial.retried_trial_number(next(t for t in trials if t.number == trial.number))
         if retry_of is not None:
             tags["sweep.retry_of"] = str(retry_of)
-        log.info("Trial %d: %s", trial.number, " ".join(f"{name}={value}" for name, value in values.items()))
+        log.info("Trial %d started: %s", trial.number, shown_params(values))
         final, run_id = train(trial_cfg, tags, pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None)
     except StorageLost:
         raise
@@ -573,8 +581,8 @@ def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial
             client.set_tag(parent_id, "best.run_id", best_run)
             register_best_model(cfg, best_run)
         log_plots(client, parent_id, study)
-        log.info("Best of %d trials: %s = %.4f with %s (trial %d, run %s)", len(states), cfg.objective,
-                 best.value, best.params, best.number, best_run)
+        log.info("Best of %d trials: %s = %.6g with %s (trial %d, run %s)", len(states), cfg.objective,
+                 best.value, shown_params(best.params), best.number, best_run)
     done = complete >= target(cfg, study)  # a grid with failed points is not done
     status = RunStatus.FINISHED if done and not failed else RunStatus.FAILED
     client.set_terminated(parent_id, RunStatus.to_string(status))

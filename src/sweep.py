@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
         else:
             best = campaign.summarise_if_done(cfg, campaign.load_study(cfg))
             if best is not None:
-                print(f"best {cfg.objective}={best.value:.6g} trial={best.number} params={best.params}")
+                print(f"best {cfg.objective}={best.value:.6g} trial={best.number} {campaign.shown_params(best.params)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,6 +16,35 @@ from src.data.synthetic import checksum_override, write_movielens
 from src.paths import PROJECT_ROOT
 
 SMALL = ["env.num_movies=10", "env.rank_k=4", "training.loops=60", "training.chunk_loops=20"]
+# What the tools that run the tests leave in the checkout; anything else new is a test's doing.
+TOOLING = (".venv/", "uv.lock", ".pytest_cache/", ".ruff_cache/", ".stack/", "__pycache__/")
+
+
+def checkout_entries() -> set[str] | None:
+    """`git status` of the checkout, ignored files included; None outside a git checkout."""
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=PROJECT_ROOT,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {line for line in status.splitlines() if not line[3:].endswith(TOOLING)}
+
+
+def pytest_sessionstart(session):
+    session.config.checkout_before = checkout_entries()
+
+
+def pytest_sessionfinish(session):
+    """Fail the session when its tests left files in the checkout (under multirun/, logs/, ...):
+    the controller checks once every test worker is done."""
+    if hasattr(session.config, "workerinput") or session.config.checkout_before is None:
+        return
+    left = sorted(checkout_entries() - session.config.checkout_before)
+    if left:
+        writer = session.config.get_terminal_writer()
+        writer.line()
+        writer.line(f"The tests left these in the checkout (git status --ignored): {', '.join(left)}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +109,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, what: str):
+    """`condition()`'s first truthy value, polled every half second for up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.5)
+    return value

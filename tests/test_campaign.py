@@ -30,7 +30,7 @@ from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from src.sweep_trials import RUN_ATTR
 from src.training import train
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 FIXED = ["env.num_movies=10", "env.reward_rank=4", "env.rank_k=3", "training.chunk_loops=20",
          "tracking.save_policy=false"]
@@ -48,13 +48,6 @@ def states(study: optuna.Study) -> collections.Counter:
 def runs_of(tracking_uri: str, experiment: str) -> list:
     client = mlflow.MlflowClient(tracking_uri)
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
-        time.sleep(0.5)
 
 
 @pytest.mark.slow

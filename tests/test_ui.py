@@ -1,0 +1,130 @@
+"""What a person sees in MLflow's UI, in a real browser: Debian's Chromium driven by Playwright,
+on `mlflow server` over a store of the product's own runs (two runs and a two-trial sweep)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from src.data.synthetic import checksum_override
+from src.paths import PROJECT_ROOT
+from tests.conftest import SMALL, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is a dev dependency (uv sync)")
+
+BROWSER_LOCK = PROJECT_ROOT / ".stack" / "chromium.lock"
+WAIT_MS = 90_000  # the UI's first page, on 2 busy cores
+
+
+def chromium() -> str:
+    """Debian's Chromium, installed (as root) when missing, one test worker at a time."""
+    BROWSER_LOCK.parent.mkdir(exist_ok=True)
+    with open(BROWSER_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shutil.which("chromium") is None and os.geteuid() == 0:
+            subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, check=True,
+                           capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    found = shutil.which("chromium")
+    if found is None:
+        pytest.fail("the browser tests need Debian's chromium: apt-get install chromium (.ci/run does)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, movielens_dir):
+    """`mlflow server` on a store holding `linucb·s0`, `random·s0` and a sweep `tiny·sweep`
+    with trials `linucb·s0·t0` and `linucb·s0·t1`; yields (base URL, experiment id)."""
+    store = tmp_path_factory.mktemp("ui")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    directory, checksums = movielens_dir
+    common = [f"data.dir={directory}", checksum_override(checksums), f"tracking.uri={uri}",
+              "tracking.system_metrics_every_s=0", *SMALL]
+    commands = [
+        ["-m", "agent=linucb,random", f"hydra.sweep.dir={store / 'runs'}", *common],
+        ["-m", "hparams_search=linucb", "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
+         f"hydra.sweeper.storage=sqlite:///{store / 'optuna.db'}", f"hydra.sweep.dir={store / 'sweep'}",
+         "tracking.save_policy=false", "env.reward_rank=4", *common, "env.rank_k=choice(2, 3)"],
+    ]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    makers = [subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=store, env=env, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for args in commands]
+    for maker in makers:
+        _, errors = maker.communicate(timeout=300)
+        assert maker.returncode == 0, errors[-3000:]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        client = mlflow.MlflowClient(base)
+
+        def answers():
+            try:
+                return client.get_experiment_by_name("movielens-bandits")
+            except Exception:  # not listening yet
+                return None
+
+        experiment = wait_until(answers, 60, "mlflow server to answer")
+        yield base, experiment.experiment_id
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as driver:
+        # Chromium's sandbox needs user namespaces, which containers (and root) lack.
+        launched = driver.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    opened = browser.new_page(viewport={"width": 1400, "height": 900})
+    opened.set_default_timeout(WAIT_MS)
+    yield opened
+    opened.close()
+
+
+def row_names(page) -> list[str]:
+    """The runs table's run names, top to bottom (the grid's DOM order need not be)."""
+    rows = page.locator("[role=row][row-index]", has=page.locator("[col-id*='Run Name'] a")).all()
+    named = {int(row.get_attribute("row-index")): row.locator("[col-id*='Run Name'] a").inner_text().strip()
+             for row in rows}
+    return [named[index] for index in sorted(named)]
+
+
+def test_the_runs_table_names_runs_readably_and_nests_a_sweeps_trials(ui, page):
+    base, experiment_id = ui
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs")
+    for name in ("linucb·s0", "random·s0", "tiny·sweep"):
+        page.get_by_text(name, exact=True).wait_for()
+    # Trials are folded under their parent until it is opened.
+    assert page.get_by_text("linucb·s0·t0", exact=True).count() == 0
+    page.locator("[role=gridcell]", has_text="tiny·sweep").get_by_role("button").first.click()
+    page.get_by_text("linucb·s0·t1", exact=True).wait_for()
+    names = row_names(page)
+    parent = names.index("tiny·sweep")
+    assert sorted(names[parent + 1:parent + 3]) == ["linucb·s0·t0", "linucb·s0·t1"], names
+    assert {"linucb·s0", "random·s0"} <= set(names) - set(names[parent:parent + 3]), names
+
+
+def test_a_run_page_shows_its_regret_plot(ui, page):
+    base, experiment_id = ui
+    client = mlflow.MlflowClient(base)
+    (run,) = client.search_runs([experiment_id], "attributes.run_name = 'linucb·s0'")
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifacts/regret.png")
+    page.get_by_text("linucb·s0", exact=True).first.wait_for()
+    plot = page.locator("img[src^='blob:']").first
+    plot.wait_for()
+    assert plot.evaluate("image => image.complete && image.naturalWidth") > 500  # the figure, drawn
