@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import mlflow
 import pytest
 
 from src import config, tf_runtime  # noqa: F401  (a quiet TensorFlow start-up before any test imports it)
@@ -118,3 +121,27 @@ def wait_until(condition, timeout: float, what: str):
         assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
         time.sleep(0.5)
     return value
+
+
+@contextlib.contextmanager
+def mlflow_ui(store: Path):
+    """`mlflow server` (the UI) on the SQLite store in folder `store`, on 127.0.0.1; yields its
+    URL and the id of the experiment the runs went to, once it answers."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                               f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    client = mlflow.MlflowClient(base)
+
+    def experiment():
+        try:
+            return client.get_experiment_by_name("movielens-bandits")
+        except Exception:  # not listening yet
+            return None
+
+    try:
+        yield base, wait_until(experiment, 60, "mlflow server to answer").experiment_id
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from src import metrics, train, training
 from src.cli import exit_on_user_error
@@ -83,6 +84,13 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     table = np.genfromtxt(local / "metrics.csv", delimiter=",", names=True)
     assert len(table) == 60
     assert metrics.rounded(table["traincumulative_regret"][-1]) == cumulative[-1]  # the CSV as computed
+    # TensorBoard's copy holds the curve MLflow shows.
+    (events,) = (local / "tensorboard").iterdir()
+    board = {event.step: float(tf.make_ndarray(value.tensor))
+             for event in tf.compat.v1.train.summary_iterator(str(events))
+             for value in event.summary.value if value.tag == metrics.CUMULATIVE_REGRET}
+    assert list(board) == [m.step for m in client.get_metric_history(run.info.run_id, metrics.CUMULATIVE_REGRET)]
+    assert list(board.values()) == pytest.approx(cumulative, rel=1e-5)  # float32 there, 6 digits here
     assert "Done in" in result.stderr
     # Said before the imports that take tens of seconds; in a log (stderr is a pipe here) no
     # progress-bar frames, but a line per tenth of the run.

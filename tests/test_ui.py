@@ -14,7 +14,7 @@ import pytest
 
 from src.data.synthetic import checksum_override
 from src.paths import PROJECT_ROOT
-from tests.conftest import SMALL, free_port, wait_until
+from tests.conftest import SMALL, mlflow_ui
 
 pytestmark = pytest.mark.slow
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is a dev dependency (uv sync)")
@@ -42,9 +42,8 @@ def ui(tmp_path_factory, movielens_dir):
     """`mlflow server` on a store holding `linucb·s0`, `random·s0` and a sweep `tiny·sweep`
     with trials `linucb·s0·t0` and `linucb·s0·t1`; yields (base URL, experiment id)."""
     store = tmp_path_factory.mktemp("ui")
-    uri = f"sqlite:///{store / 'mlflow.db'}"
     directory, checksums = movielens_dir
-    common = [f"data.dir={directory}", checksum_override(checksums), f"tracking.uri={uri}",
+    common = [f"data.dir={directory}", checksum_override(checksums), f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
               "tracking.system_metrics_every_s=0", *SMALL]
     commands = [
         ["-m", "agent=linucb,random", f"hydra.sweep.dir={store / 'runs'}", *common],
@@ -58,25 +57,8 @@ def ui(tmp_path_factory, movielens_dir):
     for maker in makers:
         _, errors = maker.communicate(timeout=300)
         assert maker.returncode == 0, errors[-3000:]
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        client = mlflow.MlflowClient(base)
-
-        def answers():
-            try:
-                return client.get_experiment_by_name("movielens-bandits")
-            except Exception:  # not listening yet
-                return None
-
-        experiment = wait_until(answers, 60, "mlflow server to answer")
-        yield base, experiment.experiment_id
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with mlflow_ui(store) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
