@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -194,3 +195,38 @@ def log_history(run_id: str, frame: pd.DataFrame, step_column: str = "step") -> 
     ]
     for start in range(0, len(metrics), BATCH):
         client.log_batch(run_id, metrics=metrics[start:start + BATCH], synchronous=True)
+
+
+class HistoryLogger:
+    """Logs metric histories from a background thread, one batch in flight, so training goes on
+    while the store writes (a SQLite commit, an HTTP round trip): on 2 cores, waiting for each
+    write cost LinUCB a quarter of its speed. A failed write raises the store's own exception
+    at the next batch or at the end; the last batch is always waited for, even when the run stops
+    for another reason, so nothing already logged is lost."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metric-history")
+        self._pending: Future | None = None
+
+    def log(self, frame: pd.DataFrame) -> None:
+        self.wait()
+        self._pending = self._writer.submit(log_history, self.run_id, frame)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> HistoryLogger:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        try:
+            if error_type is None:
+                self.wait()
+            else:
+                with contextlib.suppress(Exception):  # the error already stopping the run says more
+                    self.wait()
+        finally:
+            self._writer.shutdown()

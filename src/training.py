@@ -172,7 +172,8 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
     started = time.perf_counter()
     # A bar on a terminal only: in a log file each frame would be a line. There, a line per
     # tenth of the run says how far it is.
-    with tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True, disable=None) as bar:
+    with (tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True, disable=None) as bar,
+          tracking.HistoryLogger(run_id) as history_logger):
         tenths_logged = 0
         for chunk in engine.run(training.loops, training.chunk_loops):
             bar.update(len(chunk.regret))
@@ -188,7 +189,7 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
             ending = history.loops_done == training.loops or not np.isfinite(rows[metrics.LOSS]).all()
             window_rows = downsampler.push(rows, last=ending)
             if len(window_rows):
-                tracking.log_history(run_id, window_rows)
+                history_logger.log(window_rows)
             check_finite(rows)
             interrupts.check()
             if report:
