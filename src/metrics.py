@@ -47,6 +47,10 @@ ONLINE_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
 BOUNDS = {REGRET: (0.0, None), CUMULATIVE_REGRET: (0.0, None), SUBOPTIMAL_ARM_RATE: (0.0, 1.0), LOSS: (0.0, None)}
 
 
+# The per-loop metrics a window of loops averages (the cumulative regret is taken at its end).
+RATES = (REGRET, REWARD, SUBOPTIMAL_ARM_RATE, LOSS)
+
+
 def rounded(value: float) -> float:
     """`value` to 6 significant digits and 9 decimals, as logged to MLflow: what lies beyond is
     float noise (5947.0000000020955), and the per-loop sums come from float32 (7 digits) anyway."""
@@ -89,15 +93,23 @@ class RegretHistory:
 
 
 def downsample(frame: pd.DataFrame, window: int) -> pd.DataFrame:
-    """One row per `window` loops: rates averaged over the window, cumulative regret at its end."""
+    """One row per `window` loops: rates averaged over the window (NaNs skipped, as pandas
+    does), cumulative regret at its end. In NumPy: it runs on every chunk of training, where
+    a pandas groupby cost neural epsilon-greedy a tenth of its speed."""
     if window == 1:
         return frame
-    windows = np.arange(len(frame)) // window
-    grouped = frame.groupby(windows)
-    coarse = grouped[[REGRET, REWARD, SUBOPTIMAL_ARM_RATE, LOSS]].mean()
-    coarse["step"] = grouped["step"].last()
-    coarse[CUMULATIVE_REGRET] = grouped[CUMULATIVE_REGRET].last()
-    return coarse[frame.columns].reset_index(drop=True)
+    starts = np.arange(0, len(frame), window)
+    ends = np.append(starts[1:], len(frame)) - 1
+    values = frame.to_numpy(dtype=np.float64)  # one copy: pandas' column selections cost a millisecond each
+    position = {name: index for index, name in enumerate(frame.columns)}
+    rates = values[:, [position[name] for name in RATES]]
+    seen = ~np.isnan(rates)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a window of NaNs only stays NaN
+        means = np.add.reduceat(np.where(seen, rates, 0.0), starts) / np.add.reduceat(seen, starts)
+    coarse = dict(zip(RATES, means.T))
+    coarse["step"] = frame["step"].to_numpy()[ends]
+    coarse[CUMULATIVE_REGRET] = values[ends, position[CUMULATIVE_REGRET]]
+    return pd.DataFrame({name: coarse[name] for name in frame.columns})
 
 
 class Downsampler:
@@ -109,7 +121,7 @@ class Downsampler:
 
     def push(self, rows: pd.DataFrame, last: bool = False) -> pd.DataFrame:
         """The whole windows now complete (all pending rows when `last`), one row per window."""
-        pending = pd.concat([self._pending, rows], ignore_index=True)
+        pending = pd.concat([self._pending, rows], ignore_index=True) if len(self._pending) else rows
         ready = len(pending) if last else len(pending) - len(pending) % self.window
         self._pending = pending.iloc[ready:]
         return downsample(pending.iloc[:ready], self.window)

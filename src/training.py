@@ -63,13 +63,13 @@ def check_training(cfg: DictConfig) -> None:
         offline.check(cfg)
 
 
-def check_finite(rows) -> None:
+def check_finite(rows: pd.DataFrame, loss: np.ndarray) -> None:
     """Stop a diverged run (a sweep's trial then fails alone) rather than train on NaNs."""
-    diverged = rows[~np.isfinite(rows[metrics.LOSS])]
+    diverged = np.flatnonzero(~np.isfinite(loss))
     if len(diverged):
-        first = diverged.iloc[0]
-        raise UserError(f"training diverged: the agent's loss is {first[metrics.LOSS]} after "
-                        f"{int(first['step'])} interactions; try a smaller agent.learning_rate")
+        first = diverged[0]
+        raise UserError(f"training diverged: the agent's loss is {loss[first]} after "
+                        f"{int(rows['step'].iloc[first])} interactions; try a smaller agent.learning_rate")
 
 
 def run_name(cfg: DictConfig, tags: dict[str, str]) -> str:
@@ -186,11 +186,12 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
                          history.final()[metrics.CUMULATIVE_REGRET])
             interrupts.check(urgent_only=True)
             # A diverged run ends here: its last, partial window is logged too.
-            ending = history.loops_done == training.loops or not np.isfinite(rows[metrics.LOSS]).all()
+            loss = rows[metrics.LOSS].to_numpy()
+            ending = history.loops_done == training.loops or not np.isfinite(loss).all()
             window_rows = downsampler.push(rows, last=ending)
             if len(window_rows):
                 history_logger.log(window_rows)
-            check_finite(rows)
+            check_finite(rows, loss)
             interrupts.check()
             if report:
                 report(int(rows["step"].iloc[-1]), float(rows[cfg.objective].iloc[-1]))

@@ -49,6 +49,9 @@ def test_downsample_averages_rates_and_keeps_the_cumulative_regret_at_each_windo
     assert coarse[metrics.CUMULATIVE_REGRET].tolist() == frame[metrics.CUMULATIVE_REGRET].iloc[[1, 3, 4]].tolist()
     assert list(coarse.columns) == list(frame.columns)
     pd.testing.assert_frame_equal(metrics.downsample(frame, 1), frame)
+    # A loss the agent could not compute is left out of its window's mean, as pandas would.
+    frame.loc[[0, 2, 3], metrics.LOSS] = np.nan
+    assert metrics.downsample(frame, 2)[metrics.LOSS].tolist()[:2] == [frame[metrics.LOSS][1], pytest.approx(np.nan, nan_ok=True)]
 
 
 @pytest.mark.parametrize("window", [1, 3, 4])
