@@ -198,25 +198,36 @@ def log_history(run_id: str, frame: pd.DataFrame, step_column: str = "step") -> 
 
 
 class HistoryLogger:
-    """Logs metric histories from a background thread, one batch in flight, so training goes on
-    while the store writes (a SQLite commit, an HTTP round trip): on 2 cores, waiting for each
-    write cost LinUCB a quarter of its speed. A failed write raises the store's own exception
-    at the next batch or at the end; the last batch is always waited for, even when the run stops
-    for another reason, so nothing already logged is lost."""
+    """Logs metric histories from a background thread, so training goes on while the store
+    writes (a SQLite commit, an HTTP round trip): on 2 cores, waiting for each write cost
+    LinUCB a quarter of its speed. One write is in flight at a time; rows that come meanwhile
+    wait and go together in the next, so a slow store gets fewer, larger writes. A failed write
+    raises the store's own exception at the next write or at the end. The last rows are always
+    written, even when the run stops for another reason, so nothing already logged is lost."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metric-history")
-        self._pending: Future | None = None
+        self._in_flight: Future | None = None
+        self._waiting: list[pd.DataFrame] = []
 
     def log(self, frame: pd.DataFrame) -> None:
-        self.wait()
-        self._pending = self._writer.submit(log_history, self.run_id, frame)
+        self._waiting.append(frame)
+        if self._in_flight is None or self._in_flight.done():
+            self._write_waiting()
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Write every row logged so far, and wait until it is written."""
+        self._write_waiting()  # the rows still waiting go out once the write in flight is done,
+        self._write_waiting()  # and are waited for
+
+    def _write_waiting(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+        if self._waiting:
+            rows, self._waiting = pd.concat(self._waiting, ignore_index=True), []
+            self._in_flight = self._writer.submit(log_history, self.run_id, rows)
 
     def __enter__(self) -> HistoryLogger:
         return self

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
+from mlflow.exceptions import MlflowException
 
-from src import metrics, train, training
+from src import metrics, tracking, train, training
 from src.cli import exit_on_user_error
 from src.data import movielens
 from src.data.synthetic import checksum_override
@@ -242,3 +244,16 @@ def test_a_burst_of_ctrl_c_marks_the_run_killed_keeps_its_history_and_exits_quie
     client, (run,) = runs(tracking_uri)
     assert run.info.status == "KILLED"
     assert {"metrics.csv", "regret.png"} <= {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+
+
+def test_histories_written_in_the_background_keep_every_row_and_raise_the_stores_error(tracking_uri):
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("history")).info.run_id
+    mlflow.set_tracking_uri(tracking_uri)
+    with tracking.HistoryLogger(run_id) as logger:
+        for step in range(1, 41):  # rows that come while a write is in flight go in the next
+            logger.log(pd.DataFrame({"step": [step], metrics.REGRET: [step / 2]}))
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, metrics.REGRET)] == [
+        (step, step / 2) for step in range(1, 41)]
+    with pytest.raises(MlflowException, match="not found"), tracking.HistoryLogger("no-such-run") as logger:
+        logger.log(pd.DataFrame({"step": [1], metrics.REGRET: [0.5]}))
