@@ -168,9 +168,9 @@ def test_vectorized_linucb_matches_tf_agents_and_closed_form(make_config):
     queries = rng.normal(size=(1000, dim)).astype(np.float32).astype(np.float64)
     covariance, data_vector, theta, ucb = linucb_closed_form(
         x, actions, rewards, num_actions, tikhonov_weight, alpha, queries)
-    np.testing.assert_allclose(ours.covariance.numpy(), covariance, rtol=1e-12)
-    np.testing.assert_allclose(ours.data_vector.numpy(), data_vector, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(ours.theta.numpy(), theta, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours.statistics.covariance.numpy(), covariance, rtol=1e-12)
+    np.testing.assert_allclose(ours.statistics.data_vector.numpy(), data_vector, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ours.statistics.theta.numpy(), theta, rtol=1e-9, atol=1e-12)
     their_covariance = np.stack([c.numpy() for c in theirs.cov_matrix]) + tikhonov_weight * np.eye(dim)
     np.testing.assert_allclose(their_covariance, covariance, rtol=1e-5)
     np.testing.assert_allclose(np.stack([b.numpy() for b in theirs.data_vector]), data_vector, rtol=1e-4, atol=1e-4)
