@@ -93,20 +93,33 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
         self._statistics = statistics
         self._alpha = alpha
         self._exploration = exploration
-        info_spec = policy_utilities.PolicyInfo(
-            predicted_rewards_mean=tf.TensorSpec([num_actions(action_spec)], tf.float32))
-        super().__init__(time_step_spec, action_spec, info_spec=info_spec, name=name)
+        super().__init__(time_step_spec, action_spec, info_spec=mean_info_spec(action_spec), name=name)
 
     def _variables(self):
         return [self._statistics.theta, self._statistics.covariance_inverse]
 
     def _distribution(self, time_step, policy_state):
-        mean, variance = self._statistics.mean_and_variance(time_step.observation)
-        score = self._exploration(mean, self._alpha * tf.sqrt(variance))
-        actions = tf.argmax(score, axis=-1, output_type=self.action_spec.dtype)
-        actions += tf.cast(self.action_spec.minimum, actions.dtype)
-        info = policy_utilities.PolicyInfo(predicted_rewards_mean=tf.cast(mean, tf.float32))
-        return policy_step.PolicyStep(tfp.distributions.Deterministic(actions), policy_state, info)
+        arm, mean = choose(self._statistics, time_step.observation, self._alpha, self._exploration)
+        return deterministic_step(arm, mean, self.action_spec, policy_state)
+
+
+def choose(statistics: ArmStatistics, x: tf.Tensor, alpha: float, exploration: Exploration):
+    """The best-scoring zero-based arm [batch] and every arm's mean estimate [batch, arms]."""
+    mean, variance = statistics.mean_and_variance(x)
+    score = exploration(mean, alpha * tf.sqrt(variance))
+    return tf.argmax(score, axis=-1, output_type=tf.int32), mean
+
+
+def mean_info_spec(action_spec) -> policy_utilities.PolicyInfo:
+    return policy_utilities.PolicyInfo(
+        predicted_rewards_mean=tf.TensorSpec([num_actions(action_spec)], tf.float32))
+
+
+def deterministic_step(arm, mean, action_spec, policy_state) -> policy_step.PolicyStep:
+    """A `PolicyStep` picking zero-based `arm`, with the mean estimates as policy info."""
+    actions = tf.cast(arm, action_spec.dtype) + tf.cast(action_spec.minimum, action_spec.dtype)
+    info = policy_utilities.PolicyInfo(predicted_rewards_mean=tf.cast(mean, tf.float32))
+    return policy_step.PolicyStep(tfp.distributions.Deterministic(actions), policy_state, info)
 
 
 def flat_experience(experience, time_step_spec, action_spec):
