@@ -90,8 +90,11 @@ def test_a_per_arm_run_end_to_end(make_config, tracking_uri):
 
 # Cumulative regret over 300 loops (4,800 interactions) as a share of uniform random's
 # expectation, measured over seeds 0-4 on this synthetic data (mean, sd, max):
-#   movielens:          linucb .094 .002 .097; lints .029 .004 .034; epsilon_greedy .34 .08 .45;
-#                       neural_boltzmann .39 .09 .48; neural_linucb .18 .10 .30;
+#   movielens:          linucb .094 .002 .097; lints .028 .004 .033; epsilon_greedy .34 .08 .45;
+#                       neural_boltzmann .39 .09 .48; neural_linucb .50 .075 .61 (its encoder still
+#                       training: LinUCB starts after 1,000 train steps; the .18 measured before
+#                       came from TF-Agents' agent counting on the process's global step, which
+#                       earlier runs had pushed past 1,000, so LinUCB ran on an untrained encoder);
 #                       dropout_ts .55 .25 .84 (its schedule stops exploring within ~100 train
 #                       steps, so some seeds lock in; 1,000 loops gave the same .53 .22 .84)
 #   movielens_per_arm:  linucb .575 .005 .581; lints .555 .005 .563; epsilon_greedy .185 .016 .203;
