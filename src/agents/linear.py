@@ -1,0 +1,175 @@
+"""Disjoint linear reward models, one per movie, with every arm's statistics in one batched
+tensor: the part LinUCB, LinTS and NeuralLinUCB's LinUCB head share.
+
+Choosing and training cost a handful of batched ops instead of TF-Agents' per-arm Python
+loops over per-arm variables (about 40 ops per loop instead of 1,000: the difference
+between ~8k and ~70k interactions/s for LinUCB on 2 cores). Each arm a estimates
+theta_a = A_a^-1 b_a with A_a = X_a'X_a + lambda I and b_a = X_a'r_a; an agent differs only
+in how it turns the estimate x.theta_a and its width sqrt(x'A_a^-1 x) into a choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tf_agents.agents import tf_agent
+from tf_agents.policies import tf_policy
+from tf_agents.policies import utils as policy_utilities
+from tf_agents.trajectories import policy_step
+from tf_agents.utils import nest_utils
+
+from src.agents import has_per_arm_features
+from src.errors import require
+
+# (mean, width) -> the score each arm is ranked by; both [batch, arms], width already scaled by alpha.
+Exploration = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+def check_hyperparameters(alpha: float, tikhonov_weight: float) -> None:
+    require(alpha > 0, "agent.alpha", alpha, "> 0")
+    # A zero ridge leaves A singular before an arm is tried: LinUCB then always picks
+    # action 0 (tensorflow/agents#698).
+    require(tikhonov_weight > 0, "agent.tikhonov_weight", tikhonov_weight, "> 0")
+
+
+def num_actions(action_spec) -> int:
+    return int(action_spec.maximum - action_spec.minimum + 1)
+
+
+class ArmStatistics(tf.Module):
+    """A_a, b_a, A_a^-1 and theta_a for every arm, as [arms, dim, dim] and [arms, dim] tensors.
+
+    Kept in float64: with a small ridge (TF-Agents' example uses 0.001) the float32 inverse
+    of a nearly singular A loses the confidence widths that drive exploration.
+    """
+
+    def __init__(self, num_arms: int, dim: int, tikhonov_weight: float, name: str | None = None):
+        super().__init__(name=name)
+        identity = tf.eye(dim, batch_shape=[num_arms], dtype=tf.float64)
+        self.covariance = tf.Variable(tikhonov_weight * identity, name="covariance")
+        self.data_vector = tf.Variable(tf.zeros([num_arms, dim], tf.float64), name="data_vector")
+        self.covariance_inverse = tf.Variable(identity / tikhonov_weight, name="covariance_inverse")
+        self.theta = tf.Variable(tf.zeros([num_arms, dim], tf.float64), name="theta")
+
+    def mean_and_variance(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """x.theta_a and x'A_a^-1 x for each row of x [batch, dim] and each arm: [batch, arms]."""
+        x = tf.cast(x, tf.float64)
+        mean = tf.matmul(x, self.theta, transpose_b=True)
+        variance = tf.einsum("bi,aij,bj->ba", x, self.covariance_inverse, x)
+        return mean, tf.maximum(variance, 0.0)
+
+    def update(self, x: tf.Tensor, arm: tf.Tensor, reward: tf.Tensor) -> tf.Tensor:
+        """Add rows x [n, dim] with their zero-based arms and rewards [n]; returns the mean
+        squared error of the estimates before the update."""
+        x, reward = tf.cast(x, tf.float64), tf.cast(reward, tf.float64)
+        chosen = tf.one_hot(arm, self.theta.shape[0], dtype=tf.float64)
+        error = tf.einsum("ni,ai,na->n", x, self.theta, chosen) - reward
+        self.covariance.assign_add(tf.einsum("na,ni,nj->aij", chosen, x, x))
+        self.data_vector.assign_add(tf.einsum("na,n,ni->ai", chosen, reward, x))
+        self.covariance_inverse.assign(tf.linalg.inv(self.covariance))
+        self.theta.assign(tf.einsum("aij,aj->ai", self.covariance_inverse, self.data_vector))
+        return tf.reduce_mean(tf.square(error))
+
+
+def optimistic(mean: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """LinUCB: the upper confidence bound."""
+    return mean + width
+
+
+def sampled(mean: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """Linear Thompson sampling: x.theta_a for theta_a ~ N(A_a^-1 b_a, alpha^2 A_a^-1), drawn
+    for each user and arm. That is N(x.theta_a, alpha^2 x'A_a^-1 x), so one normal per
+    pair replaces a Cholesky factor per arm; TF-Agents' agent draws the same way."""
+    return mean + width * tf.random.normal(tf.shape(mean), dtype=mean.dtype)
+
+
+class VectorizedLinearPolicy(tf_policy.TFPolicy):
+    """Picks the arm with the best `exploration` score; reads the statistics, owns none."""
+
+    def __init__(self, time_step_spec, action_spec, statistics: ArmStatistics, alpha: float,
+                 exploration: Exploration, name=None):
+        self._statistics = statistics
+        self._alpha = alpha
+        self._exploration = exploration
+        super().__init__(time_step_spec, action_spec, info_spec=mean_info_spec(action_spec), name=name)
+
+    def _variables(self):
+        return [self._statistics.theta, self._statistics.covariance_inverse]
+
+    def _distribution(self, time_step, policy_state):
+        arm, mean = choose(self._statistics, time_step.observation, self._alpha, self._exploration)
+        return deterministic_step(arm, mean, self.action_spec, policy_state)
+
+
+def choose(statistics: ArmStatistics, x: tf.Tensor, alpha: float, exploration: Exploration):
+    """The best-scoring zero-based arm [batch] and every arm's mean estimate [batch, arms]."""
+    mean, variance = statistics.mean_and_variance(x)
+    score = exploration(mean, alpha * tf.sqrt(variance))
+    return tf.argmax(score, axis=-1, output_type=tf.int32), mean
+
+
+def mean_info_spec(action_spec) -> policy_utilities.PolicyInfo:
+    return policy_utilities.PolicyInfo(
+        predicted_rewards_mean=tf.TensorSpec([num_actions(action_spec)], tf.float32))
+
+
+def deterministic_step(arm, mean, action_spec, policy_state) -> policy_step.PolicyStep:
+    """A `PolicyStep` picking zero-based `arm`, with the mean estimates as policy info."""
+    actions = tf.cast(arm, action_spec.dtype) + tf.cast(action_spec.minimum, action_spec.dtype)
+    info = policy_utilities.PolicyInfo(predicted_rewards_mean=tf.cast(mean, tf.float32))
+    return policy_step.PolicyStep(tfp.distributions.Deterministic(actions), policy_state, info)
+
+
+def flat_experience(experience, time_step_spec, action_spec):
+    """(observation, zero-based action, reward) of every transition, batch and time merged."""
+
+    def flat(tensors, spec):
+        return nest_utils.flatten_multi_batched_nested_tensors(tensors, spec)[0]
+
+    action = flat(experience.action, action_spec) - action_spec.minimum
+    return (flat(experience.observation, time_step_spec.observation), action,
+            flat(experience.reward, time_step_spec.reward))
+
+
+class VectorizedLinearAgent(tf_agent.TFAgent):
+    """One linear model per arm over the observation, exploring by `exploration`."""
+
+    def __init__(self, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
+                 exploration: Exploration, name: str | None = None):
+        check_hyperparameters(alpha, tikhonov_weight)
+        tf.Module.__init__(self, name=name)
+        self.statistics = ArmStatistics(
+            num_actions(action_spec), time_step_spec.observation.shape[-1], tikhonov_weight)
+        policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration)
+        super().__init__(time_step_spec, action_spec, policy, policy, train_sequence_length=None)
+
+    def _initialize(self):
+        pass
+
+    def _train(self, experience, weights=None):
+        loss = self.statistics.update(*flat_experience(experience, self._time_step_spec, self._action_spec))
+        self.train_step_counter.assign_add(1)
+        return tf_agent.LossInfo(loss=tf.cast(loss, tf.float32), extra=())
+
+
+def tf_agents_linear(agent_class, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
+                     use_eigendecomp: bool, name: str):
+    """TF-Agents' `LinearUCBAgent` or `LinearThompsonSamplingAgent` (same arguments)."""
+    check_hyperparameters(alpha, tikhonov_weight)
+    return agent_class(
+        time_step_spec, action_spec, alpha=alpha, tikhonov_weight=tikhonov_weight,
+        use_eigendecomp=use_eigendecomp, emit_policy_info=("predicted_rewards_mean",),
+        accepts_per_arm_features=has_per_arm_features(time_step_spec), dtype=tf.float32, name=name)
+
+
+def vectorized_or_tf_agents(vectorized_class, agent_class, time_step_spec, action_spec, alpha: float,
+                            tikhonov_weight: float, name: str):
+    """The vectorised agent; with per-arm features, TF-Agents' `agent_class`, because the
+    vectorised one keeps a model per fixed movie and candidate sets have no fixed movies.
+    (The eigendecomposition replaces a conjugate-gradient solve per arm and step with one
+    batched decomposition: same estimates, ~7x faster for LinUCB and ~27x for LinTS.)"""
+    if has_per_arm_features(time_step_spec):
+        return tf_agents_linear(agent_class, time_step_spec, action_spec, alpha, tikhonov_weight, True, name)
+    return vectorized_class(time_step_spec, action_spec, alpha, tikhonov_weight, name)
