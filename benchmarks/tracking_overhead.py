@@ -1,6 +1,6 @@
 """Tracked against raw training speed: the share of the engine's speed a tracked run keeps.
 
-    uv run python -m benchmarks.tracking_overhead --data-dir /path/to/ml-100k
+    uv run python -m benchmarks.tracking_overhead --data-dir /path/to/ml-100k [overrides...]
 
 For each agent, at TF-Agents' example size (20,000 loops x 16 interactions), in this one
 process and alternating so that both sides see the same machine:
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--agents", default=",".join(AGENTS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loops", type=int, default=20_000, help="training loops (default: TF-Agents' example)")
+    parser.add_argument("overrides", nargs="*", help="more config overrides, e.g. tracking.log_every=100")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("src").setLevel(logging.WARNING)  # one line per measurement, not per run
@@ -67,7 +68,7 @@ def main() -> None:
             for repeat in range(args.repeats):
                 cfg = config.compose([f"agent={agent}", *data_overrides, f"training.loops={args.loops}",
                                       f"tracking.uri=sqlite:///{scratch / f'{agent}{repeat}.db'}",
-                                      "tracking.save_policy=false"])
+                                      "tracking.save_policy=false", *args.overrides])
                 raw.append(raw_rate(cfg, data.load(cfg.data)))
                 tracked.append(tracked_rate(cfg))
                 log.info("%s, repeat %d: raw %.0f/s, tracked %.0f/s", agent, repeat + 1, raw[-1], tracked[-1])
