@@ -9,8 +9,9 @@ import subprocess
 import mlflow
 import optuna
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
-from src import campaign
+from src import campaign, config, training
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from tests.conftest import SMALL
@@ -112,3 +113,18 @@ def test_single_process_sweep_ends_its_parent_run(data_overrides, tmp_path, run_
     assert parent.info.status == parent_status
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(trials) == (2 if parent_status == "FINISHED" else 0)  # a config error starts no run
+
+
+@pytest.mark.parametrize("sweep", sorted(path.stem for path in (PROJECT_ROOT / "conf/hparams_search").glob("*.yaml")))
+def test_every_sweep_searches_keys_its_config_has_with_values_of_their_type(sweep, data_overrides):
+    """A search dimension with a typo, or of the wrong type, would fail every trial."""
+    fixed = [f"hparams_search={sweep}", *data_overrides, "offline.logs_run_id=any"]
+    space = campaign.search_space(campaign.compose_sweep(fixed), [])
+    for name, distribution in space.items():
+        ends = [distribution.low, distribution.high] if hasattr(distribution, "low") else distribution.choices
+        for value in ends:
+            point = config.compose([*fixed, f"{name}={value}"])
+            chosen = OmegaConf.select(point, name)
+            chosen = chosen.name if isinstance(chosen, DictConfig) else chosen  # a group's option (grid's agent)
+            assert chosen == value, f"{sweep} searches {name}, which its config lacks"
+            training.check_training(point)
