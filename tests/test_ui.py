@@ -7,11 +7,11 @@ import fcntl
 import os
 import shutil
 import subprocess
-import sys
 
 import mlflow
 import pytest
 
+from src import campaign, config, training
 from src.data.synthetic import checksum_override
 from src.paths import PROJECT_ROOT
 from tests.conftest import SMALL, mlflow_ui
@@ -40,23 +40,17 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, movielens_dir):
     """`mlflow server` on a store holding `linucb·s0`, `random·s0` and a sweep `tiny·sweep`
-    with trials `linucb·s0·t0` and `linucb·s0·t1`; yields (base URL, experiment id)."""
+    with trials `linucb·s0·t0` and `linucb·s0·t1`, all made in this process by the product's
+    own code (a process per run would load TensorFlow again); yields (URL, experiment id)."""
     store = tmp_path_factory.mktemp("ui")
     directory, checksums = movielens_dir
     common = [f"data.dir={directory}", checksum_override(checksums), f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
-              "tracking.system_metrics_every_s=0", *SMALL]
-    commands = [
-        ["-m", "agent=linucb,random", f"hydra.sweep.dir={store / 'runs'}", *common],
-        ["-m", "hparams_search=linucb", "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
-         f"hydra.sweeper.storage=sqlite:///{store / 'optuna.db'}", f"hydra.sweep.dir={store / 'sweep'}",
-         "tracking.save_policy=false", "env.reward_rank=4", *common, "env.rank_k=choice(2, 3)"],
-    ]
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    makers = [subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=store, env=env, text=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for args in commands]
-    for maker in makers:
-        _, errors = maker.communicate(timeout=300)
-        assert maker.returncode == 0, errors[-3000:]
+              "tracking.system_metrics_every_s=0", "tracking.save_policy=false", *SMALL]
+    for agent in ("linucb", "random"):
+        training.train(config.compose([f"agent={agent}", *common]))
+    campaign.work(["hparams_search=linucb", "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
+                   f"hydra.sweeper.storage=sqlite:///{store / 'optuna.db'}", "env.reward_rank=4", *common,
+                   "env.rank_k=choice(2, 3)"])
     with mlflow_ui(store) as served:
         yield served
 
