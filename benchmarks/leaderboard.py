@@ -7,8 +7,10 @@ example size on both environments, into one MLflow experiment, then ranked by fi
 
 Each run is `src.training.train` on the config `python -m src.train agent=<agent> env=<env>
 training.seed=<seed>` would compose, with the line-up's overrides, tagged `leaderboard.entry`
-with its row's label. A run whose entry, environment, seed and number of loops already
-FINISHED in the experiment is not trained again: an interrupted leaderboard resumes.
+with its row's label. A run of the same entry and configuration (seed included; where it is
+stored aside) that already FINISHED in the experiment is not trained again: an interrupted
+leaderboard resumes. The tables take exactly the runs of the line-up the command describes,
+so a cheap run (`--loops 500`) and the full one may share an experiment.
 
 Then, per environment, one row per entry: the final cumulative regret, mean over seeds with
 the 95% Student t-interval of the mean (src.compare's alignment and statistics), the mean of
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -45,9 +48,8 @@ LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
 ENTRY_TAG = "leaderboard.entry"
 # Experiment tags: what trained the leaderboard's runs, so that --tables-only can say it too.
 COMMAND_TAG = "leaderboard.command"
-WALL_TAG = "leaderboard.wall_s"
+WALL_TAG = "leaderboard.wall_time"
 ENV = "env.name"
-LOOPS = "training.loops"
 METRIC = metrics.CUMULATIVE_REGRET
 CONFIDENCE = 0.95
 VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
@@ -55,13 +57,24 @@ VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
 NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm")
 
 
+Identity = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def identity(label: str, params: dict[str, str]) -> Identity:
+    """What makes two runs the same leaderboard run: the entry, and every config parameter, the
+    seed included, but where the run is stored and how it spreads over threads (src.compare's
+    NOT_CONFIG)."""
+    return label, tuple(sorted((key, value) for key, value in params.items()
+                               if key == compare.SEED or not compare.NOT_CONFIG.fullmatch(key)))
+
+
 @dataclass(frozen=True)
 class Job:
     label: str
     cfg: DictConfig
 
-    def key(self) -> tuple[str, str, str, str]:
-        return self.label, self.cfg.env.name, str(self.cfg.training.seed), str(self.cfg.training.loops)
+    def identity(self) -> Identity:
+        return identity(self.label, tracking.flatten(self.cfg))
 
     def __str__(self) -> str:
         return f"{self.label} on {self.cfg.env.name}, seed {self.cfg.training.seed}"
@@ -97,14 +110,18 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
     return found
 
 
-def finished(experiment_id: str) -> set[tuple[str, str, str, str]]:
-    """(entry, environment, seed, loops) of the leaderboard runs already FINISHED in the experiment."""
+def identities(runs: pd.DataFrame) -> pd.Series:
+    """Each leaderboard run's `identity` (None for other runs), from MLflow's runs frame."""
+    entries = compare.column(runs, f"tags.{ENTRY_TAG}")
+    params = runs.filter(regex=r"^params\.").rename(columns=lambda name: name.removeprefix("params."))
+    return pd.Series([identity(entry, values.dropna().to_dict()) if isinstance(entry, str) else None
+                      for entry, (_, values) in zip(entries, params.iterrows())], index=runs.index, dtype=object)
+
+
+def finished(experiment_id: str) -> set[Identity]:
+    """The identities of the leaderboard runs already FINISHED in the experiment."""
     runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
-    if runs.empty or f"tags.{ENTRY_TAG}" not in runs:
-        return set()
-    runs = runs.dropna(subset=[f"tags.{ENTRY_TAG}"])
-    return set(zip(runs[f"tags.{ENTRY_TAG}"], runs[f"params.{ENV}"], runs[f"params.{compare.SEED}"],
-                   runs[f"params.{LOOPS}"]))
+    return set(identities(runs).dropna())
 
 
 def train_all(todo: list[Job]) -> int:
@@ -129,20 +146,20 @@ def train_all(todo: list[Job]) -> int:
     return failures
 
 
-def standings(experiment_id: str, agents: list[str] | None = None, envs: list[str] | None = None) -> compare.Report:
-    """One row per environment and entry, ranked by final regret within an environment, and the
-    curves (mean and band per step) of each."""
-    runs = compare.find_runs(experiment_id, agents)
-    env = runs[f"params.{ENV}"]
-    if envs:
-        runs, env = runs[env.isin(envs)], env[env.isin(envs)]
-        if runs.empty:
-            raise UserError(f"no finished runs on {', '.join(envs)} in this experiment; widen --envs")
-    # A run trained by `python -m src.train` into the experiment stands under its agent's name.
-    entry = compare.column(runs, f"tags.{ENTRY_TAG}").fillna(runs[f"params.{compare.AGENT}"])
+def standings(experiment_id: str, planned: set[Identity] | None = None) -> compare.Report:
+    """One row per environment and entry of the FINISHED leaderboard runs (those `planned`, if
+    given), ranked by final regret within an environment, and the curves (mean and band per
+    step) of each."""
+    runs = compare.find_runs(experiment_id)
+    found = identities(runs)
+    chosen = found.map(lambda run: run is not None and (planned is None or run in planned)).astype(bool)
+    if not chosen.any():
+        raise UserError(f"none of this line-up's runs has FINISHED in experiment "
+                        f"'{mlflow.get_experiment(experiment_id).name}'; train them first (without --tables-only)")
+    runs = runs[chosen]
     client = mlflow.MlflowClient()
     rows, curves = [], []
-    for (environment, label), members in runs.groupby([env, entry], sort=True):
+    for (environment, label), members in runs.groupby([f"params.{ENV}", f"tags.{ENTRY_TAG}"], sort=True):
         params = compare.config_params(members)
         check_one_configuration(members, params, environment, label)
         aligned = compare.align([compare.history(client, run_id, METRIC) for run_id in members.index])
@@ -203,8 +220,8 @@ def markdown(table: pd.DataFrame, command: str, wall: str) -> str:
              f"Made by `{command}`; {wall}. Rank by final cumulative regret (lower is better): the mean "
              f"over seeds with the {CONFIDENCE:.0%} Student t-interval of the mean (clipped at 0); "
              "interactions/s is the mean of the runs' `train/interactions_per_s` (tracked training, "
-             "first loop to last). Rebuild this page from the tracked runs with "
-             "`uv run python -m benchmarks.leaderboard --tables-only`.", ""]
+             "first loop to last). The same command with `--tables-only` rebuilds this page from the "
+             "tracked runs.", ""]
     for environment, rows in table.groupby("environment", sort=True):
         interactions = rows["interactions"].iloc[0]
         lines += [f"## {environment}", "",
@@ -271,31 +288,33 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error():
         require(args.seeds >= 1, "--seeds", args.seeds, "an integer >= 1")
         require(args.loops is None or args.loops >= 1, "--loops", args.loops, "an integer >= 1")
+        overrides = [*([f"data.dir={args.data_dir}"] if args.data_dir else []),
+                     *([f"training.loops={args.loops}"] if args.loops else []),
+                     *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []),
+                     f"tracking.experiment={args.experiment}", *args.overrides]
+        planned = jobs(lineup, args.agents, args.envs, args.seeds, overrides)
         if args.tables_only:
             experiment_id = compare.open_experiment(args.tracking_uri, args.experiment)
-            report = standings(experiment_id, args.agents, args.envs)
+            report = standings(experiment_id, {job.identity() for job in planned})
             tags = mlflow.get_experiment(experiment_id).tags
             trained_by = tags.get(COMMAND_TAG, "runs tracked in this experiment")
-            wall = f"that command took {duration(float(tags[WALL_TAG]))}" if WALL_TAG in tags else "wall time unknown"
+            wall = tags.get(WALL_TAG, "wall time unknown")
         else:
-            overrides = [*([f"data.dir={args.data_dir}"] if args.data_dir else []),
-                         *([f"training.loops={args.loops}"] if args.loops else []),
-                         *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []),
-                         f"tracking.experiment={args.experiment}", *args.overrides]
-            planned = jobs(lineup, args.agents, args.envs, args.seeds, overrides)
             experiment_id = tracking.connect(args.tracking_uri, args.experiment)
             done = finished(experiment_id)
-            todo = [job for job in planned if job.key() not in done]
+            todo = [job for job in planned if job.identity() not in done]
             log.info("%d runs in the line-up, %d already finished in experiment '%s'; training %d",
                      len(planned), len(planned) - len(todo), args.experiment, len(todo))
             failures = train_all(todo)
-            report = standings(experiment_id, args.agents, args.envs)
+            report = standings(experiment_id, {job.identity() for job in planned})
             seconds = time.perf_counter() - started
             trained_by = command
-            wall = (f"wall time {duration(seconds)} on {datetime.now(timezone.utc):%Y-%m-%d} for {len(todo)} runs "
-                    f"trained ({failures} failed) and the tables")
-            mlflow.MlflowClient().set_experiment_tag(experiment_id, COMMAND_TAG, command)
-            mlflow.MlflowClient().set_experiment_tag(experiment_id, WALL_TAG, str(round(seconds)))
+            wall = (f"wall time {duration(seconds)} on {os.cpu_count()} CPU cores, "
+                    f"{datetime.now(timezone.utc):%Y-%m-%d}, for {len(todo)} runs trained ({failures} failed) "
+                    f"and the tables")
+            client = mlflow.MlflowClient()
+            client.set_experiment_tag(experiment_id, COMMAND_TAG, command)
+            client.set_experiment_tag(experiment_id, WALL_TAG, wall)
         write(report, args.out, trained_by, wall)
         compare.log_comparison(experiment_id, args.out, {"leaderboard": trained_by, "runs": int(report.table["n"].sum())})
     print(markdown(report.table, trained_by, wall))

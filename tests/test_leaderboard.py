@@ -22,13 +22,15 @@ SEEDS = 3
 
 @pytest.fixture
 def experiment(tracking_uri, tmp_path):
-    """A fresh experiment in a tmp store; returns (id, log_run)."""
+    """A fresh experiment in a tmp store; returns (id, log_run), which logs a leaderboard run
+    (its entry the agent unless given) with these params."""
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = client.create_experiment("leaderboard", artifact_location=(tmp_path / "artifacts").as_uri())
     compare.open_experiment(tracking_uri, "leaderboard")
 
     def log_run(regret: np.ndarray, rate: float, entry: str | None = None, **params) -> None:
-        run_id = client.create_run(experiment_id, tags={leaderboard.ENTRY_TAG: entry} if entry else {}).info.run_id
+        tags = {leaderboard.ENTRY_TAG: entry or params["agent__name"]}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
         history = [Metric(metrics.CUMULATIVE_REGRET, float(value), 0, int(step)) for step, value in zip(STEPS, regret)]
         client.log_batch(run_id, metrics=[*history, Metric(metrics.INTERACTIONS_PER_S, rate, 0, int(STEPS[-1]))],
                          params=[Param(key.replace("__", "."), str(value)) for key, value in params.items()])
@@ -106,6 +108,21 @@ def test_runs_of_one_entry_that_are_not_one_configurations_seeds_are_refused(exp
         leaderboard.standings(experiment_id)
 
 
+def test_only_the_planned_configurations_are_ranked(experiment):
+    experiment_id, log_run = experiment
+    for loops in (20, 99):  # a cheap leaderboard beside the full one, in one experiment
+        log_run(STEPS * loops, 9000.0, agent__name="linucb", env__name="movielens", training__seed=0,
+                training__loops=loops)
+    planned = {leaderboard.identity("linucb", {"agent.name": "linucb", "env.name": "movielens",
+                                               "training.seed": "0", "training.loops": "99"})}
+
+    table = leaderboard.standings(experiment_id, planned).table
+
+    assert table["mean"].tolist() == [STEPS[-1] * 99]
+    with pytest.raises(UserError, match="none of this line-up's runs has FINISHED"):
+        leaderboard.standings(experiment_id, {leaderboard.identity("lints", dict(next(iter(planned))[1]))})
+
+
 def test_unknown_agent_is_one_line_and_non_zero(caplog, capsys):
     with pytest.raises(SystemExit) as exit:
         leaderboard.main(["--agents", "linucb,nope"])
@@ -119,10 +136,10 @@ def test_unknown_agent_is_one_line_and_non_zero(caplog, capsys):
 def test_a_tiny_leaderboard_trains_tracks_ranks_and_resumes(data_overrides, tracking_uri, tmp_path, caplog):
     out = tmp_path / "leaderboard"
     args = ["--agents", "linucb,random", "--seeds", "2", "--envs", "movielens", "--loops", "60",
-            "--tracking-uri", tracking_uri, "--out", str(out), *data_overrides,
+            "--tracking-uri", tracking_uri, *data_overrides,
             *[override for override in SMALL if not override.startswith("training.loops=")]]
 
-    leaderboard.main(args)
+    leaderboard.main(["--out", str(out), *args])
 
     page = (out / "leaderboard.md").read_text()
     rows = [line for line in page.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
@@ -134,8 +151,8 @@ def test_a_tiny_leaderboard_trains_tracks_ranks_and_resumes(data_overrides, trac
     assert sorted(runs["tags.leaderboard.entry"].dropna()) == ["linucb", "linucb", "random", "random"]
 
     with caplog.at_level(logging.INFO, logger=leaderboard.log.name):
-        leaderboard.main(args)
+        leaderboard.main(["--out", str(out), *args])
     assert "4 runs in the line-up, 4 already finished in experiment 'leaderboard'; training 0" in caplog.messages
-    leaderboard.main(["--tables-only", "--tracking-uri", tracking_uri, "--out", str(tmp_path / "again")])
+    leaderboard.main(["--tables-only", "--out", str(tmp_path / "again"), *args])
     rebuilt = (tmp_path / "again" / "leaderboard.md").read_text()
     assert [line for line in rebuilt.splitlines() if line.startswith(("| 1 |", "| 2 |"))] == rows
