@@ -195,7 +195,7 @@ def hyperparameters(params: pd.Series) -> str:
     path = config.CONFIG_DIR / "agent" / f"{params[compare.AGENT]}.yaml"
     defaults = tracking.flatten(OmegaConf.create({"agent": OmegaConf.load(path)})) if path.is_file() else {}
     shown = []
-    for key, value in params.dropna().items():
+    for key, value in sorted(params.dropna().items()):
         if key.startswith("agent.") and key not in NOT_HYPERPARAMETERS:
             default = defaults.get(key)
             differs = f" (default {default})" if default is not None and default != value else ""
