@@ -13,7 +13,7 @@ leaderboard resumes. The tables take exactly the runs of the line-up the command
 so a cheap run (`--loops 500`) and the full one may share an experiment.
 
 Then, per environment, one row per entry: the final cumulative regret, mean over seeds with
-the 95% Student t-interval of the mean (src.compare's alignment and statistics), the mean of
+the 95% Student t-interval of the mean (src.comparison's alignment and statistics), the mean of
 the runs' `train/interactions_per_s`, and the seeds; a figure of the regret curves in their
 bands (src.plots); each entry's hyperparameters against its agent's defaults; the package
 versions the runs were trained with, the command and its wall time. Written to `--out`
@@ -34,38 +34,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from src import compare, config, metrics, plots, tracking
+from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError, require
+from src.leaderboard import ENTRY_TAG, METRIC, Identity, identities, identity, markdown, standings, write
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger("benchmarks.leaderboard")
 
 LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
-ENTRY_TAG = "leaderboard.entry"
 # Experiment tags: what trained the leaderboard's runs, so that --tables-only can say it too.
 COMMAND_TAG = "leaderboard.command"
 WALL_TAG = "leaderboard.wall_time"
-ENV = "env.name"
-METRIC = metrics.CUMULATIVE_REGRET
-CONFIDENCE = 0.95
-VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
-# Agent parameters that name or wire the agent rather than set how it learns.
-NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm")
-
-
-Identity = tuple[str, tuple[tuple[str, str], ...]]
-
-
-def identity(label: str, params: dict[str, str]) -> Identity:
-    """What makes two runs the same leaderboard run: the entry, and every config parameter, the
-    seed included, but where the run is stored and how it spreads over threads (src.compare's
-    NOT_CONFIG)."""
-    return label, tuple(sorted((key, value) for key, value in params.items()
-                               if key == compare.SEED or not compare.NOT_CONFIG.fullmatch(key)))
 
 
 @dataclass(frozen=True)
@@ -110,14 +92,6 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
     return found
 
 
-def identities(runs: pd.DataFrame) -> pd.Series:
-    """Each leaderboard run's `identity` (None for other runs), from MLflow's runs frame."""
-    entries = compare.column(runs, f"tags.{ENTRY_TAG}")
-    params = runs.filter(regex=r"^params\.").rename(columns=lambda name: name.removeprefix("params."))
-    return pd.Series([identity(entry, values.dropna().to_dict()) if isinstance(entry, str) else None
-                      for entry, (_, values) in zip(entries, params.iterrows())], index=runs.index, dtype=object)
-
-
 def finished(experiment_id: str) -> set[Identity]:
     """The identities of the leaderboard runs already FINISHED in the experiment."""
     runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
@@ -126,7 +100,9 @@ def finished(experiment_id: str) -> set[Identity]:
 
 def train_all(todo: list[Job]) -> int:
     """Train `todo` in turn; return how many failed (a diverged agent fails alone)."""
-    from src import training  # TensorFlow loads here: --tables-only does without it
+    if not todo:
+        return 0
+    from src import training  # TensorFlow loads here: --tables-only and a finished line-up do without it
 
     for job in todo:  # a wrong value fails now, not after an hour of training
         training.check_training(job.cfg)
@@ -144,116 +120,6 @@ def train_all(todo: list[Job]) -> int:
         log.info("Run %d of %d done: %s, cumulative regret %.1f; about %.0f min left", number, len(todo), job,
                  final[METRIC], elapsed / number * (len(todo) - number) / 60)
     return failures
-
-
-def standings(experiment_id: str, planned: set[Identity] | None = None) -> compare.Report:
-    """One row per environment and entry of the FINISHED leaderboard runs (those `planned`, if
-    given), ranked by final regret within an environment, and the curves (mean and band per
-    step) of each."""
-    runs = compare.find_runs(experiment_id)
-    found = identities(runs)
-    chosen = found.map(lambda run: run is not None and (planned is None or run in planned)).astype(bool)
-    if not chosen.any():
-        raise UserError(f"none of this line-up's runs has FINISHED in experiment "
-                        f"'{mlflow.get_experiment(experiment_id).name}'; train them first (without --tables-only)")
-    runs = runs[chosen]
-    client = mlflow.MlflowClient()
-    rows, curves = [], []
-    for (environment, label), members in runs.groupby([f"params.{ENV}", f"tags.{ENTRY_TAG}"], sort=True):
-        params = compare.config_params(members)
-        check_one_configuration(members, params, environment, label)
-        aligned = compare.align([compare.history(client, run_id, METRIC) for run_id in members.index])
-        curve = compare.summarise(aligned, CONFIDENCE, METRIC)
-        final = curve.iloc[-1]
-        rows.append({"environment": environment, "entry": label, "agent": params[compare.AGENT].iloc[0],
-                     "n": len(members), "mean": final["mean"], "ci_low": final["low"], "ci_high": final["high"],
-                     "interactions": int(final["step"]),
-                     "interactions_per_s": compare.column(members, f"metrics.{metrics.INTERACTIONS_PER_S}").mean(),
-                     "seeds": ",".join(members[f"params.{compare.SEED}"]),
-                     "hyperparameters": hyperparameters(params.iloc[0]),
-                     "versions": versions(members)})
-        curves.append(curve.assign(environment=environment, configuration=label))
-    table = pd.DataFrame(rows).sort_values(["environment", "mean"], ignore_index=True)
-    return compare.Report(table, pd.concat(curves, ignore_index=True))
-
-
-def check_one_configuration(runs: pd.DataFrame, params: pd.DataFrame, environment: str, label: str) -> None:
-    """An entry's runs on an environment must be the seeds of one configuration, each seed once."""
-    differing = compare.grouping_key(params)[1:]
-    fix = "train the leaderboard into a fresh experiment (--experiment)"
-    if differing:
-        raise UserError(f"the runs of {label} on {environment} differ in {', '.join(differing)}; {fix}")
-    seeds = runs[f"params.{compare.SEED}"]
-    if seeds.duplicated().any():
-        raise UserError(f"{label} on {environment} has more than one run of seed "
-                        f"{', '.join(sorted(set(seeds[seeds.duplicated()])))}; {fix}")
-
-
-def hyperparameters(params: pd.Series) -> str:
-    """`alpha=0.3 (default 1.0), tikhonov_weight=1.0`: each value beside its agent's default
-    (conf/agent/<agent>.yaml) where it differs, as a tuned configuration's do."""
-    path = config.CONFIG_DIR / "agent" / f"{params[compare.AGENT]}.yaml"
-    defaults = tracking.flatten(OmegaConf.create({"agent": OmegaConf.load(path)})) if path.is_file() else {}
-    shown = []
-    for key, value in sorted(params.dropna().items()):
-        if key.startswith("agent.") and key not in NOT_HYPERPARAMETERS:
-            default = defaults.get(key)
-            differs = f" (default {default})" if default is not None and default != value else ""
-            shown.append(f"{key.removeprefix('agent.')}={value}{differs}")
-    return ", ".join(shown) or "none"
-
-
-def versions(runs: pd.DataFrame) -> str:
-    """The package versions the runs were trained with (every one, if they differ)."""
-    return ", ".join(f"{name} {'/'.join(sorted(set(compare.column(runs, f'tags.version.{name}').dropna()))) or '?'}"
-                     for name in VERSIONS)
-
-
-def number(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-
-
-def markdown(table: pd.DataFrame, command: str, wall: str) -> str:
-    """The leaderboard page: a ranked table and a figure per environment, the hyperparameters,
-    the versions and the command."""
-    lines = ["# Leaderboard", "",
-             f"Made by `{command}`; {wall}. Rank by final cumulative regret (lower is better): the mean "
-             f"over seeds with the {CONFIDENCE:.0%} Student t-interval of the mean (clipped at 0); "
-             "interactions/s is the mean of the runs' `train/interactions_per_s` (tracked training, "
-             "first loop to last). The same command with `--tables-only` rebuilds this page from the "
-             "tracked runs.", ""]
-    for environment, rows in table.groupby("environment", sort=True):
-        interactions = rows["interactions"].iloc[0]
-        lines += [f"## {environment}", "",
-                  f"| rank | entry | final cumulative regret ({interactions:,} interactions), mean "
-                  f"[{CONFIDENCE:.0%} CI] | interactions/s | seeds |", "|---:|---|---|---:|---|"]
-        for rank, row in enumerate(rows.itertuples(), 1):
-            band = f" [{number(row.ci_low)}, {number(row.ci_high)}]" if row.n > 1 else " (n=1, no band)"
-            lines.append(f"| {rank} | {row.entry} | {number(row.mean)}{band} | {row.interactions_per_s:,.0f} "
-                         f"| {row.n} ({row.seeds}) |")
-        lines += ["", f"![Cumulative regret on {environment}: mean over seeds, {CONFIDENCE:.0%} band]"
-                      f"({figure_name(environment)})", ""]
-    lines += ["## Hyperparameters", "", "| entry | environment | hyperparameters |", "|---|---|---|"]
-    lines += [f"| {row.entry} | {row.environment} | {row.hyperparameters} |"
-              for row in table.sort_values(["entry", "environment"]).itertuples()]
-    lines += ["", "## Versions", ""]
-    lines += [f"- {text}" for text in dict.fromkeys(table["versions"])]
-    return "\n".join(lines) + "\n"
-
-
-def figure_name(environment: str) -> str:
-    return f"regret_{environment}.png"
-
-
-def write(report: compare.Report, out: Path, command: str, wall: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.md").write_text(markdown(report.table, command, wall))
-    report.table.to_csv(out / "leaderboard.csv", index=False)
-    for environment, curves in report.curves.groupby("environment"):
-        figure = plots.comparison_figure(curves, METRIC, CONFIDENCE)
-        figure.suptitle(f"Leaderboard on {environment}")
-        figure.savefig(out / figure_name(environment), dpi=120)
-    log.info("Wrote %s", out / "leaderboard.md")
 
 
 def duration(seconds: float) -> str:
@@ -294,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"tracking.experiment={args.experiment}", *args.overrides]
         planned = jobs(lineup, args.agents, args.envs, args.seeds, overrides)
         if args.tables_only:
-            experiment_id = compare.open_experiment(args.tracking_uri, args.experiment)
+            experiment_id = comparison.open_experiment(args.tracking_uri, args.experiment)
             report = standings(experiment_id, {job.identity() for job in planned})
             tags = mlflow.get_experiment(experiment_id).tags
             trained_by = tags.get(COMMAND_TAG, "runs tracked in this experiment")
@@ -316,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             client.set_experiment_tag(experiment_id, COMMAND_TAG, command)
             client.set_experiment_tag(experiment_id, WALL_TAG, wall)
         write(report, args.out, trained_by, wall)
-        compare.log_comparison(experiment_id, args.out, {"leaderboard": trained_by, "runs": int(report.table["n"].sum())})
+        comparison.log_comparison(experiment_id, args.out, {"leaderboard": trained_by, "runs": int(report.table["n"].sum())})
     print(markdown(report.table, trained_by, wall))
 
 

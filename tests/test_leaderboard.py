@@ -1,9 +1,7 @@
-"""benchmarks.leaderboard: its tables on synthetic MLflow runs with known histories, and one
-tiny end-to-end leaderboard on synthetic data."""
+"""src.leaderboard's tables on synthetic MLflow runs with known histories, and one tiny
+end-to-end `benchmarks.leaderboard` on synthetic data."""
 
 from __future__ import annotations
-
-import logging
 
 import mlflow
 import numpy as np
@@ -11,8 +9,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from scipy import stats
 
-from benchmarks import leaderboard
-from src import compare, metrics
+from src import comparison, leaderboard, metrics
 from src.errors import UserError
 from tests.conftest import SMALL
 
@@ -26,7 +23,7 @@ def experiment(tracking_uri, tmp_path):
     (its entry the agent unless given) with these params."""
     client = mlflow.MlflowClient(tracking_uri)
     experiment_id = client.create_experiment("leaderboard", artifact_location=(tmp_path / "artifacts").as_uri())
-    compare.open_experiment(tracking_uri, "leaderboard")
+    comparison.open_experiment(tracking_uri, "leaderboard")
 
     def log_run(regret: np.ndarray, rate: float, entry: str | None = None, **params) -> None:
         tags = {leaderboard.ENTRY_TAG: entry or params["agent__name"]}
@@ -123,36 +120,37 @@ def test_only_the_planned_configurations_are_ranked(experiment):
         leaderboard.standings(experiment_id, {leaderboard.identity("lints", dict(next(iter(planned))[1]))})
 
 
-def test_unknown_agent_is_one_line_and_non_zero(caplog, capsys):
-    with pytest.raises(SystemExit) as exit:
-        leaderboard.main(["--agents", "linucb,nope"])
+def test_unknown_agent_is_one_line_and_non_zero(run_cli):
+    done = run_cli("benchmarks.leaderboard", "--agents", "linucb,nope", timeout=120)
 
-    assert exit.value.code == 2
-    (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
-    assert "no entry for agent 'nope'" in error and "choose from linucb, lints" in error and "\n" not in error
-    assert capsys.readouterr().out == ""
+    assert done.returncode == 2 and done.stdout == ""
+    (error,) = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert "no entry for agent 'nope'" in error and "choose from linucb, lints" in error
 
 
-def test_a_tiny_leaderboard_trains_tracks_ranks_and_resumes(data_overrides, tracking_uri, tmp_path, caplog):
-    out = tmp_path / "leaderboard"
+def test_a_tiny_leaderboard_trains_tracks_ranks_and_resumes(run_cli, data_overrides, tracking_uri, tmp_path):
     args = ["--agents", "linucb,random", "--seeds", "2", "--envs", "movielens", "--loops", "60",
             "--tracking-uri", tracking_uri, *data_overrides,
             *[override for override in SMALL if not override.startswith("training.loops=")]]
 
-    leaderboard.main(["--out", str(out), *args])
+    trained = run_cli("benchmarks.leaderboard", "--out", "board", *args)
 
-    page = (out / "leaderboard.md").read_text()
-    rows = [line for line in page.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    page = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert trained.stdout.strip() == page.strip()
+    rows = [line for line in page.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
     assert sorted(row.split(" | ")[1] for row in rows) == ["linucb", "random"], page
     assert all(row.endswith("| 2 (0,1) |") for row in rows) and "960 interactions" in page
     assert "wall time" in page and "--loops 60" in page and "tensorflow 2." in page
-    assert (out / "regret_movielens.png").stat().st_size > 0
-    runs = mlflow.search_runs(experiment_names=["leaderboard"])
-    assert sorted(runs["tags.leaderboard.entry"].dropna()) == ["linucb", "linucb", "random", "random"]
+    assert (tmp_path / "board" / "regret_movielens.png").stat().st_size > 0
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("leaderboard").experiment_id])
+    entries = sorted(run.data.tags[leaderboard.ENTRY_TAG] for run in runs if leaderboard.ENTRY_TAG in run.data.tags)
+    assert entries == ["linucb", "linucb", "random", "random"]
 
-    with caplog.at_level(logging.INFO, logger=leaderboard.log.name):
-        leaderboard.main(["--out", str(out), *args])
-    assert "4 runs in the line-up, 4 already finished in experiment 'leaderboard'; training 0" in caplog.messages
-    leaderboard.main(["--tables-only", "--out", str(tmp_path / "again"), *args])
-    rebuilt = (tmp_path / "again" / "leaderboard.md").read_text()
-    assert [line for line in rebuilt.splitlines() if line.startswith(("| 1 |", "| 2 |"))] == rows
+    resumed = run_cli("benchmarks.leaderboard", "--out", "board", *args)
+    assert "4 runs in the line-up, 4 already finished in experiment 'leaderboard'; training 0" in resumed.stderr
+    rebuilt = run_cli("benchmarks.leaderboard", "--tables-only", "--out", "again", *args)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    again = (tmp_path / "again" / "leaderboard.md").read_text()
+    assert [line for line in again.splitlines() if line.startswith(("| 1 |", "| 2 |"))] == rows
