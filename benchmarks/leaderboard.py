@@ -12,7 +12,7 @@ stored aside) that already FINISHED in the experiment is not trained again: an i
 leaderboard resumes. The tables take exactly the runs of the line-up the command describes,
 so a cheap run (`--loops 500`) and the full one may share an experiment.
 
-Then, per environment, one row per entry: the final cumulative regret, mean over seeds with
+Then (src/leaderboard.py), per environment, one row per entry: the final cumulative regret, mean over seeds with
 the 95% Student t-interval of the mean (src.comparison's alignment and statistics), the mean of
 the runs' `train/interactions_per_s`, and the seeds; a figure of the regret curves in their
 bands (src.plots); each entry's hyperparameters against its agent's defaults; the package
