@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param
 
-from src import compare, tracking
+from src import compare as compare_cli
+from src import comparison as compare
+from src import tracking
 from src.errors import UserError
 
 METRIC = "train/cumulative_regret"
@@ -187,7 +189,7 @@ def test_cli_writes_logs_and_prints_the_report(experiment, store, tmp_path, caps
         log_run(STEPS * (seed + 1), agent__name="linucb", training__seed=seed)
     out = tmp_path / "report"
 
-    compare.main(["--tracking-uri", store, "--experiment", name, "--out", str(out)])
+    compare_cli.main(["--tracking-uri", store, "--experiment", name, "--out", str(out)])
 
     assert {path.name for path in out.iterdir()} == {"comparison.png", "comparison.md", "comparison.csv", "curves.csv"}
     printed = capsys.readouterr().out
@@ -205,7 +207,7 @@ def test_cli_no_matching_runs_is_one_line_and_non_zero(experiment, store, caplog
     log_run(STEPS, agent__name="linucb", training__seed=0)
 
     with pytest.raises(SystemExit) as exit:
-        compare.main(["--tracking-uri", store, "--experiment", name, "--agents", "lints"])
+        compare_cli.main(["--tracking-uri", store, "--experiment", name, "--agents", "lints"])
 
     assert exit.value.code == 2
     (error,) = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]

@@ -71,7 +71,7 @@ def test_src_has_no_import_cycles():
 
 
 def test_reading_runs_loads_neither_tensorflow_nor_a_plot_backend():
-    probe = ("import sys, matplotlib; matplotlib.use('svg'); import src.compare; "
+    probe = ("import sys, matplotlib; matplotlib.use('svg'); import src.compare, src.leaderboard; "
              "assert 'tensorflow' not in sys.modules, 'tensorflow loaded'; "
              "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
     done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,191 @@
+"""The leaderboard: every entry of conf/leaderboard.yaml trained with 10 seeds at TF-Agents'
+example size on both environments, into one MLflow experiment, then ranked by final regret.
+
+    uv run python -m benchmarks.leaderboard --data-dir /path/to/ml-100k
+    uv run python -m benchmarks.leaderboard --data-dir /path/to/ml-100k --seeds 2 --loops 500 --out /tmp/lb
+    uv run python -m benchmarks.leaderboard --tables-only   # rebuild the tables from the tracked runs
+
+Each run is `src.training.train` on the config `python -m src.train agent=<agent> env=<env>
+training.seed=<seed>` would compose, with the line-up's overrides, tagged `leaderboard.entry`
+with its row's label. A run of the same entry and configuration (seed included; where it is
+stored aside) that already FINISHED in the experiment is not trained again: an interrupted
+leaderboard resumes. The tables take exactly the runs of the line-up the command describes,
+so a cheap run (`--loops 500`) and the full one may share an experiment.
+
+Then (src/leaderboard.py), per environment, one row per entry: the final cumulative regret, mean over seeds with
+the 95% Student t-interval of the mean (src.comparison's alignment and statistics), the mean of
+the runs' `train/interactions_per_s`, and the seeds; a figure of the regret curves in their
+bands (src.plots); each entry's hyperparameters against its agent's defaults; the package
+versions the runs were trained with, the command and its wall time. Written to `--out`
+(leaderboard.md, regret_<env>.png, leaderboard.csv) and logged to a run tagged
+`bandits.role=comparison` in the same experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from src import comparison, config, tracking
+from src.cli import exit_on_user_error, stop_on_termination_signals
+from src.errors import UserError, require
+from src.leaderboard import ENTRY_TAG, METRIC, Identity, identities, identity, markdown, standings, write
+from src.paths import PROJECT_ROOT
+
+log = logging.getLogger("benchmarks.leaderboard")
+
+LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
+# Experiment tags: what trained the leaderboard's runs, so that --tables-only can say it too.
+COMMAND_TAG = "leaderboard.command"
+WALL_TAG = "leaderboard.wall_time"
+
+
+@dataclass(frozen=True)
+class Job:
+    label: str
+    cfg: DictConfig
+
+    def identity(self) -> Identity:
+        return identity(self.label, tracking.flatten(self.cfg))
+
+    def __str__(self) -> str:
+        return f"{self.label} on {self.cfg.env.name}, seed {self.cfg.training.seed}"
+
+
+def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, seeds: int,
+         overrides: list[str]) -> list[Job]:
+    """Every run of the line-up, its config composed and checked before any training starts."""
+    known = [entry.agent for entry in lineup.entries]
+    for name in agents or []:
+        if name not in known:
+            raise UserError(f"--agents: no entry for agent '{name}' in {LINEUP.relative_to(PROJECT_ROOT)}; "
+                            f"choose from {', '.join(dict.fromkeys(known))}")
+    for name in envs or []:
+        if name not in lineup.environments:
+            raise UserError(f"--envs: unknown environment '{name}'; choose from {', '.join(lineup.environments)}")
+    found = []
+    for entry in lineup.entries:
+        if agents and entry.agent not in agents:
+            continue
+        label = entry.get("label") or entry.agent
+        for env in entry.get("envs") or lineup.environments:
+            if envs and env not in envs:
+                continue
+            base = [f"agent={entry.agent}", f"env={env}", *lineup.overrides, *entry.get("overrides", []), *overrides]
+            config.check_command_line(base)
+            configs = [config.compose([*base, f"training.seed={seed}"]) for seed in range(seeds)]
+            if env in lineup.per_arm_environments and not configs[0].agent.per_arm:
+                continue  # its YAML says it cannot take per-arm features
+            found += [Job(label, cfg) for cfg in configs]
+    if not found:
+        raise UserError("no runs: no entry of the line-up matches --agents and --envs")
+    return found
+
+
+def finished(experiment_id: str) -> set[Identity]:
+    """The identities of the leaderboard runs already FINISHED in the experiment."""
+    runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
+    return set(identities(runs).dropna())
+
+
+def train_all(todo: list[Job]) -> int:
+    """Train `todo` in turn; return how many failed (a diverged agent fails alone)."""
+    if not todo:
+        return 0
+    from src import training  # TensorFlow loads here: --tables-only and a finished line-up do without it
+
+    for job in todo:  # a wrong value fails now, not after an hour of training
+        training.check_training(job.cfg)
+    started = time.perf_counter()
+    failures = 0
+    for number, job in enumerate(todo, 1):
+        log.info("Run %d of %d: %s", number, len(todo), job)
+        try:
+            final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
+        except UserError as error:
+            failures += 1
+            log.warning("Run %d of %d (%s) failed, the others go on: %s", number, len(todo), job, error)
+            continue
+        elapsed = time.perf_counter() - started
+        log.info("Run %d of %d done: %s, cumulative regret %.1f; about %.0f min left", number, len(todo), job,
+                 final[METRIC], elapsed / number * (len(todo) - number) / 60)
+    return failures
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def parser(lineup: DictConfig) -> argparse.ArgumentParser:
+    names = argparse.ArgumentParser(prog="python -m benchmarks.leaderboard", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    names.add_argument("--data-dir", help="a local ml-100k directory (default: download into data/ on first use)")
+    names.add_argument("--seeds", type=int, default=lineup.seeds, help="seeds 0..N-1 per entry (default: %(default)s)")
+    names.add_argument("--loops", type=int, help="training loops per run (default: conf/training/default.yaml)")
+    names.add_argument("--agents", type=lambda text: text.split(","), help="comma-separated agents to keep")
+    names.add_argument("--envs", type=lambda text: text.split(","), help="comma-separated environments to keep")
+    names.add_argument("--experiment", default=lineup.experiment, help="MLflow experiment (default: %(default)s)")
+    names.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                              "else sqlite:///mlflow.db at the project root)")
+    names.add_argument("--out", type=Path, default=Path("docs", "leaderboard"), help="default: %(default)s")
+    names.add_argument("--tables-only", action="store_true", help="rebuild the outputs from the runs already tracked")
+    names.add_argument("overrides", nargs="*", help="more config overrides for every run, e.g. env.rank_k=10")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    lineup = OmegaConf.load(LINEUP)
+    args = parser(lineup).parse_args(argv)
+    command = shlex.join(["uv", "run", "python", "-m", "benchmarks.leaderboard",
+                          *(sys.argv[1:] if argv is None else argv)])
+    with exit_on_user_error():
+        require(args.seeds >= 1, "--seeds", args.seeds, "an integer >= 1")
+        require(args.loops is None or args.loops >= 1, "--loops", args.loops, "an integer >= 1")
+        overrides = [*([f"data.dir={args.data_dir}"] if args.data_dir else []),
+                     *([f"training.loops={args.loops}"] if args.loops else []),
+                     *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []),
+                     f"tracking.experiment={args.experiment}", *args.overrides]
+        planned = jobs(lineup, args.agents, args.envs, args.seeds, overrides)
+        if args.tables_only:
+            experiment_id = comparison.open_experiment(args.tracking_uri, args.experiment)
+            report = standings(experiment_id, {job.identity() for job in planned})
+            tags = mlflow.get_experiment(experiment_id).tags
+            trained_by = tags.get(COMMAND_TAG, "runs tracked in this experiment")
+            wall = tags.get(WALL_TAG, "wall time unknown")
+        else:
+            experiment_id = tracking.connect(args.tracking_uri, args.experiment)
+            done = finished(experiment_id)
+            todo = [job for job in planned if job.identity() not in done]
+            log.info("%d runs in the line-up, %d already finished in experiment '%s'; training %d",
+                     len(planned), len(planned) - len(todo), args.experiment, len(todo))
+            failures = train_all(todo)
+            report = standings(experiment_id, {job.identity() for job in planned})
+            seconds = time.perf_counter() - started
+            trained_by = command
+            wall = (f"wall time {duration(seconds)} on {os.cpu_count()} CPU cores, "
+                    f"{datetime.now(timezone.utc):%Y-%m-%d}, for {len(todo)} runs trained ({failures} failed) "
+                    f"and the tables")
+            client = mlflow.MlflowClient()
+            client.set_experiment_tag(experiment_id, COMMAND_TAG, command)
+            client.set_experiment_tag(experiment_id, WALL_TAG, wall)
+        write(report, args.out, trained_by, wall)
+        comparison.log_comparison(experiment_id, args.out, {"leaderboard": trained_by, "runs": int(report.table["n"].sum())})
+    print(markdown(report.table, trained_by, wall))
+
+
+if __name__ == "__main__":
+    stop_on_termination_signals()
+    main()

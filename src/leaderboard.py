@@ -1,0 +1,153 @@
+"""The leaderboard's tables, from its runs in MLflow: per environment, one row per entry (the
+runs tagged `leaderboard.entry` with one label), ranked by final cumulative regret with
+src.comparison's statistics; the page that benchmarks/leaderboard.py writes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from omegaconf import OmegaConf
+
+from src import comparison, config, metrics, plots, tracking
+from src.errors import UserError
+
+ENTRY_TAG = "leaderboard.entry"
+ENV = "env.name"
+METRIC = metrics.CUMULATIVE_REGRET
+CONFIDENCE = 0.95
+VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
+# Agent parameters that name or wire the agent rather than set how it learns.
+NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm")
+
+log = logging.getLogger(__name__)
+
+Identity = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def identity(label: str, params: dict[str, str]) -> Identity:
+    """What makes two runs the same leaderboard run: the entry, and every config parameter, the
+    seed included, but where the run is stored and how it spreads over threads (src.comparison's
+    NOT_CONFIG)."""
+    return label, tuple(sorted((key, value) for key, value in params.items()
+                               if key == comparison.SEED or not comparison.NOT_CONFIG.fullmatch(key)))
+
+
+def identities(runs: pd.DataFrame) -> pd.Series:
+    """Each leaderboard run's `identity` (None for other runs), from MLflow's runs frame."""
+    entries = comparison.column(runs, f"tags.{ENTRY_TAG}")
+    params = runs.filter(regex=r"^params\.").rename(columns=lambda name: name.removeprefix("params."))
+    return pd.Series([identity(entry, values.dropna().to_dict()) if isinstance(entry, str) else None
+                      for entry, (_, values) in zip(entries, params.iterrows())], index=runs.index, dtype=object)
+
+
+def standings(experiment_id: str, planned: set[Identity] | None = None) -> comparison.Report:
+    """One row per environment and entry of the FINISHED leaderboard runs (those `planned`, if
+    given), ranked by final regret within an environment, and the curves (mean and band per
+    step) of each."""
+    runs = comparison.find_runs(experiment_id)
+    found = identities(runs)
+    chosen = found.map(lambda run: run is not None and (planned is None or run in planned)).astype(bool)
+    if not chosen.any():
+        raise UserError(f"none of this line-up's runs has FINISHED in experiment "
+                        f"'{mlflow.get_experiment(experiment_id).name}'; train them first (without --tables-only)")
+    runs = runs[chosen]
+    client = mlflow.MlflowClient()
+    rows, curves = [], []
+    for (environment, label), members in runs.groupby([f"params.{ENV}", f"tags.{ENTRY_TAG}"], sort=True):
+        params = comparison.config_params(members)
+        check_one_configuration(members, params, environment, label)
+        aligned = comparison.align([comparison.history(client, run_id, METRIC) for run_id in members.index])
+        curve = comparison.summarise(aligned, CONFIDENCE, METRIC)
+        final = curve.iloc[-1]
+        rows.append({"environment": environment, "entry": label, "agent": params[comparison.AGENT].iloc[0],
+                     "n": len(members), "mean": final["mean"], "ci_low": final["low"], "ci_high": final["high"],
+                     "interactions": int(final["step"]),
+                     "interactions_per_s": comparison.column(members, f"metrics.{metrics.INTERACTIONS_PER_S}").mean(),
+                     "seeds": ",".join(members[f"params.{comparison.SEED}"]),
+                     "hyperparameters": hyperparameters(params.iloc[0]),
+                     "versions": versions(members)})
+        curves.append(curve.assign(environment=environment, configuration=label))
+    table = pd.DataFrame(rows).sort_values(["environment", "mean"], ignore_index=True)
+    return comparison.Report(table, pd.concat(curves, ignore_index=True))
+
+
+def check_one_configuration(runs: pd.DataFrame, params: pd.DataFrame, environment: str, label: str) -> None:
+    """An entry's runs on an environment must be the seeds of one configuration, each seed once."""
+    differing = comparison.grouping_key(params)[1:]
+    fix = "train the leaderboard into a fresh experiment (--experiment)"
+    if differing:
+        raise UserError(f"the runs of {label} on {environment} differ in {', '.join(differing)}; {fix}")
+    seeds = runs[f"params.{comparison.SEED}"]
+    if seeds.duplicated().any():
+        raise UserError(f"{label} on {environment} has more than one run of seed "
+                        f"{', '.join(sorted(set(seeds[seeds.duplicated()])))}; {fix}")
+
+
+def hyperparameters(params: pd.Series) -> str:
+    """`alpha=0.3 (default 1.0), tikhonov_weight=1.0`: each value beside its agent's default
+    (conf/agent/<agent>.yaml) where it differs, as a tuned configuration's do."""
+    path = config.CONFIG_DIR / "agent" / f"{params[comparison.AGENT]}.yaml"
+    defaults = tracking.flatten(OmegaConf.create({"agent": OmegaConf.load(path)})) if path.is_file() else {}
+    shown = []
+    for key, value in sorted(params.dropna().items()):
+        if key.startswith("agent.") and key not in NOT_HYPERPARAMETERS:
+            default = defaults.get(key)
+            differs = f" (default {default})" if default is not None and default != value else ""
+            shown.append(f"{key.removeprefix('agent.')}={value}{differs}")
+    return ", ".join(shown) or "none"
+
+
+def versions(runs: pd.DataFrame) -> str:
+    """The package versions the runs were trained with (every one, if they differ)."""
+    return ", ".join(f"{name} {'/'.join(sorted(set(comparison.column(runs, f'tags.version.{name}').dropna()))) or '?'}"
+                     for name in VERSIONS)
+
+
+def number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def markdown(table: pd.DataFrame, command: str, wall: str) -> str:
+    """The leaderboard page: a ranked table and a figure per environment, the hyperparameters,
+    the versions and the command."""
+    lines = ["# Leaderboard", "",
+             f"Made by `{command}`; {wall}. Rank by final cumulative regret (lower is better): the mean "
+             f"over seeds with the {CONFIDENCE:.0%} Student t-interval of the mean (clipped at 0); "
+             "interactions/s is the mean of the runs' `train/interactions_per_s` (tracked training, "
+             "first loop to last). The same command with `--tables-only` rebuilds this page from the "
+             "tracked runs.", ""]
+    for environment, rows in table.groupby("environment", sort=True):
+        interactions = rows["interactions"].iloc[0]
+        lines += [f"## {environment}", "",
+                  f"| rank | entry | final cumulative regret ({interactions:,} interactions), mean "
+                  f"[{CONFIDENCE:.0%} CI] | interactions/s | seeds |", "|---:|---|---|---:|---|"]
+        for rank, row in enumerate(rows.itertuples(), 1):
+            band = f" [{number(row.ci_low)}, {number(row.ci_high)}]" if row.n > 1 else " (n=1, no band)"
+            lines.append(f"| {rank} | {row.entry} | {number(row.mean)}{band} | {row.interactions_per_s:,.0f} "
+                         f"| {row.n} ({row.seeds}) |")
+        lines += ["", f"![Cumulative regret on {environment}: mean over seeds, {CONFIDENCE:.0%} band]"
+                      f"({figure_name(environment)})", ""]
+    lines += ["## Hyperparameters", "", "| entry | environment | hyperparameters |", "|---|---|---|"]
+    lines += [f"| {row.entry} | {row.environment} | {row.hyperparameters} |"
+              for row in table.sort_values(["entry", "environment"]).itertuples()]
+    lines += ["", "## Versions", ""]
+    lines += [f"- {text}" for text in dict.fromkeys(table["versions"])]
+    return "\n".join(lines) + "\n"
+
+
+def figure_name(environment: str) -> str:
+    return f"regret_{environment}.png"
+
+
+def write(report: comparison.Report, out: Path, command: str, wall: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leaderboard.md").write_text(markdown(report.table, command, wall))
+    report.table.to_csv(out / "leaderboard.csv", index=False)
+    for environment, curves in report.curves.groupby("environment"):
+        figure = plots.comparison_figure(curves, METRIC, CONFIDENCE)
+        figure.suptitle(f"Leaderboard on {environment}")
+        figure.savefig(out / figure_name(environment), dpi=120)
+    log.info("Wrote %s", out / "leaderboard.md")

@@ -1,0 +1,156 @@
+"""src.leaderboard's tables on synthetic MLflow runs with known histories, and one tiny
+end-to-end `benchmarks.leaderboard` on synthetic data."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.entities import Metric, Param
+from scipy import stats
+
+from src import comparison, leaderboard, metrics
+from src.errors import UserError
+from tests.conftest import SMALL
+
+STEPS = np.arange(1, 21) * 16
+SEEDS = 3
+
+
+@pytest.fixture
+def experiment(tracking_uri, tmp_path):
+    """A fresh experiment in a tmp store; returns (id, log_run), which logs a leaderboard run
+    (its entry the agent unless given) with these params."""
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("leaderboard", artifact_location=(tmp_path / "artifacts").as_uri())
+    comparison.open_experiment(tracking_uri, "leaderboard")
+
+    def log_run(regret: np.ndarray, rate: float, entry: str | None = None, **params) -> None:
+        tags = {leaderboard.ENTRY_TAG: entry or params["agent__name"]}
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        history = [Metric(metrics.CUMULATIVE_REGRET, float(value), 0, int(step)) for step, value in zip(STEPS, regret)]
+        client.log_batch(run_id, metrics=[*history, Metric(metrics.INTERACTIONS_PER_S, rate, 0, int(STEPS[-1]))],
+                         params=[Param(key.replace("__", "."), str(value)) for key, value in params.items()])
+        client.set_terminated(run_id, "FINISHED")
+
+    return experiment_id, log_run
+
+
+def regret_curves(rng: np.random.Generator, scale: float) -> np.ndarray:
+    """SEEDS cumulative-regret histories, growing by about `scale` per step."""
+    return np.cumsum(rng.uniform(0, 2 * scale, (SEEDS, len(STEPS))), axis=1)
+
+
+def test_table_rows_means_and_bands_match_scipy_per_environment(experiment):
+    experiment_id, log_run = experiment
+    rng = np.random.default_rng(0)
+    # The same agent on both environments, far apart: pooled, its row would lie between them.
+    lineup = {("movielens", "linucb"): 20.0, ("movielens", "random"): 100.0, ("movielens_per_arm", "linucb"): 50.0,
+              ("movielens_per_arm", "lints"): 10.0}
+    histories, rates = {}, {}
+    for (env, agent), scale in lineup.items():
+        histories[env, agent] = regret_curves(rng, scale)
+        rates[env, agent] = rng.uniform(1000, 30000, SEEDS)
+        for seed in range(SEEDS):
+            log_run(histories[env, agent][seed], rates[env, agent][seed], agent__name=agent, env__name=env,
+                    training__seed=seed, training__loops=20)
+
+    table = leaderboard.standings(experiment_id).table
+
+    assert table[["environment", "entry"]].values.tolist() == [
+        ["movielens", "linucb"], ["movielens", "random"], ["movielens_per_arm", "lints"],
+        ["movielens_per_arm", "linucb"]]  # ranked by regret within each environment
+    page = leaderboard.markdown(table, "the command", "wall time 1 s")
+    sections = {part.split("\n")[0]: part for part in page.split("\n## ")[1:]}
+    for row in table.itertuples():
+        final = histories[row.environment, row.entry][:, -1]
+        half_width = stats.t.ppf(0.975, SEEDS - 1) * final.std(ddof=1) / np.sqrt(SEEDS)
+        assert row.n == SEEDS and row.seeds == "0,1,2" and row.interactions == STEPS[-1]
+        assert row.mean == pytest.approx(final.mean())
+        assert (row.ci_low, row.ci_high) == pytest.approx((max(0, final.mean() - half_width), final.mean() + half_width))
+        assert row.interactions_per_s == pytest.approx(rates[row.environment, row.entry].mean())
+        rank = 1 + (table["environment"][:row.Index] == row.environment).sum()
+        shown = leaderboard.number
+        expected = (f"| {rank} | {row.entry} | {shown(row.mean)} [{shown(row.ci_low)}, {shown(row.ci_high)}] "
+                    f"| {row.interactions_per_s:,.0f} | 3 (0,1,2) |")
+        assert expected in sections[row.environment].splitlines(), sections[row.environment]
+    assert "320 interactions" in sections["movielens"]
+
+
+def test_a_tuned_entry_stands_apart_beside_its_defaults(experiment):
+    experiment_id, log_run = experiment
+    rng = np.random.default_rng(1)
+    for seed in range(2):
+        log_run(regret_curves(rng, 5.0)[0], 9000.0, agent__name="lints", agent__alpha=1.0, env__name="movielens",
+                training__seed=seed)
+        log_run(regret_curves(rng, 1.0)[0], 9000.0, entry="lints (tuned)", agent__name="lints", agent__alpha=0.3,
+                env__name="movielens", training__seed=seed)
+
+    table = leaderboard.standings(experiment_id).table.set_index("entry")
+
+    assert table["n"].to_dict() == {"lints (tuned)": 2, "lints": 2}
+    assert table.loc["lints (tuned)", "hyperparameters"] == "alpha=0.3 (default 1.0)"
+    assert table.loc["lints", "hyperparameters"] == "alpha=1.0"
+
+
+@pytest.mark.parametrize("other, message", [({"training__loops": 99}, "differ in training.loops"),
+                                            ({"training__seed": 0}, "more than one run of seed 0")])
+def test_runs_of_one_entry_that_are_not_one_configurations_seeds_are_refused(experiment, other, message):
+    experiment_id, log_run = experiment
+    settings = {"agent__name": "linucb", "env__name": "movielens", "training__loops": 20}
+    log_run(STEPS * 1.0, 9000.0, training__seed=0, **settings)
+    log_run(STEPS * 1.0, 9000.0, **{**settings, "training__seed": 1, **other})
+
+    with pytest.raises(UserError, match=message):
+        leaderboard.standings(experiment_id)
+
+
+def test_only_the_planned_configurations_are_ranked(experiment):
+    experiment_id, log_run = experiment
+    for loops in (20, 99):  # a cheap leaderboard beside the full one, in one experiment
+        log_run(STEPS * loops, 9000.0, agent__name="linucb", env__name="movielens", training__seed=0,
+                training__loops=loops)
+    planned = {leaderboard.identity("linucb", {"agent.name": "linucb", "env.name": "movielens",
+                                               "training.seed": "0", "training.loops": "99"})}
+
+    table = leaderboard.standings(experiment_id, planned).table
+
+    assert table["mean"].tolist() == [STEPS[-1] * 99]
+    with pytest.raises(UserError, match="none of this line-up's runs has FINISHED"):
+        leaderboard.standings(experiment_id, {leaderboard.identity("lints", dict(next(iter(planned))[1]))})
+
+
+def test_unknown_agent_is_one_line_and_non_zero(run_cli):
+    done = run_cli("benchmarks.leaderboard", "--agents", "linucb,nope", timeout=120)
+
+    assert done.returncode == 2 and done.stdout == ""
+    (error,) = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert "no entry for agent 'nope'" in error and "choose from linucb, lints" in error
+
+
+@pytest.mark.slow
+def test_a_tiny_leaderboard_trains_tracks_ranks_and_rebuilds(run_cli, data_overrides, tracking_uri, tmp_path):
+    args = ["--agents", "linucb,random", "--seeds", "2", "--envs", "movielens", "--loops", "60",
+            "--tracking-uri", tracking_uri, *data_overrides,
+            *[override for override in SMALL if not override.startswith("training.loops=")]]
+
+    trained = run_cli("benchmarks.leaderboard", "--out", "board", *args)
+
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    page = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert trained.stdout.strip() == page.strip()
+    rows = [line for line in page.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert sorted(row.split(" | ")[1] for row in rows) == ["linucb", "random"], page
+    assert all(row.endswith("| 2 (0,1) |") for row in rows) and "960 interactions" in page
+    assert "wall time" in page and "--loops 60" in page and "tensorflow 2." in page
+    assert (tmp_path / "board" / "regret_movielens.png").stat().st_size > 0
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("leaderboard").experiment_id])
+    entries = sorted(run.data.tags[leaderboard.ENTRY_TAG] for run in runs if leaderboard.ENTRY_TAG in run.data.tags)
+    assert entries == ["linucb", "linucb", "random", "random"]
+
+    # The same line-up finds its runs again by their configurations: it would resume from them.
+    rebuilt = run_cli("benchmarks.leaderboard", "--tables-only", "--out", "again", *args)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    again = (tmp_path / "again" / "leaderboard.md").read_text()
+    assert [line for line in again.splitlines() if line.startswith(("| 1 |", "| 2 |"))] == rows
