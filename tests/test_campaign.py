@@ -78,6 +78,9 @@ def test_multirun_workers_on_postgresql_survive_a_killed_worker_and_end_with_exa
     assert "error: worker 1 failed: stopped by signal 9" in multirun_out.read_text()
     # A line per trial its surviving worker ended, passed on from the worker's log as it came.
     assert re.search(r"^  Trial \d+ finished: train/cumulative_regret = ", multirun_out.read_text(), re.M)
+    # The console also says when each worker loads TensorFlow and each trial starts, values rounded.
+    assert re.search(r"^  Worker \d+: loading TensorFlow", multirun_out.read_text(), re.M)
+    assert re.search(r"^  Trial \d+ started: agent\.alpha=[\d.e-]{1,10} ", multirun_out.read_text(), re.M)
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     counts = states(study)
