@@ -40,7 +40,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking.context import registry as context_registry
 from omegaconf import DictConfig, OmegaConf
 
-from src import config, metrics, plots, tracking
+from src import comparison, config, metrics, plots, tracking
 from src.errors import UserError, one_line
 from src.sweep_trials import ERROR_ATTR, PARENT_RUN_ATTR, RUN_ATTR
 
@@ -420,8 +420,7 @@ def work(overrides: list[str], worker: int = 0) -> None:
 
 def shown_params(params: dict) -> str:
     """Sampled values as a person reads them: 2.288, not 2.2881136684755243 (runs log them whole)."""
-    return " ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
-                    for name, value in params.items())
+    return " ".join(f"{name}={comparison.shown(str(value), digits=4)}" for name, value in params.items())
 
 
 def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str]) -> bool:

@@ -166,14 +166,14 @@ def label(values: pd.Series) -> str:
     return f"{values[AGENT]} ({details})" if details else values[AGENT]
 
 
-def shown(value: str) -> str:
-    """A parameter's value for a label: fractional numbers to 3 significant digits (a sampled
-    1.2345678901234567 is 1.23), anything else, whole numbers included, as it is."""
+def shown(value: str, digits: int = 3) -> str:
+    """A parameter's value as a person reads it: fractional numbers to `digits` significant
+    digits (a sampled 1.2345678901234567 is 1.23), anything else, whole numbers included, as it is."""
     try:
         number = float(value)
     except ValueError:
         return value
-    return value if number.is_integer() and "." not in value else f"{number:.3g}"
+    return value if number.is_integer() and "." not in value else f"{number:.{digits}g}"
 
 
 def compare(experiment_id: str, metric: str = metrics.CUMULATIVE_REGRET, agents: list[str] | None = None,
