@@ -126,6 +126,17 @@ def check_types(cfg: DictConfig) -> None:
     _require_types_of(OmegaConf.to_container(cfg, resolve=True), own, "")
 
 
+def check_tuned(cfg: DictConfig) -> None:
+    """A tuned configuration (conf/tuned/, which records what it was tuned for in `tuned_for`)
+    holds values for one agent on one environment; with another `agent=` or `env=` on the
+    command line they would silently land on an agent they mean nothing to."""
+    tuned = cfg.get("tuned_for")
+    if tuned and (tuned.agent, tuned.env) != (cfg.agent.name, cfg.env.name):
+        raise UserError(f"tuned={tuned.agent}-{tuned.env} holds values tuned for agent={tuned.agent} on "
+                        f"env={tuned.env}, not for agent={cfg.agent.name} on env={cfg.env.name}; "
+                        "drop the other agent= or env= choice")
+
+
 def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
     """A number stays a finite number of sensible size (an integer an integer), a boolean a
     boolean, a list a list, so `agent.alpha=abc` or `agent.alpha=inf` is refused by name."""

@@ -42,6 +42,7 @@ LONG_NAME_TAG = "bandits.long_name"
 
 def check_training(cfg: DictConfig) -> None:
     config.check_types(cfg)
+    config.check_tuned(cfg)
     with config.errors_name_source("training"):
         for key in ("batch_size", "steps_per_loop", "loops", "chunk_loops"):
             value = cfg.training[key]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tf_agents.agents import tf_agent
+from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.policies import fixed_policy
 from tf_agents.policies import utils as policy_utilities
 from tf_agents.specs import tensor_spec
@@ -220,6 +221,76 @@ def test_vectorized_linucb_matches_tf_agents_and_closed_form(make_config):
     clear = top_two[:, 1] - top_two[:, 0] > 1e-4
     assert clear.mean() > 0.99  # the near-ties left out are a handful at most
     np.testing.assert_array_equal(their_actions[clear], our_actions[clear])
+
+
+def per_arm_experience(users, movies, actions, rewards):
+    """One-step per-arm trajectories [n, 1]: user features, candidates' features, the pick and
+    the picked movie's features in the policy info, as our engine records them."""
+
+    def steps(values, dtype=tf.float32):
+        return tf.constant(values, dtype)[:, None]
+
+    chosen = movies[np.arange(len(actions)), actions]
+    info = policy_utilities.PerArmPolicyInfo(predicted_rewards_mean=steps(np.zeros(actions.shape + movies.shape[1:2])),
+                                             chosen_arm_features=steps(chosen))
+    n = len(actions)
+    return trajectory.Trajectory(
+        step_type=steps(np.full(n, ts.StepType.FIRST), tf.int32),
+        observation={bandit_spec_utils.GLOBAL_FEATURE_KEY: steps(users),
+                     bandit_spec_utils.PER_ARM_FEATURE_KEY: steps(movies)},
+        action=steps(actions, tf.int32), policy_info=info, next_step_type=steps(np.full(n, ts.StepType.LAST), tf.int32),
+        reward=steps(rewards), discount=steps(np.ones(n)))
+
+
+@pytest.mark.parametrize("agent", ["linucb", "lints"])
+def test_vectorized_per_arm_agents_fit_tf_agents_shared_model(make_config, agent):
+    """With per-arm features one model is fitted over [user, chosen movie] features: ours in
+    float64 against the closed form, TF-Agents' per-arm agent to float32, and the same picks."""
+    user_dim, movie_dim, candidates, rounds = 3, 2, 6, 400
+    spec = ts.time_step_spec({bandit_spec_utils.GLOBAL_FEATURE_KEY: tf.TensorSpec([user_dim], tf.float32),
+                              bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.TensorSpec([candidates, movie_dim], tf.float32)})
+    action_spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=candidates - 1)
+    ours, theirs = (build_agent(make_config(f"agent={name}", f"agent.alpha={LINEAR_ALPHA}",
+                                            f"agent.tikhonov_weight={LINEAR_TIKHONOV_WEIGHT}").agent, spec, action_spec)
+                    for name in (agent, f"{agent}_tf_agents"))
+    rng = np.random.default_rng(0)
+
+    def features(n):
+        return (rng.normal(size=(n, user_dim)).astype(np.float32),
+                rng.normal(size=(n, candidates, movie_dim)).astype(np.float32))
+
+    users, movies = features(rounds)
+    actions = rng.integers(candidates, size=rounds)
+    context = np.concatenate([users, movies[np.arange(rounds), actions]], axis=1).astype(np.float64)
+    rewards = (context @ rng.normal(size=user_dim + movie_dim) + 0.1 * rng.normal(size=rounds)).astype(np.float32)
+    for batch in np.array_split(np.arange(rounds), 4):
+        experience = per_arm_experience(users[batch], movies[batch], actions[batch], rewards[batch])
+        for learner in (ours, theirs):
+            learner.train(experience)
+
+    covariance = LINEAR_TIKHONOV_WEIGHT * np.eye(context.shape[1]) + context.T @ context
+    theta = np.linalg.solve(covariance, context.T @ rewards.astype(np.float64))
+    np.testing.assert_allclose(ours.statistics.covariance.numpy()[0], covariance, rtol=1e-12)
+    np.testing.assert_allclose(ours.statistics.theta.numpy()[0], theta, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(theirs.theta.numpy()[0], theta, rtol=1e-3, atol=1e-4)
+
+    query_users, query_movies = features(500)
+    step = ts.restart({bandit_spec_utils.GLOBAL_FEATURE_KEY: tf.constant(query_users),
+                       bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.constant(query_movies)}, batch_size=500)
+    queries = np.concatenate([np.repeat(query_users[:, None], candidates, axis=1), query_movies], axis=-1)
+    mean = queries.astype(np.float64) @ theta
+    picked = [learner.policy.action(step) for learner in (ours, theirs)]
+    for taken in picked:
+        np.testing.assert_allclose(taken.info.predicted_rewards_mean.numpy(), mean, rtol=1e-3, atol=1e-4)
+        np.testing.assert_array_equal(taken.info.chosen_arm_features.numpy(),
+                                      query_movies[np.arange(500), taken.action.numpy()])
+    if agent == "linucb":  # deterministic: the very same picks, near-ties aside
+        width = np.sqrt(np.einsum("bci,ij,bcj->bc", queries, np.linalg.inv(covariance), queries))
+        ucb = mean + LINEAR_ALPHA * width
+        np.testing.assert_array_equal(picked[0].action.numpy(), ucb.argmax(axis=1))
+        top_two = np.sort(ucb, axis=1)[:, -2:]
+        clear = top_two[:, 1] - top_two[:, 0] > 1e-4
+        np.testing.assert_array_equal(picked[1].action.numpy()[clear], picked[0].action.numpy()[clear])
 
 
 def pick_frequencies(actions, num_queries: int) -> np.ndarray:

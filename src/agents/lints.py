@@ -23,9 +23,7 @@ class VectorizedLinTSAgent(linear.VectorizedLinearAgent):
 
 
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, name: str = "lints"):
-    return linear.vectorized_or_tf_agents(
-        VectorizedLinTSAgent, linear_thompson_sampling_agent.LinearThompsonSamplingAgent,
-        time_step_spec, action_spec, alpha, tikhonov_weight, name)
+    return VectorizedLinTSAgent(time_step_spec, action_spec, alpha, tikhonov_weight, name)
 
 
 def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,

@@ -23,8 +23,7 @@ class VectorizedLinUCBAgent(linear.VectorizedLinearAgent):
 
 
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, name: str = "linucb"):
-    return linear.vectorized_or_tf_agents(VectorizedLinUCBAgent, lin_ucb_agent.LinearUCBAgent,
-                                          time_step_spec, action_spec, alpha, tikhonov_weight, name)
+    return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, name)
 
 
 def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,

@@ -39,7 +39,8 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
         self._uses_reward_layer = uses_reward_layer
         self._alpha = alpha
         self._epsilon = epsilon
-        super().__init__(time_step_spec, action_spec, info_spec=linear.mean_info_spec(action_spec), name=name)
+        super().__init__(time_step_spec, action_spec, info_spec=linear.mean_info_spec(action_spec, time_step_spec),
+                         name=name)
 
     def _variables(self):
         return [self._uses_reward_layer, self._statistics.theta, self._statistics.covariance_inverse,
@@ -60,7 +61,7 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
             return arm, tf.cast(mean, tf.float32)
 
         arm, mean = tf.cond(self._uses_reward_layer, epsilon_greedy, linucb)
-        return linear.deterministic_step(arm, mean, self.action_spec, policy_state)
+        return linear.deterministic_step(arm, mean, self.action_spec, policy_state, time_step.observation)
 
 
 class VectorizedNeuralLinUCBAgent(tf_agent.TFAgent):
