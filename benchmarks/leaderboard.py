@@ -7,7 +7,7 @@ example size on both environments, into one MLflow experiment, then ranked by fi
 
 Each run is `src.training.train` on the config `python -m src.train agent=<agent> env=<env>
 training.seed=<seed>` would compose, with the line-up's overrides, tagged `leaderboard.entry`
-with its row's label. A run of the same entry and configuration (seed included; where it is
+with its row's label, `--workers` runs at a time (default 2, in processes of their own). A run of the same entry and configuration (seed included; where it is
 stored aside) that already FINISHED in the experiment is not trained again: an interrupted
 leaderboard resumes. The tables take exactly the runs of the line-up the command describes,
 so a cheap run (`--loops 500`) and the full one may share an experiment.
@@ -24,9 +24,12 @@ versions the runs were trained with, the command and its wall time. Written to `
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
+import multiprocessing
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from src.leaderboard import ENTRY_TAG, METRIC, Identity, identities, identity, m
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger("benchmarks.leaderboard")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
 # Experiment tags: what trained the leaderboard's runs, so that --tables-only can say it too.
@@ -98,8 +102,10 @@ def finished(experiment_id: str) -> set[Identity]:
     return set(identities(runs).dropna())
 
 
-def train_all(todo: list[Job]) -> int:
-    """Train `todo` in turn; return how many failed (a diverged agent fails alone)."""
+def train_all(todo: list[Job], workers: int) -> int:
+    """Train `todo`, `workers` runs at a time, each in a process of its own; return how many
+    failed (a diverged agent fails alone). A run takes about one core (training.threads), so
+    two workers on two cores take about half the wall time of one."""
     if not todo:
         return 0
     from src import training  # TensorFlow loads here: --tables-only and a finished line-up do without it
@@ -108,18 +114,37 @@ def train_all(todo: list[Job]) -> int:
         training.check_training(job.cfg)
     started = time.perf_counter()
     failures = 0
-    for number, job in enumerate(todo, 1):
-        log.info("Run %d of %d: %s", number, len(todo), job)
-        try:
-            final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
-        except UserError as error:
-            failures += 1
-            log.warning("Run %d of %d (%s) failed, the others go on: %s", number, len(todo), job, error)
-            continue
-        elapsed = time.perf_counter() - started
-        log.info("Run %d of %d done: %s, cumulative regret %.1f; about %.0f min left", number, len(todo), job,
-                 final[METRIC], elapsed / number * (len(todo) - number) / 60)
+    # Spawned, not forked: TensorFlow's threads do not survive a fork.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=quiet_worker) as pool:
+        running = {pool.submit(train_one, job): job for job in todo}
+        for number, done in enumerate(concurrent.futures.as_completed(running), 1):
+            job, (final, error) = running[done], done.result()
+            if error:
+                failures += 1
+                log.warning("Run %d of %d (%s) failed, the others go on: %s", number, len(todo), job, error)
+                continue
+            elapsed = time.perf_counter() - started
+            log.info("Run %d of %d done: %s, cumulative regret %.1f; about %.0f min left", number, len(todo), job,
+                     final, elapsed / number * (len(todo) - number) / 60)
     return failures
+
+
+def quiet_worker() -> None:
+    """A worker process logs as the command does, and leaves Ctrl-C to the command."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+
+
+def train_one(job: Job) -> tuple[float | None, str | None]:
+    """(final cumulative regret, None), or (None, the one-line reason it failed)."""
+    from src import training
+
+    try:
+        final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
+    except UserError as error:
+        return None, str(error)
+    return final[METRIC], None
 
 
 def duration(seconds: float) -> str:
@@ -138,6 +163,8 @@ def parser(lineup: DictConfig) -> argparse.ArgumentParser:
     names.add_argument("--experiment", default=lineup.experiment, help="MLflow experiment (default: %(default)s)")
     names.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                                               "else sqlite:///mlflow.db at the project root)")
+    names.add_argument("--workers", type=int, default=lineup.workers,
+                       help="runs trained at a time, each in its own process (default: %(default)s)")
     names.add_argument("--out", type=Path, default=Path("docs", "leaderboard"), help="default: %(default)s")
     names.add_argument("--tables-only", action="store_true", help="rebuild the outputs from the runs already tracked")
     names.add_argument("overrides", nargs="*", help="more config overrides for every run, e.g. env.rank_k=10")
@@ -146,7 +173,7 @@ def parser(lineup: DictConfig) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     lineup = OmegaConf.load(LINEUP)
     args = parser(lineup).parse_args(argv)
     command = shlex.join(["uv", "run", "python", "-m", "benchmarks.leaderboard",
@@ -154,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error():
         require(args.seeds >= 1, "--seeds", args.seeds, "an integer >= 1")
         require(args.loops is None or args.loops >= 1, "--loops", args.loops, "an integer >= 1")
+        require(args.workers >= 1, "--workers", args.workers, "an integer >= 1")
         overrides = [*([f"data.dir={args.data_dir}"] if args.data_dir else []),
                      *([f"training.loops={args.loops}"] if args.loops else []),
                      *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []),
@@ -171,11 +199,11 @@ def main(argv: list[str] | None = None) -> None:
             todo = [job for job in planned if job.identity() not in done]
             log.info("%d runs in the line-up, %d already finished in experiment '%s'; training %d",
                      len(planned), len(planned) - len(todo), args.experiment, len(todo))
-            failures = train_all(todo)
+            failures = train_all(todo, args.workers)
             report = standings(experiment_id, {job.identity() for job in planned})
             seconds = time.perf_counter() - started
             trained_by = command
-            wall = (f"wall time {duration(seconds)} on {os.cpu_count()} CPU cores, "
+            wall = (f"wall time {duration(seconds)} on {os.cpu_count()} CPU cores, {args.workers} runs at a time, "
                     f"{datetime.now(timezone.utc):%Y-%m-%d}, for {len(todo)} runs trained ({failures} failed) "
                     f"and the tables")
             client = mlflow.MlflowClient()
