@@ -81,16 +81,18 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
     for entry in lineup.entries:
         if agents and entry.agent not in agents:
             continue
-        label = entry.get("label") or entry.agent
+        label = entry.get("label") or (f"{entry.agent} (tuned)" if entry.get("tuned") else entry.agent)
         for env in entry.get("envs") or lineup.environments:
             if envs and env not in envs:
                 continue
-            base = [f"agent={entry.agent}", f"env={env}", *lineup.overrides, *entry.get("overrides", []), *overrides]
-            config.check_command_line(base)
-            configs = [config.compose([*base, f"training.seed={seed}"]) for seed in range(seeds)]
-            if env in lineup.per_arm_environments and not configs[0].agent.per_arm:
+            tuned = [f"tuned={entry.agent}-{env}"] if entry.get("tuned") else []
+            base = [f"agent={entry.agent}", f"env={env}", *tuned, *lineup.overrides, *entry.get("overrides", []),
+                    *overrides]
+            config.check_command_line(base[:2])
+            if env in lineup.per_arm_environments and not config.compose(base[:2]).agent.per_arm:
                 continue  # its YAML says it cannot take per-arm features
-            found += [Job(label, cfg) for cfg in configs]
+            config.check_command_line(base)
+            found += [Job(label, config.compose([*base, f"training.seed={seed}"])) for seed in range(seeds)]
     if not found:
         raise UserError("no runs: no entry of the line-up matches --agents and --envs")
     return found

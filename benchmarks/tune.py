@@ -37,12 +37,12 @@ def pairs(agents: list[str] | None, envs: list[str] | None) -> list[tuple[str, s
     """(agent, environment) for every line-up entry with a search of its own, on each
     environment of the line-up it can take."""
     lineup = OmegaConf.load(config.CONFIG_DIR / "leaderboard.yaml")
-    tunable = [entry.agent for entry in lineup.entries if (SWEEPS / f"{entry.agent}.yaml").is_file()]
+    tunable = list(dict.fromkeys(entry.agent for entry in lineup.entries if (SWEEPS / f"{entry.agent}.yaml").is_file()))
     for name, given, known in (("--agents", agents, tunable), ("--envs", envs, list(lineup.environments))):
         unknown = sorted(set(given or []) - set(known))
         if unknown:
             raise UserError(f"{name}: nothing to tune for {', '.join(unknown)}; choose from {', '.join(known)}")
-    return [(agent, env) for agent in dict.fromkeys(tunable) if not agents or agent in agents
+    return [(agent, env) for agent in tunable if not agents or agent in agents
             for env in lineup.environments if not envs or env in envs
             if env not in lineup.per_arm_environments or config.compose([f"agent={agent}"]).agent.per_arm]
 

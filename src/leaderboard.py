@@ -21,6 +21,8 @@ CONFIDENCE = 0.95
 VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
 # Agent parameters that name or wire the agent rather than set how it learns.
 NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm")
+# Environment parameters the searches tune beside the agent's (conf/hparams_search/).
+TUNED_ENV_KEYS = ("env.rank_k",)
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +89,20 @@ def check_one_configuration(runs: pd.DataFrame, params: pd.DataFrame, environmen
 
 
 def hyperparameters(params: pd.Series) -> str:
-    """`alpha=0.3 (default 1.0), tikhonov_weight=1.0`: each value beside its agent's default
-    (conf/agent/<agent>.yaml) where it differs, as a tuned configuration's do."""
-    path = config.CONFIG_DIR / "agent" / f"{params[comparison.AGENT]}.yaml"
-    defaults = tracking.flatten(OmegaConf.create({"agent": OmegaConf.load(path)})) if path.is_file() else {}
+    """`alpha=0.3 (default 1.0), tikhonov_weight=1.0, rank_k=7 (default 20)`: the agent's values
+    and the rank of its features, each beside its default (conf/agent/<agent>.yaml,
+    conf/env/<env>.yaml) where it differs, as a tuned configuration's do."""
+    defaults = {}
+    for group, option in (("agent", params[comparison.AGENT]), ("env", params.get(ENV))):
+        path = config.CONFIG_DIR / group / f"{option}.yaml"
+        if path.is_file():
+            defaults |= tracking.flatten(OmegaConf.create({group: OmegaConf.load(path)}))
     shown = []
     for key, value in sorted(params.dropna().items()):
-        if key.startswith("agent.") and key not in NOT_HYPERPARAMETERS:
+        if (key.startswith("agent.") and key not in NOT_HYPERPARAMETERS) or key in TUNED_ENV_KEYS:
             default = defaults.get(key)
             differs = f" (default {default})" if default is not None and default != value else ""
-            shown.append(f"{key.removeprefix('agent.')}={value}{differs}")
+            shown.append(f"{key.split('.', 1)[1]}={value}{differs}")
     return ", ".join(shown) or "none"
 
 

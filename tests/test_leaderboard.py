@@ -7,8 +7,11 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.entities import Metric, Param
+from omegaconf import OmegaConf
 from scipy import stats
 
+from benchmarks import leaderboard as leaderboard_cli
+from benchmarks import tune
 from src import comparison, leaderboard, metrics
 from src.errors import UserError
 from tests.conftest import SMALL
@@ -82,15 +85,15 @@ def test_a_tuned_entry_stands_apart_beside_its_defaults(experiment):
     rng = np.random.default_rng(1)
     for seed in range(2):
         log_run(regret_curves(rng, 5.0)[0], 9000.0, agent__name="lints", agent__alpha=1.0, env__name="movielens",
-                training__seed=seed)
+                env__rank_k=20, training__seed=seed)
         log_run(regret_curves(rng, 1.0)[0], 9000.0, entry="lints (tuned)", agent__name="lints", agent__alpha=0.3,
-                env__name="movielens", training__seed=seed)
+                env__name="movielens", env__rank_k=7, training__seed=seed)
 
     table = leaderboard.standings(experiment_id).table.set_index("entry")
 
     assert table["n"].to_dict() == {"lints (tuned)": 2, "lints": 2}
-    assert table.loc["lints (tuned)", "hyperparameters"] == "alpha=0.3 (default 1.0)"
-    assert table.loc["lints", "hyperparameters"] == "alpha=1.0"
+    assert table.loc["lints (tuned)", "hyperparameters"] == "alpha=0.3 (default 1.0), rank_k=7 (default 20)"
+    assert table.loc["lints", "hyperparameters"] == "alpha=1.0, rank_k=20"
 
 
 @pytest.mark.parametrize("other, message", [({"training__loops": 99}, "differ in training.loops"),
@@ -118,6 +121,18 @@ def test_only_the_planned_configurations_are_ranked(experiment):
     assert table["mean"].tolist() == [STEPS[-1] * 99]
     with pytest.raises(UserError, match="none of this line-up's runs has FINISHED"):
         leaderboard.standings(experiment_id, {leaderboard.identity("lints", dict(next(iter(planned))[1]))})
+
+
+def test_the_lineup_runs_each_tuned_configuration_on_its_own_environment(data_overrides):
+    lineup = OmegaConf.load(leaderboard_cli.LINEUP)
+    planned = leaderboard_cli.jobs(lineup, None, None, 1, data_overrides)
+    rows = {(job.label, job.cfg.env.name): job.cfg for job in planned}
+    for agent, env in tune.pairs(None, None):
+        cfg = rows[f"{agent} (tuned)", env]
+        assert (cfg.tuned_for.agent, cfg.tuned_for.env) == (agent, env)
+        assert "tuned_for" not in rows[agent, env]
+    assert ("dropout_ts (tuned)", "movielens_per_arm") not in rows  # no per-arm features for it
+    assert len(planned) == len(rows) == 2 * len(tune.pairs(None, None)) + 2  # and random on each
 
 
 def test_unknown_agent_is_one_line_and_non_zero(run_cli):
