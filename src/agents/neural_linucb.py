@@ -43,7 +43,7 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
                          name=name)
 
     def _variables(self):
-        return [self._uses_reward_layer, self._statistics.theta, self._statistics.covariance_inverse,
+        return [self._uses_reward_layer, self._statistics.theta, self._statistics.packed_inverse,
                 *self._encoder.variables, *self._reward_layer.variables]
 
     def _distribution(self, time_step, policy_state):
