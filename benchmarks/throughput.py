@@ -1,6 +1,7 @@
 """Interactions per second: TF-Agents' stock eager pattern against our compiled engine.
 
     uv run python -m benchmarks.throughput --data-dir /path/to/ml-100k --out bench.json
+    uv run python -m benchmarks.throughput --data-dir /path/to/ml-100k --agents linucb --movies 20 100 500 1682
 
 Both sides run in this one process on the same MovieLens environment (synthetic data in a
 temporary directory when `--data-dir` is not given), with the agent built from the same
@@ -151,6 +152,34 @@ def reference_table(pairs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def catalogue(agents: list[str], sizes: list[int], data_overrides: list[str], dataset, loops: int) -> list[dict]:
+    """Our engine's rate for each agent with `env.num_movies` at each size (no stock side: at
+    1,682 movies TF-Agents' pattern would take hours)."""
+    rows = []
+    for movies in sizes:
+        for agent in agents:
+            cfg = compose_config(agent, [*data_overrides, f"env.num_movies={movies}"])
+            log.info("%s with %d movies: %d loops", agent, movies, loops)
+            run = run_ours(cfg, dataset, loops)
+            rows.append({"agent": agent, "movies": movies, "per_s": run.interactions_per_s,
+                         "peak_rss_mb": peak_rss_mb()})
+    return rows
+
+
+def catalogue_table(rows: list[dict]) -> str:
+    """Interactions/s per agent and catalogue size, and the cost per interaction at the largest
+    size against the smallest."""
+    sizes = sorted({r["movies"] for r in rows})
+    rate = {(r["agent"], r["movies"]): r["per_s"] for r in rows}
+    lines = ["| agent | " + " | ".join(f"{size:,} movies (/s)" for size in sizes) +
+             f" | cost per interaction, {sizes[-1]:,} against {sizes[0]:,} |",
+             "|---|" + "---:|" * (len(sizes) + 1)]
+    for agent in dict.fromkeys(r["agent"] for r in rows):
+        lines.append(f"| {agent} | " + " | ".join(f"{rate[agent, size]:,.0f}" for size in sizes) +
+                     f" | {rate[agent, sizes[0]] / rate[agent, sizes[-1]]:,.1f}x |")
+    return "\n".join(lines) + f"\n\nProcess peak RSS after the last size: {rows[-1]['peak_rss_mb']:,.0f} MB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="MovieLens 100K directory; synthetic data when omitted")
@@ -159,6 +188,11 @@ def main() -> None:
     parser.add_argument("--stock-loops", type=int, default=100, help="stock loops, warm-up included")
     parser.add_argument("--stock-warmup", type=int, default=10)
     parser.add_argument("--ours-loops", type=int, default=3000, help="timed loops of our engine")
+    parser.add_argument("--movies", nargs="+", type=int, default=[],
+                        help="also time our engine at these catalogue sizes (env.num_movies), e.g. 20 100 500 1682")
+    parser.add_argument("--catalogue-agents", nargs="+", default=["linucb", "epsilon_greedy", "random"],
+                        choices=AGENTS, help="agents of the catalogue table (default: %(default)s)")
+    parser.add_argument("--catalogue-loops", type=int, default=500, help="timed loops per catalogue size")
     args = parser.parse_args()
     if not 0 <= args.stock_warmup < args.stock_loops or args.ours_loops < 100:
         parser.error("need 0 <= --stock-warmup < --stock-loops and --ours-loops >= 100")
@@ -186,6 +220,7 @@ def main() -> None:
                  example["seconds"], example["per_s"], example["peak_rss_mb"])
         rows = [measure(agent, data_overrides, dataset, data_dir / "u.data", args.stock_loops,
                         args.stock_warmup, args.ours_loops) for agent in args.agents]
+        sizes = catalogue(args.catalogue_agents, args.movies, data_overrides, dataset, args.catalogue_loops)
 
     by_agent = {r["agent"]: r for r in rows}
     if "linucb" in by_agent:
@@ -203,8 +238,10 @@ def main() -> None:
     print(f"\nTF-Agents' example size, our LinUCB: {example['interactions']:,} interactions in "
           f"{example['seconds']:.1f} s including tracing (target < 30 s); "
           f"process peak RSS {peak_rss_mb():,.0f} MB (target < 1,500)")
+    if sizes:
+        print(f"\nThe catalogue, our engine:\n\n{catalogue_table(sizes)}")
     if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        args.out.write_text(json.dumps({"agents": rows, "catalogue": sizes}, indent=2) + "\n")
         log.info("Wrote %s", args.out)
 
 
