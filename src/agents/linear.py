@@ -185,21 +185,20 @@ def deterministic_step(arm, mean, action_spec, policy_state, observation) -> pol
 
 def flat_experience(experience, time_step_spec, action_spec):
     """(observation, zero-based action, reward) of every transition, batch and time merged.
-    With per-arm features the observation is the user's and the chosen movie's features side
-    by side, and the action 0, the one shared model's."""
+    With per-arm features, as TF-Agents' per-arm agents train: the observation offers the chosen
+    movie alone, from the policy info, and the action is 0."""
 
     def flat(tensors, spec):
         return nest_utils.flatten_multi_batched_nested_tensors(tensors, spec)[0]
 
+    observation = flat(experience.observation, time_step_spec.observation)
     reward = flat(experience.reward, time_step_spec.reward)
     if has_per_arm_features(time_step_spec):
-        user = flat(experience.observation[bandit_spec_utils.GLOBAL_FEATURE_KEY],
-                    time_step_spec.observation[bandit_spec_utils.GLOBAL_FEATURE_KEY])
         chosen_spec = policy_utilities.create_chosen_arm_features_info_spec(time_step_spec.observation)
-        movie = flat(experience.policy_info.chosen_arm_features, chosen_spec)
-        return tf.concat([user, movie], axis=-1), tf.zeros(tf.shape(reward)[:1], tf.int32), reward
-    action = flat(experience.action, action_spec) - action_spec.minimum
-    return flat(experience.observation, time_step_spec.observation), action, reward
+        chosen = flat(experience.policy_info.chosen_arm_features, chosen_spec)
+        observation = {**observation, bandit_spec_utils.PER_ARM_FEATURE_KEY: chosen[:, None, :]}
+        return observation, tf.zeros(tf.shape(reward)[:1], tf.int32), reward
+    return observation, flat(experience.action, action_spec) - action_spec.minimum, reward
 
 
 def context_dim(observation_spec) -> int:
@@ -227,7 +226,10 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
         pass
 
     def _train(self, experience, weights=None):
-        loss = self.statistics.update(*flat_experience(experience, self._time_step_spec, self._action_spec))
+        observation, arm, reward = flat_experience(experience, self._time_step_spec, self._action_spec)
+        if has_per_arm_features(self._time_step_spec):
+            observation = candidate_features(observation)[:, 0, :]
+        loss = self.statistics.update(observation, arm, reward)
         self.train_step_counter.assign_add(1)
         return tf_agent.LossInfo(loss=tf.cast(loss, tf.float32), extra=())
 

@@ -7,8 +7,9 @@ reward layer for the first `encoding_network_num_train_steps` train steps, then 
 `VectorizedNeuralLinUCBAgent` follows TF-Agents' `NeuralLinUCBAgent` step for step but keeps
 the LinUCB statistics of all arms in one tensor (`src.agents.linear`): TF-Agents' agent
 loops over arms in Python, with a conjugate-gradient solve per arm in every policy call.
-TF-Agents' agent stays available as `agent=neural_linucb_tf_agents`, the reference it is
-tested against, and serves per-arm features, where the vectorised one has no fixed arms.
+With per-arm features, as in TF-Agents, the network encodes each candidate and one reward
+unit and one LinUCB model serve them all. TF-Agents' agent stays available as
+`agent=neural_linucb_tf_agents`, the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
         encoding, _ = self._encoder(time_step.observation)
 
         def epsilon_greedy():
-            mean = self._reward_layer(encoding)
-            batch, arms = tf.shape(mean)[0], mean.shape[-1]
+            arms = linear.num_actions(self.action_spec)
+            mean = tf.reshape(self._reward_layer(encoding), [-1, arms])  # per-arm: [batch, candidates, 1]
+            batch = tf.shape(mean)[0]
             explores = tf.random.uniform([batch]) < self._epsilon
             uniform = tf.random.uniform([batch], maxval=arms, dtype=tf.int32)
             return tf.where(explores, uniform, tf.argmax(mean, axis=-1, output_type=tf.int32)), mean
@@ -65,22 +67,23 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
 
 
 class VectorizedNeuralLinUCBAgent(tf_agent.TFAgent):
-    """TF-Agents' NeuralLinUCB (global features only) with batched LinUCB statistics."""
+    """TF-Agents' NeuralLinUCB with batched LinUCB statistics."""
 
     def __init__(self, time_step_spec, action_spec, encoder, encoding_dim: int,
                  encoding_network_num_train_steps: int, optimizer, alpha: float, epsilon: float,
                  name: str | None = None):
         tf.Module.__init__(self, name=name)
-        arms = linear.num_actions(action_spec)
+        models = 1 if has_per_arm_features(time_step_spec) else linear.num_actions(action_spec)
         encoder.create_variables()
         self.encoder = encoder
         self.reward_layer = tf.keras.layers.Dense(
-            arms, use_bias=False, kernel_initializer=tf.random_uniform_initializer(-0.03, 0.03),
+            models, use_bias=False, kernel_initializer=tf.random_uniform_initializer(-0.03, 0.03),
             name="reward_layer")
         self.reward_layer.build(tf.TensorShape([None, encoding_dim]))
         self._optimizer = optimizer
+        self._encoding_dim = encoding_dim
         self._encoding_network_num_train_steps = encoding_network_num_train_steps
-        self.statistics = linear.ArmStatistics(arms, encoding_dim, TIKHONOV_WEIGHT)
+        self.statistics = linear.ArmStatistics(models, encoding_dim, TIKHONOV_WEIGHT)
         self.uses_reward_layer = tf.Variable(True, name="uses_reward_layer")
         policy = VectorizedNeuralLinUCBPolicy(time_step_spec, action_spec, encoder, self.reward_layer,
                                               self.statistics, self.uses_reward_layer, alpha, epsilon)
@@ -101,30 +104,26 @@ class VectorizedNeuralLinUCBAgent(tf_agent.TFAgent):
         self.train_step_counter.assign_add(1)
         return tf_agent.LossInfo(loss=loss, extra=())
 
+    def _encode(self, observation):
+        """[rows, encoding_dim]; with per-arm features each row offers one (the chosen) movie."""
+        return tf.reshape(self.encoder(observation, training=True)[0], [-1, self._encoding_dim])
+
     def _train_encoder(self, observation, arm, reward):
         variables = self.encoder.trainable_weights + self.reward_layer.trainable_weights
         with tf.GradientTape() as tape:
-            encoding, _ = self.encoder(observation, training=True)
-            predicted = tf.gather(self.reward_layer(encoding), arm, batch_dims=1)
+            predicted = tf.gather(self.reward_layer(self._encode(observation)), arm, batch_dims=1)
             loss = tf.reduce_mean(tf.square(predicted - tf.cast(reward, tf.float32)))
         self._optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
     def _update_linucb(self, observation, arm, reward):
-        encoding, _ = self.encoder(observation, training=True)
-        return tf.cast(self.statistics.update(encoding, arm, reward), tf.float32)
+        return tf.cast(self.statistics.update(self._encode(observation), arm, reward), tf.float32)
 
 
 def vectorized(time_step_spec, action_spec, learning_rate: float, alpha: float, epsilon: float,
                layers: list[int], encoding_dim: int, encoding_network_num_train_steps: int,
                name: str = "neural_linucb"):
-    """The vectorised agent; with per-arm features, TF-Agents' `NeuralLinUCBAgent`."""
-    hyperparameters = dict(learning_rate=learning_rate, alpha=alpha, epsilon=epsilon, layers=layers,
-                           encoding_dim=encoding_dim,
-                           encoding_network_num_train_steps=encoding_network_num_train_steps)
-    if has_per_arm_features(time_step_spec):
-        return tf_agents_reference(time_step_spec, action_spec, **hyperparameters, name=name)
-    check_hyperparameters(**hyperparameters)
+    check_hyperparameters(learning_rate, alpha, epsilon, layers, encoding_dim, encoding_network_num_train_steps)
     return VectorizedNeuralLinUCBAgent(
         time_step_spec, action_spec, _encoder(time_step_spec, layers, encoding_dim), encoding_dim,
         encoding_network_num_train_steps, tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),
