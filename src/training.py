@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up in a spawned process too)
 import mlflow
 import numpy as np
 import pandas as pd
