@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow import environment_variables
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +42,24 @@ def tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+# MLflow's own settings of its HTTP requests: a value it cannot read fails its first request
+# with a traceback, after the run has started.
+HTTP_SETTINGS = (environment_variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+                 environment_variables.MLFLOW_HTTP_REQUEST_TIMEOUT,
+                 environment_variables.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+                 environment_variables.MLFLOW_HTTP_REQUEST_BACKOFF_JITTER)
+
+
+def check_http_settings() -> None:
+    """Refuse an MLflow HTTP setting of the wrong type (`MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=0.5`:
+    MLflow wants an integer) in one line, before any request."""
+    for setting in HTTP_SETTINGS:
+        try:
+            setting.get()
+        except ValueError as error:
+            raise UserError(f"{error} (an environment variable read by MLflow)") from None
+
+
 def connect(configured_uri: str | None, experiment: str, create: bool = True) -> str | None:
     """Point MLflow at the tracking store and return the id of `experiment`, made when missing
     if `create` (else None); an unreachable or refusing store is a one-line `UserError`.
@@ -49,6 +68,7 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
     """
     uri = tracking_uri(configured_uri)
     mlflow.set_tracking_uri(uri)
+    check_http_settings()
     unreachable = UserError(
         f"cannot reach the MLflow tracking server at {uri}: is it running? "
         f"(set tracking.uri=... or MLFLOW_TRACKING_URI)")

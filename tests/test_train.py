@@ -163,6 +163,15 @@ def test_impossible_config_fails_before_training(make_config, tracking_uri, over
         assert runs(tracking_uri)[1] == []
 
 
+def test_an_mlflow_http_setting_it_cannot_read_is_one_line_before_any_run(make_config, tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.5")  # MLflow reads an integer
+    with pytest.raises(UserError, match=r"^Failed to convert '0.5' for MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR: .* "
+                                        r"\(an environment variable read by MLflow\)$"):
+        training.train(make_config())
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+    assert runs(tracking_uri)[1] == []
+
+
 def test_corrupt_data_file_fails_before_any_run(make_config, movielens_dir, tmp_path, tracking_uri):
     directory, _ = movielens_dir
     corrupt = tmp_path / "corrupt"
