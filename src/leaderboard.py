@@ -102,7 +102,7 @@ def hyperparameters(params: pd.Series) -> str:
         if (key.startswith("agent.") and key not in NOT_HYPERPARAMETERS) or key in TUNED_ENV_KEYS:
             default = defaults.get(key)
             differs = f" (default {default})" if default is not None and default != value else ""
-            shown.append(f"{key.split('.', 1)[1]}={value}{differs}")
+            shown.append(f"{key.split('.', 1)[1]}={comparison.shown(value, 4)}{differs}")
     return ", ".join(shown) or "none"
 
 
