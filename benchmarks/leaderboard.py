@@ -32,70 +32,24 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from src import comparison, config, tracking
+from src import comparison, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError, require
-from src.leaderboard import ENTRY_TAG, METRIC, Identity, identities, identity, markdown, standings, write
-from src.paths import PROJECT_ROOT
+from src.leaderboard import (ENTRY_TAG, LINEUP, METRIC, Identity, Job, identities, jobs, markdown, standings,
+                             write)
 
 log = logging.getLogger("benchmarks.leaderboard")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
-LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
 # Experiment tags: what trained the leaderboard's runs, so that --tables-only can say it too.
 COMMAND_TAG = "leaderboard.command"
 WALL_TAG = "leaderboard.wall_time"
-
-
-@dataclass(frozen=True)
-class Job:
-    label: str
-    cfg: DictConfig
-
-    def identity(self) -> Identity:
-        return identity(self.label, tracking.flatten(self.cfg))
-
-    def __str__(self) -> str:
-        return f"{self.label} on {self.cfg.env.name}, seed {self.cfg.training.seed}"
-
-
-def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, seeds: int,
-         overrides: list[str]) -> list[Job]:
-    """Every run of the line-up, its config composed and checked before any training starts."""
-    known = [entry.agent for entry in lineup.entries]
-    for name in agents or []:
-        if name not in known:
-            raise UserError(f"--agents: no entry for agent '{name}' in {LINEUP.relative_to(PROJECT_ROOT)}; "
-                            f"choose from {', '.join(dict.fromkeys(known))}")
-    for name in envs or []:
-        if name not in lineup.environments:
-            raise UserError(f"--envs: unknown environment '{name}'; choose from {', '.join(lineup.environments)}")
-    found = []
-    for entry in lineup.entries:
-        if agents and entry.agent not in agents:
-            continue
-        label = entry.get("label") or (f"{entry.agent} (tuned)" if entry.get("tuned") else entry.agent)
-        for env in entry.get("envs") or lineup.environments:
-            if envs and env not in envs:
-                continue
-            tuned = [f"tuned={entry.agent}-{env}"] if entry.get("tuned") else []
-            base = [f"agent={entry.agent}", f"env={env}", *tuned, *lineup.overrides, *entry.get("overrides", []),
-                    *overrides]
-            config.check_command_line(base[:2])
-            if env in lineup.per_arm_environments and not config.compose(base[:2]).agent.per_arm:
-                continue  # its YAML says it cannot take per-arm features
-            config.check_command_line(base)
-            found += [Job(label, config.compose([*base, f"training.seed={seed}"])) for seed in range(seeds)]
-    if not found:
-        raise UserError("no runs: no entry of the line-up matches --agents and --envs")
-    return found
 
 
 def finished(experiment_id: str) -> set[Identity]:

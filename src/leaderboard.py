@@ -5,15 +5,18 @@ src.comparison's statistics; the page that benchmarks/leaderboard.py writes."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, metrics, plots, tracking
 from src.errors import UserError
+from src.paths import PROJECT_ROOT
 
+LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
 ENTRY_TAG = "leaderboard.entry"
 ENV = "env.name"
 METRIC = metrics.CUMULATIVE_REGRET
@@ -35,6 +38,50 @@ def identity(label: str, params: dict[str, str]) -> Identity:
     NOT_CONFIG)."""
     return label, tuple(sorted((key, value) for key, value in params.items()
                                if key == comparison.SEED or not comparison.NOT_CONFIG.fullmatch(key)))
+
+
+@dataclass(frozen=True)
+class Job:
+    label: str
+    cfg: DictConfig
+
+    def identity(self) -> Identity:
+        return identity(self.label, tracking.flatten(self.cfg))
+
+    def __str__(self) -> str:
+        return f"{self.label} on {self.cfg.env.name}, seed {self.cfg.training.seed}"
+
+
+def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, seeds: int,
+         overrides: list[str]) -> list[Job]:
+    """Every run of the line-up, its config composed and checked before any training starts."""
+    known = [entry.agent for entry in lineup.entries]
+    for name in agents or []:
+        if name not in known:
+            raise UserError(f"--agents: no entry for agent '{name}' in {LINEUP.relative_to(PROJECT_ROOT)}; "
+                            f"choose from {', '.join(dict.fromkeys(known))}")
+    for name in envs or []:
+        if name not in lineup.environments:
+            raise UserError(f"--envs: unknown environment '{name}'; choose from {', '.join(lineup.environments)}")
+    found = []
+    for entry in lineup.entries:
+        if agents and entry.agent not in agents:
+            continue
+        label = entry.get("label") or (f"{entry.agent} (tuned)" if entry.get("tuned") else entry.agent)
+        for env in entry.get("envs") or lineup.environments:
+            if envs and env not in envs:
+                continue
+            tuned = [f"tuned={entry.agent}-{env}"] if entry.get("tuned") else []
+            base = [f"agent={entry.agent}", f"env={env}", *tuned, *lineup.overrides, *entry.get("overrides", []),
+                    *overrides]
+            config.check_command_line(base[:2])
+            if env in lineup.per_arm_environments and not config.compose(base[:2]).agent.per_arm:
+                continue  # its YAML says it cannot take per-arm features
+            config.check_command_line(base)
+            found += [Job(label, config.compose([*base, f"training.seed={seed}"])) for seed in range(seeds)]
+    if not found:
+        raise UserError("no runs: no entry of the line-up matches --agents and --envs")
+    return found
 
 
 def identities(runs: pd.DataFrame) -> pd.Series:

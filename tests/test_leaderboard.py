@@ -10,9 +10,7 @@ from mlflow.entities import Metric, Param
 from omegaconf import OmegaConf
 from scipy import stats
 
-from benchmarks import leaderboard as leaderboard_cli
-from benchmarks import tune
-from src import comparison, leaderboard, metrics
+from src import comparison, leaderboard, metrics, tuning
 from src.errors import UserError
 from tests.conftest import SMALL
 
@@ -93,7 +91,7 @@ def test_a_tuned_entry_stands_apart_beside_its_defaults(experiment):
 
     assert table["n"].to_dict() == {"lints (tuned)": 2, "lints": 2}
     assert table.loc["lints (tuned)", "hyperparameters"] == "alpha=0.3 (default 1.0), rank_k=7 (default 20)"
-    assert table.loc["lints", "hyperparameters"] == "alpha=1.0, rank_k=20"
+    assert table.loc["lints", "hyperparameters"] == "alpha=1, rank_k=20"
 
 
 @pytest.mark.parametrize("other, message", [({"training__loops": 99}, "differ in training.loops"),
@@ -124,15 +122,15 @@ def test_only_the_planned_configurations_are_ranked(experiment):
 
 
 def test_the_lineup_runs_each_tuned_configuration_on_its_own_environment(data_overrides):
-    lineup = OmegaConf.load(leaderboard_cli.LINEUP)
-    planned = leaderboard_cli.jobs(lineup, None, None, 1, data_overrides)
+    lineup = OmegaConf.load(leaderboard.LINEUP)
+    planned = leaderboard.jobs(lineup, None, None, 1, data_overrides)
     rows = {(job.label, job.cfg.env.name): job.cfg for job in planned}
-    for agent, env in tune.pairs(None, None):
+    for agent, env in tuning.pairs(None, None):
         cfg = rows[f"{agent} (tuned)", env]
         assert (cfg.tuned_for.agent, cfg.tuned_for.env) == (agent, env)
         assert "tuned_for" not in rows[agent, env]
     assert ("dropout_ts (tuned)", "movielens_per_arm") not in rows  # no per-arm features for it
-    assert len(planned) == len(rows) == 2 * len(tune.pairs(None, None)) + 2  # and random on each
+    assert len(planned) == len(rows) == 2 * len(tuning.pairs(None, None)) + 2  # and random on each
 
 
 def test_unknown_agent_is_one_line_and_non_zero(run_cli):

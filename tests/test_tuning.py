@@ -3,18 +3,15 @@ builds its agent, refuses another agent or environment, and the script writes th
 
 from __future__ import annotations
 
-import argparse
-
 import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from benchmarks import tune
-from src import config, data, experiment
+from src import config, data, experiment, tuning
 from src.errors import UserError
 from src.training import check_training
 
-TUNED = sorted(path.stem for path in tune.TUNED.glob("*.yaml"))
+TUNED = sorted(path.stem for path in tuning.TUNED.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", TUNED)
@@ -41,24 +38,24 @@ def test_a_tuned_config_refuses_another_agent_or_environment(other):
 
 
 def test_every_learning_agent_of_the_lineup_is_tuned_on_each_environment_it_takes():
-    pairs = tune.pairs(None, None)
+    pairs = tuning.pairs(None, None)
     assert ("linucb", "movielens_per_arm") in pairs and ("dropout_ts", "movielens") in pairs
     assert ("dropout_ts", "movielens_per_arm") not in pairs  # it cannot take per-arm features
     assert not any(agent == "random" for agent, _ in pairs)  # nothing to tune
     assert sorted(f"{agent}-{env}" for agent, env in pairs) == TUNED
     with pytest.raises(UserError, match="--agents: nothing to tune for random; choose from linucb, lints"):
-        tune.pairs(["random"], None)
+        tuning.pairs(["random"], None)
 
 
 def test_the_best_trial_becomes_the_tuned_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(tune, "TUNED", tmp_path)
+    monkeypatch.setattr(tuning, "TUNED", tmp_path)
     study = optuna.create_study(study_name="tune-lints-movielens")
     distributions = {"agent.alpha": optuna.distributions.FloatDistribution(0.01, 10, log=True),
                      "env.rank_k": optuna.distributions.IntDistribution(2, 20)}
     for alpha, rank, regret in ((3.0, 20, 900.0), (0.25, 7, 400.0), (0.5, 12, 600.0)):
         study.add_trial(optuna.trial.create_trial(params={"agent.alpha": alpha, "env.rank_k": rank},
                                                   distributions=distributions, value=regret))
-    tune.write_tuned("lints", "movielens", study, argparse.Namespace(workers=2, loops=5000))
+    tuning.write_tuned("lints", "movielens", study, workers=2, loops=5000)
     written = OmegaConf.load(tmp_path / "lints-movielens.yaml")
     assert written.agent == {"alpha": 0.25} and written.env == {"reward_rank": 20, "rank_k": 7}
     assert written.tuned_for == {"agent": "lints", "env": "movielens", "study": "tune-lints-movielens"}
