@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             trained_by = command
             wall = (f"wall time {duration(seconds)} on {os.cpu_count()} CPU cores, {args.workers} runs at a time, "
                     f"{datetime.now(timezone.utc):%Y-%m-%d}, for {len(todo)} runs trained ({failures} failed) "
-                    f"and the tables")
+                    f"beside {len(planned) - len(todo)} already tracked, and the tables")
             client = mlflow.MlflowClient()
             client.set_experiment_tag(experiment_id, COMMAND_TAG, command)
             client.set_experiment_tag(experiment_id, WALL_TAG, wall)
