@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import numpy as np
@@ -65,13 +66,34 @@ def test_expected_max_weights_match_enumeration(size):
     assert np.sort(values) @ movielens_per_arm.expected_max_weights(6, size) == pytest.approx(brute)
 
 
-def test_random_policy_regret_matches_monte_carlo(make_env):
-    env = make_env("training.batch_size=500")
+@pytest.mark.parametrize("num_actions", [3, 4])  # 3 of 10: drawn with repeats redrawn; 4: top k of keys
+def test_candidate_sets_are_uniform_ordered_subsets(make_env, num_actions):
+    env = make_env("training.batch_size=500", f"env.num_actions={num_actions}")
+    rows = []
+    for _ in range(40):
+        env.reset()
+        rows.append(env._candidates.numpy())
+    rows = np.concatenate(rows)
+    assert all(len(set(row)) == num_actions for row in rows)
+    # Each movie is equally likely at each position, and each set of movies equally likely.
+    by_position = np.stack([np.bincount(column, minlength=10) for column in rows.T])
+    expected = len(rows) / 10
+    assert np.abs(by_position - expected).max() < 5 * np.sqrt(expected)
+    subsets = list(itertools.combinations(range(10), num_actions))
+    counts = np.array([collections.Counter(map(tuple, np.sort(rows, axis=1)))[subset] for subset in subsets])
+    expected = len(rows) / len(subsets)
+    chi_square, dof = np.sum((counts - expected) ** 2 / expected), len(subsets) - 1
+    assert chi_square < dof + 5 * np.sqrt(2 * dof)
+
+
+@pytest.mark.parametrize("num_actions", [3, 4])
+def test_random_policy_regret_matches_monte_carlo(make_env, num_actions):
+    env = make_env("training.batch_size=500", f"env.num_actions={num_actions}")
     rng = tf.random.Generator.from_seed(7)
     regrets = []
     for _ in range(40):
         env.reset()
-        action = rng.uniform([env.batch_size], maxval=4, dtype=tf.int32)
+        action = rng.uniform([env.batch_size], maxval=num_actions, dtype=tf.int32)
         reward, optimal_reward = env.outcome(action)
         regrets.append((optimal_reward - reward).numpy())
     regrets = np.concatenate(regrets)

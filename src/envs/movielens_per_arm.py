@@ -23,6 +23,10 @@ from tf_agents.trajectories import time_step as ts
 from src.envs.movielens import RewardModel, build_reward_model
 from src.errors import require
 
+# What a candidate shows the agent: its embedding, or also its elementwise product with the
+# user's (the "hybrid" features of Li et al. 2010), with which a model linear in its inputs
+# can represent the reward u . m itself, not only what is additive in u and m.
+ARM_FEATURES = ("embedding", "interaction")
 
 
 def expected_max_weights(pool: int, size: int) -> np.ndarray:
@@ -58,15 +62,18 @@ class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
     """Global user features plus the features of `num_actions` sampled candidate movies."""
 
     def __init__(self, model: CandidateSetRewardModel, batch_size: int, seed: int,
-                 name: str = "movielens_per_arm"):
+                 arm_features: str = "embedding", name: str = "movielens_per_arm"):
         require(batch_size >= 1, "training.batch_size", batch_size, ">= 1")
+        require(arm_features in ARM_FEATURES, "env.arm_features", arm_features, f"one of {', '.join(ARM_FEATURES)}")
+        self._interaction = arm_features == "interaction"
         self.reward_model = model
         self._num_users, rank_k = model.user_features.shape
         self._num_movies = model.rewards.shape[1]
         num_actions = model.num_actions
         observation_spec = {
             bandit_spec_utils.GLOBAL_FEATURE_KEY: tf.TensorSpec([rank_k], tf.float32),
-            bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.TensorSpec([num_actions, rank_k], tf.float32),
+            bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.TensorSpec(
+                [num_actions, 2 * rank_k if self._interaction else rank_k], tf.float32),
         }
         action_spec = tensor_spec.BoundedTensorSpec(
             (), tf.int32, minimum=0, maximum=num_actions - 1, name="action")
@@ -81,15 +88,39 @@ class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
 
     def _observe(self):
         users = self._rng.uniform([self.batch_size], maxval=self._num_users, dtype=tf.int32)
-        # The top k of i.i.d. uniforms is a uniform k-subset, like `random.sample`.
-        candidates = tf.math.top_k(self._rng.uniform([self.batch_size, self._num_movies]),
-                                   k=self.reward_model.num_actions).indices
+        candidates = self._draw_candidates(users)
         self._users.assign(users)
         self._candidates.assign(candidates)
+        user_features = tf.gather(self._user_features, users)
+        movie_features = tf.gather(self._movie_features, candidates)
+        if self._interaction:
+            movie_features = tf.concat([movie_features, movie_features * user_features[:, tf.newaxis]], axis=-1)
         return {
-            bandit_spec_utils.GLOBAL_FEATURE_KEY: tf.gather(self._user_features, users),
-            bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.gather(self._movie_features, candidates),
+            bandit_spec_utils.GLOBAL_FEATURE_KEY: user_features,
+            bandit_spec_utils.PER_ARM_FEATURE_KEY: movie_features,
         }
+
+    def _draw_candidates(self, users: tf.Tensor) -> tf.Tensor:
+        """[batch, num_actions] distinct movie columns offered to each of `users`: a uniform
+        k-subset in random order, like `random.sample`."""
+        size = self.reward_model.num_actions
+        if size * size > self._num_movies:  # repeats would be common: the top k of uniform keys
+            return tf.math.top_k(self._rng.uniform([self.batch_size, self._num_movies]), k=size).indices
+
+        # Few repeats (below 40% a row): draw k with replacement and draw again the rows that
+        # repeat. Given no repeat, every ordered k-subset is equally likely. Keys for all the
+        # movies and their top k cost 5x more a round at 1,682 movies.
+        def draw():
+            return self._rng.uniform([self.batch_size, size], maxval=self._num_movies, dtype=tf.int32)
+
+        def repeats(candidates):
+            ordered = tf.sort(candidates, axis=1)
+            return tf.reduce_any(ordered[:, 1:] == ordered[:, :-1], axis=1)
+
+        def redraw(candidates):
+            return tf.where(repeats(candidates)[:, tf.newaxis], draw(), candidates)
+
+        return tf.while_loop(lambda candidates: tf.reduce_any(repeats(candidates)), redraw, [draw()])[0]
 
     def _candidate_rewards(self) -> tf.Tensor:
         """[batch, num_actions] float64 rewards of the current users' candidates."""
@@ -110,7 +141,8 @@ class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
 
 def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
           num_movies: int | None = None, reward_rank: int | None = None,
-          movie_selection: str = "first", name: str = "movielens_per_arm") -> MovieLensPerArmEnvironment:
+          movie_selection: str = "first", arm_features: str = "embedding",
+          name: str = "movielens_per_arm") -> MovieLensPerArmEnvironment:
     """The environment `conf/env/movielens_per_arm.yaml` describes, over MovieLens `data`."""
     ratings = data.ratings_matrix()
     pool = ratings.shape[1] if num_movies is None else num_movies
@@ -118,4 +150,4 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
     require(isinstance(num_actions, int) and 2 <= num_actions <= pool, "env.num_actions", num_actions,
             f"an integer between 2 and env.num_movies={pool}")
     model = CandidateSetRewardModel(**vars(model), num_actions=num_actions)
-    return MovieLensPerArmEnvironment(model, batch_size, seed, name)
+    return MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name)
