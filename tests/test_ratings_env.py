@@ -3,12 +3,13 @@ rewards, exact random regret, and its bad input."""
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 
-from src import data, experiment
+from src import data, experiment, metrics, training
 from src.envs import build_environment, movielens_ratings
 from src.errors import UserError
 
@@ -128,3 +129,17 @@ def test_bad_settings_are_one_line_user_errors(make_env, overrides, message):
     with pytest.raises(UserError, match=message) as error:
         make_env(*overrides)
     assert "\n" not in str(error.value)
+
+
+def training_env(cfg):
+    return build_environment(cfg, data.load(cfg.data))
+
+
+def test_a_tracked_run_finishes_with_its_metrics_plot_policy_and_skipped_users(make_config, tracking_uri):
+    cfg = make_config("env=movielens_ratings", "env.num_movies=null", "env.num_actions=9", "tracking.save_policy=true")
+    final, run_id = training.train(cfg)
+    run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and final[metrics.CUMULATIVE_REGRET] > 0
+    assert int(run.data.tags[training.SKIPPED_USERS_TAG]) == training_env(cfg).reward_model.skipped_users > 0
+    artifacts = {entry.path for entry in mlflow.MlflowClient(tracking_uri).list_artifacts(run_id)}
+    assert {"regret.png", "metrics.csv", "policy"} <= artifacts  # per-arm: the SavedModel only, not yet servable

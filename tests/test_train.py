@@ -106,6 +106,13 @@ def test_same_seed_same_metrics_other_seed_differs(make_config):
     assert training.train(make_config("training.seed=1"))[0] != first
 
 
+@pytest.mark.parametrize("overrides, loops_per_point", [
+    (["training.loops=20000"], 62), (["training.loops=2000"], 6), (["training.loops=100"], 1),
+    (["training.loops=20000", "tracking.log_every=10"], 10)])
+def test_a_curve_gets_as_many_points_as_mlflow_draws_unless_told(make_config, overrides, loops_per_point):
+    assert training.loops_per_point(make_config(*overrides)) == loops_per_point
+
+
 def test_linucb_beats_uniform_random_by_a_clear_margin(make_config):
     cfg = make_config("agent=linucb", "training.loops=200", "training.seed=3")
     final, _ = training.train(cfg)
