@@ -644,7 +644,8 @@ def retrain_policy(run_id: str, run_cfg: DictConfig) -> None:
                     run_cfg.objective, value, logged)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tag("sweep.policy_from", f"trained again after the sweep: {run_cfg.objective} = {value:.6g}")
-        serving.log_policy(engine.agent.policy, serving.Catalogue.of(engine.environment.reward_model, dataset.movies))
+        catalogue = serving.Catalogue.of(engine.environment.reward_model, dataset.movies, run_cfg.env)
+        serving.log_policy(engine.agent.policy, catalogue)
 
 
 def log_regret_plot(run_id: str) -> None:

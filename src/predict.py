@@ -72,7 +72,7 @@ def recommend(cfg: DictConfig) -> str:
         run_cfg.data.dir = cfg.data.dir
     dataset = data.load(run_cfg.data)
     reward_model = build_environment(run_cfg, dataset).reward_model
-    catalogue = serving.Catalogue.of(reward_model, dataset.movies)
+    catalogue = serving.Catalogue.of(reward_model, dataset.movies, run_cfg.env)
     if cfg.user_id is not None:
         require(cfg.user_id in dataset.users.index, "user_id", cfg.user_id,
                 f"a MovieLens user id, 1..{dataset.num_users}")
@@ -83,7 +83,7 @@ def recommend(cfg: DictConfig) -> str:
         observations = read_observations(cfg.input)
         ratings = None
         labels = [f"row {row}" for row in range(1, len(observations) + 1)]
-    actions, scores = policy.decide(observations)
+    actions, scores = policy.decide(observations, catalogue)
     if scores is None and cfg.top_k is not None:
         raise UserError(f"top_k needs predicted rewards, which the {run_cfg.agent.name} policy "
                         f"does not report")
@@ -102,16 +102,18 @@ def describe(label: str, catalogue: serving.Catalogue, action: int, scores, rati
     def movie(index: int) -> str:
         return f"movie {catalogue.movie_ids[index]} \"{catalogue.titles[index]}\""
 
+    # With real ratings (env=movielens_ratings) only the movies a user rated have one (NaN elsewhere).
+    known = ratings is not None and np.isfinite(ratings[action])
     facts = []
     if scores is not None:
         facts.append(f"predicted reward {scores[action]:.3f}")
-    if ratings is not None:
+    if known:
         facts.append(f"true rating {ratings[action]:.3f}")
     lines = [f"{label}: recommended {movie(action)}" + (f" ({', '.join(facts)})" if facts else "")]
-    if ratings is not None:
-        best = int(np.argmax(ratings))
-        lines.append(f"best for {label}: {movie(best)} (true rating {ratings[best]:.3f}, "
-                     f"regret {ratings[best] - ratings[action]:.3f})")
+    if ratings is not None and np.isfinite(ratings).any():
+        best = int(np.nanargmax(ratings))
+        outcome = f"regret {ratings[best] - ratings[action]:.3f}" if known else "the pick has no rating from them"
+        lines.append(f"best for {label}: {movie(best)} (true rating {ratings[best]:.3f}, {outcome})")
     if scores is None:
         lines.append("(this policy reports no predicted rewards per movie)")
         return "\n".join(lines)

@@ -29,7 +29,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
 from src import tf_runtime  # noqa: F401,I001  (quiet TensorFlow, and the TypeSpecs a saved policy needs)
-import tensorflow as tf
 
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
@@ -54,22 +53,36 @@ class Catalogue:
 
     user_ids: np.ndarray  # [users] MovieLens user ids, one per environment row
     user_features: np.ndarray  # [users, rank_k] the observation of each user
-    movie_ids: np.ndarray  # [actions] MovieLens item id behind each action
+    movie_ids: np.ndarray  # [actions] MovieLens item id behind each action (per-arm: the pool)
     titles: np.ndarray  # [actions]
+    # Per-arm environments only: each movie's features and how a candidate shows them
+    # (src.envs.movielens_per_arm.ARM_FEATURES).
+    movie_features: np.ndarray | None = None  # [movies, rank_k]
+    arm_features: str | None = None
 
     @classmethod
-    def of(cls, reward_model, movies: pd.DataFrame) -> Catalogue:
-        """The catalogue of an environment's `reward_model`, titled from MovieLens `movies`."""
+    def of(cls, reward_model, movies: pd.DataFrame, env_cfg) -> Catalogue:
+        """The catalogue of an environment's `reward_model`, titled from MovieLens `movies`, for
+        the environment `env_cfg` describes (per-arm ones set `arm_features`)."""
+        arm_features = env_cfg.get("arm_features")
         return cls(np.asarray(reward_model.user_ids), np.asarray(reward_model.user_features, np.float32),
-                   np.asarray(reward_model.movie_ids), movies.title.loc[reward_model.movie_ids].to_numpy(str))
+                   np.asarray(reward_model.movie_ids), movies.title.loc[reward_model.movie_ids].to_numpy(str),
+                   None if arm_features is None else np.asarray(reward_model.movie_features, np.float32),
+                   arm_features)
 
     def save(self, path: Path) -> None:
-        np.savez(path, **asdict(self))
+        np.savez(path, **{name: value for name, value in asdict(self).items() if value is not None})
 
     @classmethod
     def load(cls, path: Path) -> Catalogue:
         with np.load(path) as stored:
-            return cls(**{name: stored[name] for name in stored.files})
+            return cls(**{name: stored[name][()] if stored[name].ndim == 0 else stored[name] for name in stored.files})
+
+    def candidates_for(self, user: np.ndarray) -> np.ndarray:
+        """[movies, features]: every movie as a per-arm policy sees it offered to `user`."""
+        if self.arm_features == "interaction":
+            return np.concatenate([self.movie_features, self.movie_features * user], axis=1)
+        return self.movie_features
 
     def observations_of(self, user_ids) -> np.ndarray:
         """The observed features of each MovieLens user id, in order."""
@@ -87,18 +100,25 @@ class Policy:
     """A policy saved by TF-Agents' `PolicySaver`, loaded in this process."""
 
     def __init__(self, path: Path):
+        from tf_agents.bandits.specs import utils as bandit_spec_utils
         from tf_agents.policies import py_tf_eager_policy
 
         self._policy = py_tf_eager_policy.SavedModelPyTFEagerPolicy(
             str(path), load_specs_from_pbtxt=True, batch_time_steps=False)
         observation = self._policy.time_step_spec.observation
+        self.per_arm = isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation
+        if self.per_arm:
+            self.candidates = int(observation[bandit_spec_utils.PER_ARM_FEATURE_KEY].shape[0])
+            observation = observation[bandit_spec_utils.GLOBAL_FEATURE_KEY]
         if not hasattr(observation, "shape") or len(observation.shape) != 1:
             raise UserError(f"the policy in {path} observes {observation}; only policies that "
-                            f"observe one feature vector can recommend from here")
+                            f"observe one feature vector, or one beside each candidate's, can recommend from here")
         self.dimension = int(observation.shape[0])
 
-    def decide(self, observations) -> tuple[np.ndarray, np.ndarray | None]:
-        """The action for each observation, and each action's predicted reward if reported."""
+    def decide(self, observations, catalogue: Catalogue | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The action (a column of the catalogue) for each user observation, and each movie's
+        predicted reward if the policy reports them. A per-arm policy needs the `catalogue`
+        whose movies it ranks."""
         from tf_agents.trajectories import time_step as ts
 
         observations = np.asarray(observations, np.float32)
@@ -108,9 +128,30 @@ class Policy:
                             f"env.rank_k), got {width}")
         if not np.isfinite(observations).all():
             raise UserError("observations must be finite numbers")
+        if self.per_arm:
+            scores = np.stack([self._score_catalogue(user, catalogue) for user in observations])
+            return scores.argmax(axis=1), scores
         step = self._policy.action(ts.restart(observations, batch_size=len(observations)))
         scores = getattr(step.info, "predicted_rewards_mean", None)
         return np.asarray(step.action), None if scores is None else np.asarray(scores)
+
+    def _score_catalogue(self, user: np.ndarray, catalogue: Catalogue) -> np.ndarray:
+        """A per-arm policy's predicted reward of every movie for `user`. It scores candidate sets
+        of its own size, so the catalogue goes in as many sets as it fills (the last padded);
+        the pick is then the best predicted movie, without the exploration a set's pick has."""
+        from tf_agents.bandits.specs import utils as bandit_spec_utils
+        from tf_agents.trajectories import time_step as ts
+
+        movies = catalogue.candidates_for(user)
+        sets = -(-len(movies) // self.candidates)
+        padded = np.resize(movies, (sets * self.candidates, movies.shape[1]))
+        observation = {bandit_spec_utils.GLOBAL_FEATURE_KEY: np.repeat(user[None], sets, axis=0),
+                       bandit_spec_utils.PER_ARM_FEATURE_KEY: padded.reshape(sets, self.candidates, -1)}
+        step = self._policy.action(ts.restart(observation, batch_size=sets))
+        scores = getattr(step.info, "predicted_rewards_mean", None)
+        if scores is None:
+            raise UserError("this per-arm policy reports no predicted rewards, so it cannot rank the catalogue")
+        return np.asarray(scores).reshape(-1)[:len(movies)]
 
 
 def signature() -> ModelSignature:
@@ -155,7 +196,7 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
             observations = self._catalogue.observations_of(_user_ids(frame[USER_ID]))
         else:
             observations = _stack(frame[FEATURES])
-        actions, scores = self._policy.decide(observations)
+        actions, scores = self._policy.decide(observations, self._catalogue)
         answer = pd.DataFrame({
             "movie_id": self._catalogue.movie_ids[actions],
             "title": self._catalogue.titles[actions],
@@ -197,10 +238,6 @@ def log_policy(policy, catalogue: Catalogue) -> None:
         path = Path(scratch) / "policy"
         save_policy(policy, path)
         mlflow.log_artifacts(str(path), "policy")
-        if tf.nest.is_nested(policy.time_step_spec.observation):
-            log.info("Per-arm policy saved as a SavedModel only: the servable model takes one "
-                     "feature vector per user")
-            return
         _log_servable_model(path, catalogue)
 
 

@@ -135,7 +135,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
                 interactions.log(logged.frame(reward_model))
             if with_policy:
                 log.info("Saving the policy and its servable model")
-                serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
+                serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env))
         except (OSError, MlflowException) as error:
             kept = UNLOGGED / active.info.run_id
             kept.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def train_offline(cfg: DictConfig, engine: Engine, dataset, experiment_id: str,
         log.info("Learnt offline: %s = %.4f, true value %.4f", cfg.objective, final[cfg.objective],
                  final[offline.TRUE_VALUE])
         if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
-            serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies))
+            serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env))
     return final, active.info.run_id
 
 

@@ -130,7 +130,11 @@ def test_the_lineup_runs_each_tuned_configuration_on_its_own_environment(data_ov
         assert (cfg.tuned_for.agent, cfg.tuned_for.env) == (agent, env)
         assert "tuned_for" not in rows[agent, env]
     assert ("dropout_ts (tuned)", "movielens_per_arm") not in rows  # no per-arm features for it
-    assert len(planned) == len(rows) == 2 * len(tuning.pairs(None, None)) + 2  # and random on each
+    for label in ("linucb (interaction features)", "lints (interaction features)"):
+        assert rows[label, "movielens_per_arm"].env.arm_features == "interaction"
+        assert (label, "movielens") not in rows
+    # and random on each environment, and the two interaction-feature entries on one
+    assert len(planned) == len(rows) == 2 * len(tuning.pairs(None, None)) + 2 + 2
 
 
 def test_unknown_agent_is_one_line_and_non_zero(run_cli):

@@ -211,3 +211,30 @@ def test_the_policy_savers_distribution_warning_is_silenced_and_others_are_not(c
         absl_logging.warning('WARNING: Could not serialize policy.distribution() for policy "%s".', serving.__name__)
         absl_logging.warning("another warning")
     assert [record.getMessage() for record in caplog.records] == ["another warning"]
+
+
+@pytest.mark.parametrize("env", ["movielens_per_arm", "movielens_ratings"])
+def test_a_per_arm_policy_ranks_the_whole_catalogue(make_config, monkeypatch, tracking_uri, env):
+    """A per-arm policy scores candidate sets of its own size; served, it ranks every movie of the
+    pool by its predicted reward, x . theta of the trained model for x = [user, the movie's features]."""
+    logged = {}
+    log_policy = serving.log_policy
+    monkeypatch.setattr(serving, "log_policy", lambda policy, catalogue: (
+        logged.update(agent_policy=policy, catalogue=catalogue), log_policy(policy, catalogue)))
+    train(make_config(f"env={env}", "env.num_movies=null", "env.num_actions=4", "agent=linucb",
+                      "tracking.save_policy=true"))
+    run_id = mlflow.last_active_run().info.run_id
+    catalogue = logged["catalogue"]
+    user = int(catalogue.user_ids[3])
+    observation = catalogue.observations_of([user])[0]
+    theta = logged["agent_policy"]._statistics.theta.numpy()[0]
+    expected = np.concatenate([np.repeat(observation[None], len(catalogue.movie_ids), 0),
+                               catalogue.candidates_for(observation)], axis=1) @ theta
+    answer = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(pd.DataFrame({"user_id": [user]}))
+    scores = np.array([answer.scores[0][str(movie)] for movie in catalogue.movie_ids])
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+    assert answer.movie_id[0] == catalogue.movie_ids[np.argmax(expected)]
+    report = predict.recommend(predict.parse([f"run_id={run_id}", f"user_id={user}", "top_k=5",
+                                              f"tracking.uri={tracking_uri}"]))
+    assert f"{len(catalogue.movie_ids)} candidate movies" in report
+    assert [line.split()[0] for line in report.splitlines()[-5:]] == ["1", "2", "3", "4", "5"]
