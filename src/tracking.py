@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
@@ -220,20 +222,25 @@ def log_history(run_id: str, frame: pd.DataFrame, step_column: str = "step") -> 
 class HistoryLogger:
     """Logs metric histories from a background thread, so training goes on while the store
     writes (a SQLite commit, an HTTP round trip): on 2 cores, waiting for each write cost
-    LinUCB a quarter of its speed. One write is in flight at a time; rows that come meanwhile
-    wait and go together in the next, so a slow store gets fewer, larger writes. A failed write
+    LinUCB a quarter of its speed. One write is in flight at a time, and a write starts at most
+    every `every_s` seconds; rows that come meanwhile wait and go together in the next. Each
+    write costs Python time the training thread then waits for (the GIL): writing after every
+    chunk kept epsilon-greedy at 0.69 of its untracked speed. A failed write
     raises the store's own exception at the next write or at the end. The last rows are always
     written, even when the run stops for another reason, so nothing already logged is lost."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, every_s: float = 1.0):
         self.run_id = run_id
+        self.every_s = every_s
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metric-history")
         self._in_flight: Future | None = None
         self._waiting: list[pd.DataFrame] = []
+        self._last_write = -math.inf
 
     def log(self, frame: pd.DataFrame) -> None:
         self._waiting.append(frame)
-        if self._in_flight is None or self._in_flight.done():
+        idle = self._in_flight is None or self._in_flight.done()
+        if idle and time.monotonic() - self._last_write >= self.every_s:
             self._write_waiting()
 
     def wait(self) -> None:
@@ -248,6 +255,7 @@ class HistoryLogger:
         if self._waiting:
             rows, self._waiting = pd.concat(self._waiting, ignore_index=True), []
             self._in_flight = self._writer.submit(log_history, self.run_id, rows)
+            self._last_write = time.monotonic()
 
     def __enter__(self) -> HistoryLogger:
         return self

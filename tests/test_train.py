@@ -262,6 +262,24 @@ def test_a_burst_of_ctrl_c_marks_the_run_killed_keeps_its_history_and_exits_quie
     assert {"metrics.csv", "regret.png"} <= {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
 
 
+def test_history_writes_start_at_most_once_per_interval(tracking_uri, monkeypatch):
+    """Each write costs the training thread time: rows that come within `every_s` of the last
+    write wait for the next, even when the store is idle."""
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("history")).info.run_id
+    mlflow.set_tracking_uri(tracking_uri)
+    writes = []
+    write = tracking.log_history
+    monkeypatch.setattr(tracking, "log_history", lambda *args: (writes.append(len(args[1])), write(*args)))
+    with tracking.HistoryLogger(run_id, every_s=3600) as logger:
+        for step in range(1, 6):
+            logger.log(pd.DataFrame({"step": [step], metrics.REGRET: [step / 2]}))
+            time.sleep(0.3)  # long enough for any write to be done
+        assert writes == [1]
+    assert writes == [1, 4]
+    assert len(client.get_metric_history(run_id, metrics.REGRET)) == 5
+
+
 def test_histories_written_in_the_background_keep_every_row_and_raise_the_stores_error(tracking_uri):
     client = mlflow.MlflowClient(tracking_uri)
     run_id = client.create_run(client.create_experiment("history")).info.run_id
