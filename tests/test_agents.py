@@ -83,9 +83,9 @@ def test_a_per_arm_run_end_to_end(make_config, tracking_uri):
     client = mlflow.MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("movielens-bandits").experiment_id])
     assert run.info.status == "FINISHED"
-    # The servable model takes one vector per user, so a per-arm policy is a SavedModel only.
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"policy", "regret.png"}
-    assert not client.search_logged_models([run.info.experiment_id])
+    # and the servable model, which ranks the pool (tests/test_predict.py)
+    assert [model.name for model in client.search_logged_models([run.info.experiment_id])] == ["model"]
 
 
 # Cumulative regret over 300 loops (4,800 interactions) as a share of uniform random's

@@ -42,12 +42,12 @@ def test_parallel_first_runs_on_a_new_store_all_record(tmp_path):
     start_at = str(time.time() + 8)  # after every process has imported MLflow
     processes = [subprocess.Popen([sys.executable, "-c", FIRST_RUN, uri, start_at], cwd=PROJECT_ROOT,
                                   env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(3)]
+                                  text=True) for _ in range(2)]
     errors = [process.communicate(timeout=120)[1] for process in processes]
-    assert [process.returncode for process in processes] == [0] * 3, "\n".join(e[-1500:] for e in errors)
+    assert [process.returncode for process in processes] == [0] * 2, "\n".join(e[-1500:] for e in errors)
     client = mlflow.MlflowClient(uri)
     found = client.search_runs([client.get_experiment_by_name("fresh").experiment_id])
-    assert [run.info.status for run in found] == ["FINISHED"] * 3
+    assert [run.info.status for run in found] == ["FINISHED"] * 2
 
 
 def leaves(node: dict, prefix: str) -> Iterator[tuple[str, object]]:

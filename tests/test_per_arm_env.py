@@ -70,7 +70,7 @@ def test_expected_max_weights_match_enumeration(size):
 def test_candidate_sets_are_uniform_ordered_subsets(make_env, num_actions):
     env = make_env("training.batch_size=500", f"env.num_actions={num_actions}")
     rows = []
-    for _ in range(40):
+    for _ in range(20):
         env.reset()
         rows.append(env._candidates.numpy())
     rows = np.concatenate(rows)
