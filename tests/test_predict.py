@@ -213,15 +213,16 @@ def test_the_policy_savers_distribution_warning_is_silenced_and_others_are_not(c
     assert [record.getMessage() for record in caplog.records] == ["another warning"]
 
 
-@pytest.mark.parametrize("env", ["movielens_per_arm", "movielens_ratings"])
-def test_a_per_arm_policy_ranks_the_whole_catalogue(make_config, monkeypatch, tracking_uri, env):
+def test_a_per_arm_policy_ranks_the_whole_catalogue(make_config, monkeypatch, tracking_uri):
     """A per-arm policy scores candidate sets of its own size; served, it ranks every movie of the
-    pool by its predicted reward, x . theta of the trained model for x = [user, the movie's features]."""
+    pool by its predicted reward, x . theta of the trained model for x = [user, the movie's features]
+    (here with the user-movie products of env=movielens_ratings; tests/test_agents.py serves a
+    movielens_per_arm policy too)."""
     logged = {}
     log_policy = serving.log_policy
     monkeypatch.setattr(serving, "log_policy", lambda policy, catalogue: (
         logged.update(agent_policy=policy, catalogue=catalogue), log_policy(policy, catalogue)))
-    train(make_config(f"env={env}", "env.num_movies=null", "env.num_actions=4", "agent=linucb",
+    train(make_config("env=movielens_ratings", "env.num_movies=null", "env.num_actions=4", "agent=linucb",
                       "tracking.save_policy=true"))
     run_id = mlflow.last_active_run().info.run_id
     catalogue = logged["catalogue"]
