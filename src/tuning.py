@@ -11,6 +11,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from src import comparison, config
+from src.leaderboard import LINEUP
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ SWEEPS = config.CONFIG_DIR / "hparams_search"
 def pairs(agents: list[str] | None, envs: list[str] | None) -> list[tuple[str, str]]:
     """(agent, environment) for every line-up entry with a search of its own, on each
     environment of the line-up it can take."""
-    lineup = OmegaConf.load(config.CONFIG_DIR / "leaderboard.yaml")
+    lineup = OmegaConf.load(LINEUP)
     tunable = list(dict.fromkeys(entry.agent for entry in lineup.entries if (SWEEPS / f"{entry.agent}.yaml").is_file()))
     for name, given, known in (("--agents", agents, tunable), ("--envs", envs, list(lineup.environments))):
         unknown = sorted(set(given or []) - set(known))

@@ -30,8 +30,7 @@ from tests.conftest import free_port
 USER = 7
 
 
-@pytest.fixture
-def trained(make_config, tmp_path, monkeypatch):
+def train_with_policy(make_config, monkeypatch, *overrides: str):
     """Train with the policy saved; return (run id, in-memory greedy policy, catalogue)."""
     logged = {}
     log_policy = serving.log_policy
@@ -41,9 +40,13 @@ def trained(make_config, tmp_path, monkeypatch):
         log_policy(policy, catalogue)
 
     monkeypatch.setattr(serving, "log_policy", spy)
-    train(make_config("tracking.save_policy=true"))
-    run_id = mlflow.last_active_run().info.run_id
-    return run_id, logged["policy"], logged["catalogue"]
+    train(make_config("tracking.save_policy=true", *overrides))
+    return mlflow.last_active_run().info.run_id, logged["policy"], logged["catalogue"]
+
+
+@pytest.fixture
+def trained(make_config, monkeypatch):
+    return train_with_policy(make_config, monkeypatch)
 
 
 def greedy_movie(policy, catalogue, user_id: int) -> tuple[int, str]:
@@ -218,17 +221,11 @@ def test_a_per_arm_policy_ranks_the_whole_catalogue(make_config, monkeypatch, tr
     pool by its predicted reward, x . theta of the trained model for x = [user, the movie's features]
     (here with the user-movie products of env=movielens_ratings; tests/test_agents.py serves a
     movielens_per_arm policy too)."""
-    logged = {}
-    log_policy = serving.log_policy
-    monkeypatch.setattr(serving, "log_policy", lambda policy, catalogue: (
-        logged.update(agent_policy=policy, catalogue=catalogue), log_policy(policy, catalogue)))
-    train(make_config("env=movielens_ratings", "env.num_movies=null", "env.num_actions=4", "agent=linucb",
-                      "tracking.save_policy=true"))
-    run_id = mlflow.last_active_run().info.run_id
-    catalogue = logged["catalogue"]
+    run_id, policy, catalogue = train_with_policy(make_config, monkeypatch, "env=movielens_ratings",
+                                                  "env.num_movies=null", "env.num_actions=4", "agent=linucb")
     user = int(catalogue.user_ids[3])
     observation = catalogue.observations_of([user])[0]
-    theta = logged["agent_policy"]._statistics.theta.numpy()[0]
+    theta = policy._statistics.theta.numpy()[0]
     expected = np.concatenate([np.repeat(observation[None], len(catalogue.movie_ids), 0),
                                catalogue.candidates_for(observation)], axis=1) @ theta
     answer = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(pd.DataFrame({"user_id": [user]}))

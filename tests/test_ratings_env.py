@@ -124,6 +124,7 @@ def test_linucb_learns_the_real_ratings(make_config):
     (["env.feature_share=0.01"], r"env.feature_share=0.01 leaves no rating for the features"),
     (["env.feature_share=0.99"], r"env.feature_share=0.99 leaves no rating for the rewards"),
     (["env.reward=stars"], r"env.reward must be one of rating, liked"),
+    (["env.arm_features=both"], r"env.arm_features must be one of embedding, interaction, got 'both'"),
 ])
 def test_bad_settings_are_one_line_user_errors(make_env, overrides, message):
     with pytest.raises(UserError, match=message) as error:

@@ -58,6 +58,14 @@ def select_movies(ratings_matrix: np.ndarray, num_movies: int, selection: str) -
     return np.sort(np.argsort(-counts, kind="stable")[:num_movies])
 
 
+def factorise(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """User and movie factors of the rank-`rank` SVD of `matrix`, each carrying the square root
+    of the singular values, so that their products reconstruct it."""
+    u, s, vh = np.linalg.svd(matrix, full_matrices=False)
+    root_s = np.sqrt(s[:rank])
+    return u[:, :rank] * root_s, vh[:rank].T * root_s
+
+
 def build_reward_model(
     ratings_matrix: np.ndarray, num_movies: int, rank_k: int, reward_rank: int | None,
     movie_selection: str = "first",
@@ -78,10 +86,7 @@ def build_reward_model(
             f"between 1 and env.reward_rank={reward_rank}, at most min(users, movies) = {largest_rank}")
     require(reward_rank <= largest_rank, "env.reward_rank", reward_rank,
             f"at most min(users, movies) = {largest_rank}")
-    u, s, vh = np.linalg.svd(matrix, full_matrices=False)
-    root_s = np.sqrt(s[:reward_rank])
-    u_hat = u[:, :reward_rank] * root_s
-    v_hat = vh[:reward_rank].T * root_s
+    u_hat, v_hat = factorise(matrix, reward_rank)
     return RewardModel(
         user_ids=rows + 1,
         movie_ids=columns + 1,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from src.envs.movielens import MOVIE_SELECTIONS, select_movies
+from src.envs.movielens import MOVIE_SELECTIONS, factorise, select_movies
 from src.envs.movielens_per_arm import MovieLensPerArmEnvironment, expected_max_weights
 from src.errors import UserError, require
 
@@ -106,8 +106,7 @@ def build_rated_candidates_model(
     largest_rank = min(split.features.shape)
     require(isinstance(rank_k, int) and 1 <= rank_k <= largest_rank, "env.rank_k", rank_k,
             f"between 1 and min(users, movies) = {largest_rank}")
-    u, s, vh = np.linalg.svd(split.features, full_matrices=False)
-    root_s = np.sqrt(s[:rank_k])
+    user_features, movie_features = factorise(split.features, rank_k)
     rated = split.rewards[rows]
     rewards = rated if reward == "rating" else (rated >= liked_threshold).astype(float)
     skipped = int(np.count_nonzero((held_out > 0) & (held_out < num_actions)))
@@ -117,8 +116,8 @@ def build_rated_candidates_model(
     return RatedCandidatesModel(
         user_ids=rows + 1,
         movie_ids=columns + 1,
-        user_features=(u[:, :rank_k] * root_s)[rows],
-        movie_features=vh[:rank_k].T * root_s,
+        user_features=user_features[rows],
+        movie_features=movie_features,
         rewards=np.where(rated > 0, rewards, np.nan),
         num_actions=num_actions,
         skipped_users=skipped,
