@@ -4,6 +4,7 @@ example size on both environments, into one MLflow experiment, then ranked by fi
     uv run python -m benchmarks.leaderboard --data-dir /path/to/ml-100k
     uv run python -m benchmarks.leaderboard --data-dir /path/to/ml-100k --seeds 2 --loops 500 --out /tmp/lb
     uv run python -m benchmarks.leaderboard --tables-only   # rebuild the tables from the tracked runs
+    uv run python -m benchmarks.leaderboard --lineup conf/lineups/environments.yaml --data-dir /path/to/ml-100k
 
 Each run is `src.training.train` on the config `python -m src.train agent=<agent> env=<env>
 training.seed=<seed>` would compose, with the line-up's overrides, tagged `leaderboard.entry`
@@ -111,6 +112,8 @@ def duration(seconds: float) -> str:
 def parser(lineup: DictConfig) -> argparse.ArgumentParser:
     names = argparse.ArgumentParser(prog="python -m benchmarks.leaderboard", description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    names.add_argument("--lineup", type=Path, default=LINEUP,
+                       help="the line-up: entries, environments, seeds (default: conf/leaderboard.yaml)")
     names.add_argument("--data-dir", help="a local ml-100k directory (default: download into data/ on first use)")
     names.add_argument("--seeds", type=int, default=lineup.seeds, help="seeds 0..N-1 per entry (default: %(default)s)")
     names.add_argument("--loops", type=int, help="training loops per run (default: conf/training/default.yaml)")
@@ -121,16 +124,27 @@ def parser(lineup: DictConfig) -> argparse.ArgumentParser:
                                               "else sqlite:///mlflow.db at the project root)")
     names.add_argument("--workers", type=int, default=lineup.workers,
                        help="runs trained at a time, each in its own process (default: %(default)s)")
-    names.add_argument("--out", type=Path, default=Path("docs", "leaderboard"), help="default: %(default)s")
+    names.add_argument("--out", type=Path, default=Path(lineup.get("out", "docs/leaderboard")), help="default: %(default)s")
     names.add_argument("--tables-only", action="store_true", help="rebuild the outputs from the runs already tracked")
     names.add_argument("overrides", nargs="*", help="more config overrides for every run, e.g. env.rank_k=10")
     return names
 
 
+def read_lineup(argv: list[str] | None) -> DictConfig:
+    """The line-up `--lineup` names (default conf/leaderboard.yaml), which sets the other options' defaults."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--lineup", type=Path, default=LINEUP)
+    path = first.parse_known_args(argv)[0].lineup
+    with exit_on_user_error():
+        if not path.is_file():
+            raise UserError(f"--lineup {path}: no such file")
+        return OmegaConf.load(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    lineup = OmegaConf.load(LINEUP)
+    lineup = read_lineup(argv)
     args = parser(lineup).parse_args(argv)
     command = shlex.join(["uv", "run", "python", "-m", "benchmarks.leaderboard",
                           *(sys.argv[1:] if argv is None else argv)])
@@ -165,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
             client = mlflow.MlflowClient()
             client.set_experiment_tag(experiment_id, COMMAND_TAG, command)
             client.set_experiment_tag(experiment_id, WALL_TAG, wall)
-        write(report, args.out, trained_by, wall)
+        title = lineup.get("title", "Leaderboard")
+        write(report, args.out, trained_by, wall, title)
         comparison.log_comparison(experiment_id, args.out, {"leaderboard": trained_by, "runs": int(report.table["n"].sum())})
-    print(markdown(report.table, trained_by, wall))
+    print(markdown(report.table, trained_by, wall, title))
 
 
 if __name__ == "__main__":

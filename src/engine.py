@@ -5,14 +5,15 @@ each loop's metrics, so Python is touched once per chunk, not once per step. Thi
 TF-Agents' on-policy bandit trainer (driver, replay buffer, `agent.train`, clear) with the
 driver and buffer reduced to what an on-policy bandit needs: the `steps_per_loop`
 transitions of the loop, stacked along the time axis, are the experience. The
-environment is asked for observations (`reset()`) and rewards (`outcome()`) only.
+environment is asked for observations (`reset()`), rewards (`outcome()`), the agent's
+feedback and any metrics of its own (`src.envs.movielens.InGraphBandit`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +38,8 @@ class LoopMetrics:
     # probability of that action (NaN when unknown); None unless recorded. (The reward is the
     # reward model's for that user and action.)
     interactions: np.ndarray | None = None
+    # The environment's own metrics (its `extra_metric_names`), float64 [loops] sums like the regret.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def configure_threads(intra_op: int, inter_op: int) -> None:
@@ -81,13 +84,13 @@ class Engine:
         # them (a transition keeps the next step's type, reward and discount, not its
         # observation), and the next `reset()` draws again. Skipping it saves ~10-25% of
         # a loop for neural epsilon-greedy on 2 cores.
-        next_time_step = ts.termination(time_step.observation,
-                                        tf.cast(reward, env.reward_spec().dtype))
+        next_time_step = ts.termination(time_step.observation, env.feedback(action_step.action, reward))
         transition = trajectory.from_transition(time_step, action_step, next_time_step)
         # By reward, not by index: a movie tied with the best one is no wrong pick.
         suboptimal = tf.cast(reward < optimal_reward, tf.float64)
-        metrics = tf.stack([tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
-                            tf.reduce_sum(suboptimal)])
+        metrics = tf.concat([[tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
+                              tf.reduce_sum(suboptimal)],
+                             tf.reduce_sum(env.extra_metrics(action_step.action), axis=0)], axis=0)
         return transition, metrics, self._interactions(action_step)
 
     def _interactions(self, action_step):
@@ -104,8 +107,10 @@ class Engine:
     def _run_loop(self):
         transitions, metrics, interactions = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
         experience = tf.nest.map_structure(lambda *steps: tf.stack(steps, axis=1), *transitions)
+        experience = self.environment.training_experience(experience)
         loss = tf.reduce_mean(tf.cast(self.agent.train(experience).loss, tf.float64))
-        return tf.concat([tf.add_n(metrics), [loss]], axis=0), tf.concat(interactions, axis=0)
+        summed = tf.add_n(metrics)
+        return tf.concat([summed[:3], [loss], summed[3:]], axis=0), tf.concat(interactions, axis=0)
 
     def _run_chunk(self, num_loops):
         self.traces += 1
@@ -115,7 +120,8 @@ class Engine:
             loop_metrics, loop_interactions = self._run_loop()
             return i + 1, history.write(i, loop_metrics), interactions.write(i, loop_interactions)
 
-        history = tf.TensorArray(tf.float64, size=num_loops, element_shape=[4])
+        history = tf.TensorArray(tf.float64, size=num_loops,
+                                 element_shape=[4 + len(self.environment.extra_metric_names)])
         interactions = tf.TensorArray(tf.float64, size=num_loops, element_shape=[recorded, 3])
         _, history, interactions = tf.while_loop(
             lambda i, *_: i < num_loops, body, (0, history, interactions))
@@ -128,5 +134,6 @@ class Engine:
             size = min(chunk, loops - done)
             history, interactions = self.run_chunk(tf.constant(size, tf.int32))
             done += size
-            yield LoopMetrics(*history.numpy().T,
-                              interactions=interactions.numpy() if self.record_interactions else None)
+            columns = history.numpy().T
+            yield LoopMetrics(*columns[:4], interactions=interactions.numpy() if self.record_interactions else None,
+                              extras=dict(zip(self.environment.extra_metric_names, columns[4:])))

@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, metrics, plots, tracking
 from src.errors import UserError
-from src.paths import PROJECT_ROOT
 
 LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
 ENTRY_TAG = "leaderboard.entry"
@@ -58,7 +57,7 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
     known = [entry.agent for entry in lineup.entries]
     for name in agents or []:
         if name not in known:
-            raise UserError(f"--agents: no entry for agent '{name}' in {LINEUP.relative_to(PROJECT_ROOT)}; "
+            raise UserError(f"--agents: no entry for agent '{name}' in the line-up; "
                             f"choose from {', '.join(dict.fromkeys(known))}")
     for name in envs or []:
         if name not in lineup.environments:
@@ -75,13 +74,20 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
             base = [f"agent={entry.agent}", f"env={env}", *tuned, *lineup.overrides, *entry.get("overrides", []),
                     *overrides]
             config.check_command_line(base[:2])
-            if env in lineup.per_arm_environments and not config.compose(base[:2]).agent.per_arm:
-                continue  # its YAML says it cannot take per-arm features
+            if not runs_on(entry.agent, env, lineup):
+                continue
             config.check_command_line(base)
             found += [Job(label, config.compose([*base, f"training.seed={seed}"])) for seed in range(seeds)]
     if not found:
         raise UserError("no runs: no entry of the line-up matches --agents and --envs")
     return found
+
+
+def runs_on(agent: str, env: str, lineup: DictConfig) -> bool:
+    """Whether the agent's YAML says it can take the environment: what the line-up `requires`
+    there (per_arm: per-arm features, slate: slates)."""
+    needed = lineup.get("requires", {}).get(env)
+    return needed is None or bool(config.compose([f"agent={agent}", f"env={env}"]).agent.get(needed, False))
 
 
 def identities(runs: pd.DataFrame) -> pd.Series:
@@ -163,10 +169,10 @@ def number(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def markdown(table: pd.DataFrame, command: str, wall: str) -> str:
+def markdown(table: pd.DataFrame, command: str, wall: str, title: str = "Leaderboard") -> str:
     """The leaderboard page: a ranked table and a figure per environment, the hyperparameters,
     the versions and the command."""
-    lines = ["# Leaderboard", "",
+    lines = [f"# {title}", "",
              f"Made by `{command}`; {wall}. Rank by final cumulative regret (lower is better): the mean "
              f"over seeds with the {CONFIDENCE:.0%} Student t-interval of the mean (clipped at 0); "
              "interactions/s is the mean of the runs' `train/interactions_per_s` (tracked training, "
@@ -195,12 +201,12 @@ def figure_name(environment: str) -> str:
     return f"regret_{environment}.png"
 
 
-def write(report: comparison.Report, out: Path, command: str, wall: str) -> None:
+def write(report: comparison.Report, out: Path, command: str, wall: str, title: str = "Leaderboard") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.md").write_text(markdown(report.table, command, wall))
+    (out / "leaderboard.md").write_text(markdown(report.table, command, wall, title))
     report.table.to_csv(out / "leaderboard.csv", index=False)
     for environment, curves in report.curves.groupby("environment"):
         figure = plots.comparison_figure(curves, METRIC, CONFIDENCE)
-        figure.suptitle(f"Leaderboard on {environment}")
+        figure.suptitle(f"{title} on {environment}")
         figure.savefig(out / figure_name(environment), dpi=120)
     log.info("Wrote %s", out / "leaderboard.md")

@@ -6,6 +6,8 @@ Per loop, with n = batch_size x steps_per_loop interactions:
   train/reward                 mean reward (reconstructed rating) per interaction
   train/suboptimal_arm_rate    share of interactions whose pick earned less than the best movie
   train/loss                   the agent's training loss on the loop's experience
+and the environment's own (a slate environment's NDCG, precision and click-through rate),
+means per interaction like the reward.
 TF-Agents' `RegretMetric` reports only the last batch's mean; the cumulative sum is ours.
 """
 
@@ -26,6 +28,10 @@ CUMULATIVE_REGRET = "train/cumulative_regret"
 REWARD = "train/reward"
 SUBOPTIMAL_ARM_RATE = "train/suboptimal_arm_rate"
 LOSS = "train/loss"
+# A slate environment's metrics (src.envs.movielens_ranking), each a mean per recommended slate.
+NDCG = "train/ndcg"
+PRECISION = "train/precision"
+CLICK_THROUGH_RATE = "train/click_through_rate"
 # Training speed, in the train/ section beside the regret: MLflow sorts sections by name, and
 # the cumulative regret should be the first chart a person sees.
 INTERACTIONS_PER_S = "train/interactions_per_s"
@@ -44,11 +50,8 @@ OBJECTIVES = {REGRET: "minimize", CUMULATIVE_REGRET: "minimize", REWARD: "maximi
 FINAL_METRICS = tuple(OBJECTIVES)
 ONLINE_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
 # The range each metric lies in (None: unbounded), which a confidence band must respect.
-BOUNDS = {REGRET: (0.0, None), CUMULATIVE_REGRET: (0.0, None), SUBOPTIMAL_ARM_RATE: (0.0, 1.0), LOSS: (0.0, None)}
-
-
-# The per-loop metrics a window of loops averages (the cumulative regret is taken at its end).
-RATES = (REGRET, REWARD, SUBOPTIMAL_ARM_RATE, LOSS)
+BOUNDS = {REGRET: (0.0, None), CUMULATIVE_REGRET: (0.0, None), SUBOPTIMAL_ARM_RATE: (0.0, 1.0), LOSS: (0.0, None),
+          NDCG: (0.0, 1.0), PRECISION: (0.0, 1.0), CLICK_THROUGH_RATE: (0.0, 1.0)}
 
 
 def rounded(value: float) -> float:
@@ -78,6 +81,7 @@ class RegretHistory:
             REWARD: chunk.reward / n,
             SUBOPTIMAL_ARM_RATE: chunk.suboptimal / n,
             LOSS: chunk.loss,
+            **{name: sums / n for name, sums in chunk.extras.items()},
         })
         self.loops_done = int(loops[-1])
         self._cumulative = float(cumulative[-1])
@@ -93,20 +97,22 @@ class RegretHistory:
 
 
 def downsample(frame: pd.DataFrame, window: int) -> pd.DataFrame:
-    """One row per `window` loops: rates averaged over the window (NaNs skipped, as pandas
-    does), cumulative regret at its end. In NumPy: it runs on every chunk of training, where
-    a pandas groupby cost neural epsilon-greedy a tenth of its speed."""
+    """One row per `window` loops: the per-loop rates (every metric but the cumulative regret)
+    averaged over the window (NaNs skipped, as pandas does), cumulative regret at its end. In
+    NumPy: it runs on every chunk of training, where a pandas groupby cost neural
+    epsilon-greedy a tenth of its speed."""
     if window == 1:
         return frame
     starts = np.arange(0, len(frame), window)
     ends = np.append(starts[1:], len(frame)) - 1
     values = frame.to_numpy(dtype=np.float64)  # one copy: pandas' column selections cost a millisecond each
     position = {name: index for index, name in enumerate(frame.columns)}
-    rates = values[:, [position[name] for name in RATES]]
+    rate_names = [name for name in frame.columns if name not in ("step", CUMULATIVE_REGRET)]
+    rates = values[:, [position[name] for name in rate_names]]
     seen = ~np.isnan(rates)
     with np.errstate(invalid="ignore", divide="ignore"):  # a window of NaNs only stays NaN
         means = np.add.reduceat(np.where(seen, rates, 0.0), starts) / np.add.reduceat(seen, starts)
-    coarse = dict(zip(RATES, means.T))
+    coarse = dict(zip(rate_names, means.T))
     coarse["step"] = frame["step"].to_numpy()[ends]
     coarse[CUMULATIVE_REGRET] = values[ends, position[CUMULATIVE_REGRET]]
     return pd.DataFrame({name: coarse[name] for name in frame.columns})

@@ -84,13 +84,15 @@ def recommend(cfg: DictConfig) -> str:
         ratings = None
         labels = [f"row {row}" for row in range(1, len(observations) + 1)]
     actions, scores = policy.decide(observations, catalogue)
+    top_k = cfg.top_k or policy.slate_size  # a slate policy's ranked slate, unless told otherwise
     if scores is None and cfg.top_k is not None:
         raise UserError(f"top_k needs predicted rewards, which the {run_cfg.agent.name} policy "
                         f"does not report")
     header = (f"run {run_id}: {run_cfg.agent.name} on {run_cfg.env.name} (seed "
-              f"{run_cfg.training.seed}), {len(catalogue.movie_ids)} candidate movies")
+              f"{run_cfg.training.seed}), {len(catalogue.movie_ids)} candidate movies"
+              + (f"; its slate: the top {policy.slate_size} ranked" if policy.slate_size else ""))
     blocks = [describe(label, catalogue, actions[i], None if scores is None else scores[i],
-                       None if ratings is None else ratings[i], cfg.top_k)
+                       None if ratings is None else ratings[i], top_k)
               for i, label in enumerate(labels)]
     return "\n\n".join([header, *blocks])
 

@@ -5,7 +5,7 @@ The pyfunc is self-contained: it bundles the policy's SavedModel and a small cat
 environment's user features, movie ids and titles), so serving needs neither the MovieLens
 files nor the environment code. Requests, JSON or CSV, carry either MovieLens user ids or
 raw feature vectors; the answer is the recommended movie and, where the policy reports them,
-the predicted reward of every candidate movie.
+the predicted reward of every candidate movie (and a slate policy's ranked slate).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import ColSpec, DataType, Map, Schema
+from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema
 
 from src import tf_runtime  # noqa: F401,I001  (quiet TensorFlow, and the TypeSpecs a saved policy needs)
 
@@ -107,6 +107,9 @@ class Policy:
             str(path), load_specs_from_pbtxt=True, batch_time_steps=False)
         observation = self._policy.time_step_spec.observation
         self.per_arm = isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation
+        action = self._policy.action_spec
+        # A slate policy (env=movielens_ranking) recommends this many movies, best first.
+        self.slate_size = int(action.shape[0]) if len(action.shape) == 1 else None
         if self.per_arm:
             self.candidates = int(observation[bandit_spec_utils.PER_ARM_FEATURE_KEY].shape[0])
             observation = observation[bandit_spec_utils.GLOBAL_FEATURE_KEY]
@@ -118,9 +121,7 @@ class Policy:
     def decide(self, observations, catalogue: Catalogue | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The action (a column of the catalogue) for each user observation, and each movie's
         predicted reward if the policy reports them. A per-arm policy needs the `catalogue`
-        whose movies it ranks."""
-        from tf_agents.trajectories import time_step as ts
-
+        whose movies it ranks; a slate policy's action is then its best movie (`slates`)."""
         observations = np.asarray(observations, np.float32)
         if observations.ndim != 2 or observations.shape[1] != self.dimension:
             width = observations.shape[-1] if observations.ndim else 1
@@ -131,23 +132,33 @@ class Policy:
         if self.per_arm:
             scores = np.stack([self._score_catalogue(user, catalogue) for user in observations])
             return scores.argmax(axis=1), scores
-        step = self._policy.action(ts.restart(observations, batch_size=len(observations)))
+        step = self._policy.action(self._first_step(observations, len(observations)))
         scores = getattr(step.info, "predicted_rewards_mean", None)
         return np.asarray(step.action), None if scores is None else np.asarray(scores)
+
+    def _first_step(self, observation, batch_size: int):
+        """A time step for `observation`; the reward's structure is the environment's (a slate's
+        cascade feedback is two tensors), though the policy reads the observation only."""
+        from tf_agents.trajectories import time_step as ts
+
+        return ts.restart(observation, batch_size=batch_size, reward_spec=self._policy.time_step_spec.reward)
+
+    def slates(self, scores: np.ndarray) -> np.ndarray:
+        """[observations, slate_size] the columns of the best-scoring movies, best first."""
+        return np.argsort(-scores, axis=1, kind="stable")[:, :self.slate_size]
 
     def _score_catalogue(self, user: np.ndarray, catalogue: Catalogue) -> np.ndarray:
         """A per-arm policy's predicted reward of every movie for `user`. It scores candidate sets
         of its own size, so the catalogue goes in as many sets as it fills (the last padded);
         the pick is then the best predicted movie, without the exploration a set's pick has."""
         from tf_agents.bandits.specs import utils as bandit_spec_utils
-        from tf_agents.trajectories import time_step as ts
 
         movies = catalogue.candidates_for(user)
         sets = -(-len(movies) // self.candidates)
         padded = np.resize(movies, (sets * self.candidates, movies.shape[1]))
         observation = {bandit_spec_utils.GLOBAL_FEATURE_KEY: np.repeat(user[None], sets, axis=0),
                        bandit_spec_utils.PER_ARM_FEATURE_KEY: padded.reshape(sets, self.candidates, -1)}
-        step = self._policy.action(ts.restart(observation, batch_size=sets))
+        step = self._policy.action(self._first_step(observation, sets))
         scores = getattr(step.info, "predicted_rewards_mean", None)
         if scores is None:
             raise UserError("this per-arm policy reports no predicted rewards, so it cannot rank the catalogue")
@@ -163,6 +174,8 @@ def signature() -> ModelSignature:
         ColSpec(DataType.string, "title"),
         ColSpec(DataType.double, "predicted_reward", required=False),
         ColSpec(Map(DataType.double), "scores", required=False),
+        ColSpec(Array(DataType.long), "slate_movie_ids", required=False),
+        ColSpec(Array(DataType.string), "slate", required=False),
     ])
     return ModelSignature(outputs=outputs)
 
@@ -205,6 +218,10 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
             answer["predicted_reward"] = np.take_along_axis(scores, actions[:, None], axis=1)[:, 0]
             keys = [str(movie) for movie in self._catalogue.movie_ids]
             answer["scores"] = [dict(zip(keys, row.tolist())) for row in scores]
+            if self._policy.slate_size:
+                slates = self._policy.slates(scores)
+                answer["slate_movie_ids"] = [self._catalogue.movie_ids[row].tolist() for row in slates]
+                answer["slate"] = [self._catalogue.titles[row].tolist() for row in slates]
         return answer
 
 

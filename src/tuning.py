@@ -11,7 +11,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from src import comparison, config
-from src.leaderboard import LINEUP
+from src.leaderboard import LINEUP, runs_on
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def pairs(agents: list[str] | None, envs: list[str] | None) -> list[tuple[str, s
             raise UserError(f"{name}: nothing to tune for {', '.join(unknown)}; choose from {', '.join(known)}")
     return [(agent, env) for agent in tunable if not agents or agent in agents
             for env in lineup.environments if not envs or env in envs
-            if env not in lineup.per_arm_environments or config.compose([f"agent={agent}"]).agent.per_arm]
+            if runs_on(agent, env, lineup)]
 
 
 def write_tuned(agent: str, env: str, study: optuna.Study, workers: int, loops: int) -> None:

@@ -1,7 +1,8 @@
 """Agent builders. Each `conf/agent/*.yaml` names its builder in `_target_`.
 
 An agent YAML's `per_arm: true` says its builder handles observations with per-arm
-features (`env=movielens_per_arm`); the list of such agents is read from those files.
+features (`env=movielens_per_arm`), and `slate: true` that it can recommend slates
+(`env=movielens_ranking`); the lists of such agents are read from those files.
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ def has_per_arm_features(time_step_spec) -> bool:
     return isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation
 
 
+def agents_that(can: str) -> list[str]:
+    """The agent choices whose YAML says `<can>: true` (per_arm, slate)."""
+    return sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml") if OmegaConf.load(path).get(can, False))
+
+
 def per_arm_agents() -> list[str]:
-    """The agent choices whose YAML says `per_arm: true`."""
-    return sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml")
-                  if OmegaConf.load(path).get("per_arm", False))
+    return agents_that("per_arm")
+
+
+def is_slate(action_spec) -> bool:
+    return action_spec.shape.rank == 1
 
 
 def build_agent(cfg: DictConfig, time_step_spec, action_spec):
@@ -39,10 +47,12 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec):
     """
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     builder = get_object(hyperparameters.pop("_target_"))
-    accepts_per_arm = hyperparameters.pop("per_arm", False)
+    accepts_per_arm, recommends_slates = hyperparameters.pop("per_arm", False), hyperparameters.pop("slate", False)
     if has_per_arm_features(time_step_spec) and not accepts_per_arm:
         raise UserError(f"agent={cfg.name} cannot take this environment's per-arm features; "
                         f"agents that can: {', '.join(per_arm_agents())}")
+    if is_slate(action_spec) and not recommends_slates:
+        raise UserError(f"agent={cfg.name} cannot recommend slates; agents that can: {', '.join(agents_that('slate'))}")
     with config.errors_name_source("agent", cfg.name):
         return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)
 

@@ -1,13 +1,14 @@
 """Neural epsilon-greedy: a reward network regresses each movie's rating from the user
 features; the policy acts greedily on it, uniformly at random with probability epsilon
-(the baseline of Riquelme, Tucker, Snoek: "Deep Bayesian Bandits Showdown", ICLR 2018)."""
+(the baseline of Riquelme, Tucker, Snoek: "Deep Bayesian Bandits Showdown", ICLR 2018).
+Over slates it is `src.agents.ranking.epsilon_greedy`."""
 
 from __future__ import annotations
 
 import tensorflow as tf
 from tf_agents.bandits.agents import neural_epsilon_greedy_agent
 
-from src.agents import has_per_arm_features
+from src.agents import has_per_arm_features, is_slate, ranking
 from src.agents.networks import check_layers, reward_network
 from src.errors import require
 
@@ -16,6 +17,8 @@ def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
           layers: list[int], name: str = "epsilon_greedy"):
     require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
     require(0 <= epsilon <= 1, "agent.epsilon", epsilon, "in [0, 1]")
+    if is_slate(action_spec):
+        return ranking.epsilon_greedy(time_step_spec, action_spec, learning_rate, epsilon, layers, name)
     check_layers(layers)
     return neural_epsilon_greedy_agent.NeuralEpsilonGreedyAgent(
         time_step_spec, action_spec, reward_network=reward_network(time_step_spec, action_spec, layers),

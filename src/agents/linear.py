@@ -25,7 +25,7 @@ from tf_agents.policies import utils as policy_utilities
 from tf_agents.trajectories import policy_step
 from tf_agents.utils import nest_utils
 
-from src.agents import has_per_arm_features
+from src.agents import has_per_arm_features, is_slate, slates
 from src.errors import require
 
 # (mean, width) -> the score each arm is ranked by; both [batch, arms], width already scaled by alpha.
@@ -141,6 +141,12 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
     def _distribution(self, time_step, policy_state):
         observation = time_step.observation
         features = candidate_features(observation) if has_per_arm_features(self.time_step_spec) else observation
+        if is_slate(self.action_spec):  # the best-scoring candidates, best first
+            mean, variance = self._statistics.mean_and_variance(features)
+            slate = slates.top_slate(self._exploration(mean, self._alpha * tf.sqrt(variance)),
+                                     slates.slate_size(self.action_spec))
+            info = policy_utilities.PolicyInfo(predicted_rewards_mean=tf.cast(mean, tf.float32))
+            return policy_step.PolicyStep(tfp.distributions.Deterministic(slate), policy_state, info)
         arm, mean = choose(self._statistics, features, self._alpha, self._exploration)
         return deterministic_step(arm, mean, self.action_spec, policy_state, observation)
 
@@ -161,9 +167,10 @@ def candidate_features(observation) -> tf.Tensor:
 
 def mean_info_spec(action_spec, time_step_spec):
     """The mean estimates; with per-arm features, also the chosen candidate's features, which
-    training reads back from the trajectory as TF-Agents' per-arm agents do."""
+    training reads back from the trajectory as TF-Agents' per-arm agents do (a slate's training
+    reads them from the slotted experience)."""
     mean = tf.TensorSpec([num_actions(action_spec)], tf.float32)
-    if has_per_arm_features(time_step_spec):
+    if has_per_arm_features(time_step_spec) and not is_slate(action_spec):
         return policy_utilities.PerArmPolicyInfo(
             predicted_rewards_mean=mean,
             chosen_arm_features=policy_utilities.create_chosen_arm_features_info_spec(time_step_spec.observation))
@@ -225,12 +232,25 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
         pass
 
     def _train(self, experience, weights=None):
-        observation, arm, reward = flat_experience(experience, self._time_step_spec, self._action_spec)
-        if has_per_arm_features(self._time_step_spec):
-            observation = candidate_features(observation)[:, 0, :]
+        if is_slate(self._action_spec):
+            observation, arm, reward = self._slotted_rows(experience)
+        else:
+            observation, arm, reward = flat_experience(experience, self._time_step_spec, self._action_spec)
+            if has_per_arm_features(self._time_step_spec):
+                observation = candidate_features(observation)[:, 0, :]
         loss = self.statistics.update(observation, arm, reward)
         self.train_step_counter.assign_add(1)
         return tf_agent.LossInfo(loss=tf.cast(loss, tf.float32), extra=())
+
+    def _slotted_rows(self, experience):
+        """Every slot of every slate that says something, as one row of the shared model: the
+        slate's movie beside its user, and the score it earned (a click: 1, a movie above it: 0)."""
+        size = slates.slate_size(self._action_spec)
+        observation, reward = slates.flat_slates(experience, self._time_step_spec, size)
+        scores, weights = slates.scores_and_weights(reward, size)
+        said = tf.reshape(weights > 0, [-1])
+        rows = tf.boolean_mask(tf.reshape(candidate_features(observation), [-1, self.statistics.theta.shape[-1]]), said)
+        return rows, tf.zeros(tf.shape(rows)[:1], tf.int32), tf.boolean_mask(tf.reshape(scores, [-1]), said)
 
 
 def tf_agents_linear(agent_class, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,

@@ -1,5 +1,6 @@
-"""The uniform-random baseline: a TF-Agents agent whose policy picks uniformly and whose
-training does nothing; its regret is the environment's `random_policy_regret`."""
+"""The uniform-random baseline: a TF-Agents agent whose policy picks uniformly (a slate: an
+ordered set of distinct movies) and whose training does nothing; its regret is the
+environment's `random_policy_regret`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import tensorflow as tf
 from tf_agents.agents import tf_agent
 from tf_agents.policies import random_tf_policy
 from tf_agents.trajectories import policy_step
+
+from src.agents import is_slate, slates
 
 
 class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
@@ -22,8 +25,12 @@ class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
 
     def _action(self, time_step, policy_state, seed):
         spec = self.action_spec
-        action = self._generator.uniform(tf.shape(time_step.step_type), minval=int(spec.minimum),
-                                         maxval=int(spec.maximum) + 1, dtype=spec.dtype)
+        batch_size = tf.shape(time_step.step_type)[0]
+        if is_slate(spec):  # distinct movies, unlike TF-Agents' draw per slot
+            action = slates.uniform_slate(self._generator, batch_size, int(spec.maximum) + 1, slates.slate_size(spec))
+        else:
+            action = self._generator.uniform([batch_size], minval=int(spec.minimum), maxval=int(spec.maximum) + 1,
+                                             dtype=spec.dtype)
         return policy_step.PolicyStep(action, policy_state, ())
 
 

@@ -96,7 +96,32 @@ def build_reward_model(
     )
 
 
-class MovieLensEnvironment(bandit_tf_environment.BanditTFEnvironment):
+class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
+    """What the engine (src.engine) asks of an environment besides `reset()`, read between a
+    `reset()` and the next: `outcome(action)`, the reward earned and the best reward there was,
+    and these, whose defaults suit an environment that rewards one pick with one number."""
+
+    # Names of the per-interaction metrics `extra_metrics` returns, e.g. a slate's NDCG.
+    extra_metric_names: tuple[str, ...] = ()
+
+    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(reward, optimal reward) of each interaction, [batch] float64."""
+        raise NotImplementedError
+
+    def feedback(self, action: tf.Tensor, reward: tf.Tensor):
+        """What the agent learns from, in the environment's reward spec."""
+        return tf.cast(reward, self.reward_spec().dtype)
+
+    def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
+        """[batch, len(extra_metric_names)] float64, summed per loop like the regret."""
+        return tf.zeros([self.batch_size, 0], tf.float64)
+
+    def training_experience(self, experience):
+        """The agent's view of a loop's experience (a slate agent learns from the slotted movies)."""
+        return experience
+
+
+class MovieLensEnvironment(InGraphBandit):
     """Each step samples `batch_size` distinct users; the reward is the reconstructed rating."""
 
     def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens"):

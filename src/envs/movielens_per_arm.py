@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
-from tf_agents.bandits.environments import bandit_tf_environment
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
-from src.envs.movielens import RewardModel, build_reward_model
+from src.envs.movielens import InGraphBandit, RewardModel, build_reward_model
 from src.errors import require
 
 # What a candidate shows the agent: its embedding, or also its elementwise product with the
@@ -58,7 +57,7 @@ class CandidateSetRewardModel(RewardModel):
         return float(np.mean(best - self.rewards.mean(axis=1)))
 
 
-class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
+class MovieLensPerArmEnvironment(InGraphBandit):
     """Global user features plus the features of `num_actions` sampled candidate movies."""
 
     def __init__(self, model: CandidateSetRewardModel, batch_size: int, seed: int,
@@ -75,8 +74,6 @@ class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
             bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.TensorSpec(
                 [num_actions, 2 * rank_k if self._interaction else rank_k], tf.float32),
         }
-        action_spec = tensor_spec.BoundedTensorSpec(
-            (), tf.int32, minimum=0, maximum=num_actions - 1, name="action")
         self._user_features = tf.constant(model.user_features, tf.float32)
         self._movie_features = tf.constant(model.movie_features, tf.float32)
         self._rewards = tf.constant(model.rewards, tf.float64)
@@ -84,7 +81,15 @@ class MovieLensPerArmEnvironment(bandit_tf_environment.BanditTFEnvironment):
         self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False, name="users")
         self._candidates = tf.Variable(
             tf.zeros([batch_size, num_actions], tf.int32), trainable=False, name="candidates")
-        super().__init__(ts.time_step_spec(observation_spec), action_spec, batch_size, name)
+        super().__init__(ts.time_step_spec(observation_spec, self._reward_spec()), self._action_spec(num_actions),
+                         batch_size, name)
+
+    def _action_spec(self, num_actions: int):
+        """A position in the candidate list."""
+        return tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=num_actions - 1, name="action")
+
+    def _reward_spec(self):
+        return tf.TensorSpec([], tf.float32)
 
     def _observe(self):
         users = self._rng.uniform([self.batch_size], maxval=self._num_users, dtype=tf.int32)
