@@ -88,9 +88,10 @@ class Engine:
         transition = trajectory.from_transition(time_step, action_step, next_time_step)
         # By reward, not by index: a movie tied with the best one is no wrong pick.
         suboptimal = tf.cast(reward < optimal_reward, tf.float64)
-        metrics = tf.concat([[tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
-                              tf.reduce_sum(suboptimal)],
-                             tf.reduce_sum(env.extra_metrics(action_step.action), axis=0)], axis=0)
+        metrics = tf.stack([tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
+                            tf.reduce_sum(suboptimal)])
+        if env.extra_metric_names:
+            metrics = tf.concat([metrics, tf.reduce_sum(env.extra_metrics(action_step.action), axis=0)], axis=0)
         return transition, metrics, self._interactions(action_step)
 
     def _interactions(self, action_step):

@@ -114,7 +114,7 @@ class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
 
     def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
         """[batch, len(extra_metric_names)] float64, summed per loop like the regret."""
-        return tf.zeros([self.batch_size, 0], tf.float64)
+        raise NotImplementedError
 
     def training_experience(self, experience):
         """The agent's view of a loop's experience (a slate agent learns from the slotted movies)."""
