@@ -10,7 +10,7 @@ from mlflow.entities import Metric, Param
 from omegaconf import OmegaConf
 from scipy import stats
 
-from src import comparison, leaderboard, metrics, tuning
+from src import comparison, config, leaderboard, metrics, tuning
 from src.errors import UserError
 from tests.conftest import SMALL
 
@@ -140,6 +140,19 @@ def test_the_lineup_runs_each_tuned_configuration_on_its_own_environment(data_ov
         assert (label, "movielens") not in rows
     # and random on each environment, and the two interaction-feature entries on one
     assert len(planned) == len(rows) == 2 * len(tuning.pairs(None, None)) + 2 + 2
+
+
+def test_the_environments_lineup_runs_each_agent_where_its_yaml_allows(data_overrides):
+    lineup = OmegaConf.load(config.CONFIG_DIR / "lineups" / "environments.yaml")
+    planned = leaderboard.jobs(lineup, None, None, 1, data_overrides)
+    agents = ["linucb", "lints", "epsilon_greedy", "random"]
+    assert sorted((job.label, job.cfg.env.name) for job in planned) == sorted(
+        (agent, env) for agent in agents for env in lineup.environments)
+    assert {job.cfg.env.num_movies for job in planned if job.cfg.env.name == "movielens_catalogue"} == {1682}
+    # An agent whose YAML says it cannot rank is left out of the slate environment, not failed there.
+    lineup.entries.append({"agent": "neural_linucb"})
+    planned = leaderboard.jobs(lineup, ["neural_linucb"], None, 1, data_overrides)
+    assert sorted(job.cfg.env.name for job in planned) == ["movielens", "movielens_catalogue", "movielens_ratings"]
 
 
 def test_unknown_agent_is_one_line_and_non_zero(run_cli):
