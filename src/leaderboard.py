@@ -87,7 +87,7 @@ def runs_on(agent: str, env: str, lineup: DictConfig) -> bool:
     """Whether the agent's YAML says it can take the environment: what the line-up `requires`
     there (per_arm: per-arm features, slate: slates)."""
     needed = lineup.get("requires", {}).get(env)
-    return needed is None or bool(config.compose([f"agent={agent}", f"env={env}"]).agent.get(needed, False))
+    return needed is None or bool(OmegaConf.load(config.CONFIG_DIR / "agent" / f"{agent}.yaml").get(needed, False))
 
 
 def identities(runs: pd.DataFrame) -> pd.Series:

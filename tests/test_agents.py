@@ -20,8 +20,9 @@ from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from src.training import train
 
-AGENTS = sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml"))
-PER_ARM = per_arm_agents()
+# agent=ranking ranks slates only (tests/test_ranking_env.py).
+AGENTS = sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml") if path.stem != "ranking")
+PER_ARM = [agent for agent in per_arm_agents() if agent in AGENTS]
 PAIRS = [(agent, "movielens") for agent in AGENTS] + [(agent, "movielens_per_arm") for agent in PER_ARM]
 # TF-Agents' NeuralLinUCBAgent (the reference, and agent=neural_linucb with per-arm features)
 # loops over arms in Python: it traces, and saves, for tens of seconds per 10 arms.
