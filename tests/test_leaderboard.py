@@ -165,7 +165,8 @@ def test_unknown_agent_is_one_line_and_non_zero(run_cli):
 
 @pytest.mark.slow
 def test_a_tiny_leaderboard_trains_tracks_ranks_and_finds_its_runs_again(run_cli, data_overrides, tracking_uri, tmp_path):
-    args = ["--agents", "linucb,random", "--seeds", "2", "--envs", "movielens", "--loops", "60",
+    # One worker: each worker process loads TensorFlow first, a second would cost more than it saves here.
+    args = ["--agents", "linucb,random", "--seeds", "2", "--envs", "movielens", "--loops", "60", "--workers", "1",
             "--tracking-uri", tracking_uri, *data_overrides,
             *[override for override in SMALL if not override.startswith("training.loops=")]]
 
