@@ -73,7 +73,7 @@ def test_trains_in_the_compiled_engine(make_config, agent, env):
 
 @pytest.mark.parametrize("agent", sorted(set(AGENTS) - set(PER_ARM)))
 def test_agents_without_per_arm_features_refuse_the_per_arm_env(make_config, agent):
-    with pytest.raises(UserError, match=f"agent={agent} cannot take .*agents that can: {', '.join(PER_ARM)}$"):
+    with pytest.raises(UserError, match=f"agent={agent} cannot take .*agents that can: {', '.join(per_arm_agents())}$"):
         build(make_config, agent, "movielens_per_arm")
 
 
