@@ -144,8 +144,8 @@ def test_the_lineup_runs_each_tuned_configuration_on_its_own_environment(data_ov
 
 def test_the_environments_lineup_runs_each_agent_where_its_yaml_allows(data_overrides):
     lineup = OmegaConf.load(config.CONFIG_DIR / "lineups" / "environments.yaml")
-    planned = leaderboard.jobs(lineup, None, None, 1, data_overrides)
-    agents = ["linucb", "lints", "epsilon_greedy", "random"]
+    agents = ["linucb", "random"]  # two of its four, each config composed and checked costs a moment
+    planned = leaderboard.jobs(lineup, agents, None, 1, data_overrides)
     assert sorted((job.label, job.cfg.env.name) for job in planned) == sorted(
         (agent, env) for agent in agents for env in lineup.environments)
     assert {job.cfg.env.num_movies for job in planned if job.cfg.env.name == "movielens_catalogue"} == {1682}
