@@ -62,18 +62,29 @@ def compose_config(agent: str, data_overrides: list[str]) -> DictConfig:
     return config.compose([f"agent={agent}", *data_overrides])
 
 
-def run_ours(cfg: DictConfig, dataset, loops: int) -> TimedRun:
-    """`loops` timed loops after one warm-up chunk that traces the compiled loop."""
+def warmed_up(cfg: DictConfig, dataset):
+    """The engine for `cfg` after one warm-up chunk that traces the compiled loop, and the
+    chunk's regrets."""
     engine = experiment.assemble(cfg, dataset)
-    chunk = cfg.training.chunk_loops
-    regret = [m.regret for m in engine.run(chunk, chunk)]
+    return engine, [m.regret for m in engine.run(cfg.training.chunk_loops, cfg.training.chunk_loops)]
+
+
+def timed(engine, loops: int, chunk: int) -> tuple[list[np.ndarray], float]:
+    """Per-chunk regrets of `loops` more loops, and the seconds they took."""
     traced = engine.traces
     started = time.perf_counter()
-    regret += [m.regret for m in engine.run(loops, chunk)]
+    regret = [m.regret for m in engine.run(loops, chunk)]
     seconds = time.perf_counter() - started
     if engine.traces != traced:
-        log.warning("%s retraced during the timed loops: the rate includes tracing", cfg.agent.name)
-    return TimedRun(np.concatenate(regret), seconds, loops, engine.interactions_per_loop)
+        log.warning("%s retraced during the timed loops: the rate includes tracing", engine.agent.name)
+    return regret, seconds
+
+
+def run_ours(cfg: DictConfig, dataset, loops: int) -> TimedRun:
+    """`loops` timed loops after one warm-up chunk that traces the compiled loop."""
+    engine, warm_up_regret = warmed_up(cfg, dataset)
+    regret, seconds = timed(engine, loops, cfg.training.chunk_loops)
+    return TimedRun(np.concatenate(warm_up_regret + regret), seconds, loops, engine.interactions_per_loop)
 
 
 def run_example_size(cfg: DictConfig, dataset) -> dict:
@@ -152,16 +163,21 @@ def reference_table(pairs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def catalogue(agents: list[str], sizes: list[int], data_overrides: list[str], dataset, loops: int) -> list[dict]:
+def catalogue(agents: list[str], sizes: list[int], data_overrides: list[str], dataset, loops: int,
+              repeats: int) -> list[dict]:
     """Our engine's rate for each agent with `env.num_movies` at each size (no stock side: at
-    1,682 movies TF-Agents' pattern would take hours)."""
+    1,682 movies TF-Agents' pattern would take hours): the best of `repeats` timings of
+    `loops` loops on one engine after its warm-up, since this machine's speed varies by tens
+    of percent from one second to the next."""
     rows = []
     for movies in sizes:
         for agent in agents:
             cfg = compose_config(agent, [*data_overrides, f"env.num_movies={movies}"])
-            log.info("%s with %d movies: %d loops", agent, movies, loops)
-            run = run_ours(cfg, dataset, loops)
-            rows.append({"agent": agent, "movies": movies, "per_s": run.interactions_per_s,
+            log.info("%s with %d movies: best of %d x %d loops", agent, movies, repeats, loops)
+            engine, _ = warmed_up(cfg, dataset)
+            rates = [loops * engine.interactions_per_loop / timed(engine, loops, cfg.training.chunk_loops)[1]
+                     for _ in range(repeats)]
+            rows.append({"agent": agent, "movies": movies, "per_s": max(rates), "all_per_s": rates,
                          "peak_rss_mb": peak_rss_mb()})
     return rows
 
@@ -192,7 +208,8 @@ def main() -> None:
                         help="also time our engine at these catalogue sizes (env.num_movies), e.g. 20 100 500 1682")
     parser.add_argument("--catalogue-agents", nargs="+", default=["linucb", "epsilon_greedy", "random"],
                         choices=AGENTS, help="agents of the catalogue table (default: %(default)s)")
-    parser.add_argument("--catalogue-loops", type=int, default=500, help="timed loops per catalogue size")
+    parser.add_argument("--catalogue-loops", type=int, default=1000, help="loops per timing at each catalogue size")
+    parser.add_argument("--catalogue-repeats", type=int, default=3, help="timings per catalogue size; the best counts")
     args = parser.parse_args()
     if not 0 <= args.stock_warmup < args.stock_loops or args.ours_loops < 100:
         parser.error("need 0 <= --stock-warmup < --stock-loops and --ours-loops >= 100")
@@ -220,7 +237,8 @@ def main() -> None:
                  example["seconds"], example["per_s"], example["peak_rss_mb"])
         rows = [measure(agent, data_overrides, dataset, data_dir / "u.data", args.stock_loops,
                         args.stock_warmup, args.ours_loops) for agent in args.agents]
-        sizes = catalogue(args.catalogue_agents, args.movies, data_overrides, dataset, args.catalogue_loops)
+        sizes = catalogue(args.catalogue_agents, args.movies, data_overrides, dataset, args.catalogue_loops,
+                          args.catalogue_repeats)
 
     by_agent = {r["agent"]: r for r in rows}
     if "linucb" in by_agent:

@@ -223,6 +223,36 @@ def test_vectorized_linucb_matches_tf_agents_and_closed_form(make_config):
     np.testing.assert_array_equal(their_actions[clear], our_actions[clear])
 
 
+def test_float32_scoring_keeps_the_float64_widths_at_a_small_ridge(make_config):
+    """Arms are scored in float32 from float64 inverses. At TF-Agents' ridge of 0.001, with
+    features whose scales span three decades in a rotated basis (A's condition ~1e5, the worst
+    case for cancellation in x'A^-1 x), the widths stay within 1% of the float64 model's
+    (measured: 0.3% at most) and the picks are its UCB's; a float32 inverse is off by far more."""
+    num_actions, dim, tikhonov_weight, alpha = 30, 20, 0.001, 10.0
+    ours, _ = agent_pair(make_config, "linucb", num_actions, dim, f"agent.alpha={alpha}",
+                         f"agent.tikhonov_weight={tikhonov_weight}")
+    rng = np.random.default_rng(0)
+    rotation = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+
+    def features(n):
+        return ((rng.normal(size=(n, dim)) * np.logspace(0, -3, dim)) @ rotation).astype(np.float32).astype(np.float64)
+
+    x, actions, rewards = linear_data(rng, num_actions, dim, 3000)
+    x = features(len(x))
+    train_in_batches((ours,), x, actions, rewards, num_actions, batches=3)
+    queries = features(2000)
+    covariance, _, _, ucb = linucb_closed_form(x, actions, rewards, num_actions, tikhonov_weight, alpha, queries)
+
+    _, variance = ours.statistics.every_arm(tf.constant(queries, tf.float32))
+    exact = np.einsum("bi,aij,bj->ab", queries, np.linalg.inv(covariance), queries)
+    np.testing.assert_allclose(variance.numpy(), exact, rtol=1e-2)
+    our_actions, _ = act(ours, queries)
+    top_two = np.sort(ucb, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 1e-3 * np.abs(top_two[:, 1])
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(our_actions[clear], ucb.argmax(axis=1)[clear])
+
+
 def per_arm_experience(users, movies, actions, rewards):
     """One-step per-arm trajectories [n, 1]: user features, candidates' features, the pick and
     the picked movie's features in the policy info, as our engine records them."""
