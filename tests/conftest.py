@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -124,9 +125,10 @@ def wait_until(condition, timeout: float, what: str):
 
 
 @contextlib.contextmanager
-def mlflow_ui(store: Path):
+def mlflow_ui(store: Path, meanwhile: Callable[[], object] = lambda: None):
     """`mlflow server` (the UI) on the SQLite store in folder `store`, on 127.0.0.1; yields its
-    URL and the id of the experiment the runs went to, once it answers."""
+    URL and the id of the experiment the runs went to, once it answers. `meanwhile` runs while
+    the server starts (on 2 busy cores it takes tens of seconds)."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                                f"sqlite:///{store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
@@ -141,6 +143,7 @@ def mlflow_ui(store: Path):
             return None
 
     try:
+        meanwhile()
         yield base, wait_until(experiment, 60, "mlflow server to answer").experiment_id
     finally:
         server.terminate()

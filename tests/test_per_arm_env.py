@@ -11,7 +11,6 @@ import tensorflow as tf
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 
 from src import data
-from src.envs import movielens_per_arm
 from src.errors import UserError
 from src.envs import build_environment
 
@@ -57,13 +56,6 @@ def test_the_same_seed_gives_the_same_rounds(make_env):
     rounds = [[e.reset().observation[PER_ARM].numpy() for _ in range(3)] for e in (first, second, other)]
     np.testing.assert_array_equal(rounds[0], rounds[1])
     assert not np.array_equal(rounds[0], rounds[2])
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 6])
-def test_expected_max_weights_match_enumeration(size):
-    values = np.random.default_rng(size).normal(size=6)
-    brute = np.mean([max(subset) for subset in itertools.combinations(values, size)])
-    assert np.sort(values) @ movielens_per_arm.expected_max_weights(6, size) == pytest.approx(brute)
 
 
 @pytest.mark.parametrize("num_actions", [3, 4])  # 3 of 10: drawn with repeats redrawn; 4: top k of keys

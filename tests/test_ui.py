@@ -46,12 +46,16 @@ def ui(tmp_path_factory, movielens_dir):
     directory, checksums = movielens_dir
     common = [f"data.dir={directory}", checksum_override(checksums), f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
               "tracking.system_metrics_every_s=0", "tracking.save_policy=false", *SMALL]
-    for agent in ("linucb", "random"):
-        training.train(config.compose([f"agent={agent}", *common]))
-    campaign.work(["hparams_search=linucb", "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
-                   f"hydra.sweeper.storage=sqlite:///{store / 'optuna.db'}", "env.reward_rank=4", *common,
-                   "env.rank_k=choice(2, 3)"])
-    with mlflow_ui(store) as served:
+    # The first run creates the store; the server starts on it while the others train.
+    training.train(config.compose(["agent=linucb", *common]))
+
+    def the_other_runs():
+        training.train(config.compose(["agent=random", *common]))
+        campaign.work(["hparams_search=linucb", "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
+                       f"hydra.sweeper.storage=sqlite:///{store / 'optuna.db'}", "env.reward_rank=4", *common,
+                       "env.rank_k=choice(2, 3)"])
+
+    with mlflow_ui(store, meanwhile=the_other_runs) as served:
         yield served
 
 

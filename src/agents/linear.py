@@ -174,7 +174,7 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
 def choose(statistics: ArmStatistics, x: tf.Tensor, alpha: float, exploration: Exploration):
     """The best-scoring zero-based arm [batch] and every arm's mean estimate [batch, arms], for
     x [batch, dim] and a model per arm, or x [batch, candidates, dim] and one shared model."""
-    if x.shape.rank == 3:
+    if len(x.shape) == 3:
         mean, variance = statistics.shared_model(x)
         return tf.argmax(exploration(mean, alpha * tf.sqrt(variance)), axis=-1, output_type=tf.int32), mean
     mean, variance = statistics.every_arm(x)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+from scipy.stats import hypergeom
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
@@ -28,18 +29,13 @@ from src.errors import require
 ARM_FEATURES = ("embedding", "interaction")
 
 
-def expected_max_weights(pool: int, size: int) -> np.ndarray:
-    """P(the best of a uniform `size`-subset of `pool` sorted values is the m-th smallest).
-
-    The m-th smallest is the maximum when it is drawn and the other size-1 come from the
-    m-1 below it: C(m-1, size-1) / C(pool, size). Built from the top by the ratio
-    C(m-2, size-1) / C(m-1, size-1) = (m-size) / (m-1), which avoids huge binomials.
-    """
-    weights = np.zeros(pool)
-    weights[-1] = size / pool
-    for m in range(pool, size, -1):
-        weights[m - 2] = weights[m - 1] * (m - size) / (m - 1)
-    return weights
+def expected_top_weights(pool: int, size: int, top: int) -> np.ndarray:
+    """P(the m-th smallest of `pool` sorted values is among the `top` largest of a uniform
+    `size`-subset), for m = 1..pool: it is drawn (size / pool), and fewer than `top` of the
+    other size - 1 drawn come from the pool - m values above it (hypergeometric). With
+    top = 1, the chance that it is the subset's best."""
+    above = pool - np.arange(1, pool + 1)
+    return size / pool * hypergeom.cdf(top - 1, pool - 1, above, size - 1)
 
 
 @dataclass(frozen=True)
@@ -51,8 +47,8 @@ class CandidateSetRewardModel(RewardModel):
     @property
     def random_policy_regret(self) -> float:
         """Exact expected per-interaction regret of a uniform pick from a random candidate set:
-        E[max over the set] (order statistics, see `expected_max_weights`) minus the pool mean."""
-        weights = expected_max_weights(self.rewards.shape[1], self.num_actions)
+        E[max over the set] (order statistics, see `expected_top_weights`) minus the pool mean."""
+        weights = expected_top_weights(self.rewards.shape[1], self.num_actions, 1)
         best = np.sort(self.rewards, axis=1) @ weights
         return float(np.mean(best - self.rewards.mean(axis=1)))
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
-from scipy.stats import hypergeom
 from tf_agents.bandits.agents import ranking_agent
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
@@ -28,18 +27,10 @@ from tf_agents.trajectories import trajectory
 
 from src import metrics
 from src.envs.movielens import build_reward_model
-from src.envs.movielens_per_arm import CandidateSetRewardModel, MovieLensPerArmEnvironment
+from src.envs.movielens_per_arm import CandidateSetRewardModel, MovieLensPerArmEnvironment, expected_top_weights
 from src.errors import require
 
 FEEDBACKS = ("scores", "cascade")
-
-
-def expected_top_weights(pool: int, size: int, top: int) -> np.ndarray:
-    """P(the m-th smallest of `pool` sorted values is among the `top` largest of a uniform
-    `size`-subset), for m = 1..pool: it is drawn (size / pool), and fewer than `top` of the
-    other size - 1 drawn come from the pool - m values above it (hypergeometric)."""
-    above = pool - np.arange(1, pool + 1)
-    return size / pool * hypergeom.cdf(top - 1, pool - 1, above, size - 1)
 
 
 @dataclass(frozen=True)

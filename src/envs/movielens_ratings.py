@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from src.envs.movielens import MOVIE_SELECTIONS, factorise, select_movies
-from src.envs.movielens_per_arm import MovieLensPerArmEnvironment, expected_max_weights
+from src.envs.movielens_per_arm import MovieLensPerArmEnvironment, expected_top_weights
 from src.errors import UserError, require
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,10 @@ class RatedCandidatesModel:
     @property
     def random_policy_regret(self) -> float:
         """Exact expected per-interaction regret of a uniform pick among a user's random candidate
-        set: E[best of the set] (order statistics, `expected_max_weights`) minus the mean."""
+        set: E[best of the set] (order statistics, `expected_top_weights`) minus the mean."""
         def regret(row: int) -> float:
             rewards = np.sort(self.rewards[row, self.rated(row)])
-            return rewards @ expected_max_weights(len(rewards), self.num_actions) - rewards.mean()
+            return rewards @ expected_top_weights(len(rewards), self.num_actions, 1) - rewards.mean()
 
         return float(np.mean([regret(row) for row in range(len(self.user_ids))]))
 
