@@ -168,7 +168,9 @@ def catalogue(agents: list[str], sizes: list[int], data_overrides: list[str], da
     """Our engine's rate for each agent with `env.num_movies` at each size (no stock side: at
     1,682 movies TF-Agents' pattern would take hours): the best of `repeats` timings of
     `loops` loops on one engine after its warm-up, since this machine's speed varies by tens
-    of percent from one second to the next."""
+    of percent from one minute to the next. The timings follow each other on one engine that
+    keeps learning, so a later one may differ also because the agent does (LinUCB's first
+    loops, when few movies are tried, are its fastest)."""
     rows = []
     for movies in sizes:
         for agent in agents:
@@ -213,6 +215,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.stock_warmup < args.stock_loops or args.ours_loops < 100:
         parser.error("need 0 <= --stock-warmup < --stock-loops and --ours-loops >= 100")
+    if args.catalogue_repeats < 1 or args.catalogue_loops < 1:
+        parser.error("need --catalogue-repeats >= 1 and --catalogue-loops >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # The stock trainer logs every metric every loop through absl, and TF-Agents' eager
     # metrics retrace by design; both would bury the progress lines.

@@ -11,8 +11,8 @@ import tensorflow as tf
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 
 from src import data
+from src.envs import build_environment, movielens_per_arm
 from src.errors import UserError
-from src.envs import build_environment
 
 GLOBAL = bandit_spec_utils.GLOBAL_FEATURE_KEY
 PER_ARM = bandit_spec_utils.PER_ARM_FEATURE_KEY
@@ -56,6 +56,14 @@ def test_the_same_seed_gives_the_same_rounds(make_env):
     rounds = [[e.reset().observation[PER_ARM].numpy() for _ in range(3)] for e in (first, second, other)]
     np.testing.assert_array_equal(rounds[0], rounds[1])
     assert not np.array_equal(rounds[0], rounds[2])
+
+
+@pytest.mark.parametrize("size, top", [(1, 1), (2, 1), (3, 1), (6, 1), (3, 2), (4, 3), (6, 6)])
+def test_expected_top_weights_match_enumeration(size, top):
+    """The exact random references: E[sum of the top `top` of a uniform `size`-subset]."""
+    values = np.random.default_rng(size + top).normal(size=6)
+    brute = np.mean([sum(sorted(subset)[-top:]) for subset in itertools.combinations(values, size)])
+    assert np.sort(values) @ movielens_per_arm.expected_top_weights(6, size, top) == pytest.approx(brute)
 
 
 @pytest.mark.parametrize("num_actions", [3, 4])  # 3 of 10: drawn with repeats redrawn; 4: top k of keys

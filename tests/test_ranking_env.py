@@ -4,8 +4,6 @@ agents, a tracked run served as a ranked slate, and its one-line errors."""
 
 from __future__ import annotations
 
-import itertools
-
 import mlflow
 import numpy as np
 import pandas as pd
@@ -15,7 +13,7 @@ from sklearn.metrics import ndcg_score
 from tf_agents.bandits.agents import ranking_agent
 
 from src import data, experiment, metrics, predict, training
-from src.envs import build_environment, movielens_per_arm
+from src.envs import build_environment
 from src.errors import UserError
 
 SLATE = 3
@@ -35,13 +33,6 @@ def make_env(make_config):
 def ranking(*overrides: str) -> list[str]:
     return ["env=movielens_ranking", f"env.num_actions={CANDIDATES}", f"env.slate_size={SLATE}",
             f"env.click_threshold={THRESHOLD}", *overrides]
-
-
-@pytest.mark.parametrize("size, top", [(1, 1), (2, 1), (3, 1), (6, 1), (3, 2), (4, 3), (6, 6)])
-def test_expected_top_weights_match_enumeration(size, top):
-    values = np.random.default_rng(size + top).normal(size=6)
-    brute = np.mean([sum(sorted(subset)[-top:]) for subset in itertools.combinations(values, size)])
-    assert np.sort(values) @ movielens_per_arm.expected_top_weights(6, size, top) == pytest.approx(brute)
 
 
 def random_slates(batch_size: int, seed: int) -> tf.Tensor:

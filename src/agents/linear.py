@@ -28,10 +28,11 @@ from tf_agents.utils import nest_utils
 from src.agents import has_per_arm_features, is_slate, slates
 from src.errors import require
 
-# What arms are scored in; the statistics themselves stay float64 (see ArmStatistics).
+# What a model per arm is scored in; the statistics themselves stay float64 (see ArmStatistics).
 SCORING_DTYPE = tf.float32
 
-# (mean, width) -> the score each arm is ranked by; both [batch, arms], width already scaled by alpha.
+# (mean, width) -> the score each arm is ranked by, width already scaled by alpha; elementwise, since
+# both are [arms, batch] for a model per arm and [batch, candidates] for one shared model.
 Exploration = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
@@ -50,10 +51,11 @@ class ArmStatistics(tf.Module):
     """A_a, b_a, A_a^-1 and theta_a for every arm, as [arms, dim, dim] and [arms, dim] tensors.
 
     Kept in float64: with a small ridge (TF-Agents' example uses 0.001) the float32 inverse
-    of a nearly singular A loses the confidence widths that drive exploration. Arms are
-    scored from float32 copies of theta and of A^-1's upper triangles, written at each
-    update: scoring every arm is the one large product of a step, and in float32 it takes
-    half the time (at 1,682 movies, most of a LinUCB step).
+    of a nearly singular A loses the confidence widths that drive exploration. With a model
+    per arm, arms are scored from float32 copies of theta and of A^-1's upper triangles,
+    written at each update: scoring every arm is the one large product of a step, and in
+    float32 it takes half the time (at 1,682 movies, most of a LinUCB step). One shared model
+    (per-arm features) scores its few candidates in float64.
     """
 
     def __init__(self, num_arms: int, dim: int, tikhonov_weight: float, name: str | None = None):
@@ -72,6 +74,10 @@ class ArmStatistics(tf.Module):
         self.scoring_theta = tf.Variable(tf.zeros([num_arms, dim], SCORING_DTYPE), name="scoring_theta")
         self.packed_inverse = tf.Variable(self._pack(identity / tikhonov_weight), name="packed_inverse")
 
+    def policy_variables(self) -> list[tf.Variable]:
+        """What a policy scoring with these statistics reads (`TFPolicy.variables`)."""
+        return [self.theta, self.covariance_inverse, self.scoring_theta, self.packed_inverse]
+
     def _pack(self, matrices: tf.Tensor) -> tf.Tensor:
         """The upper triangles of [n, dim, dim] symmetric matrices as [n, dim (dim + 1) / 2] rows."""
         flat = tf.reshape(tf.cast(matrices, SCORING_DTYPE), [tf.shape(matrices)[0], -1])
@@ -89,9 +95,9 @@ class ArmStatistics(tf.Module):
         """x.theta_a and x'A_a^-1 x for each row of x [batch, dim] and each arm a: [arms, batch],
         arms first, in `SCORING_DTYPE`.
 
-        Arms first all the way: Eigen runs [arms, 210] x [210, batch] 1.7x faster than
-        [batch, 210] x [210, arms], and transposing the [1,682, 8] result took a fifth as long
-        as the product. Reads without a copy: a variable that is also updated sparsely (scatter,
+        Arms first up to the argmax: Eigen runs [arms, 210] x [210, batch] 1.7x faster than
+        [batch, 210] x [210, arms], and transposing the [1,682, 8] widths took a fifth as long
+        as the product (only the mean is transposed, for the policy info). Reads without a copy: a variable that is also updated sparsely (scatter,
         gather) is otherwise copied whole at every dense read, 1.4 MB a step at 1,682 arms."""
         x = tf.cast(x, SCORING_DTYPE)
         dim = x.shape[-1]
@@ -155,8 +161,7 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
                          name=name)
 
     def _variables(self):
-        return [self._statistics.theta, self._statistics.covariance_inverse, self._statistics.scoring_theta,
-                self._statistics.packed_inverse]
+        return self._statistics.policy_variables()
 
     def _distribution(self, time_step, policy_state):
         observation = time_step.observation

@@ -44,8 +44,8 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
                          name=name)
 
     def _variables(self):
-        return [self._uses_reward_layer, self._statistics.theta, self._statistics.packed_inverse,
-                *self._encoder.variables, *self._reward_layer.variables]
+        return [self._uses_reward_layer, *self._statistics.policy_variables(), *self._encoder.variables,
+                *self._reward_layer.variables]
 
     def _distribution(self, time_step, policy_state):
         encoding, _ = self._encoder(time_step.observation)
