@@ -75,7 +75,8 @@ class ArmStatistics(tf.Module):
         self.packed_inverse = tf.Variable(self._pack(identity / tikhonov_weight), name="packed_inverse")
 
     def policy_variables(self) -> list[tf.Variable]:
-        """What a policy scoring with these statistics reads (`TFPolicy.variables`)."""
+        """What a policy scoring with these statistics reads, for its `_variables()` (TF-Agents'
+        `policy.variables()` itself lists what tf.Module tracking finds)."""
         return [self.theta, self.covariance_inverse, self.scoring_theta, self.packed_inverse]
 
     def _pack(self, matrices: tf.Tensor) -> tf.Tensor:
@@ -97,8 +98,9 @@ class ArmStatistics(tf.Module):
 
         Arms first up to the argmax: Eigen runs [arms, 210] x [210, batch] 1.7x faster than
         [batch, 210] x [210, arms], and transposing the [1,682, 8] widths took a fifth as long
-        as the product (only the mean is transposed, for the policy info). Reads without a copy: a variable that is also updated sparsely (scatter,
-        gather) is otherwise copied whole at every dense read, 1.4 MB a step at 1,682 arms."""
+        as the product (only the mean is transposed, for the policy info). Reads without a
+        copy: a variable that is also updated sparsely (scatter, gather) is otherwise copied
+        whole at every dense read, 1.4 MB a step at 1,682 arms."""
         x = tf.cast(x, SCORING_DTYPE)
         dim = x.shape[-1]
         # x'A^-1 x as one matrix product of packed upper triangles: TensorFlow's einsum over
