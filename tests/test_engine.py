@@ -245,7 +245,7 @@ def test_float32_scoring_keeps_the_float64_widths_at_a_small_ridge(make_config):
     covariance, _, _, ucb = linucb_closed_form(x, actions, rewards, num_actions, tikhonov_weight, alpha, queries)
 
     _, variance = ours.statistics.every_arm(tf.constant(queries, tf.float32))
-    exact = np.einsum("bi,aij,bj->ab", queries, np.linalg.inv(covariance), queries)
+    exact = np.einsum("bi,aij,bj->ba", queries, np.linalg.inv(covariance), queries)
     np.testing.assert_allclose(variance.numpy(), exact, rtol=1e-2)
     our_actions, _ = act(ours, queries)
     top_two = np.sort(ucb, axis=1)[:, -2:]
