@@ -20,9 +20,11 @@ from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from src.training import train
 
+ALL_AGENTS = sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml"))
 # agent=ranking ranks slates only (tests/test_ranking_env.py).
-AGENTS = sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml") if path.stem != "ranking")
-PER_ARM = [agent for agent in per_arm_agents() if agent in AGENTS]
+AGENTS = [agent for agent in ALL_AGENTS if agent != "ranking"]
+# Every agent the per-arm refusal names, so each is shown to run there.
+PER_ARM = per_arm_agents()
 PAIRS = [(agent, "movielens") for agent in AGENTS] + [(agent, "movielens_per_arm") for agent in PER_ARM]
 # TF-Agents' NeuralLinUCBAgent (the reference, and agent=neural_linucb with per-arm features)
 # loops over arms in Python: it traces, and saves, for tens of seconds per 10 arms.
@@ -71,7 +73,7 @@ def test_trains_in_the_compiled_engine(make_config, agent, env):
     assert all(np.isfinite(r).all() and (r >= -1e-9).all() for r in regrets)
 
 
-@pytest.mark.parametrize("agent", sorted(set(AGENTS) - set(PER_ARM)))
+@pytest.mark.parametrize("agent", sorted(set(ALL_AGENTS) - set(PER_ARM)))
 def test_agents_without_per_arm_features_refuse_the_per_arm_env(make_config, agent):
     with pytest.raises(UserError, match=f"agent={agent} cannot take .*agents that can: {', '.join(per_arm_agents())}$"):
         build(make_config, agent, "movielens_per_arm")

@@ -138,5 +138,7 @@ def test_bad_slate_settings_are_one_line_user_errors(make_config, overrides, mes
 
 def test_the_ranking_agent_needs_a_slate_environment(make_config):
     cfg = make_config("env=movielens_per_arm", "env.num_actions=4", "agent=ranking")
-    with pytest.raises(UserError, match="agent=ranking recommends slates: use it with env=movielens_ranking"):
+    with pytest.raises(UserError, match=r"agent=ranking cannot take .* \(it recommends slates: use it with "
+                                        r"env=movielens_ranking\); agents that can: .*linucb") as error:
         experiment.assemble(cfg, data.load(cfg.data))
+    assert "ranking" not in str(error.value).split("agents that can:")[1]

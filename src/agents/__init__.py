@@ -1,8 +1,9 @@
 """Agent builders. Each `conf/agent/*.yaml` names its builder in `_target_`.
 
-An agent YAML's `per_arm: true` says its builder handles observations with per-arm
-features (`env=movielens_per_arm`), and `slate: true` that it can recommend slates
-(`env=movielens_ranking`); the lists of such agents are read from those files.
+An agent YAML's `per_arm: true` says its builder picks one movie from observations with
+per-arm features (`env=movielens_per_arm`), and `slate: true` that it can recommend slates
+(`env=movielens_ranking`, whose observations have per-arm features too); the lists of such
+agents are read from those files.
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec):
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     builder = get_object(hyperparameters.pop("_target_"))
     accepts_per_arm, recommends_slates = hyperparameters.pop("per_arm", False), hyperparameters.pop("slate", False)
-    if has_per_arm_features(time_step_spec) and not accepts_per_arm:
-        raise UserError(f"agent={cfg.name} cannot take this environment's per-arm features; "
+    # A slate's observations carry per-arm features too; `slate: true` covers them.
+    if is_slate(action_spec):
+        if not recommends_slates:
+            raise UserError(f"agent={cfg.name} cannot recommend slates; agents that can: {', '.join(agents_that('slate'))}")
+    elif has_per_arm_features(time_step_spec) and not accepts_per_arm:
+        slates_only = " (it recommends slates: use it with env=movielens_ranking)" if recommends_slates else ""
+        raise UserError(f"agent={cfg.name} cannot take this environment's per-arm features{slates_only}; "
                         f"agents that can: {', '.join(per_arm_agents())}")
-    if is_slate(action_spec) and not recommends_slates:
-        raise UserError(f"agent={cfg.name} cannot recommend slates; agents that can: {', '.join(agents_that('slate'))}")
     with config.errors_name_source("agent", cfg.name):
         return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)
 
