@@ -35,26 +35,26 @@ def study_name(agent: str, env: str) -> str:
 
 def tune(agent: str, env: str, args: argparse.Namespace) -> optuna.Study:
     name = study_name(agent, env)
-    done = [trial for trial in load(name, args.storage).trials if trial.state == optuna.trial.TrialState.COMPLETE] \
-        if exists(name, args.storage) else []
-    if len(done) < args.trials:
+    done = completed_trials(name, args.storage)
+    if done < args.trials:
         log.info("Tuning %s on %s: %d trials of %d loops (%d complete so far)", agent, env, args.trials, args.loops,
-                 len(done))
+                 done)
         command = [str(PROJECT_ROOT / "multirun.sh"), agent, "--workers", str(args.workers), "--trials",
                    str(args.trials), "--storage", args.storage, f"hydra.sweeper.study_name={name}", f"env={env}",
                    f"training.loops={args.loops}", "training.seed=0", f"tracking.experiment={args.experiment}",
                    *args.overrides]
         if subprocess.run(command, cwd=PROJECT_ROOT).returncode != 0:
             raise UserError(f"the study {name} did not complete; run the same command again to resume it")
-    return load(name, args.storage)
+    return optuna.load_study(study_name=name, storage=args.storage)
 
 
-def exists(name: str, storage: str) -> bool:
-    return name in {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
-
-
-def load(name: str, storage: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=storage)
+def completed_trials(name: str, storage: str) -> int:
+    """How many trials of the study are complete (0 before it exists)."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # what Optuna raises for a study not in the storage
+        return 0
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def main() -> None:

@@ -3,10 +3,13 @@ builds its agent, refuses another agent or environment, and the script writes th
 
 from __future__ import annotations
 
+import argparse
+
 import optuna
 import pytest
 from omegaconf import OmegaConf
 
+from benchmarks import tune
 from src import config, data, experiment, tuning
 from src.errors import UserError
 from src.training import check_training
@@ -62,3 +65,24 @@ def test_the_best_trial_becomes_the_tuned_config(tmp_path, monkeypatch):
     assert written.defaults == [{"override /agent": "lints"}, {"override /env": "movielens"}]
     text = (tmp_path / "lints-movielens.yaml").read_text()
     assert text.startswith("# @package _global_\n") and "3 trials" in text and "cumulative_regret 400.0" in text
+
+
+def test_tuning_counts_complete_trials_and_only_reads_a_complete_study(tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    name = tune.study_name("lints", "movielens")
+    assert tune.completed_trials(name, storage) == 0  # not started
+    study = optuna.create_study(study_name=name, storage=storage)
+    distributions = {"agent.alpha": optuna.distributions.FloatDistribution(0.01, 10, log=True)}
+    for state, value in ((optuna.trial.TrialState.COMPLETE, 500.0), (optuna.trial.TrialState.FAIL, None),
+                         (optuna.trial.TrialState.COMPLETE, 400.0)):
+        study.add_trial(optuna.trial.create_trial(params={"agent.alpha": 1.0}, distributions=distributions,
+                                                  value=value, state=state))
+    study.enqueue_trial({"agent.alpha": 2.0})  # waiting, as a dead worker's trial may be
+    assert tune.completed_trials(name, storage) == 2
+
+    def no_multirun(*args, **kwargs):
+        raise AssertionError("a study with enough complete trials was run again")
+
+    monkeypatch.setattr(tune.subprocess, "run", no_multirun)
+    args = argparse.Namespace(storage=storage, trials=2, workers=2, loops=10, experiment="tuning", overrides=[])
+    assert tune.tune("lints", "movielens", args).best_value == 400.0
