@@ -22,7 +22,7 @@ METRIC = metrics.CUMULATIVE_REGRET
 CONFIDENCE = 0.95
 VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
 # Agent parameters that name or wire the agent rather than set how it learns.
-NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm")
+NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm", "agent.slate")
 # Environment parameters the searches tune beside the agent's (conf/hparams_search/).
 TUNED_ENV_KEYS = ("env.rank_k",)
 

@@ -86,11 +86,13 @@ def test_table_rows_means_and_bands_match_scipy_per_environment(experiment):
 def test_a_tuned_entry_stands_apart_beside_its_defaults(experiment):
     experiment_id, log_run = experiment
     rng = np.random.default_rng(1)
+    # per_arm and slate say what the agent can take, as a run logs them; they tune nothing.
+    capabilities = {"agent__per_arm": True, "agent__slate": True}
     for seed in range(2):
         log_run(regret_curves(rng, 5.0)[0], 9000.0, agent__name="lints", agent__alpha=1.0, env__name="movielens",
-                env__rank_k=20, training__seed=seed)
+                env__rank_k=20, training__seed=seed, **capabilities)
         log_run(regret_curves(rng, 1.0)[0], 9000.0, entry="lints (tuned)", agent__name="lints", agent__alpha=0.3,
-                env__name="movielens", env__rank_k=7, training__seed=seed)
+                env__name="movielens", env__rank_k=7, training__seed=seed, **capabilities)
 
     table = leaderboard.standings(experiment_id).table.set_index("entry")
 
