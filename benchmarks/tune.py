@@ -35,7 +35,7 @@ def study_name(agent: str, env: str) -> str:
 
 def tune(agent: str, env: str, args: argparse.Namespace) -> optuna.Study:
     name = study_name(agent, env)
-    done = completed_trials(name, args.storage)
+    done = tuning.completed_trials(name, args.storage)
     if done < args.trials:
         log.info("Tuning %s on %s: %d trials of %d loops (%d complete so far)", agent, env, args.trials, args.loops,
                  done)
@@ -46,15 +46,6 @@ def tune(agent: str, env: str, args: argparse.Namespace) -> optuna.Study:
         if subprocess.run(command, cwd=PROJECT_ROOT).returncode != 0:
             raise UserError(f"the study {name} did not complete; run the same command again to resume it")
     return optuna.load_study(study_name=name, storage=args.storage)
-
-
-def completed_trials(name: str, storage: str) -> int:
-    """How many trials of the study are complete (0 before it exists)."""
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:  # what Optuna raises for a study not in the storage
-        return 0
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def main() -> None:

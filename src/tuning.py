@@ -34,6 +34,15 @@ def pairs(agents: list[str] | None, envs: list[str] | None) -> list[tuple[str, s
             if runs_on(agent, env, lineup)]
 
 
+def completed_trials(study_name: str, storage: str) -> int:
+    """How many trials of the study are complete (0 before it exists), to resume it."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # what Optuna raises for a study not in the storage
+        return 0
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
 def write_tuned(agent: str, env: str, study: optuna.Study, workers: int, loops: int) -> None:
     """conf/tuned/<agent>-<env>.yaml: the study's best values over the agent's and environment's
     defaults, with the ground truth the study held fixed."""

@@ -3,13 +3,10 @@ builds its agent, refuses another agent or environment, and the script writes th
 
 from __future__ import annotations
 
-import argparse
-
 import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from benchmarks import tune
 from src import config, data, experiment, tuning
 from src.errors import UserError
 from src.training import check_training
@@ -67,10 +64,10 @@ def test_the_best_trial_becomes_the_tuned_config(tmp_path, monkeypatch):
     assert text.startswith("# @package _global_\n") and "3 trials" in text and "cumulative_regret 400.0" in text
 
 
-def test_tuning_counts_complete_trials_and_only_reads_a_complete_study(tmp_path, monkeypatch):
+def test_a_study_resumes_from_its_complete_trials(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    name = tune.study_name("lints", "movielens")
-    assert tune.completed_trials(name, storage) == 0  # not started
+    name = "tune-lints-movielens"
+    assert tuning.completed_trials(name, storage) == 0  # not started
     study = optuna.create_study(study_name=name, storage=storage)
     distributions = {"agent.alpha": optuna.distributions.FloatDistribution(0.01, 10, log=True)}
     for state, value in ((optuna.trial.TrialState.COMPLETE, 500.0), (optuna.trial.TrialState.FAIL, None),
@@ -78,11 +75,4 @@ def test_tuning_counts_complete_trials_and_only_reads_a_complete_study(tmp_path,
         study.add_trial(optuna.trial.create_trial(params={"agent.alpha": 1.0}, distributions=distributions,
                                                   value=value, state=state))
     study.enqueue_trial({"agent.alpha": 2.0})  # waiting, as a dead worker's trial may be
-    assert tune.completed_trials(name, storage) == 2
-
-    def no_multirun(*args, **kwargs):
-        raise AssertionError("a study with enough complete trials was run again")
-
-    monkeypatch.setattr(tune.subprocess, "run", no_multirun)
-    args = argparse.Namespace(storage=storage, trials=2, workers=2, loops=10, experiment="tuning", overrides=[])
-    assert tune.tune("lints", "movielens", args).best_value == 400.0
+    assert tuning.completed_trials(name, storage) == 2
