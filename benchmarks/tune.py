@@ -28,7 +28,6 @@ from src.paths import PROJECT_ROOT
 log = logging.getLogger("benchmarks.tune")
 
 
-
 def study_name(agent: str, env: str) -> str:
     return f"tune-{agent}-{env}"
 
