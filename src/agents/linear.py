@@ -91,8 +91,10 @@ class ArmStatistics(tf.Module):
         """x.theta and x'A^-1 x of the one model shared by all candidates, for each candidate of
         x [batch, candidates, dim] (per-arm features): [batch, candidates] float64."""
         x = tf.cast(x, tf.float64)
-        mean = tf.linalg.matvec(x, self.theta[0])
-        variance = tf.reduce_sum(tf.linalg.matmul(x, self.covariance_inverse[0]) * x, axis=-1)
+        # tensordot: one [batch * candidates, dim] product; batched matmuls over the batch
+        # took ~3x longer, a fifth of a slate loop.
+        mean = tf.tensordot(x, self.theta[0], axes=1)
+        variance = tf.reduce_sum(tf.tensordot(x, self.covariance_inverse[0], axes=1) * x, axis=-1)
         return mean, tf.maximum(variance, 0.0)
 
     def _arms_last(self, flat: tf.Variable) -> tf.Tensor:
@@ -128,11 +130,16 @@ class ArmStatistics(tf.Module):
         x, reward = tf.cast(x, tf.float64), tf.cast(reward, tf.float64)
         error = tf.reduce_sum(x * tf.gather(self.theta, arm), axis=-1) - reward
         touched, row_of = tf.unique(arm)
-        count = tf.size(touched)
-        covariance = tf.gather(self.covariance, touched) + tf.math.unsorted_segment_sum(
-            tf.einsum("ni,nj->nij", x, x), row_of, count)
-        data_vector = tf.gather(self.data_vector, touched) + tf.math.unsorted_segment_sum(
-            reward[:, None] * x, row_of, count)
+        # Each touched arm's X'X and X'r as one product over the rows, each row weighted by
+        # whether it is that arm's: no [n, dim, dim] outer products to sum (with one shared
+        # model and slates, 80 rows of 40 features a loop, that einsum and its segment sum
+        # took a fifth of the loop).
+        is_arm_of_row = tf.one_hot(row_of, tf.size(touched), dtype=tf.float64)
+        spread = tf.reshape(is_arm_of_row[:, :, None] * x[:, None, :], [tf.shape(x)[0], -1])
+        covariance = tf.gather(self.covariance, touched) + tf.reshape(
+            tf.matmul(spread, x, transpose_a=True), [-1, x.shape[-1], x.shape[-1]])
+        data_vector = tf.gather(self.data_vector, touched) + tf.matmul(
+            is_arm_of_row, reward[:, None] * x, transpose_a=True)
         covariance_inverse = tf.linalg.inv(covariance)
         rows = touched[:, None]
         self.covariance.scatter_nd_update(rows, covariance)
