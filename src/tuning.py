@@ -1,6 +1,6 @@
 """Tuned configurations, conf/tuned/<agent>-<env>.yaml: which agent and environment pairs the
-leaderboard's line-up tunes, and the file a study's best trial becomes (benchmarks/tune.py
-runs the studies)."""
+leaderboard's line-up tunes, how far a study has come, and the file its best trial becomes
+(benchmarks/tune.py runs the studies)."""
 
 from __future__ import annotations
 

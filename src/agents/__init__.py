@@ -52,7 +52,8 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec):
     # A slate's observations carry per-arm features too; `slate: true` covers them.
     if is_slate(action_spec):
         if not recommends_slates:
-            raise UserError(f"agent={cfg.name} cannot recommend slates; agents that can: {', '.join(agents_that('slate'))}")
+            raise UserError(f"agent={cfg.name} cannot recommend slates; "
+                            f"agents that can: {', '.join(agents_that('slate'))}")
     elif has_per_arm_features(time_step_spec) and not accepts_per_arm:
         slates_only = " (it recommends slates: use it with env=movielens_ranking)" if recommends_slates else ""
         raise UserError(f"agent={cfg.name} cannot take this environment's per-arm features{slates_only}; "
