@@ -92,15 +92,17 @@ def recommend(cfg: DictConfig) -> str:
               f"{run_cfg.training.seed}), {len(catalogue.movie_ids)} candidate movies"
               + (f"; its slate: the top {policy.slate_size} ranked" if policy.slate_size else ""))
     blocks = [describe(label, catalogue, actions[i], None if scores is None else scores[i],
-                       None if ratings is None else ratings[i], top_k)
+                       None if ratings is None else ratings[i], top_k, policy.slate_size)
               for i, label in enumerate(labels)]
     return "\n\n".join([header, *blocks])
 
 
-def describe(label: str, catalogue: serving.Catalogue, action: int, scores, ratings, top_k) -> str:
-    """One observation's recommendation, its true rating and the best movie when known, and
-    the candidates ranked by predicted reward (which LinUCB's pick may not top: it adds
-    an exploration bonus)."""
+def describe(label: str, catalogue: serving.Catalogue, action: int, scores, ratings, top_k,
+             slate_size: int | None = None) -> str:
+    """One observation's recommendation, its true rating and the best movie when known (for
+    a slate policy, also what its slate is worth against the best slate), and the candidates
+    ranked by predicted reward (which LinUCB's pick may not top: it adds an exploration
+    bonus)."""
     def movie(index: int) -> str:
         return f"movie {catalogue.movie_ids[index]} \"{catalogue.titles[index]}\""
 
@@ -116,6 +118,13 @@ def describe(label: str, catalogue: serving.Catalogue, action: int, scores, rati
         best = int(np.nanargmax(ratings))
         outcome = f"regret {ratings[best] - ratings[action]:.3f}" if known else "the pick has no rating from them"
         lines.append(f"best for {label}: {movie(best)} (true rating {ratings[best]:.3f}, {outcome})")
+    if slate_size and scores is not None and ratings is not None:
+        # As the environment scores a slate: the sum of its movies' ratings.
+        worth = ratings[np.argsort(-scores, kind="stable")[:slate_size]].sum()
+        best_worth = np.sort(ratings)[-slate_size:].sum()
+        if np.isfinite([worth, best_worth]).all():
+            lines.append(f"slate of {slate_size} for {label}: true ratings sum to {worth:.3f}, the best slate's to "
+                         f"{best_worth:.3f} (slate regret {best_worth - worth:.3f})")
     if scores is None:
         lines.append("(this policy reports no predicted rewards per movie)")
         return "\n".join(lines)

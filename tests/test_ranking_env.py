@@ -120,6 +120,13 @@ def test_a_tracked_slate_run_logs_its_metrics_and_serves_a_ranked_slate(make_con
     report = predict.recommend(predict.parse([f"run_id={run_id}", f"user_id={user}", f"tracking.uri={tracking_uri}"]))
     assert f"its slate: the top {SLATE} ranked" in report
     assert [line.split()[0] for line in report.splitlines()[-SLATE:]] == ["1", "2", "3"]
+    model = build_environment(cfg, data.load(cfg.data)).reward_model
+    ratings = model.rewards[list(model.user_ids).index(user)]
+    column = {movie_id: column for column, movie_id in enumerate(model.movie_ids)}
+    worth = sum(ratings[column[movie]] for movie in answer.slate_movie_ids[0])
+    best = np.sort(ratings)[-SLATE:].sum()
+    assert (f"slate of {SLATE} for user {user}: true ratings sum to {worth:.3f}, the best slate's to {best:.3f} "
+            f"(slate regret {best - worth:.3f})") in report
 
 
 @pytest.mark.parametrize("overrides, message", [
