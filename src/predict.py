@@ -91,18 +91,19 @@ def recommend(cfg: DictConfig) -> str:
     header = (f"run {run_id}: {run_cfg.agent.name} on {run_cfg.env.name} (seed "
               f"{run_cfg.training.seed}), {len(catalogue.movie_ids)} candidate movies"
               + (f"; its slate: the top {policy.slate_size} ranked" if policy.slate_size else ""))
+    slates = policy.slates(scores) if policy.slate_size and scores is not None else None
     blocks = [describe(label, catalogue, actions[i], None if scores is None else scores[i],
-                       None if ratings is None else ratings[i], top_k, policy.slate_size)
+                       None if ratings is None else ratings[i], top_k, None if slates is None else slates[i])
               for i, label in enumerate(labels)]
     return "\n\n".join([header, *blocks])
 
 
 def describe(label: str, catalogue: serving.Catalogue, action: int, scores, ratings, top_k,
-             slate_size: int | None = None) -> str:
+             slate: np.ndarray | None = None) -> str:
     """One observation's recommendation, its true rating and the best movie when known (for
-    a slate policy, also what its slate is worth against the best slate), and the candidates
-    ranked by predicted reward (which LinUCB's pick may not top: it adds an exploration
-    bonus)."""
+    a slate policy's `slate`, the columns of its movies, also what it is worth against the
+    best slate), and the candidates ranked by predicted reward (which LinUCB's pick may not
+    top: it adds an exploration bonus)."""
     def movie(index: int) -> str:
         return f"movie {catalogue.movie_ids[index]} \"{catalogue.titles[index]}\""
 
@@ -118,12 +119,11 @@ def describe(label: str, catalogue: serving.Catalogue, action: int, scores, rati
         best = int(np.nanargmax(ratings))
         outcome = f"regret {ratings[best] - ratings[action]:.3f}" if known else "the pick has no rating from them"
         lines.append(f"best for {label}: {movie(best)} (true rating {ratings[best]:.3f}, {outcome})")
-    if slate_size and scores is not None and ratings is not None:
+    if slate is not None and ratings is not None:
         # As the environment scores a slate: the sum of its movies' ratings.
-        worth = ratings[np.argsort(-scores, kind="stable")[:slate_size]].sum()
-        best_worth = np.sort(ratings)[-slate_size:].sum()
+        worth, best_worth = ratings[slate].sum(), np.sort(ratings)[-len(slate):].sum()
         if np.isfinite([worth, best_worth]).all():
-            lines.append(f"slate of {slate_size} for {label}: true ratings sum to {worth:.3f}, the best slate's to "
+            lines.append(f"slate of {len(slate)} for {label}: true ratings sum to {worth:.3f}, the best slate's to "
                          f"{best_worth:.3f} (slate regret {best_worth - worth:.3f})")
     if scores is None:
         lines.append("(this policy reports no predicted rewards per movie)")
