@@ -40,6 +40,14 @@ pg_bin() {
 as_db_owner() { if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
 password() { cat "$PG_DIR/password"; }
 database_url() { echo "postgresql+psycopg://$PG_USER:$(password)@$STACK_HOST:$(port_of postgres)/$1"; }
+# The MLflow server's URL names no password: `ps` shows every user a command line (and
+# /proc/<pid>/environ only to the owner); libpq reads the password from this owner-only file.
+passfile() {
+  local file="$STACK_DIR/pgpass"
+  (umask 077 && echo "$STACK_HOST:$(port_of postgres):*:$PG_USER:$(password)" >"$file")
+  echo "$file"
+}
+mlflow_bin() { uv run --no-sync python -c 'import shutil; print(shutil.which("mlflow"))'; }
 tracking_uri() { echo "http://$STACK_HOST:$(port_of mlflow)"; }
 pg_running() { as_db_owner "$(pg_bin)/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; }
 mlflow_running() { curl -fsS "$(tracking_uri)/health" >/dev/null 2>&1; }
@@ -94,10 +102,12 @@ start_mlflow() {
   artifacts=${MLFLOW_ARTIFACTS_DESTINATION:-$STACK_DIR/artifacts}
   mkdir -p "$STACK_DIR/artifacts"
   say "starting the MLflow server at $(tracking_uri) (artifacts: $artifacts)"
-  # Its own session, so `down` stops uv, mlflow and the server's workers together. No GenAI
-  # job runner: eight more processes (about 2 GB) for features bandit runs never use.
-  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
-    setsid nohup uv run --no-sync mlflow server --backend-store-uri "$(database_url mlflow)" \
+  # Its own session, so `down` stops the server and its workers together; started as the
+  # server itself (not through `uv run`), so the pid file names the server. No GenAI job
+  # runner: eight more processes (about 2 GB) for features bandit runs never use.
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} PGPASSFILE=$(passfile) \
+    MLFLOW_BACKEND_STORE_URI="postgresql+psycopg://$PG_USER@$STACK_HOST:$(port_of postgres)/mlflow" \
+    setsid nohup "$(mlflow_bin)" server \
     --artifacts-destination "$artifacts" --host "$STACK_HOST" --port "$port" --workers 2 \
     ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"} \
     >"$STACK_DIR/mlflow.log" 2>&1 &
@@ -132,7 +142,9 @@ case ${1:-} in
       echo "PostgreSQL: running on $STACK_HOST:$(port_of postgres) (databases optuna, mlflow)"
     else echo "PostgreSQL: stopped"; up=3; fi
     if [ -s "$STACK_DIR/mlflow.port" ] && mlflow_running; then
-      echo "MLflow server: running at $(tracking_uri)"
+      if [ "$up" = 0 ]; then echo "MLflow server: running at $(tracking_uri)"
+      # /health answers without asking the database; every request that reads runs would fail.
+      else echo "MLflow server: up at $(tracking_uri) but unusable: its PostgreSQL database is stopped"; fi
     else echo "MLflow server: stopped"; up=3; fi
     exit $up
     ;;

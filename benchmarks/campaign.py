@@ -30,7 +30,7 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from src import campaign
+from src.campaigns import worker
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger("benchmarks.campaign")
@@ -45,7 +45,7 @@ def sweep(name: str, trials: int, data: list[str], storage: str, tracking_uri: s
                  f"hydra.sweeper.storage={storage}", f"tracking.uri={tracking_uri}",
                  f"tracking.experiment=bench-{study}", *QUICK, *data, *extra]
     started = time.perf_counter()
-    campaign.work(overrides)
+    worker.work(overrides)
     wall = time.perf_counter() - started
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(f"bench-{study}")

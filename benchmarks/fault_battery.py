@@ -7,7 +7,8 @@ runs left RUNNING, FAILED runs from config errors).
 
 A clean error is a non-zero exit whose stderr has exactly one ERROR line and no traceback.
 The signals (Ctrl-C bursts, SIGTERM, SIGHUP), dead workers and lost servers are in the test
-suite (tests/test_faults.py, test_train.py, test_campaign.py), which needs real timing.
+suite (tests/test_faults.py, test_train.py, campaigns/test_workers_on_services.py), which needs real
+timing.
 """
 
 from __future__ import annotations

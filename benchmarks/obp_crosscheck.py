@@ -1,4 +1,4 @@
-"""Cross-check of src.ope against Open Bandit Pipeline's estimators on random logs.
+"""Cross-check of src.evaluation.estimators against Open Bandit Pipeline's estimators on random logs.
 
 obp cannot be a dependency here: it requires PyTorch (gigabytes, for its policy learners) and
 pins an old stack. Its estimators need neither, so this script loads `obp.ope.estimators`
@@ -41,7 +41,7 @@ def load_obp_estimators():
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from src import ope
+    from src.evaluation import estimators as ours
 
     estimators = load_obp_estimators()
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def main() -> None:
     pscore = logging_policy[user, action]
     target = rng.dirichlet(np.full(actions, 0.5), size=users)[user]
     reward_model = rng.normal(size=(rounds, actions))
-    terms = ope.terms(ope.Feedback(np.zeros((rounds, 1)), action, reward, pscore), target, reward_model)
+    terms = ours.terms(ours.Feedback(np.zeros((rounds, 1)), action, reward, pscore), target, reward_model)
 
     logged = dict(reward=reward, action=action, pscore=pscore, action_dist=target[:, :, None],
                   position=np.zeros(rounds, int))
@@ -68,9 +68,9 @@ def main() -> None:
         "switch_dr": estimators.SwitchDoublyRobust(lambda_=3.0).estimate_policy_value(
             **logged, estimated_rewards_by_reg_model=reward_model[:, :, None]),
     }
-    for name, value in theirs.items():
-        ours = ope.estimate(name, terms, switch_tau=3.0)
-        print(f"{name:10s} src.ope {ours:.12f}  obp {value:.12f}  difference {abs(ours - value):.1e}")
+    for estimator in ours.configured(theirs, {"switch_dr": {"tau": 3.0}}, "estimator_params"):
+        mine, value = estimator.estimate(terms), theirs[estimator.name]
+        print(f"{estimator.name:10s} ours {mine:.12f}  obp {value:.12f}  difference {abs(mine - value):.1e}")
 
 
 if __name__ == "__main__":

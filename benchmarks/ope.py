@@ -11,8 +11,8 @@ a policy's true value, by logging policy and log size.
    environment's users). Logs are drawn from that environment by fixed logging policies
    built on an imperfect reward model (a ridge fit on a 500-round uniform pilot log):
    uniform, epsilon-greedy and Boltzmann at several settings. For each policy, log size and
-   seed, every estimator of `src.ope` scores the target, its reward model fitted on the log
-   as `src.evaluate` fits it; the table is the relative RMSE over seeds,
+   seed, every estimator of `src.evaluation.estimators` scores the target, its reward model
+   fitted on the log as `src.evaluate` fits it; the table is the relative RMSE over seeds,
    sqrt(mean((estimate - truth)^2)) / truth. It runs for each `--rank-k`: at 20 (the
    default) the agent's features are the reward model's whole embedding, so the rewards are
    linear in them and the direct method's model is well specified; at 5 the rewards depend
@@ -35,9 +35,10 @@ from matplotlib.figure import Figure
 from tf_agents.trajectories import time_step as ts
 
 from benchmarks.throughput import compose_config
-from src import config, data, experiment, ope
+from src import config, data, experiment
 from src.data.synthetic import checksum_override, write_movielens
 from src.engine import configure_threads
+from src.evaluation import estimators
 
 log = logging.getLogger("benchmarks.ope")
 
@@ -90,9 +91,9 @@ def logging_policies(model, rng) -> dict[str, np.ndarray]:
     num_users, num_actions = model.rewards.shape
     pilot_users = rng.integers(num_users, size=500)
     pilot_actions = rng.integers(num_actions, size=500)
-    pilot = ope.Feedback(model.user_features[pilot_users], pilot_actions,
-                         model.rewards[pilot_users, pilot_actions], np.full(500, 1 / num_actions))
-    scores = ope.predict_rewards(ope.fit_reward_model(pilot, num_actions, RIDGE), model.user_features)
+    pilot = estimators.Feedback(model.user_features[pilot_users], pilot_actions,
+                                model.rewards[pilot_users, pilot_actions], np.full(500, 1 / num_actions))
+    scores = estimators.predict_rewards(estimators.fit_reward_model(pilot, num_actions, RIDGE), model.user_features)
     greedy = np.eye(num_actions)[scores.argmax(axis=1)]
     policies = {"uniform": np.full((num_users, num_actions), 1 / num_actions)}
     policies.update({f"epsilon-greedy {e}": e / num_actions + (1 - e) * greedy for e in EPSILONS})
@@ -103,32 +104,33 @@ def logging_policies(model, rng) -> dict[str, np.ndarray]:
     return policies
 
 
-def draw_log(model, probabilities: np.ndarray, rounds: int, rng) -> tuple[ope.Feedback, np.ndarray]:
+def draw_log(model, probabilities: np.ndarray, rounds: int, rng) -> tuple[estimators.Feedback, np.ndarray]:
     users = rng.integers(len(probabilities), size=rounds)
     actions = (rng.random((rounds, 1)) > probabilities[users].cumsum(axis=1)).sum(axis=1)
     actions = np.minimum(actions, probabilities.shape[1] - 1)  # a cumulative sum a hair below 1
-    return ope.Feedback(model.user_features[users], actions, model.rewards[users, actions],
-                        probabilities[users, actions]), users
+    return estimators.Feedback(model.user_features[users], actions, model.rewards[users, actions],
+                               probabilities[users, actions]), users
 
 
 def study(model, choices, sizes: list[int], seeds: int) -> pd.DataFrame:
     num_actions = model.rewards.shape[1]
     truth = model.value_of(choices)
+    scorers = [estimator().for_actions(num_actions) for estimator in estimators.ESTIMATORS.values()]
     rows = []
     for name, probabilities in logging_policies(model, np.random.default_rng(1234)).items():
         for rounds in sizes:
-            estimates = {estimator: [] for estimator in ope.ESTIMATORS}
+            estimates = {scorer.name: [] for scorer in scorers}
             for seed in range(seeds):
                 feedback, users = draw_log(model, probabilities, rounds, np.random.default_rng(seed))
-                terms = ope.deterministic_target_terms(feedback, choices[users], num_actions, RIDGE)
-                for estimator in ope.ESTIMATORS:
-                    estimates[estimator].append(ope.estimate(estimator, terms, switch_tau=num_actions))
+                terms = estimators.deterministic_target_terms(feedback, choices[users], num_actions, RIDGE)
+                for scorer in scorers:
+                    estimates[scorer.name].append(scorer.estimate(terms))
             row = {"logging policy": name, "rounds": rounds}
             row.update({estimator: np.sqrt(np.mean((np.array(values) - truth) ** 2)) / truth
                         for estimator, values in estimates.items()})
             rows.append(row)
             log.info("%s, %d rounds: %s", name, rounds,
-                     ", ".join(f"{e} {row[e]:.3f}" for e in ope.ESTIMATORS))
+                     ", ".join(f"{e} {row[e]:.3f}" for e in estimators.ESTIMATORS))
     return pd.DataFrame(rows)
 
 
@@ -138,7 +140,7 @@ def study_figure(table: pd.DataFrame) -> Figure:
     axes = figure.subplots(2, (len(policies) + 1) // 2, sharex=True, sharey=True).ravel()
     for axis, policy in zip(axes, policies):
         rows = table[table["logging policy"] == policy]
-        for estimator in ope.ESTIMATORS:
+        for estimator in estimators.ESTIMATORS:
             axis.plot(rows.rounds, rows[estimator], marker="o", label=estimator)
         axis.set(title=policy, xscale="log", yscale="log")
         axis.grid(alpha=0.3)
@@ -152,10 +154,10 @@ def study_figure(table: pd.DataFrame) -> Figure:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    lines = ["| logging policy | rounds | " + " | ".join(ope.ESTIMATORS) + " |",
-             "|---|---:|" + "---:|" * len(ope.ESTIMATORS)]
+    lines = ["| logging policy | rounds | " + " | ".join(estimators.ESTIMATORS) + " |",
+             "|---|---:|" + "---:|" * len(estimators.ESTIMATORS)]
     for row in table.itertuples(index=False):
-        values = [getattr(row, estimator) for estimator in ope.ESTIMATORS]
+        values = [getattr(row, estimator) for estimator in estimators.ESTIMATORS]
         best = int(np.argmin(values))
         cells = [f"**{v:.3f}**" if i == best else f"{v:.3f}" for i, v in enumerate(values)]
         lines.append(f"| {row[0]} | {row[1]:,} | " + " | ".join(cells) + " |")

@@ -20,7 +20,7 @@ import subprocess
 
 import optuna
 
-from src import tuning
+from src.campaigns import tuned
 from src.cli import exit_on_user_error
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
@@ -34,7 +34,7 @@ def study_name(agent: str, env: str) -> str:
 
 def tune(agent: str, env: str, args: argparse.Namespace) -> optuna.Study:
     name = study_name(agent, env)
-    done = tuning.completed_trials(name, args.storage)
+    done = tuned.completed_trials(name, args.storage)
     if done < args.trials:
         log.info("Tuning %s on %s: %d trials of %d loops (%d complete so far)", agent, env, args.trials, args.loops,
                  done)
@@ -64,8 +64,8 @@ def main() -> None:
         args.overrides.insert(0, f"data.dir={args.data_dir}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_user_error():
-        for agent, env in tuning.pairs(args.agents, args.envs):
-            tuning.write_tuned(agent, env, tune(agent, env, args), args.workers, args.loops)
+        for agent, env in tuned.pairs(args.agents, args.envs):
+            tuned.write_tuned(agent, env, tune(agent, env, args), args.workers, args.loops)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ the checks on what a user chose (group options, value types), each error naming 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 from collections.abc import Iterable, Iterator
 
 import hydra
@@ -22,6 +24,19 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 # trains like random; a seed of 2^32 overflows NumPy).
 LARGEST_NUMBER = 1e6
 LARGEST_INTEGER = 2**31 - 1
+SMALLEST_FLOAT32 = 1.1754944e-38  # numpy.finfo(numpy.float32).tiny
+# Each of a loop's steps is traced into the compiled loop as its own copy of the collect step
+# (hundreds of ops): 2,147,483,647 steps never finish tracing.
+MOST_STEPS_PER_LOOP = 64
+# A signal is honoured between compiled calls, so one call must end within seconds: 200,000
+# interactions take 3-15 s at the rates measured here (14,000-66,000/s).
+MOST_INTERACTIONS_PER_CALL = 200_000
+# Thread pools far beyond the cores only cost memory (100,000 inter-op threads: 8 GB and a hang).
+MOST_THREADS_PER_CORE = 4
+# What a run keeps in memory per loop (its metric row, with pandas' copies while metrics.csv is
+# written) and per logged interaction (user, movie, propensity and reward beside the features).
+BYTES_PER_LOOP = 300
+BYTES_PER_LOGGED_INTERACTION = 200
 
 # Lets configs place files at the project root whatever the cwd (`${project_root:}`).
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -52,6 +67,76 @@ def default_option(group: str) -> str:
     """The option conf/config.yaml's defaults list chooses for `group` (`env` -> `movielens`)."""
     defaults = OmegaConf.load(CONFIG_DIR / "config.yaml").defaults
     return next(entry[group] for entry in defaults if isinstance(entry, DictConfig) and group in entry)
+
+
+# Where data lives or how it is checked, not what it is: never what tells runs apart.
+DATA_WHEREABOUTS = ("dir", "cache_dir", "url", "sha256")
+# Training settings that change how fast a run goes or which draw it is, not what it does.
+NOT_A_TRAINING_CHANGE = ("seed", "chunk_loops", "threads")
+
+
+def differences(cfg: DictConfig) -> list[str]:
+    """What sets a run apart from one of the same agent with every default: the environment and
+    data when not the default ones, the training preset, and the values changed from their YAML
+    files, each short (`per_arm`, `synthetic`, `quick`, `alpha=3`). A tuned config is `tuned`."""
+    choices = [cfg[group].name.removeprefix("movielens_") for group in ("env", "data")
+               if cfg[group].name != default_option(group)]
+    if cfg.get("tuned_for"):
+        return [*choices, "tuned", *_training_preset(cfg)]
+    changed = [f"{key}={_short(value)}" for group in ("agent", "env", "data")
+               for key, value in _changed(cfg[group], group, cfg[group].name,
+                                          DATA_WHEREABOUTS if group == "data" else ())]
+    return [*choices, *_training_preset(cfg), *changed]
+
+
+def _changed(values: DictConfig, group: str, option: str, ignored: tuple[str, ...] = ()) -> list[tuple[str, object]]:
+    """The top-level values of `values` that differ from `conf/<group>/<option>.yaml`'s (not those
+    that follow another by interpolation: they change with it)."""
+    path = CONFIG_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return []
+    raw = OmegaConf.load(path)
+    defaults = OmegaConf.to_container(raw, resolve=True)
+    given = OmegaConf.to_container(values, resolve=True)
+    return [(key, value) for key, value in given.items()
+            if key not in ignored and not key.startswith("_") and key in defaults and value != defaults[key]
+            and not OmegaConf.is_interpolation(raw, key)]
+
+
+def _training_preset(cfg: DictConfig) -> list[str]:
+    """The conf/training preset the run's training settings are (none for the default), else
+    the settings changed from the default's."""
+    given = _what_training_does(cfg.training)
+    presets = _training_presets()
+    for name, preset in presets.items():
+        if preset == given:
+            return [] if name == default_option("training") else [name]
+    default = presets[default_option("training")]
+    return [f"{key}={_short(value)}" for key, value in given.items() if default.get(key) != value]
+
+
+@functools.cache
+def _training_presets() -> dict[str, dict]:
+    """Each conf/training preset's settings: the default's with the preset's own on top (every
+    preset starts from it). Merged by hand: a run names itself inside Hydra's job, where
+    composing again is refused."""
+    folder = CONFIG_DIR / "training"
+    default = OmegaConf.load(folder / f"{default_option('training')}.yaml")
+    presets = {}
+    for path in sorted(folder.glob("*.yaml")):
+        own = OmegaConf.load(path)
+        own.pop("defaults", None)
+        presets[path.stem] = _what_training_does(OmegaConf.merge(default, own))
+    return presets
+
+
+def _what_training_does(training: DictConfig) -> dict:
+    return {key: value for key, value in OmegaConf.to_container(training, resolve=True).items()
+            if key not in NOT_A_TRAINING_CHANGE}
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def source(group: str, option: str | None = None) -> str:
@@ -112,8 +197,8 @@ def check_types(cfg: DictConfig) -> None:
     repeats each of its defaults; here the YAML files stay the one schema, and the finite-size
     bound (which structured configs lack) comes with it. Ranges are the builders' to check.
     """
-    for group, option in (("data", cfg.data.name), ("env", cfg.env.name), ("agent", cfg.agent.name),
-                          ("training", "default")):
+    groups = (("data", cfg.data.name), ("env", cfg.env.name), ("agent", cfg.agent.name), ("training", "default"))
+    for group, option in groups:
         path = CONFIG_DIR / group / f"{option}.yaml"
         if path.is_file():
             # A default like `${.rank_k}` has the type of what it points to.
@@ -121,9 +206,40 @@ def check_types(cfg: DictConfig) -> None:
             values = OmegaConf.to_container(cfg[group], resolve=True)
             with errors_name_source(group, option):
                 _require_types_of(values, defaults, group)
-    top = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"), resolve=False)
-    own = {key: default for key, default in top.items() if key not in ("defaults", "hydra")}
-    _require_types_of(OmegaConf.to_container(cfg, resolve=True), own, "")
+    top = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    for entry in top.defaults:
+        if isinstance(entry, str) and "@" in entry:  # a file of its own placed in a section (estimator_params)
+            name, package = entry.split("@")
+            OmegaConf.update(top, package, OmegaConf.load(CONFIG_DIR / f"{name}.yaml"))
+    own = {key: default for key, default in OmegaConf.to_container(top, resolve=False).items()
+           if key not in ("defaults", "hydra")}
+    values = OmegaConf.to_container(cfg, resolve=True)
+    _require_types_of({key: value for key, value in values.items() if key not in dict(groups)}, own, "")
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    """Sizes whose product the machine cannot hold or a signal cannot interrupt, refused by name."""
+    import psutil  # here: only a run's check needs the machine's size
+
+    training = cfg.training
+    per_loop = training.batch_size * training.steps_per_loop
+    require(training.steps_per_loop <= MOST_STEPS_PER_LOOP, "training.steps_per_loop", training.steps_per_loop,
+            f"at most {MOST_STEPS_PER_LOOP} (each step is compiled into the loop)")
+    per_call = per_loop * training.chunk_loops
+    require(per_call <= MOST_INTERACTIONS_PER_CALL, "training.chunk_loops", training.chunk_loops,
+            f"such that chunk_loops x batch_size x steps_per_loop is at most {MOST_INTERACTIONS_PER_CALL:,} "
+            f"interactions, so that Ctrl-C is honoured within seconds ({per_call:,} asked)")
+    cores = os.cpu_count() or 1
+    for key, value in training.threads.items():
+        require(value <= MOST_THREADS_PER_CORE * cores, f"training.threads.{key}", value,
+                f"at most {MOST_THREADS_PER_CORE} x the {cores} cores = {MOST_THREADS_PER_CORE * cores}")
+    held = training.loops * BYTES_PER_LOOP
+    if cfg.tracking.log_interactions:
+        held += training.loops * per_loop * BYTES_PER_LOGGED_INTERACTION
+    memory = psutil.virtual_memory().total
+    require(held <= memory / 2, "training.loops", training.loops,
+            f"small enough for the run's history to fit in half of this machine's {memory / 2**30:.0f} GiB "
+            f"(it would take about {held / 2**30:,.0f} GiB)")
 
 
 def check_tuned(cfg: DictConfig) -> None:
@@ -139,7 +255,13 @@ def check_tuned(cfg: DictConfig) -> None:
 
 def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
     """A number stays a finite number of sensible size (an integer an integer), a boolean a
-    boolean, a list a list, so `agent.alpha=abc` or `agent.alpha=inf` is refused by name."""
+    boolean, a list a list, so `agent.alpha=abc` or `agent.alpha=inf` is refused by name; a
+    key its YAML file lacks (`+agent.alpah=3`) is refused too, as nothing would read it."""
+    unknown = sorted(set(values) - set(defaults) - {"tuned_for"})  # what a tuned config records
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        known = ", ".join(key for key in defaults if not key.startswith("_") and key != "defaults")
+        raise UserError(f"{name} is not a setting here; the settings are: {known}", key=name)
     for key, default in defaults.items():
         value = values.get(key)
         if key.startswith("_") or default is None or (isinstance(default, str) and default.startswith("${")):
@@ -157,5 +279,8 @@ def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
             require(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
             require(math.isfinite(value) and abs(value) <= LARGEST_NUMBER, name, value,
                     f"a finite number of at most {LARGEST_NUMBER:g} in size")
+            # Agents compute in float32, where 1e-300 is 0 and passes a check of `> 0` as nonzero.
+            require(value == 0 or abs(value) >= SMALLEST_FLOAT32, name, value,
+                    f"0 or at least {SMALLEST_FLOAT32:.3g} in size (the agents compute in float32)")
         else:
             require(isinstance(value, type(default)), name, value, f"a {type(default).__name__}")

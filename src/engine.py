@@ -6,7 +6,7 @@ TF-Agents' on-policy bandit trainer (driver, replay buffer, `agent.train`, clear
 driver and buffer reduced to what an on-policy bandit needs: the `steps_per_loop`
 transitions of the loop, stacked along the time axis, are the experience. The
 environment is asked for observations (`reset()`), rewards (`outcome()`), the agent's
-feedback and any metrics of its own (`src.envs.movielens.InGraphBandit`).
+feedback and any metrics of its own (`src.envs.base.InGraphBandit`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from tf_agents.trajectories.policy_step import PolicyStep
 from tf_agents.trajectories import trajectory
 
 log = logging.getLogger(__name__)
+# Rewards reconstructed by SVD carry ~1e-14 of rounding: two movies whose ratings tie differ by
+# that much, and a pick that close to the best is not a wrong one (src.metrics.DECIMALS).
+TIE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class Engine:
         next_time_step = ts.termination(time_step.observation, env.feedback(action_step.action, reward))
         transition = trajectory.from_transition(time_step, action_step, next_time_step)
         # By reward, not by index: a movie tied with the best one is no wrong pick.
-        suboptimal = tf.cast(reward < optimal_reward, tf.float64)
+        suboptimal = tf.cast(reward < optimal_reward - TIE_TOLERANCE, tf.float64)
         metrics = tf.stack([tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
                             tf.reduce_sum(suboptimal)])
         if env.extra_metric_names:

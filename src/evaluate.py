@@ -7,11 +7,11 @@ The target is the greedy policy a training run saved (`target_run_id=` or
 `target_model_uri=`), or an agent config trained from scratch offline on the first
 `train_share` of the logs (`target_agent=lints`; the estimates then use only the rounds after
 them). The logs are a run's `interactions.parquet`. Each estimator of
-`src.ope` gives its estimate with a bootstrap interval; because the simulator knows every
-reward, the target's true value (its mean reward over the environment's users, who are
-drawn uniformly) is computed exactly beside them, with each estimator's error. The result
-is an MLflow run tagged `bandits.role=evaluation` in the logs' experiment, linked to both
-runs. Options are in `conf/evaluate.yaml`.
+`src.evaluation.estimators` gives its estimate with a bootstrap interval; because the
+simulator knows every reward, the target's true value (its mean reward over the
+environment's users, who are drawn uniformly) is computed exactly beside them, with each
+estimator's error. The result is an MLflow run tagged `bandits.role=evaluation` in the logs'
+experiment, linked to both runs. Options are in `conf/evaluate.yaml`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from src import artifacts, config, data, experiment, interactions, offline, ope, plots, serving, tracking
+from src import artifacts, config, data, experiment, plots, serving, tracking
 from src.cli import exit_on_user_error
 from src.envs import build_environment
 from src.errors import UserError, require
+from src.evaluation import estimators, interactions, offline
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,21 @@ def parse(overrides: list[str]) -> DictConfig:
     require(0 < cfg.train_share < 1, "train_share", cfg.train_share, "in (0, 1)")
     if cfg.logs_run_id is None:
         raise UserError(f"give logs_run_id=, a run trained with tracking.log_interactions=true ({USAGE})")
-    unknown = [name for name in cfg.estimators if name not in ope.ESTIMATORS]
+    unknown = [name for name in cfg.estimators if name not in estimators.ESTIMATORS]
     require(len(cfg.estimators) > 0 and not unknown, "estimators", list(cfg.estimators),
-            f"a non-empty list of {', '.join(ope.ESTIMATORS)}")
+            f"a non-empty list of {', '.join(estimators.ESTIMATORS)}")
+    chosen(cfg)  # a bad hyperparameter is refused before any run is read
     require(cfg.reward_model_ridge > 0, "reward_model_ridge", cfg.reward_model_ridge, "> 0")
-    require(cfg.switch_tau is None or cfg.switch_tau > 0, "switch_tau", cfg.switch_tau, "> 0 or null")
     samples = cfg.bootstrap.samples
     require(isinstance(samples, int) and 2 <= samples <= 100_000, "bootstrap.samples", samples,
             "an integer in [2, 100000]")
     require(0 < cfg.bootstrap.confidence < 1, "bootstrap.confidence", cfg.bootstrap.confidence, "in (0, 1)")
     return cfg
+
+
+def chosen(cfg: DictConfig) -> list[estimators.Estimator]:
+    """The estimators `cfg` asks for, with their hyperparameters."""
+    return estimators.configured(cfg.estimators, cfg.estimator_params, "estimator_params")
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,12 @@ def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
 
     num_actions = len(reward_model.movie_ids)
     true_value = reward_model.value_of(target.choices)
-    terms = ope.deterministic_target_terms(feedback, target.choices[user_rows], num_actions, cfg.reward_model_ridge)
-    switch_tau = cfg.switch_tau if cfg.switch_tau is not None else num_actions
+    terms = estimators.deterministic_target_terms(feedback, target.choices[user_rows], num_actions,
+                                                  cfg.reward_model_ridge)
     log.info("Estimating the value of %s on %d rounds logged by %s (run %s), %d bootstrap resamples",
              target.label, len(feedback), logs_cfg.agent.name, logs_run_id, cfg.bootstrap.samples)
-    table = ope.estimate_all(list(cfg.estimators), terms, switch_tau, cfg.bootstrap.samples,
-                             cfg.bootstrap.confidence, cfg.bootstrap.seed)
+    table = estimators.estimate_all([estimator.for_actions(num_actions) for estimator in chosen(cfg)], terms,
+                                    cfg.bootstrap.samples, cfg.bootstrap.confidence, cfg.bootstrap.seed)
     table["error"] = table.estimate - true_value
     table["relative_error"] = table.error / abs(true_value)
     run_id = log_evaluation(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame)
@@ -142,10 +148,11 @@ def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs
                           tags=tags) as active:
         mlflow.log_params({**tracking.flatten(cfg), "rounds": len(frame)})
         mlflow.log_input(interactions.as_dataset(frame), context="evaluation")
-        mlflow.log_metric("ope/true_value", true_value)
+        mlflow.log_metric(estimators.TRUE_VALUE, true_value)
         for row in table.itertuples():
-            mlflow.log_metrics({f"ope/{row.estimator}": row.estimate, f"ope/{row.estimator}_ci_low": row.ci_low,
-                                f"ope/{row.estimator}_ci_high": row.ci_high, f"ope/{row.estimator}_error": row.error})
+            name = estimators.metric_name(row.estimator)
+            mlflow.log_metrics({name: row.estimate, f"{name}_ci_low": row.ci_low, f"{name}_ci_high": row.ci_high,
+                                f"{name}_error": row.error})
         mlflow.log_table(table, "estimates.json")
         figure = plots.estimates_figure(table, true_value, f"{target.agent} scored on {logs_agent}'s logs",
                                         cfg.bootstrap.confidence)

@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 from src.agents import action_probabilities, build_agent
 from src.engine import Engine
 from src.envs import build_environment
-from src.envs.movielens import MovieLensEnvironment
 from src.errors import UserError
 
 
@@ -30,12 +29,12 @@ def assemble(cfg: DictConfig, data) -> Engine:
     `engine.environment` and `engine.agent` are the built pieces."""
     seed_everything(cfg.training.seed)
     environment = build_environment(cfg, data)
-    agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec())
+    agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed)
     if not cfg.tracking.log_interactions:
         return Engine(environment, agent, cfg.training.steps_per_loop)
-    if not isinstance(environment, MovieLensEnvironment):
-        raise UserError(f"tracking.log_interactions=true needs env=movielens: a round of env={cfg.env.name} "
-                        f"holds a candidate set that the log does not keep")
+    if not environment.logs_interactions:
+        raise UserError(f"tracking.log_interactions=true needs an environment whose rounds are a user and a movie, "
+                        f"as env=movielens's: a round of env={cfg.env.name} holds more than the log keeps")
     num_actions = len(environment.reward_model.movie_ids)
     return Engine(environment, agent, cfg.training.steps_per_loop, record_interactions=True,
                   action_probabilities=action_probabilities(cfg.agent, num_actions))

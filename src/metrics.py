@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from src.ope import ESTIMATORS
+from src.evaluation import estimators
 
 if TYPE_CHECKING:  # the engine brings TensorFlow, which readers of metrics (src.compare) do without
     from src.engine import LoopMetrics
@@ -44,9 +44,11 @@ SIGNIFICANT_DIGITS = 6
 # is rounding error (3.5e-15 where the pick was the best movie), not regret.
 DECIMALS = 9
 # The metrics a run returns, each with the direction a sweep optimising it must take; an
-# off-policy estimate of the learned policy's value when the agent learns offline (src.offline).
+# off-policy estimate of the learned policy's value when the agent learns offline
+# (src.evaluation.offline).
 OBJECTIVES = {REGRET: "minimize", CUMULATIVE_REGRET: "minimize", REWARD: "maximize",
-              SUBOPTIMAL_ARM_RATE: "minimize", **{f"ope/{name}": "maximize" for name in ESTIMATORS}}
+              SUBOPTIMAL_ARM_RATE: "minimize",
+              **{estimators.metric_name(name): "maximize" for name in estimators.ESTIMATORS}}
 FINAL_METRICS = tuple(OBJECTIVES)
 ONLINE_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
 # The range each metric lies in (None: unbounded), which a confidence band must respect.
@@ -101,7 +103,7 @@ def downsample(frame: pd.DataFrame, window: int) -> pd.DataFrame:
     averaged over the window (NaNs skipped, as pandas does), cumulative regret at its end. In
     NumPy: it runs on every chunk of training, where a pandas groupby cost neural
     epsilon-greedy a tenth of its speed."""
-    if window == 1:
+    if window == 1 or frame.empty:  # a chunk shorter than a window releases nothing yet
         return frame
     starts = np.arange(0, len(frame), window)
     ends = np.append(starts[1:], len(frame)) - 1

@@ -6,7 +6,7 @@
 A run is stale when it is RUNNING and has shown no activity (start, metric, param or tag)
 for longer than `--older-than`: a process killed with SIGKILL, out of memory or on a lost
 machine cannot end its own run. Campaign workers end their dead peers' runs themselves
-(`src.campaign`); this command is for everything else.
+(`src.campaigns`); this command is for everything else.
 """
 
 from __future__ import annotations

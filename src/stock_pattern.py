@@ -69,7 +69,7 @@ def run_stock(agent_cfg: DictConfig, data_file: str | Path, *, num_movies: int, 
     seed_everything(seed)
     environment = tf_py_environment.TFPyEnvironment(movielens_py_environment.MovieLensPyEnvironment(
         str(data_file), rank_k, batch_size, num_movies=num_movies, csv_delimiter="\t"))
-    agent = build_agent(agent_cfg, environment.time_step_spec(), environment.action_spec())
+    agent = build_agent(agent_cfg, environment.time_step_spec(), environment.action_spec(), seed)
 
     regret_metric = bandit_metrics.RegretMetric(functools.partial(
         environment_utilities.compute_optimal_reward_with_movielens_environment,

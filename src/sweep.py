@@ -1,4 +1,4 @@
-"""Optuna sweeps and grids, every trial a tracked training run (see `src.campaign`).
+"""Optuna sweeps and grids, every trial a tracked training run (see `src.campaigns`).
 
     uv run python -m src.sweep work hparams_search=linucb [overrides]   # one worker; start many
     uv run python -m src.sweep prepare hparams_search=linucb            # what multirun.sh calls first
@@ -23,7 +23,7 @@ import sys
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from src import campaign
+from src.campaigns import study, summary, worker
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError
 
@@ -37,7 +37,7 @@ class SweepTracking(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         with exit_on_user_error():
-            campaign.prepare(config)
+            study.prepare(config)
         # Hydra skips on_multirun_end when the sweep raises (every trial failed, Ctrl-C);
         # the parent run must still end, as FAILED.
         atexit.register(self._end_abandoned, config)
@@ -45,11 +45,11 @@ class SweepTracking(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         atexit.unregister(self._end_abandoned)
         with exit_on_user_error():
-            campaign.summarise(config)
+            summary.summarise(config)
 
     @staticmethod
     def _end_abandoned(config: DictConfig) -> None:
-        campaign.summarise(config, failed=True)
+        summary.summarise(config, failed=True)
 
 
 def main(argv: list[str]) -> None:
@@ -59,21 +59,21 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     command, overrides = argv[0], argv[1:]
     with exit_on_user_error():
-        cfg = campaign.compose_sweep(overrides)
+        cfg = study.compose_sweep(overrides)
         if "study_name" not in cfg.hydra.sweeper:
             raise UserError("no sweep configured: pass hparams_search=NAME")
         if command == "prepare":
-            study = campaign.prepare(cfg, overrides)
+            prepared = study.prepare(cfg, overrides)
             # Shell assignments for multirun.sh to `eval`.
-            state = {"study": study.study_name, "seed": cfg.hydra.sweeper.sampler.get("seed") or 0}
+            state = {"study": prepared.study_name, "seed": cfg.hydra.sweeper.sampler.get("seed") or 0}
             print(" ".join(f"{key}={shlex.quote(str(value))}" for key, value in state.items()))
         elif command == "work":
             stop_on_termination_signals()
-            campaign.work(overrides, worker=int(os.environ.get("SWEEP_WORKER", "0")))
+            worker.work(overrides, worker=int(os.environ.get("SWEEP_WORKER", "0")))
         else:
-            best = campaign.summarise_if_done(cfg, campaign.load_study(cfg))
+            best = summary.summarise_if_done(cfg, study.load_study(cfg))
             if best is not None:
-                print(f"best {cfg.objective}={best.value:.6g} trial={best.number} {campaign.shown_params(best.params)}")
+                print(f"best {cfg.objective}={best.value:.6g} trial={best.number} {summary.shown_params(best.params)}")
 
 
 if __name__ == "__main__":

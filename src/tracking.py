@@ -7,6 +7,7 @@ import fcntl
 import logging
 import math
 import os
+import sqlite3
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,6 +70,7 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
     Done before any work starts, so an unreachable server costs seconds, not a run.
     """
     uri = tracking_uri(configured_uri)
+    check_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     check_http_settings()
     unreachable = UserError(
@@ -96,6 +98,26 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
         raise unreachable from None
     finally:
         retries.setLevel(logging.NOTSET)
+
+
+def check_sqlite_store(uri: str) -> None:
+    """Refuse, in one line, a SQLite store that is not a database or fails SQLite's quick check:
+    MLflow would answer with pages of traceback, or write on into damaged pages."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or not path.is_file() or path.stat().st_size == 0:
+        return  # a new store MLflow creates
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as store:
+            problems = [row[0] for row in store.execute("PRAGMA quick_check(1)")]
+    except sqlite3.DatabaseError as error:
+        if "not a database" in str(error):
+            raise UserError(f"the MLflow store {path} is not a SQLite database: move it aside to start a new "
+                            f"one, or set tracking.uri to another store") from None
+        problems = [one_line(error)]  # pages too damaged for the check itself to read
+    if problems != ["ok"]:
+        raise UserError(f"the MLflow store {path} is damaged ({problems[0]}), so nothing is written into it: "
+                        f"recover it with `sqlite3 {path} .recover | sqlite3 recovered.db`, or move it aside") \
+            from None
 
 
 @contextlib.contextmanager
@@ -181,6 +203,15 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
         raise
     else:
         mlflow.end_run()
+        log.info("Run %s finished: %s", run_name, where_to_see(active.info.run_id, experiment_id))
+
+
+def where_to_see(run_id: str, experiment_id: str) -> str:
+    """The run's page on a tracking server, or the command that serves a SQLite store's UI."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id}; to see it: uv run mlflow ui --backend-store-uri {uri}"
 
 
 def log_dataset(name: str, ratings: pd.DataFrame, source: str) -> None:

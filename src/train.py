@@ -28,19 +28,19 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path=str(config.CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     # Loaded here, after cli() has said so: TensorFlow, MLflow and Optuna take tens of seconds.
-    from src import sweep_trials
+    from src.campaigns import trials
     from src.training import train
 
     def run() -> float:
-        final, run_id = train(cfg, sweep_trials.trial_tags())
-        sweep_trials.record_run(run_id)
+        final, run_id = train(cfg, trials.trial_tags())
+        trials.record_run(run_id)
         return final[cfg.objective]
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         try:
             return run()  # a failed trial must fail alone; the sweeper records it and goes on
         except Exception as error:
-            sweep_trials.record_error(error)
+            trials.record_error(error)
             raise
     with exit_on_user_error():
         return run()
@@ -61,9 +61,9 @@ def cli() -> None:
         try:
             main()
         except Exception:
-            from src import sweep_trials
+            from src.campaigns import trials
 
-            failed = sweep_trials.every_trial_failed()
+            failed = trials.every_trial_failed()
             if failed is None:
                 raise
             raise UserError(f"every trial of the sweep failed; the last because: {failed}") from None

@@ -24,10 +24,11 @@ from omegaconf import DictConfig
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tqdm import tqdm
 
-from src import config, data, experiment, interactions, metrics, offline, plots, serving, tracking
+from src import config, data, experiment, metrics, plots, serving, tracking
 from src.cli import Interrupts, interrupts_handled
 from src.engine import Engine, configure_threads
 from src.errors import UserError, one_line, require
+from src.evaluation import estimators, interactions, offline
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,13 @@ SKIPPED_USERS_TAG = "bandits.skipped_users"
 # each costs training time (ten times as many points took epsilon-greedy 0.94 -> 0.76 of its
 # untracked speed).
 CHART_POINTS = 320
+# The characters of a run's name before the seed that MLflow's runs table shows uncut.
+RUN_NAME_WIDTH = 32
 
 
 def check_training(cfg: DictConfig) -> None:
+    config.check_tuned(cfg)  # first: a tuned file's values on another agent are unknown keys there
     config.check_types(cfg)
-    config.check_tuned(cfg)
     with config.errors_name_source("training"):
         for key in ("batch_size", "steps_per_loop", "loops", "chunk_loops"):
             value = cfg.training[key]
@@ -58,6 +61,7 @@ def check_training(cfg: DictConfig) -> None:
         for key, value in cfg.training.threads.items():
             # 0 lets TensorFlow choose; a negative count aborts the process inside TensorFlow.
             require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
+    config.check_sizes(cfg)
     require(cfg.tracking.artifacts in ("full", "light"), "tracking.artifacts", cfg.tracking.artifacts,
             "full or light")
     log_every = cfg.tracking.log_every
@@ -81,21 +85,27 @@ def check_finite(rows: pd.DataFrame, loss: np.ndarray) -> None:
 
 
 def run_name(cfg: DictConfig, tags: dict[str, str]) -> str:
-    """What tells runs apart, first, and short enough for MLflow's runs table: `linucb·s0·t12`
-    (agent, seed, the sweep's trial; the environment only when it is not the default)."""
-    parts = [cfg.agent.name, f"s{cfg.training.seed}"]
+    """What tells runs apart, short enough for MLflow's runs table: `linucb·alpha=3·quick·s0`
+    (agent, what differs from the defaults, seed; a sweep's trial instead of its searched values,
+    which its parent run lists: `linucb·s0·t12`). The long form is the run's tag `bandits.long_name`."""
     if "sweep.trial" in tags:
-        parts.append(f"t{tags['sweep.trial']}")
-    if cfg.env.name != config.default_option("env"):
-        parts.append(cfg.env.name)
-    return "·".join(parts)
+        differing = [cfg.env.name.removeprefix("movielens_")] if cfg.env.name != config.default_option("env") else []
+        return "·".join([cfg.agent.name, *differing, f"s{cfg.training.seed}", f"t{tags['sweep.trial']}"])
+    parts, differing = [cfg.agent.name], config.differences(cfg)
+    while differing and len("·".join([*parts, differing[0]])) <= RUN_NAME_WIDTH:
+        parts.append(differing.pop(0))
+    if differing:
+        parts.append("…")
+    return "·".join([*parts, f"s{cfg.training.seed}"])
 
 
 def long_name(cfg: DictConfig, tags: dict[str, str]) -> str:
-    """Every part of the run's identity, `<env>__<agent>__seed<N>__<time>[__trial<N>]`, for its tag."""
+    """Every part of the run's identity, `<env>__<agent>[__<differences>]__seed<N>__<time>[__trial<N>]`,
+    for its tag."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     trial = f"__trial{tags['sweep.trial']}" if "sweep.trial" in tags else ""
-    return f"{cfg.env.name}__{cfg.agent.name}__seed{cfg.training.seed}__{stamp}{trial}"
+    differing = "".join(f"__{part}" for part in config.differences(cfg))
+    return f"{cfg.env.name}__{cfg.agent.name}{differing}__seed{cfg.training.seed}__{stamp}{trial}"
 
 
 def train(cfg: DictConfig, tags: dict[str, str] | None = None,
@@ -111,7 +121,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     reward_model = engine.environment.reward_model
     tags = {**tags, LONG_NAME_TAG: long_name(cfg, tags),
             metrics.RANDOM_REGRET_TAG: str(metrics.rounded(reward_model.random_policy_regret))}
-    if hasattr(reward_model, "skipped_users"):  # the real-ratings environment's users without enough ratings
+    if reward_model.skipped_users is not None:  # an environment that leaves out users with too few ratings
         tags[SKIPPED_USERS_TAG] = str(reward_model.skipped_users)
     if offline.is_offline(cfg):
         return train_offline(cfg, engine, dataset, experiment_id, tags)
@@ -119,8 +129,9 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     logged = interactions.InteractionLog() if engine.record_interactions else None
     with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
         log_ratings(cfg, dataset)
-        log.info("Training %s on %s: %d users, %d movies, rank %d; %d loops x %d interactions",
-                 cfg.agent.name, cfg.env.name, *reward_model.rewards.shape, reward_model.user_features.shape[1],
+        log.info("Training %s on %s (%s data): %d users, %d movies, rank %d; %d loops x %d interactions",
+                 cfg.agent.name, cfg.env.name, cfg.data.name, *reward_model.rewards.shape,
+                 reward_model.user_features.shape[1],
                  cfg.training.loops, engine.interactions_per_loop)
         try:
             run_loops(cfg, engine, history, logged, interrupts, active.info.run_id, report)
@@ -158,7 +169,7 @@ def log_ratings(cfg: DictConfig, dataset) -> None:
 
 def train_offline(cfg: DictConfig, engine: Engine, dataset, experiment_id: str,
                   tags: dict[str, str]) -> tuple[dict[str, float], str]:
-    """Learn from logged interactions, not the environment, and score off-policy (src.offline)."""
+    """Learn from logged interactions, not the environment, and score off-policy (src.evaluation.offline)."""
     reward_model = engine.environment.reward_model
     logs = offline.logged_feedback(cfg, reward_model)  # before the run, like every input check
     with tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
@@ -166,7 +177,7 @@ def train_offline(cfg: DictConfig, engine: Engine, dataset, experiment_id: str,
         final = offline.learn(cfg, engine, *logs)
         mlflow.log_metrics({name: metrics.rounded(value) for name, value in final.items()})
         log.info("Learnt offline: %s = %.4f, true value %.4f", cfg.objective, final[cfg.objective],
-                 final[offline.TRUE_VALUE])
+                 final[estimators.TRUE_VALUE])
         if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
             serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env))
     return final, active.info.run_id

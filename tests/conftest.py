@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from src.paths import PROJECT_ROOT
 
 SMALL = ["env.num_movies=10", "env.rank_k=4", "training.loops=60", "training.chunk_loops=20"]
 # What the tools that run the tests leave in the checkout; anything else new is a test's doing.
+# Names the test run (the controller and its workers), so that it stops only a stack it used.
+TEST_RUN = "BANDITS_TEST_RUN"
 TOOLING = (".venv/", "uv.lock", ".pytest_cache/", ".ruff_cache/", ".stack/", "__pycache__/")
 
 
@@ -36,12 +39,17 @@ def checkout_entries() -> set[str] | None:
 
 def pytest_sessionstart(session):
     session.config.checkout_before = checkout_entries()
+    # The test workers inherit the controller's environment: one id for the whole test run.
+    os.environ.setdefault(TEST_RUN, uuid.uuid4().hex)
 
 
 def pytest_sessionfinish(session):
-    """Fail the session when its tests left files in the checkout (under multirun/, logs/, ...):
-    the controller checks once every test worker is done."""
-    if hasattr(session.config, "workerinput") or session.config.checkout_before is None:
+    """Stop the test stack this run started, and fail the session when its tests left files in
+    the checkout (under multirun/, logs/, ...): the controller does both once every test worker is done."""
+    if hasattr(session.config, "workerinput"):
+        return
+    stop_the_test_stack()
+    if session.config.checkout_before is None:
         return
     left = sorted(checkout_entries() - session.config.checkout_before)
     if left:
@@ -49,6 +57,17 @@ def pytest_sessionfinish(session):
         writer.line()
         writer.line(f"The tests left these in the checkout (git status --ignored): {', '.join(left)}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def stop_the_test_stack() -> None:
+    """`./stack.sh down` on the test stack, if this test run used it and nobody asked to keep it
+    (KEEP_TEST_STACK=1 saves the next run its start-up, half a minute)."""
+    used_by = TEST_STACK / "used-by"
+    if os.environ.get("KEEP_TEST_STACK") == "1" or not used_by.is_file() or used_by.read_text() != os.environ[TEST_RUN]:
+        return
+    subprocess.run([str(PROJECT_ROOT / "stack.sh"), "down"], env={**os.environ, "STACK_DIR": str(TEST_STACK)},
+                   capture_output=True, timeout=300)
+    used_by.unlink()
 
 
 @pytest.fixture(scope="session")
@@ -93,15 +112,46 @@ def run_cli(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def logged_runs(movielens_dir, tmp_path_factory):
+    """Training runs on synthetic data for off-policy evaluation, shared by its tests: logs of
+    epsilon-greedy and of LinUCB, and LinUCB policies on the same environment and on one of 8
+    movies. Returns (tracking URI, data overrides, run ids)."""
+    from src.training import train  # here: only these runs need the whole training stack
+
+    directory, checksums = movielens_dir
+    data = [f"data.dir={directory}", checksum_override(checksums)]
+    uri = f"sqlite:///{tmp_path_factory.mktemp('ope') / 'mlflow.db'}"
+
+    def run(*overrides):
+        train(config.compose([*data, f"tracking.uri={uri}", *SMALL, "tracking.artifacts=light", *overrides]))
+        return mlflow.last_active_run().info.run_id
+
+    ids = {
+        "logs": run("agent=epsilon_greedy", "agent.epsilon=0.3", "tracking.log_interactions=true",
+                    "tracking.save_policy=false"),
+        "linucb_logs": run("agent=linucb", "tracking.log_interactions=true", "tracking.save_policy=false"),
+        "target": run("agent=linucb", "tracking.artifacts=full"),
+        "target_other_movies": run("agent=linucb", "tracking.artifacts=full", "env.num_movies=8"),
+    }
+    return uri, data, ids
+
+
+TEST_STACK = PROJECT_ROOT / ".stack" / "test"
+
+
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """PostgreSQL and an MLflow server on 127.0.0.1, started by `./stack.sh up` (installed by
-    `./stack.sh install` when missing) in `.stack/test`, shared by the test workers and left
-    running for the next session: {"MLFLOW_TRACKING_URI": ..., "OPTUNA_STORAGE": ...}."""
-    env = {**os.environ, "STACK_DIR": str(PROJECT_ROOT / ".stack" / "test")}
+    `./stack.sh install` when missing) in `.stack/test`, shared by the test workers and stopped
+    when the test run that started it ends (unless KEEP_TEST_STACK=1):
+    {"MLFLOW_TRACKING_URI": ..., "OPTUNA_STORAGE": ...}."""
+    env = {**os.environ, "STACK_DIR": str(TEST_STACK)}
     lock = PROJECT_ROOT / ".stack" / "test.lock"
     lock.parent.mkdir(exist_ok=True)
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # one `up` at a time across the test workers
+        TEST_STACK.mkdir(exist_ok=True)
+        (TEST_STACK / "used-by").write_text(os.environ[TEST_RUN])
         for command in ("install", "up"):
             done = subprocess.run([str(PROJECT_ROOT / "stack.sh"), command], env=env, capture_output=True,
                                   text=True, timeout=600)
@@ -144,7 +194,8 @@ def mlflow_ui(store: Path, meanwhile: Callable[[], object] = lambda: None):
 
     try:
         meanwhile()
-        yield base, wait_until(experiment, 60, "mlflow server to answer").experiment_id
+        # Generous: it starts in seconds on quiet cores, in minutes on a loaded machine.
+        yield base, wait_until(experiment, 600, "mlflow server to answer").experiment_id
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -4,6 +4,7 @@ compiled engine, beats uniform random, and survives a SavedModel round trip."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 
@@ -15,13 +16,14 @@ from tf_agents.policies import policy_saver
 from tf_agents.trajectories import time_step as ts
 
 from src import data, experiment
-from src.agents import AGENT_CONFIGS, per_arm_agents
+from src.agents import AGENT_CONFIGS, build_agent, per_arm_agents
+from src.envs import build_environment
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from src.training import train
 
 ALL_AGENTS = sorted(path.stem for path in AGENT_CONFIGS.glob("*.yaml"))
-# agent=ranking ranks slates only (tests/test_ranking_env.py).
+# agent=ranking ranks slates only (tests/envs/test_movielens_ranking.py).
 AGENTS = [agent for agent in ALL_AGENTS if agent != "ranking"]
 # Every agent the per-arm refusal names, so each is shown to run there.
 PER_ARM = per_arm_agents()
@@ -202,3 +204,22 @@ def test_saved_policies_act_in_a_fresh_process(make_config, tmp_path):
     assert all(len(actions) == 8 for actions in acted.values())
     assert len(greedy) >= 2  # the LinUCBs at least (a neural policy may sample)
     assert {path: acted[path] for path in greedy} == greedy
+
+
+# The agents with a generator of their own: the uniform one, and epsilon-greedy over slates
+# (epsilon 1, so that every pick is the generator's and none the network's).
+@pytest.mark.parametrize("overrides", [["agent=random"], ["agent=epsilon_greedy", "agent.epsilon=1.0",
+                                        "env=movielens_ranking", "env.num_actions=6", "env.slate_size=3"]])
+def test_an_agent_draws_from_its_seed_whatever_ran_before(make_config, overrides):
+    cfg = make_config(*overrides)
+    environment = build_environment(cfg, data.load(cfg.data))
+    time_step = environment.reset()
+
+    def actions(seed: int, draws_before: int) -> np.ndarray:
+        for _ in range(draws_before):
+            random.random()
+        learner = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), seed)
+        return learner.collect_policy.action(time_step).action.numpy()
+
+    np.testing.assert_array_equal(actions(3, 0), actions(3, 5))
+    assert not np.array_equal(actions(3, 0), actions(4, 0))

@@ -53,6 +53,10 @@ def test_known_options_keys_and_hydras_own_groups_pass_the_choice_check():
     ("training.seed=4294967296", "training.seed must be an integer of at most 2147483647 in size, got 4294967296"),
     ("agent.layers=3", "agent.layers must be a list, got 3 (conf/agent/epsilon_greedy.yaml)"),
     ("data.sha256=null", "data.sha256 must be a mapping, got None (conf/data/movielens.yaml)"),
+    ("+agent.alpah=3", "agent.alpah is not a setting here; the settings are: name, per_arm, slate, alpha"),
+    ("+foo=1", "foo is not a setting here; the settings are: tracking, sweep, objective, offline"),
+    ("+tracking.uri_=x", "tracking.uri_ is not a setting here; the settings are: uri, experiment"),
+    ("agent.alpha=1e-300", "agent.alpha must be 0 or at least 1.18e-38 in size (the agents compute in float32)"),
 ])
 def test_values_keep_the_type_of_their_default(override, message):
     agent = ["agent=epsilon_greedy"] if override.startswith("agent.layers") else []
@@ -65,7 +69,7 @@ def test_a_builders_error_names_the_yaml_of_its_own_group_only():
     cfg = config.compose(["agent=lints", "agent.alpha=-1"])
     action_spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=4)
     with pytest.raises(UserError) as error:
-        build_agent(cfg.agent, ts.time_step_spec(tf.TensorSpec([3], tf.float32)), action_spec)
+        build_agent(cfg.agent, ts.time_step_spec(tf.TensorSpec([3], tf.float32)), action_spec, seed=0)
     assert str(error.value) == "agent.alpha must be > 0, got -1 (conf/agent/lints.yaml)"
     assert error.value.key == "agent.alpha"
     with pytest.raises(UserError) as error, config.errors_name_source("env", "movielens"):

@@ -111,3 +111,9 @@ def test_unparsable_file_is_a_user_error(tmp_path):
     (tmp_path / "u.data").write_text("1\tnot-a-number\t5\t0\n")
     with pytest.raises(UserError, match="cannot parse"):
         movielens.parse(tmp_path)
+
+
+@pytest.mark.parametrize("directory", ["", "  "])
+def test_an_empty_data_dir_is_refused_not_taken_for_a_download(directory, tmp_path):
+    with pytest.raises(UserError, match="data.dir is empty: give the folder holding ml-100k's files, or null"):
+        movielens.locate(directory, "http://127.0.0.1:9/ml-100k.zip", str(tmp_path), {})

@@ -118,6 +118,22 @@ def test_a_pick_tied_with_the_best_movie_is_optimal(movie, suboptimal, regret):
     np.testing.assert_array_equal(metrics.regret, [regret] * 3)
 
 
+def test_picks_tied_with_the_best_in_an_svd_reconstruction_are_optimal(make_config):
+    """At full rank the reconstruction is the ratings plus ~1e-14 of noise, so many movies tie
+    with each user's best (every unrated one with a user who rated none): the engine's count of
+    suboptimal picks must match the count on the exact integer ratings."""
+    cfg = make_config("agent=random", "env.rank_k=10", "tracking.log_interactions=true")
+    dataset = data.load(cfg.data)
+    engine = experiment.assemble(cfg, dataset)
+    model = engine.environment.reward_model
+    ratings = dataset.ratings_matrix()[np.ix_(model.user_ids - 1, model.movie_ids - 1)]
+    assert 0 < np.abs(model.rewards - ratings).max() < 1e-9  # a reconstruction, not the table itself
+    (chunk,) = engine.run(loops=50, chunk=50)
+    users, actions = chunk.interactions[:, 0].astype(int), chunk.interactions[:, 1].astype(int)
+    exact = ratings[users, actions] < ratings[users].max(axis=1)
+    assert chunk.suboptimal.sum() == exact.sum() < len(exact)
+
+
 def linucb_closed_form(x, actions, rewards, num_actions, tikhonov_weight, alpha, queries):
     """A_a = lambda I + X_a'X_a, b_a = X_a'r_a, theta_a = A_a^-1 b_a and the UCB of `queries`."""
     dim = x.shape[1]
@@ -150,7 +166,7 @@ def agent_pair(make_config, agent: str, num_actions: int, dim: int, *overrides: 
     observations of `dim` features and `num_actions` arms."""
     time_step_spec = ts.time_step_spec(tf.TensorSpec([dim], tf.float32))
     action_spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=num_actions - 1)
-    return tuple(build_agent(make_config(f"agent={name}", *overrides).agent, time_step_spec, action_spec)
+    return tuple(build_agent(make_config(f"agent={name}", *overrides).agent, time_step_spec, action_spec, seed=0)
                  for name in (agent, f"{agent}_tf_agents"))
 
 
@@ -282,7 +298,8 @@ def test_vectorized_per_arm_agents_fit_tf_agents_shared_model(make_config, agent
                               bandit_spec_utils.PER_ARM_FEATURE_KEY: tf.TensorSpec([candidates, movie_dim], tf.float32)})
     action_spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=candidates - 1)
     ours, theirs = (build_agent(make_config(f"agent={name}", f"agent.alpha={LINEAR_ALPHA}",
-                                            f"agent.tikhonov_weight={LINEAR_TIKHONOV_WEIGHT}").agent, spec, action_spec)
+                                            f"agent.tikhonov_weight={LINEAR_TIKHONOV_WEIGHT}").agent, spec, action_spec,
+                                seed=0)
                     for name in (agent, f"{agent}_tf_agents"))
     rng = np.random.default_rng(0)
 
@@ -415,7 +432,7 @@ def test_vectorized_neural_linucb_with_per_arm_features_matches_tf_agents(make_c
     ours, theirs = (build_agent(make_config(f"agent={name}", "agent.epsilon=0", "agent.layers=[16]",
                                             f"agent.encoding_dim={encoding_dim}",
                                             f"agent.encoding_network_num_train_steps={encoder_steps}").agent,
-                                spec, action_spec)
+                                spec, action_spec, seed=0)
                     for name in ("neural_linucb", "neural_linucb_tf_agents"))
     assert isinstance(ours, VectorizedNeuralLinUCBAgent)
     ours.encoder.set_weights(theirs._encoding_network.get_weights())

@@ -1,7 +1,7 @@
 """A standing hostile battery: faults and bad input a user or the machine can throw at the
 product, each of which must end in one clear line, a non-zero exit, no run left RUNNING and
 nothing lost. Signals and dead processes are tried in tests/test_train.py and
-tests/test_campaign.py (Ctrl-C bursts, SIGTERM, SIGKILLed workers, lost servers)."""
+tests/campaigns/test_workers_on_services.py (Ctrl-C bursts, SIGTERM, SIGKILLed workers, lost servers)."""
 
 from __future__ import annotations
 
@@ -149,3 +149,43 @@ def test_artifacts_refused_after_training_are_kept_on_local_disk(make_config, tm
     assert {"metrics.csv", "regret.png", "policy"} <= {path.name for path in kept.iterdir()}
     assert (kept / "policy" / "saved_model.pb").is_file()
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/cumulative_regret")) > 1
+
+
+def test_a_logging_window_longer_than_a_chunk_trains_and_logs_every_window(make_config):
+    """`tracking.log_every` above `training.chunk_loops` (as the default window is for runs of
+    32,320 loops or more) leaves chunks that complete no window."""
+    final, run_id = training.train(make_config("tracking.log_every=25"))
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train/cumulative_regret")
+    assert [point.step for point in history] == [25 * 16, 50 * 16, 60 * 16]
+    assert history[-1].value == pytest.approx(final["train/cumulative_regret"], rel=1e-5)
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+def damaged_store(path: Path) -> None:
+    """A real MLflow store with pages in its middle overwritten, as a full disk or a crash can leave it."""
+    from src import tracking
+
+    tracking.connect(f"sqlite:///{path}", "movielens-bandits")
+    with open(path, "r+b") as store:
+        store.seek(20 * 4096)
+        store.write(bytes(range(256)) * 64)
+
+
+@pytest.mark.parametrize("spoil, problem", [
+    (lambda path: path.write_text("not a database\n" * 100), "is not a SQLite database"),
+    (damaged_store, "is damaged"),
+])
+def test_a_store_that_is_not_a_database_or_is_damaged_is_one_line_and_not_written(make_config, tmp_path, spoil,
+                                                                                   problem):
+    store = tmp_path / "mlflow.db"
+    spoil(store)
+    before = store.read_bytes()
+    with pytest.raises(UserError, match=problem) as error:
+        training.train(make_config())
+    assert str(store) in str(error.value) and "\n" not in str(error.value)
+    for command in (["src.compare", "--tracking-uri", f"sqlite:///{store}"],
+                    ["src.runs", "reap", "--tracking-uri", f"sqlite:///{store}"]):
+        done = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, timeout=300)
+        assert done.returncode == 2 and problem in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert store.read_bytes() == before

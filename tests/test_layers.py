@@ -70,9 +70,25 @@ def test_src_has_no_import_cycles():
         visit(module)
 
 
+def test_each_campaign_module_imports_only_those_before_it():
+    """In the order src/campaigns/__init__.py lists them; `tuned` stands apart."""
+    order = ["trials", "repair", "storage", "study", "summary", "worker"]
+    for module in (name for name in GRAPH if name.startswith("src.campaigns.")):
+        own = module.split(".")[2]
+        before = set(order[:order.index(own)]) if own in order else set()
+        imported = {name.split(".")[2] for name in GRAPH[module] if name.startswith("src.campaigns.")}
+        assert imported <= before, f"{module} imports {sorted(imported - before)}"
+
+
 def test_reading_runs_loads_neither_tensorflow_nor_a_plot_backend():
     probe = ("import sys, matplotlib; matplotlib.use('svg'); import src.compare, src.leaderboard; "
              "assert 'tensorflow' not in sys.modules, 'tensorflow loaded'; "
              "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_preparing_or_summarising_a_campaign_loads_no_tensorflow():
+    probe = "import sys, src.sweep; assert 'tensorflow' not in sys.modules, 'tensorflow loaded'"
     done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -64,6 +64,15 @@ def test_downsampler_releases_whole_windows_then_the_rest_at_the_end(window):
     assert all(len(rows) == 0 or rows["step"].iloc[-1] % (window * N) == 0 for rows in released[:-1])
 
 
+def test_a_window_longer_than_a_chunk_releases_nothing_until_it_is_full():
+    frame = frame_of(7)
+    downsampler = metrics.Downsampler(5)
+    assert downsampler.push(frame.iloc[:2]).empty
+    assert downsampler.push(frame.iloc[2:4]).empty
+    pd.testing.assert_frame_equal(pd.concat([downsampler.push(frame.iloc[4:6]), downsampler.push(frame.iloc[6:], last=True)],
+                                            ignore_index=True), metrics.downsample(frame, 5))
+
+
 @pytest.mark.parametrize("value, logged", [
     (5947.0000000020955, 5947.0),  # float noise in a running total
     (3.5e-15, 0.0),  # a difference of equal ratings computed two ways

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 
-from src import metrics, tracking, train, training
+from src import config, metrics, tracking, train, training
 from src.cli import exit_on_user_error
 from src.data import movielens
 from src.data.synthetic import checksum_override
@@ -55,8 +55,8 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     assert len(found) == 1
     run = found[0]
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "linucb·s0"
-    assert run.data.tags[training.LONG_NAME_TAG].startswith("movielens__linucb__seed0__")
+    assert run.info.run_name == "linucb·loops=60·num_movies=10·…·s0"  # the test's sizes differ from the defaults
+    assert run.data.tags[training.LONG_NAME_TAG].startswith("movielens__linucb__loops=60__num_movies=10__rank_k=4__seed0__")
     assert float(run.data.tags[metrics.RANDOM_REGRET_TAG]) > 0
     experiment_tags = client.get_experiment(run.info.experiment_id).tags
     assert "MovieLens" in experiment_tags["mlflow.note.content"]
@@ -100,6 +100,26 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     assert "loop/s" not in result.stderr and "Loop 60 of 60: cumulative regret" in result.stderr
 
 
+@pytest.mark.parametrize("overrides, name", [
+    ([], "linucb·s0"),
+    (["training=quick"], "linucb·quick·s0"),
+    (["data=synthetic"], "linucb·synthetic·s0"),
+    (["data=synthetic", "training=quick", "training.seed=3"], "linucb·synthetic·quick·s3"),
+    (["agent=epsilon_greedy", "agent.epsilon=0.2"], "epsilon_greedy·epsilon=0.2·s0"),
+    (["env=movielens_per_arm", "agent.alpha=3"], "linucb·per_arm·alpha=3·s0"),
+    (["env.rank_k=5"], "linucb·rank_k=5·s0"),  # not reward_rank, which follows rank_k
+    (["training.chunk_loops=50", "training.threads.inter_op=1"], "linucb·s0"),  # speed, not what is run
+    (["tuned=linucb-movielens"], "linucb·tuned·s0"),
+    (["training.loops=60000", "env.num_movies=100", "agent.alpha=2.5", "agent.tikhonov_weight=0.5"],
+     "linucb·loops=60000·alpha=2.5·…·s0"),
+])
+def test_run_names_tell_apart_what_differs_from_the_defaults_and_stay_short(overrides, name):
+    cfg = config.compose(overrides)
+    assert training.run_name(cfg, {}) == name
+    assert training.run_name(cfg, {"sweep.trial": "7"}) == f"{cfg.agent.name}{'·per_arm' * ('per_arm' in name)}·s{cfg.training.seed}·t7"
+    assert all(part in training.long_name(cfg, {}) for part in config.differences(cfg))
+
+
 def test_same_seed_same_metrics_other_seed_differs(make_config):
     first, _ = training.train(make_config("training.seed=0"))
     assert training.train(make_config("training.seed=0"))[0] == first
@@ -130,6 +150,10 @@ def test_linucb_beats_uniform_random_by_a_clear_margin(make_config):
     ("agent.alpha=-1", "agent.alpha must be > 0, got -1 (conf/agent/linucb.yaml)"),
     ("foo=1", "Could not override 'foo'. To append to your config use +foo=1"),
     ("training.threads.intra_op=-1", "training.threads.intra_op must be an integer >= 0"),
+    ("training.threads.inter_op=100000", "training.threads.inter_op must be at most 4 x the"),
+    ("training.steps_per_loop=2147483647", "training.steps_per_loop must be at most 64"),
+    ("training.chunk_loops=100000", "training.chunk_loops must be such that chunk_loops x batch_size x steps_per_loop"),
+    ("training.loops=2000000000", "training.loops must be small enough for the run's history to fit"),
 ])
 def test_bad_input_exits_with_one_line_and_no_running_run(movielens_dir, tracking_uri, override, message, capfd,
                                                          caplog, monkeypatch):

@@ -11,7 +11,8 @@ import subprocess
 import mlflow
 import pytest
 
-from src import campaign, config, training
+from src import config, training
+from src.campaigns import worker
 from src.data.synthetic import checksum_override
 from src.paths import PROJECT_ROOT
 from tests.conftest import SMALL, mlflow_ui
@@ -21,6 +22,8 @@ playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is a 
 
 BROWSER_LOCK = PROJECT_ROOT / ".stack" / "chromium.lock"
 WAIT_MS = 90_000  # the UI's first page, on 2 busy cores
+# The fixture's runs, named by what sets them apart from the defaults (the test sizes).
+LINUCB, RANDOM = (training.run_name(config.compose([f"agent={agent}", *SMALL]), {}) for agent in ("linucb", "random"))
 
 
 def chromium() -> str:
@@ -39,7 +42,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, movielens_dir):
-    """`mlflow server` on a store holding `linucb·s0`, `random·s0` and a sweep `tiny·sweep`
+    """`mlflow server` on a store holding LINUCB, RANDOM and a sweep `tiny·sweep`
     with trials `linucb·s0·t0` and `linucb·s0·t1`, all made in this process by the product's
     own code (a process per run would load TensorFlow again); yields (URL, experiment id)."""
     store = tmp_path_factory.mktemp("ui")
@@ -51,9 +54,9 @@ def ui(tmp_path_factory, movielens_dir):
 
     def the_other_runs():
         training.train(config.compose(["agent=random", *common]))
-        campaign.work(["hparams_search=linucb", "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
-                       f"hydra.sweeper.storage=sqlite:///{store / 'optuna.db'}", "env.reward_rank=4", *common,
-                       "env.rank_k=choice(2, 3)"])
+        worker.work(["hparams_search=linucb", "hydra.sweeper.study_name=tiny", "hydra.sweeper.n_trials=2",
+                     f"hydra.sweeper.storage=sqlite:///{store / 'optuna.db'}", "env.reward_rank=4", *common,
+                     "env.rank_k=choice(2, 3)"])
 
     with mlflow_ui(store, meanwhile=the_other_runs) as served:
         yield served
@@ -87,7 +90,7 @@ def row_names(page) -> list[str]:
 def test_the_runs_table_names_runs_readably_and_nests_a_sweeps_trials(ui, page):
     base, experiment_id = ui
     page.goto(f"{base}/#/experiments/{experiment_id}/runs")
-    for name in ("linucb·s0", "random·s0", "tiny·sweep"):
+    for name in (LINUCB, RANDOM, "tiny·sweep"):
         page.get_by_text(name, exact=True).wait_for()
     # Trials are folded under their parent until it is opened.
     assert page.get_by_text("linucb·s0·t0", exact=True).count() == 0
@@ -96,15 +99,15 @@ def test_the_runs_table_names_runs_readably_and_nests_a_sweeps_trials(ui, page):
     names = row_names(page)
     parent = names.index("tiny·sweep")
     assert sorted(names[parent + 1:parent + 3]) == ["linucb·s0·t0", "linucb·s0·t1"], names
-    assert {"linucb·s0", "random·s0"} <= set(names) - set(names[parent:parent + 3]), names
+    assert {LINUCB, RANDOM} <= set(names) - set(names[parent:parent + 3]), names
 
 
 def test_a_run_page_shows_its_regret_plot(ui, page):
     base, experiment_id = ui
     client = mlflow.MlflowClient(base)
-    (run,) = client.search_runs([experiment_id], "attributes.run_name = 'linucb·s0'")
+    (run,) = client.search_runs([experiment_id], f"attributes.run_name = '{LINUCB}'")
     page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifacts/regret.png")
-    page.get_by_text("linucb·s0", exact=True).first.wait_for()
+    page.get_by_text(LINUCB, exact=True).first.wait_for()
     plot = page.locator("img[src^='blob:']").first
     plot.wait_for()
     assert plot.evaluate("image => image.complete && image.naturalWidth") > 500  # the figure, drawn

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
+import random
 
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 from hydra.utils import get_object
@@ -40,8 +42,17 @@ def is_slate(action_spec) -> bool:
     return action_spec.shape.rank == 1
 
 
-def build_agent(cfg: DictConfig, time_step_spec, action_spec):
-    """Call the builder the agent config names with its hyperparameters and the env's specs.
+def policy_seed(seed: int) -> int:
+    """The seed of an agent's own generator, from the run's `seed`: the first draw of Python's
+    generator seeded with it, which is what agents drew from the seeded global generator before
+    they took the seed, so runs keep their numbers."""
+    return random.Random(seed).getrandbits(31)
+
+
+def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int):
+    """Call the builder the agent config names with its hyperparameters and the env's specs,
+    and `seed` where the builder takes one (for a generator of the agent's own, so that what
+    ran before does not change its draws).
 
     Called directly rather than through `hydra.utils.instantiate`, which would wrap a
     builder's `UserError` in its own exception and lose the one-line message.
@@ -58,6 +69,8 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec):
         slates_only = " (it recommends slates: use it with env=movielens_ranking)" if recommends_slates else ""
         raise UserError(f"agent={cfg.name} cannot take this environment's per-arm features{slates_only}; "
                         f"agents that can: {', '.join(per_arm_agents())}")
+    if "seed" in inspect.signature(builder).parameters:
+        hyperparameters["seed"] = seed
     with config.errors_name_source("agent", cfg.name):
         return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)
 

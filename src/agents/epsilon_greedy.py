@@ -14,11 +14,13 @@ from src.errors import require
 
 
 def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
-          layers: list[int], name: str = "epsilon_greedy"):
+          layers: list[int], seed: int, name: str = "epsilon_greedy"):
+    """TF-Agents' agent, or over slates ours; `seed` seeds only the slate agent's exploration
+    (TF-Agents' draws with TensorFlow's global seed)."""
     require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
     require(0 <= epsilon <= 1, "agent.epsilon", epsilon, "in [0, 1]")
     if is_slate(action_spec):
-        return ranking.epsilon_greedy(time_step_spec, action_spec, learning_rate, epsilon, layers, name)
+        return ranking.epsilon_greedy(time_step_spec, action_spec, learning_rate, epsilon, layers, seed, name)
     check_layers(layers)
     return neural_epsilon_greedy_agent.NeuralEpsilonGreedyAgent(
         time_step_spec, action_spec, reward_network=reward_network(time_step_spec, action_spec, layers),

@@ -14,8 +14,6 @@ cannot go below 0, and regressing on -1 kills them (the loss stays at 1.0). The 
 
 from __future__ import annotations
 
-import random
-
 import tensorflow as tf
 import tensorflow_probability as tfp
 from tf_agents.bandits.agents import ranking_agent
@@ -24,7 +22,7 @@ from tf_agents.policies import tf_policy
 from tf_agents.policies import utils as policy_utilities
 from tf_agents.trajectories import policy_step
 
-from src.agents import is_slate, slates
+from src.agents import is_slate, policy_seed, slates
 from src.agents.networks import check_layers
 from src.errors import UserError, require
 
@@ -35,10 +33,11 @@ POLICIES = {"no_penalty": ranking_agent.RankingPolicyType.NO_PENALTY,
 
 class SlateAgent(ranking_agent.RankingAgent):
     """TF-Agents' `RankingAgent` collecting with `policy_type`'s policy, explored further by
-    epsilon if given; its `policy`, the one saved and served, ranks greedily by the scores."""
+    epsilon if given (drawing from a generator seeded from `seed`); its `policy`, the one saved
+    and served, ranks greedily by the scores."""
 
     def __init__(self, time_step_spec, action_spec, learning_rate: float, layers, policy_type, temperature: float,
-                 epsilon: float | None, name: str):
+                 epsilon: float | None, seed: int | None, name: str):
         if not is_slate(action_spec):
             raise UserError(f"agent={name} recommends slates: use it with env=movielens_ranking")
         require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
@@ -54,8 +53,7 @@ class SlateAgent(ranking_agent.RankingAgent):
             logits_temperature=temperature, summarize_grads_and_vars=False, enable_summaries=False, name=name)
         self._greedy = GreedySlatePolicy(time_step_spec, action_spec, network)
         if epsilon is not None:
-            # Python's generator, seeded by the run's seed just before the agent is built.
-            self._collect_policy = EpsilonGreedySlatePolicy(self._greedy, epsilon, random.getrandbits(31))
+            self._collect_policy = EpsilonGreedySlatePolicy(self._greedy, epsilon, policy_seed(seed))
 
     @property
     def policy(self):
@@ -86,7 +84,8 @@ def build(time_step_spec, action_spec, learning_rate: float, layers: list[int], 
           name: str = "ranking") -> SlateAgent:
     require(policy in POLICIES, "agent.policy", policy, f"one of {', '.join(POLICIES)}")
     require(temperature > 0, "agent.temperature", temperature, "> 0")
-    return SlateAgent(time_step_spec, action_spec, learning_rate, layers, POLICIES[policy], temperature, None, name)
+    return SlateAgent(time_step_spec, action_spec, learning_rate, layers, POLICIES[policy], temperature, None, None,
+                      name)
 
 
 class EpsilonGreedySlatePolicy(tf_policy.TFPolicy):
@@ -114,7 +113,8 @@ class EpsilonGreedySlatePolicy(tf_policy.TFPolicy):
         raise NotImplementedError("an epsilon-greedy slate is sampled by action(), it has no distribution")
 
 
-def epsilon_greedy(time_step_spec, action_spec, learning_rate: float, epsilon: float, layers, name: str) -> SlateAgent:
+def epsilon_greedy(time_step_spec, action_spec, learning_rate: float, epsilon: float, layers, seed: int,
+                   name: str) -> SlateAgent:
     """Neural epsilon-greedy over slates: the greedy ranking agent, exploring uniformly."""
     return SlateAgent(time_step_spec, action_spec, learning_rate, layers,
-                      ranking_agent.RankingPolicyType.DESCENDING_SCORES, 1.0, epsilon, name)
+                      ranking_agent.RankingPolicyType.DESCENDING_SCORES, 1.0, epsilon, seed, name)

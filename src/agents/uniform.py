@@ -4,14 +4,12 @@ environment's `random_policy_regret`."""
 
 from __future__ import annotations
 
-import random
-
 import tensorflow as tf
 from tf_agents.agents import tf_agent
 from tf_agents.policies import random_tf_policy
 from tf_agents.trajectories import policy_step
 
-from src.agents import is_slate, slates
+from src.agents import is_slate, policy_seed, slates
 
 
 class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
@@ -35,10 +33,9 @@ class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
 
 
 class UniformRandomAgent(tf_agent.TFAgent):
-    def __init__(self, time_step_spec, action_spec, name: str | None = None):
+    def __init__(self, time_step_spec, action_spec, seed: int, name: str | None = None):
         tf.Module.__init__(self, name=name)
-        # Python's generator, seeded by the run's seed just before the agent is built.
-        policy = SeededUniformPolicy(time_step_spec, action_spec, seed=random.getrandbits(31))
+        policy = SeededUniformPolicy(time_step_spec, action_spec, seed=policy_seed(seed))
         super().__init__(time_step_spec, action_spec, policy, policy, train_sequence_length=None)
 
     def _initialize(self):
@@ -53,5 +50,5 @@ def action_probabilities(action_step, num_actions: int, **_) -> tf.Tensor:
     return tf.fill([tf.shape(action_step.action)[0], num_actions], tf.constant(1 / num_actions, tf.float64))
 
 
-def build(time_step_spec, action_spec, name: str = "random") -> UniformRandomAgent:
-    return UniformRandomAgent(time_step_spec, action_spec, name)
+def build(time_step_spec, action_spec, seed: int, name: str = "random") -> UniformRandomAgent:
+    return UniformRandomAgent(time_step_spec, action_spec, seed, name)

@@ -112,7 +112,9 @@ def download(url: str, cache_dir: Path, checksums: dict[str, str]) -> Path:
 
 def locate(directory: str | None, url: str, cache_dir: str, checksums: dict[str, str]) -> Path:
     """The verified data directory: `directory` when given, else the cache, else a download."""
-    if directory:
+    if directory is not None:
+        if not str(directory).strip():
+            raise UserError("data.dir is empty: give the folder holding ml-100k's files, or null to download them")
         path = resolve(directory)
         if not path.is_dir():
             raise UserError(f"data.dir={directory} is not a directory")

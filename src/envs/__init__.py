@@ -1,4 +1,12 @@
-"""Bandit environments. Each `conf/env/*.yaml` names its builder in `_target_`."""
+"""Bandit environments. The contract they keep is `src.envs.base`: an `InGraphBandit` with a
+`reward_model` and its capabilities declared.
+
+To add one: a module here whose environment subclasses `InGraphBandit` (or an environment of
+`src.envs.movielens*`), with a builder taking the parsed data, `batch_size`, `seed` and the
+YAML's keys; a YAML in `conf/env/` naming that builder in `_target_` and the choice in `name`;
+and a test. tests/envs/test_contract.py checks every YAML's environment against the contract
+and shows a tiny environment written from scratch and trained.
+"""
 
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 from hydra.utils import get_object

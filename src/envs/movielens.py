@@ -13,13 +13,14 @@ into one graph; the sampler is this instance's own seeded generator, not the glo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
-from tf_agents.bandits.environments import bandit_tf_environment
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
+from src.envs.base import InGraphBandit
 from src.errors import require
 
 MOVIE_SELECTIONS = ("first", "most_rated")
@@ -27,13 +28,16 @@ MOVIE_SELECTIONS = ("first", "most_rated")
 
 @dataclass(frozen=True)
 class RewardModel:
-    """The ground truth an environment samples from (NumPy, float64)."""
+    """The ground truth the simulator samples from (NumPy, float64); a
+    `src.envs.base.CompleteRewardModel`."""
 
     user_ids: np.ndarray  # [users] MovieLens user ids behind each row
     movie_ids: np.ndarray  # [actions] MovieLens item ids behind each action
     user_features: np.ndarray  # [users, rank_k] what the agent observes
     movie_features: np.ndarray  # [actions, rank_k] the movies' side of the factorisation
     rewards: np.ndarray  # [users, actions] reconstructed ratings
+    # Every user who rated a chosen movie is kept (those who rated none carry no signal).
+    skipped_users: ClassVar[None] = None
 
     @property
     def optimal_reward(self) -> np.ndarray:
@@ -96,33 +100,10 @@ def build_reward_model(
     )
 
 
-class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
-    """What the engine (src.engine) asks of an environment besides `reset()`, read between a
-    `reset()` and the next: `outcome(action)`, the reward earned and the best reward there was,
-    and these, whose defaults suit an environment that rewards one pick with one number."""
-
-    # Names of the per-interaction metrics `extra_metrics` returns, e.g. a slate's NDCG.
-    extra_metric_names: tuple[str, ...] = ()
-
-    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(reward, optimal reward) of each interaction, [batch] float64."""
-        raise NotImplementedError
-
-    def feedback(self, action: tf.Tensor, reward: tf.Tensor):
-        """What the agent learns from, in the environment's reward spec."""
-        return tf.cast(reward, self.reward_spec().dtype)
-
-    def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
-        """[batch, len(extra_metric_names)] float64, summed per loop like the regret."""
-        raise NotImplementedError
-
-    def training_experience(self, experience):
-        """The agent's view of a loop's experience (a slate agent learns from the slotted movies)."""
-        return experience
-
-
 class MovieLensEnvironment(InGraphBandit):
     """Each step samples `batch_size` distinct users; the reward is the reconstructed rating."""
+
+    logs_interactions = True
 
     def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens"):
         num_users, rank_k = model.user_features.shape

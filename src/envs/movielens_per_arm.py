@@ -20,7 +20,8 @@ from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
-from src.envs.movielens import InGraphBandit, RewardModel, build_reward_model
+from src.envs.base import InGraphBandit
+from src.envs.movielens import RewardModel, build_reward_model
 from src.errors import require
 
 # What a candidate shows the agent: its embedding, or also its elementwise product with the

@@ -53,7 +53,8 @@ def split_ratings(matrix: np.ndarray, feature_share: float, seed: int) -> Rating
 
 @dataclass(frozen=True)
 class RatedCandidatesModel:
-    """The users who can be offered a candidate set, their embeddings, and their held-out rewards."""
+    """The users who can be offered a candidate set, their embeddings, and their held-out rewards:
+    a `src.envs.base.RewardModel` with rewards only where they rated, so no policy has an exact value."""
 
     user_ids: np.ndarray  # [users] MovieLens user ids behind each row
     movie_ids: np.ndarray  # [movies] MovieLens item ids behind each column

@@ -1,5 +1,5 @@
 """Campaigns on real services: workers on PostgreSQL and an MLflow server, a worker killed
-mid-trial, a late joiner; pruning, grids, failures, stale-run cleanup and reproducibility."""
+mid-trial, a late joiner, servers that stop answering mid-sweep, workers starting together."""
 
 from __future__ import annotations
 
@@ -19,36 +19,17 @@ import uuid
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import optuna
 import pytest
 import sqlalchemy
-from mlflow.entities import RunStatus
-from omegaconf import OmegaConf
 
-from src import campaign, config, data, experiment, metrics, runs, tracking
-from src.errors import UserError
+from src import metrics, tracking
+from src.campaigns.study import compose_sweep, prepare
+from src.campaigns.trials import COMPLETE, FAIL, RUN_ATTR
+from src.campaigns.worker import work
 from src.paths import PROJECT_ROOT
-from src.sweep_trials import RUN_ATTR
-from src.training import train
+from tests.campaigns.conftest import overrides_for, runs_of, states
 from tests.conftest import free_port, wait_until
-
-FIXED = ["env.num_movies=10", "env.reward_rank=4", "env.rank_k=3", "training.chunk_loops=20",
-         "tracking.save_policy=false"]
-
-
-def overrides_for(data_overrides, study: str, storage: str, tracking_uri: str, *extra: str) -> list[str]:
-    return ["hparams_search=linucb", f"hydra.sweeper.study_name={study}", f"hydra.sweeper.storage={storage}",
-            *data_overrides, *FIXED, f"tracking.uri={tracking_uri}", f"tracking.experiment={study}", *extra]
-
-
-def states(study: optuna.Study) -> collections.Counter:
-    return collections.Counter(trial.state.name for trial in study.trials)
-
-
-def runs_of(tracking_uri: str, experiment: str) -> list:
-    client = mlflow.MlflowClient(tracking_uri)
-    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
 
 @pytest.mark.slow
@@ -94,7 +75,7 @@ def test_multirun_workers_on_postgresql_survive_a_killed_worker_and_end_with_exa
     by_status = collections.Counter(run.info.status for run in children)
     assert by_status == {"FINISHED": 4, "FAILED": 1}, by_status
     finished = {run.info.run_id for run in children if run.info.status == "FINISHED"}
-    assert {trial.user_attrs[RUN_ATTR] for trial in study.get_trials(states=(campaign.COMPLETE,))} == finished
+    assert {trial.user_attrs[RUN_ATTR] for trial in study.get_trials(states=(COMPLETE,))} == finished
     (dead,) = [run for run in children if run.info.status == "FAILED"]
     assert "worker died" in dead.data.tags["bandits.ended_by"]
     retried = [run for run in children if "sweep.retry_of" in run.data.tags]
@@ -188,7 +169,7 @@ def test_a_tracking_server_that_stops_answering_mid_sweep_stops_the_worker_with_
     assert re.match(r".*ERROR.* the MLflow tracking server at .* stopped answering", log_lines[-1]), log_lines[-5:]
     assert states(optuna.load_study(study_name=name, storage=storage)) == {"FAIL": 1}
 
-    campaign.prepare(campaign.compose_sweep(overrides))  # a worker resuming the sweep
+    prepare(compose_sweep(overrides))  # a worker resuming the sweep
     (run,) = [run for run in runs_of(tracking_uri, name) if "sweep.trial" in run.data.tags]
     assert run.info.status == "FAILED"
     assert "tracking server" in run.data.tags["bandits.ended_by"]
@@ -226,61 +207,13 @@ def test_a_study_database_that_restarts_mid_sweep_is_waited_for_then_given_up_on
                     text.splitlines()[-1]), text.splitlines()[-5:]
 
     relay.restore()  # back: a worker started now fails the interrupted trial and runs it again
-    campaign.work(overrides)
+    work(overrides)
     study = optuna.load_study(study_name=study_name, storage=stack["OPTUNA_STORAGE"])
     assert states(study) == {"COMPLETE": 2, "FAIL": 1}
     found = runs_of(tracking_uri, study_name)
     assert collections.Counter(run.info.status for run in found) == {"FINISHED": 3, "FAILED": 1}  # with the parent
     (failed,) = [run for run in found if run.info.status == "FAILED"]
-    assert failed.data.tags["sweep.trial"] == str(study.get_trials(states=(campaign.FAIL,))[0].number)
-
-
-def test_resuming_fails_the_runs_of_failed_trials_only(tmp_path):
-    """A worker joining late fails the runs a lost server left RUNNING, but not the best
-    trial's run, RUNNING again while the summarising worker adds its policy."""
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    experiment = client.create_experiment("resume")
-    study = optuna.create_study(study_name="resume", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    study.add_trial(optuna.trial.create_trial(value=1.0))
-    study.add_trial(optuna.trial.create_trial(state=campaign.FAIL))
-    completing, orphaned = (client.create_run(experiment, tags={"sweep.study": "resume", "sweep.trial": str(number)})
-                            for number in (0, 1))
-    campaign.end_orphaned_runs(study, "resume")
-    assert client.get_run(completing.info.run_id).info.status == "RUNNING"
-    assert client.get_run(orphaned.info.run_id).info.status == "FAILED"
-
-
-def test_an_unreachable_database_is_one_line_before_any_trial(data_overrides, tmp_path):
-    url = "postgresql://nobody:secret@127.0.0.1:1/optuna"  # the plain scheme works too
-    overrides = overrides_for(data_overrides, "unreachable", url, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with pytest.raises(UserError, match=re.escape("cannot open Optuna storage postgresql+psycopg://")) as error:
-        campaign.work(overrides)
-    assert "\n" not in str(error.value)
-    assert not (tmp_path / "mlflow.db").exists()  # no run was started
-
-
-def test_workers_opening_a_new_database_together_all_get_the_storage(stack):
-    """The first workers on a new database all create Optuna's tables; none may fail for it."""
-    admin = sqlalchemy.engine.make_url(stack["OPTUNA_STORAGE"])
-    database = f"race_{uuid.uuid4().hex[:8]}"
-    engine = sqlalchemy.create_engine(admin.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
-    cfg = OmegaConf.create({"hydra": {"sweeper": {"storage": admin.set(database=database).render_as_string(False)}},
-                            "sweep": {"heartbeat_s": 5, "grace_s": 30, "max_retries": 0, "storage_patience_s": 0},
-                            "tracking": {"experiment": database}})
-    barrier = threading.Barrier(6)
-
-    def open_together(_) -> optuna.storages.RDBStorage:
-        barrier.wait()
-        return campaign.open_storage(cfg)
-
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        storages = list(pool.map(open_together, range(6)))
-    assert len(storages) == 6
-    optuna.create_study(study_name="after-the-race", storage=storages[0])
-    assert [study.study_name for study in storages[-1].get_all_studies()] == ["after-the-race"]
+    assert failed.data.tags["sweep.trial"] == str(study.get_trials(states=(FAIL,))[0].number)
 
 
 def test_workers_starting_together_share_one_new_experiment(stack):
@@ -294,96 +227,3 @@ def test_workers_starting_together_share_one_new_experiment(stack):
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         assert len(set(pool.map(connect_together, range(6)))) == 1
-
-
-def test_a_wrong_database_password_is_one_line(stack, data_overrides, tmp_path):
-    storage = re.sub(r":[^:@/]+@", ":wrong@", stack["OPTUNA_STORAGE"])
-    overrides = overrides_for(data_overrides, "wrong-password", storage, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with pytest.raises(UserError, match="password authentication failed") as error:
-        campaign.work(overrides)
-    assert "\n" not in str(error.value)
-    assert "wrong" not in str(error.value) and "***" in str(error.value)  # no password in logs
-
-
-def test_a_sweep_whose_every_trial_fails_says_why_and_leaves_nothing_running(data_overrides, tmp_path):
-    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = overrides_for(data_overrides, "doomed", storage, tracking_uri, "training.loops=20",
-                              "env.rank_k=50", "sweep.max_failures=2")
-    with pytest.raises(UserError, match=r"study 'doomed' stopped: 2 trials failed .* because: env.rank_k must be"):
-        campaign.work(overrides)
-    assert states(optuna.load_study(study_name="doomed", storage=storage)) == {"FAIL": 2}
-    statuses = collections.Counter(run.info.status for run in runs_of(tracking_uri, "doomed"))
-    assert statuses == {"FAILED": 1}  # the parent; a config error starts no run
-
-
-def test_pruning_stops_hopeless_trials_and_a_trial_reproduces_standalone(make_config, data_overrides, tmp_path):
-    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = overrides_for(data_overrides, "pruned", storage, tracking_uri, "hydra.sweeper.n_trials=9",
-                              "training.loops=60", "sweep.pruner=median")
-    campaign.work(overrides)
-    study = optuna.load_study(study_name="pruned", storage=storage)
-    counts = states(study)
-    assert counts["COMPLETE"] == 9 and counts["PRUNED"] >= 1, counts
-    found = runs_of(tracking_uri, "pruned")
-    pruned = [run for run in found if "sweep.pruned" in run.data.tags]
-    assert len(pruned) == counts["PRUNED"] and all(run.info.status == "KILLED" for run in pruned)
-    # A trial's value is the value of its configuration, trained anywhere else.
-    best = study.best_trial
-    params = [f"{name}={value}" for name, value in best.params.items()]
-    final, _ = train(make_config("agent=linucb", "env.reward_rank=4", "env.rank_k=3", "training.loops=60", *params))
-    assert final["train/cumulative_regret"] == best.value
-
-
-def test_a_grid_of_agents_and_seeds_runs_each_point_once(data_overrides, tmp_path):
-    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [o.replace("hparams_search=linucb", "hparams_search=grid") for o in overrides_for(
-        data_overrides, "grid", storage, tracking_uri, "training.loops=20",
-        "agent=choice(linucb, random)", "training.seed=choice(0, 1)")]
-    campaign.work(overrides)
-    study = optuna.load_study(study_name="grid", storage=storage)
-    assert sorted((t.params["agent"], t.params["training.seed"]) for t in study.trials) == [
-        ("linucb", 0), ("linucb", 1), ("random", 0), ("random", 1)]
-    assert states(study) == {"COMPLETE": 4}
-
-
-def test_reap_ends_only_runs_idle_longer_than_the_threshold(tracking_uri, capsys):
-    client = mlflow.MlflowClient(tracking_uri)
-    experiment = client.create_experiment("reap")
-    stale, fresh = client.create_run(experiment), client.create_run(experiment)
-    time.sleep(1.5)
-    client.log_metric(fresh.info.run_id, "train/regret", 1.0)  # activity keeps a run alive
-    runs.main(["reap", "--older-than", "1s", "--experiment", "reap", "--tracking-uri", tracking_uri])
-    assert client.get_run(stale.info.run_id).info.status == RunStatus.to_string(RunStatus.FAILED)
-    assert "reap" in client.get_run(stale.info.run_id).data.tags["bandits.ended_by"]
-    assert client.get_run(fresh.info.run_id).info.status == "RUNNING"
-    with pytest.raises(SystemExit) as exit:
-        runs.main(["reap", "--older-than", "soon", "--tracking-uri", tracking_uri])
-    assert exit.value.code == 2
-
-
-# Each source of randomness once: sampled actions, network weights, dropout, posterior draws,
-# uniform picks. (NeuralLinUCB's come from the same network weights and epsilon sampling.)
-STOCHASTIC = ["epsilon_greedy", "neural_boltzmann", "dropout_ts", "lints", "random"]
-
-
-def test_a_jobs_metrics_do_not_depend_on_the_jobs_before_it(make_config):
-    """Every stochastic agent's job, run after the others in one order and then in the reverse
-    order (other jobs before it each time), gives the same metrics. A job is what `train` runs:
-    the engine `experiment.assemble` seeds and builds, in a process that ran other jobs."""
-    jobs = {agent: make_config(f"agent={agent}", "training.loops=20", "training.seed=5") for agent in STOCHASTIC}
-
-    def job_metrics(cfg):
-        engine = experiment.assemble(cfg, data.load(cfg.data))
-        return np.concatenate([np.stack([chunk.regret, chunk.reward, chunk.suboptimal])
-                               for chunk in engine.run(cfg.training.loops, cfg.training.chunk_loops)], axis=1)
-
-    forward = {agent: job_metrics(job) for agent, job in jobs.items()}
-    backward = {agent: job_metrics(job) for agent, job in reversed(jobs.items())}
-    for agent in STOCHASTIC:
-        np.testing.assert_array_equal(backward[agent], forward[agent], err_msg=agent)
-
-
-def test_the_sweep_settings_are_checked(data_overrides, tmp_path):
-    cfg = config.compose(["hparams_search=linucb", "sweep.pruner=sometimes"], with_hydra=True)
-    with pytest.raises(UserError, match="sweep.pruner must be null, median or hyperband"):
-        campaign.check_sweeper(cfg)

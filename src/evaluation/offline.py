@@ -4,9 +4,10 @@ The agent never meets the environment. It learns from the first `offline.train_s
 the rounds another run logged (`offline.logs_run_id`, a run trained with
 `tracking.log_interactions=true`), in the same batches as online training would see them,
 one pass. Its greedy policy is then scored on the remaining rounds by every estimator of
-`src.ope`; the objective is one of them, so a sweep tunes an agent with no online
-interaction. The simulator's exact value of the policy is logged beside them
-(`ope/true_value`), which shows how far the off-policy score can be trusted.
+`src.evaluation.estimators`, with the hyperparameters `offline.estimator_params` sets; the
+objective is one of them, so a sweep tunes an agent with no online interaction. The
+simulator's exact value of the policy is logged beside them (`ope/true_value`), which shows
+how far the off-policy score can be trusted.
 """
 
 from __future__ import annotations
@@ -22,17 +23,15 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 
-from src import artifacts, interactions, ope
+from src import artifacts
 from src.errors import UserError, require
+from src.evaluation import estimators, interactions
 
 log = logging.getLogger(__name__)
 
-PREFIX = "ope/"
-TRUE_VALUE = "ope/true_value"
-
 
 def is_offline(cfg: DictConfig) -> bool:
-    return str(cfg.objective).startswith(PREFIX)
+    return str(cfg.objective).startswith(estimators.PREFIX)
 
 
 def check(cfg: DictConfig) -> None:
@@ -41,9 +40,10 @@ def check(cfg: DictConfig) -> None:
     share = cfg.offline.train_share
     require(0 < share < 1, "offline.train_share", share, "in (0, 1): the rest of the log scores the policy")
     require(cfg.offline.reward_model_ridge > 0, "offline.reward_model_ridge", cfg.offline.reward_model_ridge, "> 0")
+    scorers(cfg)  # a bad hyperparameter is refused now, not after training
 
 
-def logged_feedback(cfg: DictConfig, reward_model) -> tuple[ope.Feedback, np.ndarray]:
+def logged_feedback(cfg: DictConfig, reward_model) -> tuple[estimators.Feedback, np.ndarray]:
     """The logs' rounds and their rows in `reward_model`, refused if they come from another
     environment than `cfg`'s or lack what the objective's estimator needs."""
     logs_run_id = str(cfg.offline.logs_run_id)
@@ -53,12 +53,17 @@ def logged_feedback(cfg: DictConfig, reward_model) -> tuple[ope.Feedback, np.nda
     interactions.check_same_environment(logs_cfg, cfg, f"the logs of run {logs_run_id}", "this run")
     frame = interactions.load(logs_run_id)
     feedback, rows = interactions.feedback_of(frame, reward_model, logs_run_id)
-    estimator = cfg.objective.removeprefix(PREFIX)
+    estimator = cfg.objective.removeprefix(estimators.PREFIX)
     interactions.check_propensities(feedback, [estimator], logs_run_id, logs_cfg.agent.name)
     return feedback, rows
 
 
-def learn(cfg: DictConfig, engine, feedback: ope.Feedback, rows: np.ndarray) -> dict[str, float]:
+def scorers(cfg: DictConfig) -> list[estimators.Estimator]:
+    """Every estimator, with the hyperparameters of `offline.estimator_params`."""
+    return estimators.configured(estimators.ESTIMATORS, cfg.offline.estimator_params, "offline.estimator_params")
+
+
+def learn(cfg: DictConfig, engine, feedback: estimators.Feedback, rows: np.ndarray) -> dict[str, float]:
     """Train `engine.agent` on the logged `feedback` (its users' `rows` in the environment) and
     score its greedy policy: every estimator's value (`ope/<estimator>`) and the true one
     (`ope/true_value`)."""
@@ -69,10 +74,13 @@ def learn(cfg: DictConfig, engine, feedback: ope.Feedback, rows: np.ndarray) -> 
     choices = greedy_choices(engine.agent.policy, reward_model)
     num_actions = len(reward_model.movie_ids)
     scored = feedback.take(np.arange(split, len(feedback)))
-    terms = ope.deterministic_target_terms(scored, choices[rows[split:]], num_actions, cfg.offline.reward_model_ridge)
-    usable = ope.ESTIMATORS if np.isfinite(scored.propensities).all() else ("dm",)
-    final = {f"{PREFIX}{name}": ope.estimate(name, terms, switch_tau=num_actions) for name in usable}
-    final[TRUE_VALUE] = reward_model.value_of(choices)
+    terms = estimators.deterministic_target_terms(scored, choices[rows[split:]], num_actions,
+                                                  cfg.offline.reward_model_ridge)
+    # Logs without propensities still give the estimates that need none (the objective's was checked).
+    known = np.isfinite(scored.propensities).all()
+    final = {estimators.metric_name(scorer.name): scorer.for_actions(num_actions).estimate(terms)
+             for scorer in scorers(cfg) if known or not scorer.needs_propensities}
+    final[estimators.TRUE_VALUE] = reward_model.value_of(choices)
     return final
 
 
@@ -86,7 +94,7 @@ def split_point(rounds: int, train_share: float, per_batch: int, logs_run_id: st
     return split
 
 
-def fit(engine, feedback: ope.Feedback) -> None:
+def fit(engine, feedback: estimators.Feedback) -> None:
     """One pass of `engine.agent`'s training over the logged rounds, in the batches online
     training would take (a last partial batch is left out)."""
     train_step = tf.function(engine.agent.train, autograph=False)
@@ -101,7 +109,7 @@ def greedy_choices(policy, reward_model) -> np.ndarray:
     return policy.action(ts.restart(users, batch_size=len(reward_model.user_ids))).action.numpy()
 
 
-def experience(engine, batch: ope.Feedback) -> trajectory.Trajectory:
+def experience(engine, batch: estimators.Feedback) -> trajectory.Trajectory:
     """Logged rounds as the [batch_size, steps_per_loop] experience `agent.train` takes."""
     shape = (engine.environment.batch_size, engine.steps_per_loop)
     spec = engine.agent.training_data_spec

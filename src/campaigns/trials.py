@@ -1,4 +1,4 @@
-"""What links a job of Hydra's Optuna sweeper to its Optuna trial and its MLflow runs.
+"""What links a trial to its MLflow runs, in a campaign's workers and in Hydra's Optuna sweeper.
 
 The sweeper hands the trial to `remember_trial` (its `custom_search_space` hook) just before
 its basic launcher runs the trial's job in this process; the job's entry point then asks for
@@ -13,6 +13,9 @@ from omegaconf import DictConfig
 
 from src.errors import one_line
 
+COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                              optuna.trial.TrialState.WAITING)
+FAIL, PRUNED = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"
@@ -53,6 +56,6 @@ def every_trial_failed() -> str | None:
     if _trial is None:
         return None
     trials = _trial.study.get_trials(deepcopy=False)
-    if any(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials):
+    if any(trial.state == COMPLETE for trial in trials):
         return None
     return trials[-1].user_attrs.get(ERROR_ATTR, "no error recorded")

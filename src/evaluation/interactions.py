@@ -23,8 +23,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from src import ope, tracking
+from src import tracking
 from src.errors import UserError
+from src.evaluation import estimators
 
 ARTIFACT_DIR = "interactions"
 FILE = "interactions.parquet"
@@ -115,7 +116,7 @@ def check_same_environment(logs_cfg: DictConfig, other_cfg: DictConfig, logs: st
                         f"{logs_env.get(key)} in the logs and {other_env.get(key)} for {other}")
 
 
-def feedback_of(frame: pd.DataFrame, reward_model, logs_run_id: str) -> tuple[ope.Feedback, np.ndarray]:
+def feedback_of(frame: pd.DataFrame, reward_model, logs_run_id: str) -> tuple[estimators.Feedback, np.ndarray]:
     """The logged rounds, and each round's row in `reward_model`; refuses logs whose users and
     features are not this environment's."""
     rows = pd.Index(reward_model.user_ids).get_indexer(frame.user_id)
@@ -124,13 +125,15 @@ def feedback_of(frame: pd.DataFrame, reward_model, logs_run_id: str) -> tuple[op
             contexts, reward_model.user_features[rows], atol=1e-5):
         raise UserError(f"the interactions of run {logs_run_id} do not match the environment its config "
                         f"describes (other users or features): was the data changed since?")
-    feedback = ope.Feedback(contexts, frame.action.to_numpy(np.int64), frame.reward.to_numpy(np.float64),
-                            frame.propensity.to_numpy(np.float64))
+    feedback = estimators.Feedback(contexts, frame.action.to_numpy(np.int64), frame.reward.to_numpy(np.float64),
+                                   frame.propensity.to_numpy(np.float64))
     return feedback, rows
 
 
-def check_propensities(feedback: ope.Feedback, estimators, logs_run_id: str, logging_agent: str) -> None:
-    needing = [name for name in estimators if name in ope.NEEDS_PROPENSITIES]
+def check_propensities(feedback: estimators.Feedback, names, logs_run_id: str, logging_agent: str) -> None:
+    """Refuse logs that the estimators `names` cannot score: without propensities, where one of
+    them weights by them, or with a propensity of 0."""
+    needing = estimators.needing_propensities(names)
     if not needing:
         return
     if np.isnan(feedback.propensities).any():

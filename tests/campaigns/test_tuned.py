@@ -7,11 +7,12 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from src import config, data, experiment, tuning
+from src import config, data, experiment
+from src.campaigns import tuned
 from src.errors import UserError
 from src.training import check_training
 
-TUNED = sorted(path.stem for path in tuning.TUNED.glob("*.yaml"))
+TUNED = sorted(path.stem for path in tuned.TUNED.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", TUNED)
@@ -38,24 +39,24 @@ def test_a_tuned_config_refuses_another_agent_or_environment(other):
 
 
 def test_every_learning_agent_of_the_lineup_is_tuned_on_each_environment_it_takes():
-    pairs = tuning.pairs(None, None)
+    pairs = tuned.pairs(None, None)
     assert ("linucb", "movielens_per_arm") in pairs and ("dropout_ts", "movielens") in pairs
     assert ("dropout_ts", "movielens_per_arm") not in pairs  # it cannot take per-arm features
     assert not any(agent == "random" for agent, _ in pairs)  # nothing to tune
     assert sorted(f"{agent}-{env}" for agent, env in pairs) == TUNED
     with pytest.raises(UserError, match="--agents: nothing to tune for random; choose from linucb, lints"):
-        tuning.pairs(["random"], None)
+        tuned.pairs(["random"], None)
 
 
 def test_the_best_trial_becomes_the_tuned_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(tuning, "TUNED", tmp_path)
+    monkeypatch.setattr(tuned, "TUNED", tmp_path)
     study = optuna.create_study(study_name="tune-lints-movielens")
     distributions = {"agent.alpha": optuna.distributions.FloatDistribution(0.01, 10, log=True),
                      "env.rank_k": optuna.distributions.IntDistribution(2, 20)}
     for alpha, rank, regret in ((3.0, 20, 900.0), (0.25, 7, 400.0), (0.5, 12, 600.0)):
         study.add_trial(optuna.trial.create_trial(params={"agent.alpha": alpha, "env.rank_k": rank},
                                                   distributions=distributions, value=regret))
-    tuning.write_tuned("lints", "movielens", study, workers=2, loops=5000)
+    tuned.write_tuned("lints", "movielens", study, workers=2, loops=5000)
     written = OmegaConf.load(tmp_path / "lints-movielens.yaml")
     assert written.agent == {"alpha": 0.25} and written.env == {"reward_rank": 20, "rank_k": 7}
     assert written.tuned_for == {"agent": "lints", "env": "movielens", "study": "tune-lints-movielens"}
@@ -67,7 +68,7 @@ def test_the_best_trial_becomes_the_tuned_config(tmp_path, monkeypatch):
 def test_a_study_resumes_from_its_complete_trials(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     name = "tune-lints-movielens"
-    assert tuning.completed_trials(name, storage) == 0  # not started
+    assert tuned.completed_trials(name, storage) == 0  # not started
     study = optuna.create_study(study_name=name, storage=storage)
     distributions = {"agent.alpha": optuna.distributions.FloatDistribution(0.01, 10, log=True)}
     for state, value in ((optuna.trial.TrialState.COMPLETE, 500.0), (optuna.trial.TrialState.FAIL, None),
@@ -75,4 +76,4 @@ def test_a_study_resumes_from_its_complete_trials(tmp_path):
         study.add_trial(optuna.trial.create_trial(params={"agent.alpha": 1.0}, distributions=distributions,
                                                   value=value, state=state))
     study.enqueue_trial({"agent.alpha": 2.0})  # waiting, as a dead worker's trial may be
-    assert tuning.completed_trials(name, storage) == 2
+    assert tuned.completed_trials(name, storage) == 2

@@ -1,0 +1,93 @@
+"""The environment contract: what the engine and the rest of the project ask of an environment.
+
+An environment is an `InGraphBandit`, a TF-Agents `BanditTFEnvironment` whose sampling and
+rewards are TensorFlow ops, so that a whole training loop compiles into one graph. Its specs
+say what it offers, as TF-Agents' agents read them: observations with per-arm features (a dict
+holding `PER_ARM_FEATURE_KEY`, `src.agents.has_per_arm_features`) and slates (an action of
+rank 1, `src.agents.is_slate`). What the specs do not say it declares as class attributes
+(`logs_interactions`). Its ground truth is its `reward_model`, a `RewardModel` in NumPy that
+everything outside the engine reads.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import tensorflow as tf
+from tf_agents.bandits.environments import bandit_tf_environment
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """An environment's ground truth (NumPy, float64), as the run's tags and log lines
+    (src.training), the served catalogue (src.serving.catalogue) and the interaction log
+    (src.evaluation.interactions) read it."""
+
+    user_ids: np.ndarray  # [users] MovieLens user ids behind each row
+    # [movies] MovieLens item ids behind each column: the actions, or the pool candidates come from
+    movie_ids: np.ndarray
+    user_features: np.ndarray  # [users, rank_k] what the agent observes of each user
+    movie_features: np.ndarray  # [movies, rank_k] the movies' side of the embedding
+    rewards: np.ndarray  # [users, movies] each movie's reward to each user, NaN where there is none
+    # Users with ratings that the environment leaves out for having too few of them, for the run's
+    # tag; None where it has no such rule.
+    skipped_users: int | None
+
+    @property
+    def random_policy_regret(self) -> float:
+        """Expected per-interaction regret of picking uniformly at random."""
+
+
+@runtime_checkable
+class CompleteRewardModel(RewardModel, Protocol):
+    """A reward for every user and movie, so that a policy choosing one movie per user has an
+    exact value: what offline learning (src.evaluation.offline) and src.evaluate score against."""
+
+    @property
+    def optimal_reward(self) -> np.ndarray:
+        """[users] each user's best reward."""
+
+    def value_of(self, choices: np.ndarray) -> float:
+        """Mean reward of picking movie `choices[u]` for user row u, users drawn uniformly."""
+
+
+class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
+    """What the engine (src.engine) calls, each step: `reset()`, which draws the step's users and
+    returns their observations; `outcome(action)`, the reward earned and the best there was;
+    `feedback(action, reward)`, what the agent learns from; `extra_metrics(action)` if there are
+    `extra_metric_names`; and `users` when it records interactions. All of these describe the
+    users of the last `reset()`; `step()` is never called. Each loop, `training_experience`
+    turns the loop's transitions into what the agent trains on. The defaults suit an environment
+    that rewards one pick with one number."""
+
+    reward_model: RewardModel
+    # Whether a round is fully described by its user and action, so that the interaction log
+    # (src.evaluation.interactions) can keep it and off-policy evaluation replay it against the
+    # reward model, which must then be a `CompleteRewardModel`. Not so where a round offers a
+    # candidate set, which the log does not keep.
+    logs_interactions: bool = False
+    # Names of the per-interaction metrics `extra_metrics` returns, e.g. a slate's NDCG.
+    extra_metric_names: tuple[str, ...] = ()
+
+    @property
+    def users(self) -> tf.Tensor:
+        """[batch] int32, the `reward_model` rows of the users drawn at the last `reset()`; needed
+        where `logs_interactions`."""
+        raise NotImplementedError
+
+    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(reward, optimal reward) of each interaction, [batch] float64."""
+        raise NotImplementedError
+
+    def feedback(self, action: tf.Tensor, reward: tf.Tensor):
+        """What the agent learns from, in the environment's reward spec."""
+        return tf.cast(reward, self.reward_spec().dtype)
+
+    def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
+        """[batch, len(extra_metric_names)] float64, summed per loop like the regret."""
+        raise NotImplementedError
+
+    def training_experience(self, experience):
+        """The agent's view of a loop's experience (a slate agent learns from the slotted movies)."""
+        return experience

@@ -1,0 +1,79 @@
+"""A worker in this process: trials that all fail, pruning, a grid, and trials whose value
+does not depend on the trials the worker ran before them."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import optuna
+import pytest
+
+from src import data, experiment
+from src.campaigns.worker import work
+from src.errors import UserError
+from src.training import train
+from tests.campaigns.conftest import overrides_for, runs_of, states
+
+
+def test_a_sweep_whose_every_trial_fails_says_why_and_leaves_nothing_running(data_overrides, tmp_path):
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = overrides_for(data_overrides, "doomed", storage, tracking_uri, "training.loops=20",
+                              "env.rank_k=50", "sweep.max_failures=2")
+    with pytest.raises(UserError, match=r"study 'doomed' stopped: 2 trials failed .* because: env.rank_k must be"):
+        work(overrides)
+    assert states(optuna.load_study(study_name="doomed", storage=storage)) == {"FAIL": 2}
+    statuses = collections.Counter(run.info.status for run in runs_of(tracking_uri, "doomed"))
+    assert statuses == {"FAILED": 1}  # the parent; a config error starts no run
+
+
+def test_pruning_stops_hopeless_trials_and_a_trial_reproduces_standalone(make_config, data_overrides, tmp_path):
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = overrides_for(data_overrides, "pruned", storage, tracking_uri, "hydra.sweeper.n_trials=9",
+                              "training.loops=60", "sweep.pruner=median")
+    work(overrides)
+    study = optuna.load_study(study_name="pruned", storage=storage)
+    counts = states(study)
+    assert counts["COMPLETE"] == 9 and counts["PRUNED"] >= 1, counts
+    found = runs_of(tracking_uri, "pruned")
+    pruned = [run for run in found if "sweep.pruned" in run.data.tags]
+    assert len(pruned) == counts["PRUNED"] and all(run.info.status == "KILLED" for run in pruned)
+    # A trial's value is the value of its configuration, trained anywhere else.
+    best = study.best_trial
+    params = [f"{name}={value}" for name, value in best.params.items()]
+    final, _ = train(make_config("agent=linucb", "env.reward_rank=4", "env.rank_k=3", "training.loops=60", *params))
+    assert final["train/cumulative_regret"] == best.value
+
+
+def test_a_grid_of_agents_and_seeds_runs_each_point_once(data_overrides, tmp_path):
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [o.replace("hparams_search=linucb", "hparams_search=grid") for o in overrides_for(
+        data_overrides, "grid", storage, tracking_uri, "training.loops=20",
+        "agent=choice(linucb, random)", "training.seed=choice(0, 1)")]
+    work(overrides)
+    study = optuna.load_study(study_name="grid", storage=storage)
+    assert sorted((t.params["agent"], t.params["training.seed"]) for t in study.trials) == [
+        ("linucb", 0), ("linucb", 1), ("random", 0), ("random", 1)]
+    assert states(study) == {"COMPLETE": 4}
+
+
+# Each source of randomness once: sampled actions, network weights, dropout, posterior draws,
+# uniform picks. (NeuralLinUCB's come from the same network weights and epsilon sampling.)
+STOCHASTIC = ["epsilon_greedy", "neural_boltzmann", "dropout_ts", "lints", "random"]
+
+
+def test_a_jobs_metrics_do_not_depend_on_the_jobs_before_it(make_config):
+    """Every stochastic agent's job, run after the others in one order and then in the reverse
+    order (other jobs before it each time), gives the same metrics. A job is what `train` runs:
+    the engine `experiment.assemble` seeds and builds, in a process that ran other jobs."""
+    jobs = {agent: make_config(f"agent={agent}", "training.loops=20", "training.seed=5") for agent in STOCHASTIC}
+
+    def job_metrics(cfg):
+        engine = experiment.assemble(cfg, data.load(cfg.data))
+        return np.concatenate([np.stack([chunk.regret, chunk.reward, chunk.suboptimal])
+                               for chunk in engine.run(cfg.training.loops, cfg.training.chunk_loops)], axis=1)
+
+    forward = {agent: job_metrics(job) for agent, job in jobs.items()}
+    backward = {agent: job_metrics(job) for agent, job in reversed(jobs.items())}
+    for agent in STOCHASTIC:
+        np.testing.assert_array_equal(backward[agent], forward[agent], err_msg=agent)

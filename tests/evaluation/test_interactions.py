@@ -1,0 +1,83 @@
+"""The logged interactions: the logging policies' propensities against their sampling, the
+logged dataset in MLflow, and the logs refused where they cannot be used."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from tf_agents.specs import tensor_spec
+from tf_agents.trajectories import time_step as ts
+
+from src import agents, config
+from src.errors import UserError
+from src.evaluation import estimators, interactions
+
+
+def agent_and_step(agent: str, batch: int, **hyperparameters):
+    """A freshly built agent of `agent`'s config and one collect step on a single user repeated."""
+    cfg = config.compose([f"agent={agent}", *(f"agent.{k}={v}" for k, v in hyperparameters.items())]).agent
+    spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=4)
+    time_step_spec = ts.time_step_spec(tf.TensorSpec([3], tf.float32))
+    built = agents.build_agent(cfg, time_step_spec, spec, seed=0)
+    observation = tf.tile(tf.constant([[0.3, -1.0, 2.0]]), [batch, 1])
+    step = built.collect_policy.action(ts.restart(observation, batch_size=batch))
+    return agents.action_probabilities(cfg, 5)(step).numpy(), step.action.numpy()
+
+
+@pytest.mark.parametrize("agent, hyperparameters", [
+    ("epsilon_greedy", {"epsilon": 0.3}),
+    ("neural_boltzmann", {"temperature": 0.2}),
+    ("random", {}),
+])
+def test_propensities_sum_to_one_and_match_how_the_policy_samples(agent, hyperparameters):
+    tf.random.set_seed(0)
+    probabilities, actions = agent_and_step(agent, 20_000, **hyperparameters)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-9)
+    frequencies = np.bincount(actions, minlength=5) / len(actions)
+    # 20,000 draws: a frequency's standard error is at most 0.0036.
+    np.testing.assert_allclose(frequencies, probabilities[0], atol=0.015)
+
+
+def test_a_greedy_policy_picks_its_movie_with_probability_one():
+    probabilities, actions = agent_and_step("epsilon_greedy", 4, epsilon=0.0)
+    assert (probabilities[np.arange(4), actions] == 1.0).all()
+
+
+def test_linucb_has_no_known_propensities():
+    assert agents.action_probabilities(config.compose(["agent=linucb"]).agent, 5) is None
+
+
+def test_the_logged_dataset_round_trips_through_mlflow(logged_runs):
+    uri, _, ids = logged_runs
+    mlflow.set_tracking_uri(uri)
+    frame = interactions.load(ids["logs"])
+    run = mlflow.MlflowClient(uri).get_run(ids["logs"])
+    (logged_input,) = [i for i in run.inputs.dataset_inputs if i.dataset.name == "interactions"]
+    assert [tag.value for tag in logged_input.tags if tag.key == "mlflow.data.context"] == ["logged_interactions"]
+    assert logged_input.dataset.digest == interactions.as_dataset(frame).digest
+    assert run.data.tags[interactions.PROPENSITIES_TAG] == "exact"
+    metrics_csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=ids["logs"], artifact_path="metrics.csv"))
+    per_loop = len(frame) // len(metrics_csv)
+    assert len(frame) == int(metrics_csv.step.iloc[-1])
+    np.testing.assert_allclose(frame.reward.to_numpy().reshape(-1, per_loop).mean(axis=1),
+                               metrics_csv["train/reward"], rtol=1e-9)
+    assert frame.propensity.between(0.3 / 10, 1).all()
+    assert mlflow.MlflowClient(uri).get_run(ids["linucb_logs"]).data.tags[interactions.PROPENSITIES_TAG] == "unknown"
+
+
+@pytest.mark.parametrize("override, key", [("env.rank_k=3", "env.rank_k"), ("env.movie_selection=most_rated",
+                                            "env.movie_selection"), ("data.rank=5", "data.rank")])
+def test_logs_from_another_environment_are_refused_whatever_differs(override, key):
+    logs_cfg = config.compose(["data=synthetic"])
+    other_cfg = config.compose(["data=synthetic", override])
+    with pytest.raises(UserError, match=f"the logs of run x come from another environment than the target: {key} is"):
+        interactions.check_same_environment(logs_cfg, other_cfg, "the logs of run x", "the target")
+
+
+def test_zero_propensities_are_refused():
+    feedback = estimators.Feedback(np.eye(2), np.array([0, 1]), np.ones(2), np.array([0.5, 0.0]))
+    with pytest.raises(UserError, match=r"a propensity of 0.0 \(round 1\)"):
+        interactions.check_propensities(feedback, ["ipw"], "abc", "epsilon_greedy")
