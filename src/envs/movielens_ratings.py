@@ -150,9 +150,11 @@ class MovieLensRatingsEnvironment(MovieLensPerArmEnvironment):
 
 def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int, feature_share: float,
           split_seed: int, reward: str = "rating", liked_threshold: float = 4, num_movies: int | None = None,
-          movie_selection: str = "first", arm_features: str = "interaction",
+          movie_selection: str = "first", arm_features: str = "interaction", reward_rank: int | None = None,
           name: str = "movielens_ratings") -> MovieLensRatingsEnvironment:
-    """The environment `conf/env/movielens_ratings.yaml` describes, over MovieLens `data`."""
+    """The environment `conf/env/movielens_ratings.yaml` describes, over MovieLens `data`.
+    `reward_rank`, which searches set to fix a simulator's ground truth, has no meaning here:
+    the rewards are real ratings, the same for every rank_k."""
     model = build_rated_candidates_model(data.ratings_matrix(), num_actions, rank_k, feature_share, split_seed,
                                          reward, liked_threshold, num_movies, movie_selection)
     return MovieLensRatingsEnvironment(model, batch_size, seed, arm_features, name)
