@@ -14,8 +14,9 @@ Environment parameters are thus always in the key: runs on different environment
 averaged. The exception is a hyperparameter search: unless `--parent` picks one sweep, its
 trials form one group per study and agent, over the parameters it searched (every trial
 would otherwise be a group of one). `--group-by agent.name` forces a coarser key and is
-refused when a group would mix environments. Labels name the agent and the parameters that
-differ, with numbers to 3 significant digits.
+refused when a group would mix environments or data sets. Runs that repeat a seed of their
+configuration are dropped but for the latest, and named in a warning and under the table: they
+are no independent draws, and counting them twice would narrow the band on no new evidence.
 
 Within a group, histories are aligned by linear interpolation onto the union of their steps,
 restricted to the range every run covers; identical step grids (the usual case) stay exactly
@@ -23,10 +24,16 @@ as logged. The band is the Student t-interval of the mean over seeds at each ste
 default), clipped to the metric's range (regret is never negative); a group of one run has
 none. The final value is the one at the group's last step.
 
-Writes comparison.png, comparison.md and comparison.csv (one row per group: final mean ± std,
-seeds, run ids) and curves.csv (mean, std, band per step), logs them to a run tagged
-`bandits.role=comparison` in the same experiment, which later comparisons skip, and prints
-the table.
+The figure has a panel per environment, data set and run length (regrets of another are other
+numbers), its legend beside it, and a log axis where the lines end more than 20x apart (a random
+agent beside learning ones). A legend names the agent and, abbreviated, the values that tell the
+groups of its panel apart (`epsilon_greedy (eps=0.1)`); the tables keep the full configuration,
+every parameter that differs, with numbers to 3 significant digits.
+
+Writes comparison.png, comparison.md (a table per panel) and comparison.csv (one row per group:
+final mean ± std, seeds, run ids, dropped repeats) and curves.csv (mean, std, band per step),
+logs them to a run tagged `bandits.role=comparison` in the same experiment, which later
+comparisons skip, and prints the table.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 AGENT = "agent.name"
+ENV = "env.name"
+DATA = "data.name"
 SEED = "training.seed"
 STUDY_TAG = "sweep.study"
 SWEEP = "sweep"  # in a group's key: the study whose trials it gathers
@@ -29,6 +31,9 @@ SWEEP = "sweep"  # in a group's key: the study whose trials it gathers
 # optimises: none of these changes what an agent learns, so they never split a group.
 NOT_CONFIG = re.compile(
     r"training\.seed|training\.chunk_loops|tracking\..*|sweep\..*|data\.(dir|cache_dir)|training\.threads\..*|objective")
+# Legend labels' short names for the longer keys.
+ABBREVIATIONS = {"epsilon": "eps", "learning_rate": "lr", "tikhonov_weight": "tikhonov", "num_movies": "movies",
+                 "num_actions": "actions", "encoding_network_num_train_steps": "encoder_steps"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,8 @@ def check_groups(params: pd.DataFrame, key: list[str]) -> None:
                         f"choose from {', '.join(sorted(params))}")
     spread = params.groupby(key, dropna=False).nunique(dropna=False).max()
     mixed = [name for name in spread.index if spread[name] > 1]
-    environments = [name for name in mixed if name.startswith("env.")]
+    # Another data set is another environment: its rewards, and so its regret, are other numbers.
+    environments = [name for name in mixed if name.startswith(("env.", "data."))]
     if environments:
         raise UserError(f"--group-by {','.join(key)} would average runs on different environments "
                         f"({', '.join(environments)} differ within a group); add them to --group-by or drop it")
@@ -159,6 +165,58 @@ def summarise(aligned: pd.DataFrame, confidence: float, metric: str) -> pd.DataF
                         ).reset_index(drop=True)
 
 
+def repeated_runs(runs: pd.DataFrame, params: pd.DataFrame) -> dict[str, str]:
+    """{run id: the run id kept in its place} for each run that repeats a seed of its configuration.
+
+    Two runs of one seed and configuration are not independent draws: counting both would weigh
+    that seed twice and narrow the band on no new evidence, so one is kept. The latest is the
+    one, as a seed is rerun after a change (a fix, a new version) that the earlier run predates.
+    """
+    oldest_first = runs["start_time"].sort_values(kind="stable").index
+    identity = params.assign(**{SEED: runs[f"params.{SEED}"]}).loc[oldest_first].fillna("").apply(tuple, axis=1)
+    latest = {signature: run_id for run_id, signature in identity.items()}
+    repeats = {run_id: latest[signature] for run_id, signature in identity.items() if latest[signature] != run_id}
+    if repeats:
+        log.warning("Dropped as repeats of a seed of their configuration, the latest run kept: %s",
+                    "; ".join(f"{run_id} (seed {runs.at[run_id, f'params.{SEED}']}, kept {kept})"
+                              for run_id, kept in repeats.items()))
+    return repeats
+
+
+def panel(members: pd.DataFrame, interactions: int) -> str:
+    """`movielens · synthetic data · 32,000 interactions`: regrets on another environment, data
+    set or run length are other numbers, so each such set of groups gets a panel of its own."""
+    where = [f"{values.iloc[0]}{suffix}" for name, suffix in ((ENV, ""), (DATA, " data"))
+             if (values := column(members, name).dropna()).any()]
+    return " · ".join([*where, f"{interactions:,} interactions"])
+
+
+def short_labels(table: pd.DataFrame, key: list[str]) -> pd.Series:
+    """A legend's labels: the agent and what tells a group apart from the others of its panel
+    (`epsilon_greedy (eps=0.1)`); the table keeps the full `configuration`."""
+    labels = pd.Series("", index=table.index)
+    for _, rows in table.groupby("panel", sort=False):
+        # A class path says again what the option's name beside it says.
+        telling = [name for name in key[1:] if not name.endswith("._target_") and differs(rows, name)]
+        for index, row in rows.iterrows():
+            details = ", ".join(short(name, value) for name, value in row[telling].dropna().items())
+            labels[index] = f"{row[AGENT]} ({details})" if details else row[AGENT]
+    return labels
+
+
+def differs(rows: pd.DataFrame, name: str) -> bool:
+    """Whether `name` takes more than one value (absent counting as one) among `rows`; an agent's
+    own parameter, among the rows of one agent."""
+    groups = rows.groupby(AGENT)[name] if name.startswith("agent.") else [(None, rows[name])]
+    return any(values.nunique(dropna=False) > 1 for _, values in groups)
+
+
+def short(key: str, value: str) -> str:
+    """`eps=0.1` for agent.epsilon=0.1: the key's last part, abbreviated where it is long."""
+    name = key.rsplit(".", 1)[-1]
+    return f"{ABBREVIATIONS.get(name, name)}={shown(value)}"
+
+
 def label(values: pd.Series) -> str:
     """`linucb (alpha=1.23, env.rank_k=7)`: the agent leads, so its own parameters go unprefixed."""
     details = ", ".join(f"{key.removeprefix('agent.')}={shown(value)}"
@@ -180,6 +238,34 @@ def compare(experiment_id: str, metric: str = metrics.CUMULATIVE_REGRET, agents:
             parent: str | None = None, group_by: list[str] | None = None, confidence: float = 0.95) -> Report:
     """Group the matching runs by configuration and summarise `metric` over each group's seeds."""
     runs = find_runs(experiment_id, agents, parent)
+    check_metric(runs, metric)
+    params = config_params(runs)
+    repeats = repeated_runs(runs, params)
+    runs, params = runs.drop(index=list(repeats)), params.drop(index=list(repeats))
+    if not parent and not group_by:
+        params = gather_searches(runs, params)
+    key = [AGENT, *[name for name in group_by if name != AGENT]] if group_by else grouping_key(params)
+    check_groups(params, key)
+    client = mlflow.MlflowClient()
+    groups = []
+    for values, members in params.groupby(key, dropna=False, sort=True):
+        name = label(pd.Series(values, index=key))
+        curve = summarise(align([history(client, run_id, metric) for run_id in members.index]), confidence, metric)
+        dropped = [run_id for run_id, kept in repeats.items() if kept in members.index]
+        row = summary_row(curve, runs.loc[members.index, f"params.{SEED}"], dropped)
+        place = (str(column(members, ENV).iloc[0]), str(column(members, DATA).iloc[0]), row["step"])
+        groups.append((place, {"configuration": name, **dict(zip(key, values)),
+                               "panel": panel(members, row["step"]), **row}, curve.assign(configuration=name)))
+    log.info("%d runs in %d configurations, grouped by %s", len(runs), len(groups), ", ".join(key))
+    # Panels by environment, data and run length; within one, the groups in the key's order.
+    groups.sort(key=lambda group: group[0])
+    table = pd.DataFrame([row for _, row, _ in groups])
+    table.insert(table.columns.get_loc("panel") + 1, "label", short_labels(table, key))
+    curves = pd.concat([curve for _, _, curve in groups], ignore_index=True)
+    return Report(table, curves.merge(table[["configuration", "panel", "label"]], on="configuration", sort=False))
+
+
+def check_metric(runs: pd.DataFrame, metric: str) -> None:
     lacking = runs.index[column(runs, f"metrics.{metric}").isna()]
     if len(lacking):
         shared = [name.removeprefix("metrics.") for name in runs.filter(regex=r"^metrics\.")
@@ -187,42 +273,44 @@ def compare(experiment_id: str, metric: str = metrics.CUMULATIVE_REGRET, agents:
         which = f"none of the {len(runs)} runs has" if len(lacking) == len(runs) else \
             f"{len(lacking)} of {len(runs)} runs ({', '.join(lacking)}) have"
         raise UserError(f"{which} a history of {metric}; pass --metric, one of: {', '.join(shared) or 'none shared'}")
-    params = config_params(runs)
-    if not parent and not group_by:
-        params = gather_searches(runs, params)
-    key = [AGENT, *[name for name in group_by if name != AGENT]] if group_by else grouping_key(params)
-    check_groups(params, key)
-    client = mlflow.MlflowClient()
-    rows, curves = [], []
-    for values, members in params.groupby(key, dropna=False, sort=True):
-        name = label(pd.Series(values, index=key))
-        aligned = align([history(client, run_id, metric) for run_id in members.index])
-        curve = summarise(aligned, confidence, metric)
-        final = curve.iloc[-1]
-        seeds = runs.loc[members.index, f"params.{SEED}"]
-        rows.append({"configuration": name, **dict(zip(key, values)), "n": len(members),
-                     "mean": final["mean"], "std": final["std"], "ci_low": final["low"], "ci_high": final["high"],
-                     "step": int(final["step"]), "seeds": ",".join(seeds), "run_ids": ",".join(members.index)})
-        curves.append(curve.assign(configuration=name))
-    log.info("%d runs in %d configurations, grouped by %s", len(runs), len(rows), ", ".join(key))
-    return Report(pd.DataFrame(rows), pd.concat(curves, ignore_index=True))
+
+
+def summary_row(curve: pd.DataFrame, seeds: pd.Series, dropped: list[str]) -> dict:
+    """A group's row of the table: its final values, seeds and runs."""
+    final = curve.iloc[-1]
+    return {"n": len(seeds), "mean": final["mean"], "std": final["std"], "ci_low": final["low"],
+            "ci_high": final["high"], "step": int(final["step"]), "seeds": ",".join(seeds),
+            "run_ids": ",".join(seeds.index), "dropped_run_ids": ",".join(dropped)}
 
 
 def markdown(table: pd.DataFrame, metric: str, confidence: float) -> str:
-    def number(value: float) -> str:
-        return np.format_float_positional(value, precision=4, fractional=False, trim="-")
-
+    """A table per panel of the figure: its label there, the full configuration, the statistics;
+    a note names the runs dropped as repeats of a seed."""
     bounded = " (within the metric's range)" if metric in metrics.BOUNDS else ""
-    columns = ["configuration", "n", f"final {metric}, mean ± std", f"{confidence:.0%} CI of the mean{bounded}",
-               "interactions", "seeds", "run ids"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table.itertuples():
-        interval = f"[{number(row.ci_low)}, {number(row.ci_high)}]" if row.n > 1 else "— (n=1)"
-        spread = f" ± {number(row.std)}" if row.n > 1 else " (n=1)"
-        cells = [row.configuration, str(row.n), number(row.mean) + spread, interval,
-                 f"{row.step:,}", row.seeds, row.run_ids.replace(",", ", ")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    columns = ["in the figure", "configuration", "n", f"final {metric}, mean ± std",
+               f"{confidence:.0%} CI of the mean{bounded}", "seeds", "run ids"]
+    lines = []
+    for title, rows in table.groupby("panel", sort=False):
+        lines += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += [markdown_row(row) for row in rows.itertuples()] + [""]
+    dropped = table[table["dropped_run_ids"] != ""]
+    if len(dropped):
+        lines.append("Dropped as repeats of a seed already counted (the latest run of a seed is kept): "
+                     + "; ".join(f"{row.configuration}: {row.dropped_run_ids.replace(',', ', ')}"
+                                 for row in dropped.itertuples()))
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def markdown_row(row) -> str:
+    interval = f"[{number(row.ci_low)}, {number(row.ci_high)}]" if row.n > 1 else "— (n=1)"
+    spread = f" ± {number(row.std)}" if row.n > 1 else " (n=1)"
+    cells = [row.label, row.configuration, str(row.n), number(row.mean) + spread, interval, row.seeds,
+             row.run_ids.replace(",", ", ")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def number(value: float) -> str:
+    return np.format_float_positional(value, precision=4, fractional=False, trim="-")
 
 
 def write(report: Report, out: Path, metric: str, confidence: float) -> str:

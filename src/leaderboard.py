@@ -1,10 +1,13 @@
 """The leaderboard's tables, from its runs in MLflow: per environment, one row per entry (the
 runs tagged `leaderboard.entry` with one label), ranked by final cumulative regret with
-src.comparison's statistics; the page that benchmarks/leaderboard.py writes."""
+src.comparison's statistics; the page that benchmarks/leaderboard.py writes, with its CSVs
+(the table, the curves), from which `rebuild` makes the page and its figures again without
+the runs (`uv run python -m docs.rebuild_leaderboards` for the pages under docs/)."""
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from src.errors import UserError
 
 LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
 ENTRY_TAG = "leaderboard.entry"
-ENV = "env.name"
+ENV = comparison.ENV
 METRIC = metrics.CUMULATIVE_REGRET
 CONFIDENCE = 0.95
 VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
@@ -25,6 +28,14 @@ VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
 NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm", "agent.slate")
 # Environment parameters the searches tune beside the agent's (conf/hparams_search/).
 TUNED_ENV_KEYS = ("env.rank_k",)
+# The entry every figure draws as the line to beat, not as a contender.
+REFERENCE_AGENT = "random"
+ABOUT = "about.md"  # hand-written: what the page's environments are, kept when the page is made again
+CURVES = "curves.csv"
+DATA_PLACEHOLDER = "/path/to/ml-100k"
+MACHINE_PATH = re.compile(r"(--data-dir[ =]|data\.dir=)('[^']*'|\S+)")
+# What `markdown` writes first: rebuild reads the title, the command and the wall time back.
+PAGE_HEADER = re.compile(r"# (?P<title>.+)\n\nMade by `(?P<command>.+?)`; (?P<wall>.+?)\. Rank by final")
 
 log = logging.getLogger(__name__)
 
@@ -165,30 +176,32 @@ def versions(runs: pd.DataFrame) -> str:
                      for name in VERSIONS)
 
 
-def number(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+def public(command: str) -> str:
+    """The command as a reader can type it: a data directory is a path on the machine that made
+    the page, meaningless elsewhere, so it becomes DATA_PLACEHOLDER."""
+    return MACHINE_PATH.sub(lambda found: found[1] + DATA_PLACEHOLDER, command)
 
 
-def markdown(table: pd.DataFrame, command: str, wall: str, title: str = "Leaderboard") -> str:
+def markdown(table: pd.DataFrame, command: str, wall: str, title: str = "Leaderboard", about: str = "") -> str:
     """The leaderboard page: a ranked table and a figure per environment, the hyperparameters,
-    the versions and the command."""
+    the versions and the command; `about`, hand-written Markdown, after the introduction."""
     lines = [f"# {title}", "",
-             f"Made by `{command}`; {wall}. Rank by final cumulative regret (lower is better): the mean "
+             f"Made by `{public(command)}`; {wall}. Rank by final cumulative regret (lower is better): the mean "
              f"over seeds with the {CONFIDENCE:.0%} Student t-interval of the mean (clipped at 0); "
              "interactions/s is the mean of the runs' `train/interactions_per_s` (tracked training, "
              "first loop to last). The same command with `--tables-only` rebuilds this page from the "
-             "tracked runs.", ""]
+             "tracked runs.", "", *([about.strip(), ""] if about.strip() else [])]
     for environment, rows in table.groupby("environment", sort=True):
         interactions = rows["interactions"].iloc[0]
         lines += [f"## {environment}", "",
                   f"| rank | entry | final cumulative regret ({interactions:,} interactions), mean "
                   f"[{CONFIDENCE:.0%} CI] | interactions/s | seeds |", "|---:|---|---|---:|---|"]
         for rank, row in enumerate(rows.itertuples(), 1):
-            band = f" [{number(row.ci_low)}, {number(row.ci_high)}]" if row.n > 1 else " (n=1, no band)"
-            lines.append(f"| {rank} | {row.entry} | {number(row.mean)}{band} | {row.interactions_per_s:,.0f} "
+            band = f" [{plots.number(row.ci_low)}, {plots.number(row.ci_high)}]" if row.n > 1 else " (n=1, no band)"
+            lines.append(f"| {rank} | {row.entry} | {plots.number(row.mean)}{band} | {row.interactions_per_s:,.0f} "
                          f"| {row.n} ({row.seeds}) |")
-        lines += ["", f"![Cumulative regret on {environment}: mean over seeds, {CONFIDENCE:.0%} band]"
-                      f"({figure_name(environment)})", ""]
+        lines += ["", f"![Cumulative regret on {environment}, the entries in rank order: mean over seeds, "
+                      f"{CONFIDENCE:.0%} band]({figure_name(environment)})", ""]
     lines += ["## Hyperparameters", "", "| entry | environment | hyperparameters |", "|---|---|---|"]
     lines += [f"| {row.entry} | {row.environment} | {row.hyperparameters} |"
               for row in table.sort_values(["entry", "environment"]).itertuples()]
@@ -202,11 +215,32 @@ def figure_name(environment: str) -> str:
 
 
 def write(report: comparison.Report, out: Path, command: str, wall: str, title: str = "Leaderboard") -> None:
+    """The page (with `out`/about.md, if there), its CSVs and its figures under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.md").write_text(markdown(report.table, command, wall, title))
+    about = out / ABOUT
+    (out / "leaderboard.md").write_text(markdown(report.table, command, wall, title,
+                                                 about.read_text() if about.is_file() else ""))
     report.table.to_csv(out / "leaderboard.csv", index=False)
-    for environment, curves in report.curves.groupby("environment"):
-        figure = plots.comparison_figure(curves, METRIC, CONFIDENCE)
-        figure.suptitle(f"{title} on {environment}")
+    # The curves as well, so that the figures can be drawn again without the runs (rebuild).
+    if not report.curves.empty:
+        report.curves.to_csv(out / CURVES, index=False, float_format="%.6g")
+    for environment, rows in report.table.groupby("environment"):
+        curves = report.curves[report.curves["environment"] == environment]
+        figure = plots.leaderboard_figure(rows, None if curves.empty else curves, REFERENCE_AGENT, CONFIDENCE)
+        figure.suptitle(f"{title} on {environment}: {rows['interactions'].iloc[0]:,} interactions, "
+                        f"{rows['n'].max()} seeds")
         figure.savefig(out / figure_name(environment), dpi=120)
     log.info("Wrote %s", out / "leaderboard.md")
+
+
+def rebuild(out: Path) -> None:
+    """Write the page and figures under `out` again from what it keeps: leaderboard.csv, curves.csv
+    (the figures show the ranking alone without it) and the page's title, command and wall time.
+    Neither MLflow nor training: a page's hour of runs need not be tracked here to redraw it."""
+    page = out / "leaderboard.md"
+    header = PAGE_HEADER.match(page.read_text()) if page.is_file() else None
+    if header is None:
+        raise UserError(f"{page}: no leaderboard page that src.leaderboard wrote")
+    table = pd.read_csv(out / "leaderboard.csv", dtype={"seeds": str})
+    curves = pd.read_csv(out / CURVES) if (out / CURVES).is_file() else pd.DataFrame(columns=["environment"])
+    write(comparison.Report(table, curves), out, header["command"], header["wall"], header["title"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import mlflow
 import numpy as np
@@ -12,7 +13,7 @@ from mlflow.entities import Metric, Param
 
 from src import compare as compare_cli
 from src import comparison as compare
-from src import tracking
+from src import plots, tracking
 from src.errors import UserError
 
 METRIC = "train/cumulative_regret"
@@ -33,8 +34,8 @@ def experiment(store, request, tmp_path):
     name = request.node.name
     experiment_id = client.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
 
-    def log_run(values, steps=STEPS, status="FINISHED", tags=None, **params) -> str:
-        run_id = client.create_run(experiment_id, tags=tags or {}).info.run_id
+    def log_run(values, steps=STEPS, status="FINISHED", tags=None, start_time=None, **params) -> str:
+        run_id = client.create_run(experiment_id, start_time=start_time, tags=tags or {}).info.run_id
         settings = {**BASE, **{key.replace("__", "."): value for key, value in params.items()}}
         client.log_batch(run_id, metrics=[Metric(METRIC, float(v), 0, int(s)) for s, v in zip(steps, values)],
                          params=[Param(key, str(value)) for key, value in settings.items()])
@@ -134,6 +135,86 @@ def test_a_mixed_store_keeps_labels_short_and_a_sweep_one_group(experiment, tmp_
     assert not labels.str.contains(r"\d{6}").any(), labels.tolist()
 
 
+def test_a_store_of_several_environments_and_lengths_gets_a_panel_each_with_short_labels(experiment, tmp_path):
+    _, experiment_id, log_run = experiment
+    # What the README's recipes leave in one store: quick and full runs, synthetic and real data,
+    # two environments, two epsilons.
+    synthetic = {"data__name": "synthetic", "data___target_": "src.data.synthetic.load"}
+    real = {"data__name": "movielens", "data___target_": "src.data.movielens.load"}
+    long_steps = STEPS * 10
+    for seed in (0, 1):
+        log_run(STEPS * 1.0, agent__name="linucb", **synthetic, training__seed=seed)
+        log_run(long_steps * 1.0, steps=long_steps, agent__name="linucb", training__loops=100, **synthetic,
+                training__seed=seed)
+        log_run(STEPS * 2.0, agent__name="linucb", **real, training__seed=seed)
+        log_run(STEPS * 3.0, agent__name="linucb", env__name="movielens_per_arm", env__num_movies=None,
+                env___target_="src.envs.movielens_per_arm.build", **synthetic, training__seed=seed)
+        for epsilon in (0.05, 0.1):
+            log_run(STEPS * 4.0, agent__name="epsilon_greedy", agent__epsilon=epsilon, **synthetic, training__seed=seed)
+
+    report = compare.compare(experiment_id)
+
+    table = report.table
+    assert table["panel"].drop_duplicates().tolist() == [
+        "movielens · movielens data · 160 interactions", "movielens · synthetic data · 160 interactions",
+        "movielens · synthetic data · 1,600 interactions", "movielens_per_arm · synthetic data · 160 interactions"]
+    panels = table.groupby("panel", sort=False)["label"].agg(list).tolist()
+    assert panels == [["linucb"], ["epsilon_greedy (eps=0.05)", "epsilon_greedy (eps=0.1)", "linucb"], ["linucb"],
+                      ["linucb"]]
+    # The table keeps every parameter that differs.
+    assert table["configuration"].str.contains("data.name=synthetic").sum() == 5
+    assert table["configuration"].str.contains("training.loops=100").sum() == 1
+    assert set(report.curves["label"]) == set(table["label"])
+    text = compare.write(report, tmp_path / "report", METRIC, 0.95)
+    assert "| epsilon_greedy (eps=0.1) | epsilon_greedy (epsilon=0.1, data._target_=src.data.synthetic.load, " in text
+
+    figure = plots.comparison_figure(report.curves, METRIC, 0.95)
+    figure.draw_without_rendering()
+    axes = figure.get_axes()
+    assert [axis.get_title() for axis in axes] == table["panel"].drop_duplicates().tolist()
+    for axis in axes:
+        legend = axis.get_legend()
+        assert legend.get_window_extent().x1 <= figure.bbox.x1 and legend.get_window_extent().x0 >= figure.bbox.x0
+        assert legend.get_window_extent().y0 >= figure.bbox.y0
+        assert not legend.get_window_extent().overlaps(axis.get_window_extent())
+
+
+def test_the_lines_of_a_random_agent_far_above_the_others_go_on_a_log_axis(experiment):
+    _, experiment_id, log_run = experiment
+    for seed in (0, 1):
+        log_run(STEPS * (100.0 + seed), agent__name="random", training__seed=seed)
+        log_run(np.sqrt(STEPS) * (1.0 + seed), agent__name="linucb", training__seed=seed)
+
+    report = compare.compare(experiment_id)
+
+    (axis,) = plots.comparison_figure(report.curves, METRIC, 0.95).get_axes()
+    assert axis.get_yscale() == "log"
+    # Bands clipped at zero stop at the axis' foot.
+    assert axis.get_ylim()[0] == pytest.approx(report.curves["mean"].min() / 2)
+
+
+def test_repeats_of_a_seed_are_dropped_keeping_the_latest_and_named(experiment, caplog):
+    _, experiment_id, log_run = experiment
+    first = log_run(STEPS * 1.0, start_time=1_000, agent__name="linucb", agent__alpha=1.0, training__seed=0)
+    again = log_run(STEPS * 3.0, start_time=2_000, agent__name="linucb", agent__alpha=1.0, training__seed=0)
+    other = log_run(STEPS * 5.0, start_time=1_500, agent__name="linucb", agent__alpha=1.0, training__seed=1)
+    # One seed under another configuration is no repeat.
+    log_run(STEPS * 1.0, start_time=3_000, agent__name="linucb", agent__alpha=2.0, training__seed=0)
+
+    with caplog.at_level(logging.WARNING, logger=compare.__name__):
+        report = compare.compare(experiment_id)
+
+    row = report.table.set_index("configuration").loc["linucb (alpha=1)"]
+    assert row["n"] == 2 and row["seeds"] == "0,1" and set(row["run_ids"].split(",")) == {again, other}
+    assert row["mean"] == pytest.approx(STEPS[-1] * 4.0)
+    assert row["dropped_run_ids"] == first
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert f"{first} (seed 0, kept {again})" in warning
+    assert report.table["n"].sum() == 3
+    assert ("Dropped as repeats of a seed already counted (the latest run of a seed is kept): "
+            f"linucb (alpha=1): {first}") in compare.markdown(report.table, METRIC, 0.95)
+
+
 def test_runs_left_out_for_their_status_are_counted_in_one_line(experiment, caplog):
     _, experiment_id, log_run = experiment
     for seed, status in enumerate(["FINISHED", "FINISHED", "RUNNING", "RUNNING", "FAILED"]):
@@ -163,14 +244,15 @@ def test_different_step_grids_are_interpolated_over_the_common_range(experiment)
     np.testing.assert_allclose(curve["mean"], 3.0 * curve["step"])
 
 
-def test_runs_on_different_environments_are_never_averaged(experiment):
+@pytest.mark.parametrize("key, values", [("env.rank_k", (10, 20)), ("data.name", ("movielens", "synthetic"))])
+def test_runs_on_different_environments_are_never_averaged(experiment, key, values):
     _, experiment_id, log_run = experiment
     for seed in (0, 1):
-        for rank in (10, 20):
-            log_run(STEPS * rank, agent__name="linucb", env__rank_k=rank, training__seed=seed)
+        for scale, value in enumerate(values, 1):
+            log_run(STEPS * scale, agent__name="linucb", training__seed=seed, **{key.replace(".", "__"): value})
 
     assert compare.compare(experiment_id).table["n"].tolist() == [2, 2]
-    with pytest.raises(UserError, match=r"different environments \(env\.rank_k"):
+    with pytest.raises(UserError, match=f"different environments \\({re.escape(key)}"):
         compare.compare(experiment_id, group_by=["agent.name"])
 
 
@@ -194,7 +276,7 @@ def test_cli_writes_logs_and_prints_the_report(experiment, store, tmp_path, caps
     assert {path.name for path in out.iterdir()} == {"comparison.png", "comparison.md", "comparison.csv", "curves.csv"}
     printed = capsys.readouterr().out
     assert printed.strip() == (out / "comparison.md").read_text().strip()
-    assert "| linucb | 2 |" in printed
+    assert "| linucb | linucb | 2 |" in printed
     assert pd.read_csv(out / "comparison.csv")["mean"].tolist() == [STEPS[-1] * 1.5]
     logged = mlflow.search_runs([experiment_id], filter_string=f"tags.{tracking.ROLE_TAG} = 'comparison'")
     assert len(logged) == 1

@@ -3,6 +3,7 @@ end-to-end `benchmarks.leaderboard` on synthetic data."""
 
 from __future__ import annotations
 
+import matplotlib
 import mlflow
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from mlflow.entities import Metric, Param
 from omegaconf import OmegaConf
 from scipy import stats
 
-from src import comparison, config, leaderboard, metrics, tuning
+from src import comparison, config, leaderboard, metrics, plots
+from src.campaigns import tuned
 from src.errors import UserError
 from tests.conftest import SMALL
 
@@ -76,7 +78,7 @@ def test_table_rows_means_and_bands_match_scipy_per_environment(experiment):
         assert (row.ci_low, row.ci_high) == pytest.approx((max(0, final.mean() - half_width), final.mean() + half_width))
         assert row.interactions_per_s == pytest.approx(rates[row.environment, row.entry].mean())
         rank = 1 + (table["environment"][:row.Index] == row.environment).sum()
-        shown = leaderboard.number
+        shown = plots.number
         expected = (f"| {rank} | {row.entry} | {shown(row.mean)} [{shown(row.ci_low)}, {shown(row.ci_high)}] "
                     f"| {row.interactions_per_s:,.0f} | 3 (0,1,2) |")
         assert expected in sections[row.environment].splitlines(), sections[row.environment]
@@ -128,11 +130,76 @@ def test_only_the_planned_configurations_are_ranked(experiment):
         leaderboard.standings(experiment_id, {leaderboard.identity("lints", dict(next(iter(planned))[1]))})
 
 
+def test_the_figure_ranks_every_entry_in_a_colour_of_its_own_beside_random_as_the_line_to_beat(experiment):
+    experiment_id, log_run = experiment
+    rng = np.random.default_rng(2)
+    # More entries than tab10 has colours, 3 orders of magnitude below random.
+    scales = {f"entry {index}": 1.0 + index for index in range(13)} | {"random": 1000.0}
+    for entry, scale in scales.items():
+        for seed in range(2):
+            log_run(regret_curves(rng, scale)[0], 9000.0, entry=entry, agent__name="random" if entry == "random"
+                    else "linucb", env__name="movielens", training__seed=seed)
+    report = leaderboard.standings(experiment_id)
+
+    figure = plots.leaderboard_figure(report.table, report.curves, leaderboard.REFERENCE_AGENT, 0.95)
+
+    ranking, curves = figure.get_axes()
+    assert [label.get_text() for label in ranking.get_yticklabels()] == [
+        f"{rank}. {entry}" for rank, entry in enumerate(report.table["entry"], 1)]
+    assert report.table["entry"].iloc[-1] == "random" and report.table["mean"].is_monotonic_increasing
+    assert ranking.get_xscale() == curves.get_yscale() == "log"
+    dots = [line.get_color() for line in ranking.get_lines() if line.get_marker() == "o"]
+    drawn = [line.get_color() for line in curves.get_lines()]
+    assert drawn == dots  # the ranking is the legend: in rank order, a curve's colour is its row's
+    assert len(set(map(str, drawn[:-1]))) == 13 and plots.REFERENCE_COLOUR not in drawn[:-1]
+    assert drawn[-1] == plots.REFERENCE_COLOUR and curves.get_lines()[-1].get_linestyle() == "--"
+    (reference,) = [line for line in ranking.get_lines() if line.get_linestyle() == "--"]
+    assert reference.get_xdata()[0] == report.table["mean"].iloc[-1]
+
+
+@pytest.mark.parametrize("count", [4, 13, 18, 40])
+def test_the_palette_has_a_colour_for_every_entry(count):
+    colours = [matplotlib.colors.to_hex(colour) for colour in plots.palette(count)]
+    assert len(set(colours)) == count
+    # none a grey, the reference's colour
+    assert not any(red == green == blue for red, green, blue in map(matplotlib.colors.to_rgb, colours))
+
+
+def test_a_page_is_made_again_from_its_csvs_without_its_runs(experiment, tmp_path, monkeypatch):
+    experiment_id, log_run = experiment
+    rng = np.random.default_rng(3)
+    for agent, scale in (("linucb", 1.0), ("random", 50.0)):
+        for seed in range(2):
+            log_run(regret_curves(rng, scale)[0], 9000.0, agent__name=agent, env__name="movielens", training__seed=seed)
+    out = tmp_path / "board"
+    out.mkdir()
+    (out / leaderboard.ABOUT).write_text("What the environments are.\n")
+    command = "uv run python -m benchmarks.leaderboard --data-dir /work/shared/datasets/ml-100k --loops 20"
+    leaderboard.write(leaderboard.standings(experiment_id), out, command, "wall time 1 s", "Board")
+    page = (out / "leaderboard.md").read_text()
+    (out / "regret_movielens.png").unlink()
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the page is made again without its runs")
+
+    monkeypatch.setattr(mlflow, "search_runs", unreachable)
+    monkeypatch.setattr(mlflow, "MlflowClient", unreachable)
+    leaderboard.rebuild(out)
+
+    assert (out / "leaderboard.md").read_text() == page
+    assert (out / "regret_movielens.png").stat().st_size > 0
+    # A machine's path means nothing to a reader: the page shows where the data goes instead.
+    assert "--data-dir /path/to/ml-100k --loops 20`" in page and "/work/shared" not in page
+    assert page.index("What the environments are.") < page.index("## movielens")
+    with pytest.raises(UserError, match="no leaderboard page"):
+        leaderboard.rebuild(tmp_path / "elsewhere")
+
+
 def test_the_lineup_runs_each_tuned_configuration_on_its_own_environment(data_overrides):
     lineup = OmegaConf.load(leaderboard.LINEUP)
     planned = leaderboard.jobs(lineup, None, None, 1, data_overrides)
     rows = {(job.label, job.cfg.env.name): job.cfg for job in planned}
-    for agent, env in tuning.pairs(None, None):
+    for agent, env in tuned.pairs(None, None):
         cfg = rows[f"{agent} (tuned)", env]
         assert (cfg.tuned_for.agent, cfg.tuned_for.env) == (agent, env)
         assert "tuned_for" not in rows[agent, env]
@@ -141,7 +208,7 @@ def test_the_lineup_runs_each_tuned_configuration_on_its_own_environment(data_ov
         assert rows[label, "movielens_per_arm"].env.arm_features == "interaction"
         assert (label, "movielens") not in rows
     # and random on each environment, and the two interaction-feature entries on one
-    assert len(planned) == len(rows) == 2 * len(tuning.pairs(None, None)) + 2 + 2
+    assert len(planned) == len(rows) == 2 * len(tuned.pairs(None, None)) + 2 + 2
 
 
 def test_the_environments_lineup_runs_each_agent_where_its_yaml_allows(data_overrides):
