@@ -1,4 +1,4 @@
-"""The README's tour of the MLflow UI, made again from the product's own runs.
+"""The tour of the MLflow UI in docs/metrics.md, made again from the product's own runs.
 
     uv run python docs/screenshots.py --data-dir /path/to/ml-100k    # about 5 minutes on 2 cores
 
