@@ -39,7 +39,7 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from src import comparison, tracking
+from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError, require
 from src.leaderboard import (ENTRY_TAG, LINEUP, METRIC, Identity, Job, identities, jobs, markdown, standings,
@@ -68,7 +68,7 @@ def train_all(todo: list[Job], workers: int) -> int:
     from src import training  # TensorFlow loads here: --tables-only and a finished line-up do without it
 
     for job in todo:  # a wrong value fails now, not after an hour of training
-        training.check_training(job.cfg)
+        config.check_run(job.cfg)
     started = time.perf_counter()
     failures = 0
     # Spawned, not forked: TensorFlow's threads do not survive a fork.

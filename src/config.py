@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src.errors import UserError, require
-from src.metrics import OBJECTIVES
+from src.evaluation import estimators
+from src.metrics import FINAL_METRICS, OBJECTIVES
 from src.paths import PROJECT_ROOT
 
 CONFIG_DIR = PROJECT_ROOT / "conf"
@@ -176,16 +177,65 @@ def check_group_choices(overrides: list[str]) -> None:
                 raise UserError(f"unknown {group} '{value}'; choose one of: {', '.join(choices)}")
 
 
-def check_command_line(args: list[str]) -> None:
+def check_command_line(args: list[str]) -> DictConfig | None:
     """Refuse an unknown group option, an unknown key or a malformed override in one line,
-    before Hydra prints a page about it and exits 1."""
+    before Hydra prints a page about it and exits 1; return the single run's config (None for
+    Hydra's own modes: -m, --cfg, --help, whose overrides a single config cannot take)."""
     check_group_choices(args)
     if any(arg.startswith("-") for arg in args):
-        return  # Hydra's own modes (-m, --cfg, --help) take overrides a single config cannot
+        return None
     try:
-        compose(args)
+        return compose(args)
     except hydra.errors.HydraException as error:
         raise UserError(" ".join(str(error).split("\n"))) from None
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Every check of a run's config that needs neither TensorFlow nor the data, so that a typo
+    costs a second: types, sizes, tracking, the objective and offline learning's settings. The
+    ranges that depend on the data (env.num_movies) or on an agent's builder are checked when
+    they are built."""
+    check_tuned(cfg)  # first: a tuned file's values on another agent are unknown keys there
+    check_types(cfg)
+    with errors_name_source("training"):
+        for key in ("batch_size", "steps_per_loop", "loops", "chunk_loops"):
+            value = cfg.training[key]
+            require(isinstance(value, int) and value >= 1, f"training.{key}", value, "an integer >= 1")
+        seed = cfg.training.seed
+        require(isinstance(seed, int) and seed >= 0, "training.seed", seed, "an integer >= 0")
+        for key, value in cfg.training.threads.items():
+            # 0 lets TensorFlow choose; a negative count aborts the process inside TensorFlow.
+            require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
+    check_sizes(cfg)
+    require(cfg.tracking.artifacts in ("full", "light"), "tracking.artifacts", cfg.tracking.artifacts,
+            "full or light")
+    log_every = cfg.tracking.log_every
+    require(log_every is None or (isinstance(log_every, int) and log_every >= 1), "tracking.log_every", log_every,
+            "null (about 320 points a curve) or an integer >= 1")
+    sampling = cfg.tracking.system_metrics_every_s
+    require(sampling >= 0, "tracking.system_metrics_every_s", sampling, ">= 0 (0: none)")
+    require(cfg.objective in FINAL_METRICS, "objective", cfg.objective, f"one of {', '.join(FINAL_METRICS)}")
+    if is_offline(cfg):
+        check_offline(cfg)
+
+
+def is_offline(cfg: DictConfig) -> bool:
+    """Whether the run learns from logged interactions, scored off-policy (src.evaluation.offline)."""
+    return str(cfg.objective).startswith(estimators.PREFIX)
+
+
+def check_offline(cfg: DictConfig) -> None:
+    require(cfg.offline.logs_run_id is not None, "offline.logs_run_id", None,
+            f"a run trained with tracking.log_interactions=true, for objective={cfg.objective}")
+    share = cfg.offline.train_share
+    require(0 < share < 1, "offline.train_share", share, "in (0, 1): the rest of the log scores the policy")
+    require(cfg.offline.reward_model_ridge > 0, "offline.reward_model_ridge", cfg.offline.reward_model_ridge, "> 0")
+    offline_estimators(cfg)  # a bad hyperparameter is refused now, not after training
+
+
+def offline_estimators(cfg: DictConfig) -> list[estimators.Estimator]:
+    """Every estimator, with the hyperparameters of `offline.estimator_params`."""
+    return estimators.configured(estimators.ESTIMATORS, cfg.offline.estimator_params, "offline.estimator_params")
 
 
 def check_types(cfg: DictConfig) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from src import artifacts, config, data, experiment, plots, serving, tracking
+from src import artifacts, config, data, plots, serving, tracking, training
 from src.cli import exit_on_user_error
 from src.envs import build_environment
 from src.errors import UserError, require
@@ -46,6 +46,8 @@ def parse(overrides: list[str]) -> DictConfig:
     require(0 < cfg.train_share < 1, "train_share", cfg.train_share, "in (0, 1)")
     if cfg.logs_run_id is None:
         raise UserError(f"give logs_run_id=, a run trained with tracking.log_interactions=true ({USAGE})")
+    if cfg.estimators is None:
+        cfg.estimators = list(estimators.ESTIMATORS)
     unknown = [name for name in cfg.estimators if name not in estimators.ESTIMATORS]
     require(len(cfg.estimators) > 0 and not unknown, "estimators", list(cfg.estimators),
             f"a non-empty list of {', '.join(estimators.ESTIMATORS)}")
@@ -84,20 +86,18 @@ def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
     logs = f"the logs of run {logs_run_id}"
     if cfg.data.dir is not None:
         logs_cfg.data.dir = cfg.data.dir
+    log.info("Reading MovieLens and building the logs' environment")
     dataset = data.load(logs_cfg.data)
-    engine = None
-    if cfg.target_agent is None:
-        reward_model = build_environment(logs_cfg, dataset).reward_model
-    else:
-        engine = experiment.assemble(agent_on(logs_cfg, str(cfg.target_agent)), dataset)
-        reward_model = engine.environment.reward_model
+    reward_model = build_environment(logs_cfg, dataset).reward_model
     feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
     interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
-    if engine is None:
+    if cfg.target_agent is None:
         target = saved_policy(cfg, logs_cfg, logs, reward_model)
     else:
+        target_cfg = agent_on(logs_cfg, str(cfg.target_agent), cfg)
+        log.info("Training %s on the first %.0f%% of the logs", cfg.target_agent, 100 * cfg.train_share)
+        engine, _ = training.fit(target_cfg, dataset)
         split = offline.split_point(len(feedback), cfg.train_share, engine.interactions_per_loop, logs_run_id)
-        offline.fit(engine, feedback.take(np.arange(split)))
         feedback, user_rows = feedback.take(np.arange(split, len(feedback))), user_rows[split:]
         target = Target(f"{cfg.target_agent} trained offline on the first {split} rounds", str(cfg.target_agent),
                         {"ope.target_agent": str(cfg.target_agent), "ope.train_rounds": str(split)},
@@ -129,13 +129,17 @@ def saved_policy(cfg: DictConfig, logs_cfg: DictConfig, logs: str, reward_model)
                   {"ope.target_run_id": run_id}, choices)
 
 
-def agent_on(logs_cfg: DictConfig, agent: str) -> DictConfig:
-    """A fresh `agent` on the logs' environment, data and training batches, to learn offline."""
+def agent_on(logs_cfg: DictConfig, agent: str, cfg: DictConfig) -> DictConfig:
+    """A fresh `agent` on the logs' environment, data and training batches, learning offline
+    from the first `cfg.train_share` of the logs (as `objective=ope/dm` does)."""
     config.check_group_choices([f"agent={agent}"])
-    target_cfg = config.compose([f"agent={agent}"])
+    target_cfg = config.compose([f"agent={agent}", "objective=ope/dm"])
     for key in ("data", "env", "training"):
         target_cfg[key] = logs_cfg[key]
     target_cfg.tracking.log_interactions = False
+    target_cfg.offline.logs_run_id = str(cfg.logs_run_id)
+    target_cfg.offline.train_share = cfg.train_share
+    target_cfg.offline.reward_model_ridge = cfg.reward_model_ridge
     return target_cfg
 
 

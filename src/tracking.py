@@ -35,7 +35,7 @@ EXPERIMENT_DESCRIPTION = (
     "Contextual-bandit recommenders learning online on MovieLens 100K. Each training run is named "
     "agent·seed (·trial in a sweep; the long form is the tag bandits.long_name); a sweep is a parent "
     "run with its trials nested under it. Start with train/cumulative_regret and the run's regret.png; "
-    "every metric is defined in the project README, under 'What a run logs'.")
+    "every metric is defined in the project's docs/metrics.md.")
 
 # Marks runs that are not training runs (a comparison, an evaluation), which comparisons skip.
 ROLE_TAG = "bandits.role"

@@ -52,7 +52,9 @@ def cli() -> None:
     # Hydra replaces this logging set-up with its own once it starts the job.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_user_error():
-        config.check_command_line(sys.argv[1:])
+        single_run = config.check_command_line(sys.argv[1:])
+        if single_run is not None:
+            config.check_run(single_run)  # a typo costs a second, not TensorFlow's start-up
     log.info("Loading TensorFlow, MLflow and Optuna...")
     stop_on_termination_signals()
     # Hydra then hands us what ends a multirun, to say in one line rather than as its trace.

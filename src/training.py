@@ -1,8 +1,11 @@
-"""One tracked training run: check the config, build, train in the compiled engine, and log
-params, metric histories, a regret plot, the config and the policy to an MLflow run.
+"""Training: `fit` trains the experiment a config describes (online in the environment, or
+offline from logged interactions); `train` does it as a tracked run, logging params, metric
+histories, a regret plot, the config and the policy to MLflow.
 
 `train(cfg, tags, report)` is what every way of running an experiment calls: `src.train`
-for one run or a Hydra multirun, `src.sweep` workers for each trial of a campaign.
+for one run or a Hydra multirun, `src.sweep` workers for each trial of a campaign. `fit`, the
+same training untracked, is what a sweep's retraining of its best trial and `src.evaluate`'s
+agents trained on logs call.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -26,8 +30,8 @@ from tqdm import tqdm
 
 from src import config, data, experiment, metrics, plots, serving, tracking
 from src.cli import Interrupts, interrupts_handled
-from src.engine import Engine, configure_threads
-from src.errors import UserError, one_line, require
+from src.engine import Engine, LoopMetrics, configure_threads
+from src.errors import UserError, one_line
 from src.evaluation import estimators, interactions, offline
 from src.paths import PROJECT_ROOT
 
@@ -49,32 +53,6 @@ CHART_POINTS = 320
 RUN_NAME_WIDTH = 32
 
 
-def check_training(cfg: DictConfig) -> None:
-    config.check_tuned(cfg)  # first: a tuned file's values on another agent are unknown keys there
-    config.check_types(cfg)
-    with config.errors_name_source("training"):
-        for key in ("batch_size", "steps_per_loop", "loops", "chunk_loops"):
-            value = cfg.training[key]
-            require(isinstance(value, int) and value >= 1, f"training.{key}", value, "an integer >= 1")
-        seed = cfg.training.seed
-        require(isinstance(seed, int) and seed >= 0, "training.seed", seed, "an integer >= 0")
-        for key, value in cfg.training.threads.items():
-            # 0 lets TensorFlow choose; a negative count aborts the process inside TensorFlow.
-            require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
-    config.check_sizes(cfg)
-    require(cfg.tracking.artifacts in ("full", "light"), "tracking.artifacts", cfg.tracking.artifacts,
-            "full or light")
-    log_every = cfg.tracking.log_every
-    require(log_every is None or (isinstance(log_every, int) and log_every >= 1), "tracking.log_every", log_every,
-            "null (about 320 points a curve) or an integer >= 1")
-    sampling = cfg.tracking.system_metrics_every_s
-    require(sampling >= 0, "tracking.system_metrics_every_s", sampling, ">= 0 (0: none)")
-    require(cfg.objective in metrics.FINAL_METRICS, "objective", cfg.objective,
-            f"one of {', '.join(metrics.FINAL_METRICS)}")
-    if offline.is_offline(cfg):
-        offline.check(cfg)
-
-
 def check_finite(rows: pd.DataFrame, loss: np.ndarray) -> None:
     """Stop a diverged run (a sweep's trial then fails alone) rather than train on NaNs."""
     diverged = np.flatnonzero(~np.isfinite(loss))
@@ -82,6 +60,45 @@ def check_finite(rows: pd.DataFrame, loss: np.ndarray) -> None:
         first = diverged[0]
         raise UserError(f"training diverged: the agent's loss is {loss[first]} after "
                         f"{int(rows['step'].iloc[first])} interactions; try a smaller agent.learning_rate")
+
+
+# Called with each chunk of loops' metrics and their rows in the run's history, as they come.
+ChunkWatcher = Callable[[LoopMetrics, pd.DataFrame], None]
+
+
+@dataclass(frozen=True)
+class Fitting:
+    """An experiment built and ready to train: its engine, the history it fills, and for offline
+    learning the logged rounds it learns from. Built before a tracked run starts, so that a
+    config error or unusable logs leave no FAILED run behind."""
+
+    cfg: DictConfig
+    engine: Engine
+    history: metrics.RegretHistory
+    logs: tuple[estimators.Feedback, np.ndarray] | None  # offline learning's rounds and their users' rows
+
+    @classmethod
+    def of(cls, cfg: DictConfig, dataset) -> Fitting:
+        engine = experiment.assemble(cfg, dataset)
+        logs = offline.logged_feedback(cfg, engine.environment.reward_model) if config.is_offline(cfg) else None
+        return cls(cfg, engine, metrics.RegretHistory(engine.interactions_per_loop), logs)
+
+    def run(self, watch: ChunkWatcher | None = None) -> dict[str, float]:
+        """Train; return the final metrics (offline: the off-policy estimates and the true value)."""
+        if self.logs is not None:
+            return offline.learn(self.cfg, self.engine, *self.logs)
+        for chunk in self.engine.run(self.cfg.training.loops, self.cfg.training.chunk_loops):
+            rows = self.history.add(chunk)
+            if watch:
+                watch(chunk, rows)
+        return self.history.final()
+
+
+def fit(cfg: DictConfig, dataset) -> tuple[Engine, dict[str, float]]:
+    """Train the experiment `cfg` describes over the parsed `dataset`, untracked: the trained
+    engine and the final metrics. The same training as a tracked run's, to the digit."""
+    fitting = Fitting.of(cfg, dataset)
+    return fitting.engine, fitting.run()
 
 
 def run_name(cfg: DictConfig, tags: dict[str, str]) -> str:
@@ -113,28 +130,27 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     """Run the experiment `cfg` describes as an MLflow run with these extra `tags`; return the
     final metrics and the run's id."""
     tags = tags or {}
-    check_training(cfg)
+    config.check_run(cfg)
     configure_threads(cfg.training.threads.intra_op, cfg.training.threads.inter_op)
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = data.load(cfg.data)
-    engine = experiment.assemble(cfg, dataset)  # before the run: a config error leaves no FAILED run
+    fitting = Fitting.of(cfg, dataset)  # before the run: a config error leaves no FAILED run
+    engine, history = fitting.engine, fitting.history
     reward_model = engine.environment.reward_model
     tags = {**tags, LONG_NAME_TAG: long_name(cfg, tags),
             metrics.RANDOM_REGRET_TAG: str(metrics.rounded(reward_model.random_policy_regret))}
     if reward_model.skipped_users is not None:  # an environment that leaves out users with too few ratings
         tags[SKIPPED_USERS_TAG] = str(reward_model.skipped_users)
-    if offline.is_offline(cfg):
-        return train_offline(cfg, engine, dataset, experiment_id, tags)
-    history = metrics.RegretHistory(engine.interactions_per_loop)
+    if fitting.logs is not None:
+        return train_offline(fitting, dataset, experiment_id, tags)
     logged = interactions.InteractionLog() if engine.record_interactions else None
     with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
         log_ratings(cfg, dataset)
         log.info("Training %s on %s (%s data): %d users, %d movies, rank %d; %d loops x %d interactions",
                  cfg.agent.name, cfg.env.name, cfg.data.name, *reward_model.rewards.shape,
-                 reward_model.user_features.shape[1],
-                 cfg.training.loops, engine.interactions_per_loop)
+                 reward_model.user_features.shape[1], cfg.training.loops, engine.interactions_per_loop)
         try:
-            run_loops(cfg, engine, history, logged, interrupts, active.info.run_id, report)
+            run_loops(fitting, logged, interrupts, active.info.run_id, report)
         except (KeyboardInterrupt, tracking.RunStopped, UserError):
             if history.loops_done:  # a stopped or diverged run keeps its table and plot so far
                 log_tables(cfg, history, reward_model.random_policy_regret)
@@ -167,27 +183,27 @@ def log_ratings(cfg: DictConfig, dataset) -> None:
     tracking.log_dataset(cfg.data.name, dataset.ratings, cfg.data.url if downloaded else dataset.source.as_uri())
 
 
-def train_offline(cfg: DictConfig, engine: Engine, dataset, experiment_id: str,
-                  tags: dict[str, str]) -> tuple[dict[str, float], str]:
+def train_offline(fitting: Fitting, dataset, experiment_id: str, tags: dict[str, str]) -> tuple[dict[str, float], str]:
     """Learn from logged interactions, not the environment, and score off-policy (src.evaluation.offline)."""
-    reward_model = engine.environment.reward_model
-    logs = offline.logged_feedback(cfg, reward_model)  # before the run, like every input check
+    cfg, engine = fitting.cfg, fitting.engine
     with tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
         log_ratings(cfg, dataset)
-        final = offline.learn(cfg, engine, *logs)
+        final = fitting.run()
         mlflow.log_metrics({name: metrics.rounded(value) for name, value in final.items()})
         log.info("Learnt offline: %s = %.4f, true value %.4f", cfg.objective, final[cfg.objective],
                  final[estimators.TRUE_VALUE])
         if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
+            log.info("Saving the policy and its servable model")
+            reward_model = engine.environment.reward_model
             serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env))
     return final, active.info.run_id
 
 
-def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
-              logged: interactions.InteractionLog | None, interrupts: Interrupts, run_id: str,
+def run_loops(fitting: Fitting, logged: interactions.InteractionLog | None, interrupts: Interrupts, run_id: str,
               report: Reporter | None) -> None:
-    """Train for `cfg.training.loops` loops into `history` (and `logged`, when recording),
-    logging the metrics as they come; stop cleanly between chunks on Ctrl-C or SIGTERM."""
+    """Train for `cfg.training.loops` loops into the fitting's history (and `logged`, when
+    recording), logging the metrics as they come; stop cleanly between chunks on Ctrl-C or SIGTERM."""
+    cfg, engine, history = fitting.cfg, fitting.engine, fitting.history
     training = cfg.training
     downsampler = metrics.Downsampler(loops_per_point(cfg))
     started = time.perf_counter()
@@ -196,9 +212,10 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
     with (tqdm(total=training.loops, unit="loop", desc="training", dynamic_ncols=True, disable=None) as bar,
           tracking.HistoryLogger(run_id) as history_logger):
         tenths_logged = 0
-        for chunk in engine.run(training.loops, training.chunk_loops):
+
+        def watch(chunk: LoopMetrics, rows: pd.DataFrame) -> None:
+            nonlocal tenths_logged
             bar.update(len(chunk.regret))
-            rows = history.add(chunk)
             if logged is not None:
                 logged.add(chunk.interactions)
             if bar.disable and (tenths := 10 * history.loops_done // training.loops) > tenths_logged:
@@ -217,6 +234,8 @@ def run_loops(cfg: DictConfig, engine: Engine, history: metrics.RegretHistory,
             if report:
                 report(int(rows["step"].iloc[-1]), float(rows[cfg.objective].iloc[-1]))
             bar.set_postfix(regret=f"{chunk.regret.mean() / engine.interactions_per_loop:.3f}")
+
+        fitting.run(watch)
     seconds = time.perf_counter() - started
     final = history.final()
     rate = training.loops * engine.interactions_per_loop / seconds

@@ -205,7 +205,7 @@ def test_every_search_on_every_environment_builds_or_says_why_in_one_line():
         for env in sorted(path.stem for path in (config.CONFIG_DIR / "env").glob("*.yaml")):
             try:
                 cfg = config.compose([f"hparams_search={search}", f"env={env}", "data=synthetic", "data.num_users=100", "training.loops=60"])
-                training.check_training(cfg)
+                config.check_run(cfg)
                 dataset = dataset or data.load(cfg.data)
                 experiment.assemble(cfg, dataset)
             except UserError as error:

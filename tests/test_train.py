@@ -100,6 +100,14 @@ def test_cli_run_is_tracked_end_to_end(run_cli, movielens_dir, tracking_uri):
     assert "loop/s" not in result.stderr and "Loop 60 of 60: cumulative regret" in result.stderr
 
 
+@pytest.mark.parametrize("override", ["training.steps_per_loop=2147483647", "agent.alpha=abc", "+agent.alpah=3",
+                                      "objective=train/nothing", "tracking.log_every=0"])
+def test_a_config_error_is_refused_before_tensorflow_loads(run_cli, movielens_dir, tracking_uri, override):
+    result = run_cli("src.train", *cli_args(movielens_dir, tracking_uri, override))
+    assert result.returncode == 2 and override.split("=")[0].lstrip("+") in result.stderr, result.stderr[-2000:]
+    assert "Loading TensorFlow" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("overrides, name", [
     ([], "linucb·s0"),
     (["training=quick"], "linucb·quick·s0"),

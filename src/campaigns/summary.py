@@ -105,20 +105,12 @@ def retrain_policy(run_id: str, run_cfg: DictConfig) -> None:
     """Train the run's config again and log the policy (and servable model) into the run.
     Trials save no policy: a SavedModel costs more than a quick trial's training, and a job's
     result depends only on its config and seed, which the objective's value checks here."""
-    from src import data, experiment, serving  # TensorFlow, only when there is a model to register
-    from src.evaluation import offline
+    from src import data, serving, training  # TensorFlow, only when there is a model to register
 
     log.info("Training the best trial (run %s) again for its policy", run_id)
     dataset = data.load(run_cfg.data)
-    engine = experiment.assemble(run_cfg, dataset)
-    if offline.is_offline(run_cfg):
-        logs = offline.logged_feedback(run_cfg, engine.environment.reward_model)
-        value = offline.learn(run_cfg, engine, *logs)[run_cfg.objective]
-    else:
-        history = metrics.RegretHistory(engine.interactions_per_loop)
-        for chunk in engine.run(run_cfg.training.loops, run_cfg.training.chunk_loops):
-            history.add(chunk)
-        value = history.final()[run_cfg.objective]
+    engine, final = training.fit(run_cfg, dataset)
+    value = final[run_cfg.objective]
     logged = mlflow.MlflowClient().get_run(run_id).data.metrics[run_cfg.objective]
     if abs(metrics.rounded(value) - logged) > 1e-6 * max(1.0, abs(logged)):
         log.warning("The best trial gave %s = %.6g when trained again, %.6g in the sweep (another CPU type?)",

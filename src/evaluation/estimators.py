@@ -14,10 +14,9 @@ and as there each estimator is a frozen dataclass whose fields are its hyperpara
 estimator is a function of the same per-round terms, so a bootstrap resamples rounds once for
 all of them.
 
-A new estimator is a registered subclass of `Estimator` here, its name in conf/evaluate.yaml's
-`estimators`, its hyperparameters' defaults under `estimator_params` there and under
-`offline.estimator_params` in conf/config.yaml, and a test (tests/evaluation/test_estimators.py
-adds one as an example). NumPy and pandas only: src.metrics names the estimators' metrics
+A new estimator is a registered subclass of `Estimator` here, its hyperparameters' defaults in
+conf/estimator_params.yaml (which src.evaluate and offline learning both read), and a test
+(tests/evaluation/test_estimators.py adds one as an example). NumPy and pandas only: src.metrics names the estimators' metrics
 without TensorFlow or MLflow.
 """
 

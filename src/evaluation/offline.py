@@ -23,24 +23,11 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories import trajectory
 
-from src import artifacts
-from src.errors import UserError, require
+from src import artifacts, config
+from src.errors import UserError
 from src.evaluation import estimators, interactions
 
 log = logging.getLogger(__name__)
-
-
-def is_offline(cfg: DictConfig) -> bool:
-    return str(cfg.objective).startswith(estimators.PREFIX)
-
-
-def check(cfg: DictConfig) -> None:
-    require(cfg.offline.logs_run_id is not None, "offline.logs_run_id", None,
-            f"a run trained with tracking.log_interactions=true, for objective={cfg.objective}")
-    share = cfg.offline.train_share
-    require(0 < share < 1, "offline.train_share", share, "in (0, 1): the rest of the log scores the policy")
-    require(cfg.offline.reward_model_ridge > 0, "offline.reward_model_ridge", cfg.offline.reward_model_ridge, "> 0")
-    scorers(cfg)  # a bad hyperparameter is refused now, not after training
 
 
 def logged_feedback(cfg: DictConfig, reward_model) -> tuple[estimators.Feedback, np.ndarray]:
@@ -58,11 +45,6 @@ def logged_feedback(cfg: DictConfig, reward_model) -> tuple[estimators.Feedback,
     return feedback, rows
 
 
-def scorers(cfg: DictConfig) -> list[estimators.Estimator]:
-    """Every estimator, with the hyperparameters of `offline.estimator_params`."""
-    return estimators.configured(estimators.ESTIMATORS, cfg.offline.estimator_params, "offline.estimator_params")
-
-
 def learn(cfg: DictConfig, engine, feedback: estimators.Feedback, rows: np.ndarray) -> dict[str, float]:
     """Train `engine.agent` on the logged `feedback` (its users' `rows` in the environment) and
     score its greedy policy: every estimator's value (`ope/<estimator>`) and the true one
@@ -70,7 +52,8 @@ def learn(cfg: DictConfig, engine, feedback: estimators.Feedback, rows: np.ndarr
     reward_model = engine.environment.reward_model
     split = split_point(len(feedback), cfg.offline.train_share, engine.interactions_per_loop,
                         str(cfg.offline.logs_run_id))
-    fit(engine, feedback.take(np.arange(split)))
+    log.info("Learning offline from %d logged rounds, scoring on the %d after them", split, len(feedback) - split)
+    train_on(engine, feedback.take(np.arange(split)))
     choices = greedy_choices(engine.agent.policy, reward_model)
     num_actions = len(reward_model.movie_ids)
     scored = feedback.take(np.arange(split, len(feedback)))
@@ -79,7 +62,7 @@ def learn(cfg: DictConfig, engine, feedback: estimators.Feedback, rows: np.ndarr
     # Logs without propensities still give the estimates that need none (the objective's was checked).
     known = np.isfinite(scored.propensities).all()
     final = {estimators.metric_name(scorer.name): scorer.for_actions(num_actions).estimate(terms)
-             for scorer in scorers(cfg) if known or not scorer.needs_propensities}
+             for scorer in config.offline_estimators(cfg) if known or not scorer.needs_propensities}
     final[estimators.TRUE_VALUE] = reward_model.value_of(choices)
     return final
 
@@ -90,11 +73,10 @@ def split_point(rounds: int, train_share: float, per_batch: int, logs_run_id: st
     if split < per_batch or rounds - split < 1:
         raise UserError(f"the log of run {logs_run_id} has {rounds} rounds: too few to train on "
                         f"{train_share:.0%} of them in batches of {per_batch} and score on the rest")
-    log.info("Learning offline from %d logged rounds, scoring on the %d after them", split, rounds - split)
     return split
 
 
-def fit(engine, feedback: estimators.Feedback) -> None:
+def train_on(engine, feedback: estimators.Feedback) -> None:
     """One pass of `engine.agent`'s training over the logged rounds, in the batches online
     training would take (a last partial batch is left out)."""
     train_step = tf.function(engine.agent.train, autograph=False)

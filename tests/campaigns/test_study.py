@@ -9,7 +9,7 @@ import optuna
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from src import config, training
+from src import config
 from src.campaigns.study import check_sweeper, compose_sweep, prepare, search_space
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
@@ -54,7 +54,7 @@ def test_every_sweep_searches_keys_its_config_has_with_values_of_their_type(swee
             chosen = OmegaConf.select(point, name)
             chosen = chosen.name if isinstance(chosen, DictConfig) else chosen  # a group's option (grid's agent)
             assert chosen == value, f"{sweep} searches {name}, which its config lacks"
-            training.check_training(point)
+            config.check_run(point)
 
 
 def test_the_sweep_settings_are_checked(data_overrides, tmp_path):

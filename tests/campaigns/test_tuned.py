@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from src import config, data, experiment
 from src.campaigns import tuned
 from src.errors import UserError
-from src.training import check_training
+from src.config import check_run
 
 TUNED = sorted(path.stem for path in tuned.TUNED.glob("*.yaml"))
 
@@ -18,7 +18,7 @@ TUNED = sorted(path.stem for path in tuned.TUNED.glob("*.yaml"))
 @pytest.mark.parametrize("name", TUNED)
 def test_every_tuned_config_composes_validates_and_builds_its_agent(name, data_overrides, tmp_path):
     cfg = config.compose([f"tuned={name}", *data_overrides, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
-    check_training(cfg)
+    check_run(cfg)
     assert name == f"{cfg.tuned_for.agent}-{cfg.tuned_for.env}"
     assert (cfg.agent.name, cfg.env.name) == (cfg.tuned_for.agent, cfg.tuned_for.env)
     # The study's fixed ground truth, whatever rank the features were tuned to.
@@ -35,7 +35,7 @@ def test_a_tuned_config_refuses_another_agent_or_environment(other):
     cfg = config.compose([other, "tuned=linucb-movielens"])
     with pytest.raises(UserError, match=r"^tuned=linucb-movielens holds values tuned for agent=linucb on "
                                         r"env=movielens, not for .*; drop the other agent= or env= choice$"):
-        check_training(cfg)
+        check_run(cfg)
 
 
 def test_every_learning_agent_of_the_lineup_is_tuned_on_each_environment_it_takes():
