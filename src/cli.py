@@ -6,7 +6,9 @@ import contextlib
 import logging
 import signal
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from src.errors import UserError
 
@@ -42,6 +44,18 @@ def exit_on_user_error():
     except KeyboardInterrupt as stop:
         log.warning("Interrupted")
         sys.exit(128 + stop.signum if isinstance(stop, Terminated) else 130)
+
+
+def writable_folder(path: Path, name: str) -> Path:
+    """`path`, made if missing, once it is known to take files: a folder that cannot is one line
+    naming the option (`--out`, `hydra.run.dir`) before any work, not a traceback after it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UserError(f"{name}={path} cannot hold files: {error.strerror or error}") from None
+    return path
 
 
 def stop_on_termination_signals() -> None:

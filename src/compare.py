@@ -46,7 +46,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from src import metrics
-from src.cli import exit_on_user_error
+from src.cli import exit_on_user_error, writable_folder
 from src.comparison import compare, log_comparison, open_experiment, write
 from src.config import CONFIG_DIR
 from src.errors import require
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("outputs", "comparison", f"{datetime.now():%Y%m%d-%H%M%S}")
     with exit_on_user_error():
         require(0 < args.confidence < 1, "--confidence", args.confidence, "between 0 and 1")
+        writable_folder(out, "--out")
         experiment_id = open_experiment(args.tracking_uri, args.experiment)
         report = compare(experiment_id, args.metric, args.agents, args.parent, args.group_by, args.confidence)
         table = write(report, out, args.metric, args.confidence)

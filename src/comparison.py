@@ -332,5 +332,5 @@ def log_comparison(experiment_id: str, out: Path, params: dict) -> str:
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={tracking.ROLE_TAG: "comparison"}) as active:
         mlflow.log_params({key: str(value) for key, value in params.items()})
         mlflow.log_artifacts(str(out))
-    log.info("Logged MLflow run %s (%s)", name, active.info.run_id)
+    log.info("Logged MLflow run %s: %s", name, tracking.where_to_see(active.info.run_id, experiment_id))
     return active.info.run_id

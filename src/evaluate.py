@@ -161,7 +161,7 @@ def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs
         figure = plots.estimates_figure(table, true_value, f"{target.agent} scored on {logs_agent}'s logs",
                                         cfg.bootstrap.confidence)
         mlflow.log_figure(figure, "estimates.png")
-    log.info("Logged MLflow run %s", active.info.run_id)
+    log.info("Logged MLflow run %s", tracking.where_to_see(active.info.run_id, experiment_id))
     return active.info.run_id
 
 

@@ -27,6 +27,8 @@ from src.cli import exit_on_user_error
 from src.envs import build_environment
 from src.errors import UserError, require
 
+log = logging.getLogger(__name__)
+
 USAGE = "usage: python -m src.predict run_id=<id>|model_uri=<uri> user_id=<id>|input=<file> [top_k=<k>]"
 
 
@@ -64,6 +66,7 @@ def read_observations(path: str) -> np.ndarray:
 def recommend(cfg: DictConfig) -> str:
     """Run the policy on the user or the observations `cfg` names; return the report."""
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
+    log.info("Fetching the policy and its run's config from %s", mlflow.get_tracking_uri())
     with tempfile.TemporaryDirectory() as scratch:
         run_id, policy_path = artifacts.fetch_policy(cfg.run_id, cfg.model_uri, Path(scratch))
         run_cfg = artifacts.logged_config(run_id, Path(scratch))
@@ -78,10 +81,11 @@ def recommend(cfg: DictConfig) -> str:
                 f"a MovieLens user id, 1..{dataset.num_users}")
         observations = catalogue.observations_of([cfg.user_id])
         ratings = reward_model.rewards[np.flatnonzero(reward_model.user_ids == cfg.user_id)]
+        rated = dataset.ratings_matrix()[cfg.user_id - 1, catalogue.movie_ids - 1][None]
         labels = [f"user {cfg.user_id}"]
     else:
         observations = read_observations(cfg.input)
-        ratings = None
+        ratings = rated = None
         labels = [f"row {row}" for row in range(1, len(observations) + 1)]
     actions, scores = policy.decide(observations, catalogue)
     top_k = cfg.top_k or policy.slate_size  # a slate policy's ranked slate, unless told otherwise
@@ -93,17 +97,19 @@ def recommend(cfg: DictConfig) -> str:
               + (f"; its slate: the top {policy.slate_size} ranked" if policy.slate_size else ""))
     slates = policy.slates(scores) if policy.slate_size and scores is not None else None
     blocks = [describe(label, catalogue, actions[i], None if scores is None else scores[i],
-                       None if ratings is None else ratings[i], top_k, None if slates is None else slates[i])
+                       None if ratings is None else ratings[i], top_k, None if slates is None else slates[i],
+                       None if rated is None else rated[i])
               for i, label in enumerate(labels)]
     return "\n\n".join([header, *blocks])
 
 
 def describe(label: str, catalogue: serving.Catalogue, action: int, scores, ratings, top_k,
-             slate: np.ndarray | None = None) -> str:
-    """One observation's recommendation, its true rating and the best movie when known (for
-    a slate policy's `slate`, the columns of its movies, also what it is worth against the
-    best slate), and the candidates ranked by predicted reward (which LinUCB's pick may not
-    top: it adds an exploration bonus)."""
+             slate: np.ndarray | None = None, rated: np.ndarray | None = None) -> str:
+    """One observation's recommendation, its true rating (the reward the environment pays) and
+    the best movie when known (for a slate policy's `slate`, the columns of its movies, also
+    what it is worth against the best slate), and the candidates ranked by predicted reward
+    (which LinUCB's pick may not top: it adds an exploration bonus). `rated`: the user's own
+    MovieLens rating of each movie, 0 where they gave none."""
     def movie(index: int) -> str:
         return f"movie {catalogue.movie_ids[index]} \"{catalogue.titles[index]}\""
 
@@ -113,7 +119,8 @@ def describe(label: str, catalogue: serving.Catalogue, action: int, scores, rati
     if scores is not None:
         facts.append(f"predicted reward {scores[action]:.3f}")
     if known:
-        facts.append(f"true rating {ratings[action]:.3f}")
+        facts.append(f"true rating {ratings[action]:.3f}"
+                     + (", a movie they never rated" if rated is not None and not rated[action] else ""))
     lines = [f"{label}: recommended {movie(action)}" + (f" ({', '.join(facts)})" if facts else "")]
     if ratings is not None and np.isfinite(ratings).any():
         best = int(np.nanargmax(ratings))
@@ -133,6 +140,9 @@ def describe(label: str, catalogue: serving.Catalogue, action: int, scores, rati
         "movie_id": catalogue.movie_ids,
         "predicted": scores,
         **({"true_rating": ratings} if ratings is not None else {}),
+        # The simulator's true rating of a movie the user never rated is its reconstruction
+        # (about 0 at full rank): say so, rather than let 0.000 pass for a rating.
+        **({"rated": [f"{r:g}" if r else "not rated" for r in rated]} if rated is not None else {}),
     }).sort_values("predicted", ascending=False, kind="stable").head(top_k or len(scores))
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     # Titles go last and unpadded, so long ones neither stretch nor right-align the table.
@@ -143,7 +153,8 @@ def describe(label: str, catalogue: serving.Catalogue, action: int, scores, rati
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Progress on stderr, the answer alone on stdout.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with exit_on_user_error():
         print(recommend(parse(argv)))
 

@@ -2,7 +2,7 @@
 
     uv run python -m src.sweep work hparams_search=linucb [overrides]   # one worker; start many
     uv run python -m src.sweep prepare hparams_search=linucb            # what multirun.sh calls first
-    uv run python -m src.sweep summarise hparams_search=linucb
+    uv run python -m src.sweep summarise hparams_search=linucb          # exit 0 once the study is complete
 
 `multirun.sh` starts N workers on one machine; a worker started by hand on another machine,
 with the same overrides and `hydra.sweeper.storage` (or `$OPTUNA_STORAGE`) pointing at the
@@ -17,17 +17,21 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import shlex
 import sys
+from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from src.campaigns import study, summary, worker
+from src.campaigns.trials import COMPLETE
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Where `prepare` writes the study's name for multirun.sh.
+STATE_FILE = "SWEEP_STATE_FILE"
 
 USAGE = "usage: python -m src.sweep {prepare|work|summarise} hparams_search=NAME [overrides...]"
 
@@ -64,16 +68,22 @@ def main(argv: list[str]) -> None:
             raise UserError("no sweep configured: pass hparams_search=NAME")
         if command == "prepare":
             prepared = study.prepare(cfg, overrides)
-            # Shell assignments for multirun.sh to `eval`.
-            state = {"study": prepared.study_name, "seed": cfg.hydra.sweeper.sampler.get("seed") or 0}
-            print(" ".join(f"{key}={shlex.quote(str(value))}" for key, value in state.items()))
+            # The study's name for multirun.sh, in a file of its own: what this process prints
+            # (MLflow's lines among it) is never read as shell code.
+            if os.environ.get(STATE_FILE):
+                Path(os.environ[STATE_FILE]).write_text(prepared.study_name + "\n")
         elif command == "work":
             stop_on_termination_signals()
             worker.work(overrides, worker=int(os.environ.get("SWEEP_WORKER", "0")))
         else:
-            best = summary.summarise_if_done(cfg, study.load_study(cfg))
+            summarised = study.load_study(cfg)
+            best = summary.summarise_if_done(cfg, summarised)
             if best is not None:
                 print(f"best {cfg.objective}={best.value:.6g} trial={best.number} {summary.shown_params(best.params)}")
+            complete = len(summarised.get_trials(deepcopy=False, states=(COMPLETE,)))
+            if complete < study.target(cfg, summarised):
+                raise UserError(f"study '{summarised.study_name}' holds {complete} of its "
+                                f"{study.target(cfg, summarised)} trials complete")
 
 
 if __name__ == "__main__":

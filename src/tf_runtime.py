@@ -7,8 +7,14 @@ surfaces once both are restored.
 """
 
 import contextlib
+import logging
 import os
 import sys
+
+# TF-Agents' ranking policies subclass a TensorFlow Probability distribution in a way TFP warns
+# about, 25 lines on the root logger each time; they only sample from it, which works.
+logging.getLogger().addFilter(
+    lambda record: "Distribution subclass NoPenaltyPlackettLuce" not in record.getMessage())
 
 
 @contextlib.contextmanager

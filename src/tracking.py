@@ -147,6 +147,36 @@ def is_unreachable(error: BaseException) -> bool:
     return False
 
 
+def why_unreachable(error: BaseException) -> str:
+    """What MLflow's retries met, in words: a server that answers 503 is up, but what it stores
+    in (PostgreSQL) is not."""
+    text = str(error)
+    if "503" in text:
+        return "it answered 503 Service Unavailable: the server runs, its backend store (PostgreSQL) does not answer it"
+    if any(code in text for code in ("500", "502", "504")):
+        return f"it answered with server errors: {one_line(error)}"
+    return "no connection: refused or timed out"
+
+
+# How long urllib3 sleeps between retries at most (`Retry.DEFAULT_BACKOFF_MAX`).
+LONGEST_BACKOFF_S = 120
+
+
+def be_patient(patience_s: float) -> None:
+    """Let MLflow's retries of a request ride out a tracking server's outage of `patience_s`
+    (the fail-fast default, src/__init__, suits a single command, not a campaign's worker):
+    enough retries for their backoffs (urllib3: none, then 2f, 4f, ... s) to add up to it."""
+    factor = environment_variables.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    if factor <= 0:
+        return  # no backoff asked for: the request timeouts alone set the pace
+    retries, waited = 0, 0.0
+    while waited < patience_s:
+        retries += 1
+        waited += 0 if retries == 1 else min(LONGEST_BACKOFF_S, factor * 2 ** (retries - 1))
+    configured = environment_variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+    os.environ[environment_variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(max(configured, retries))
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """A SQLite store keeps its artifacts beside it in `mlruns/<experiment>`, whatever the
     cwd (MLflow's own default is the cwd's `mlruns/`); a server decides for itself."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from src import config
-from src.cli import exit_on_user_error, stop_on_termination_signals
+from src.cli import exit_on_user_error, stop_on_termination_signals, writable_folder
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ def cli() -> None:
     # Hydra replaces this logging set-up with its own once it starts the job.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_user_error():
+        for override in sys.argv[1:]:  # Hydra writes its logs there, and fails with a page if it cannot
+            key, _, folder = override.partition("=")
+            if key in ("hydra.run.dir", "hydra.sweep.dir"):
+                writable_folder(Path(folder), key)
         single_run = config.check_command_line(sys.argv[1:])
         if single_run is not None:
             config.check_run(single_run)  # a typo costs a second, not TensorFlow's start-up

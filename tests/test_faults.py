@@ -215,3 +215,12 @@ def test_every_search_on_every_environment_builds_or_says_why_in_one_line():
             except Exception as error:  # noqa: BLE001 (what the battery looks for)
                 problems.append(f"{search} x {env}: {type(error).__name__}: {error}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("command", [["src.train", "hydra.run.dir=/proc/forbidden"],
+                                     ["src.compare", "--out", "/proc/forbidden"]])
+def test_an_output_folder_that_cannot_be_written_is_one_line(command, tmp_path):
+    done = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"{command[1].split('=')[0]}=/proc/forbidden cannot hold files" in done.stderr

@@ -29,6 +29,8 @@ def test_predicts_the_trained_policys_movie(trained, run_cli, tracking_uri, tmp_
     assert done.returncode == 0, done.stderr
     assert f'user {USER}: recommended movie {movie} "{title}"' in done.stdout
     assert "true rating" in done.stdout and f"best for user {USER}: movie" in done.stdout
+    # Movies the user never rated are said to be, not shown as a true rating of 0.000 alone.
+    assert "rated" in done.stdout.splitlines()[-4] and "not rated" in done.stdout
     assert [line.split()[0] for line in done.stdout.splitlines()[-3:]] == ["1", "2", "3"]
 
     with pytest.raises(SystemExit) as exit:  # in-process: the fresh process is proven above

@@ -21,6 +21,26 @@ def test_unknown_sweep_name_is_one_line(tmp_path):
                                                   + ", all"]
 
 
+@pytest.mark.parametrize("option", ["--workers", "--trials", "--storage"])
+def test_an_option_without_its_value_is_one_line(option):
+    result = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "linucb", option], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stderr == f"error: {option} needs a value\n"
+
+
+def test_a_study_name_is_never_run_as_shell_code(tmp_path):
+    """multirun.sh once `eval`ed what `src.sweep prepare` printed, MLflow's lines among it."""
+    planted = tmp_path / "planted"
+    for name, refusal in ((f"x$(touch {planted})", "quote a value holding brackets or $"),
+                          (f"'x$(touch {planted})'", "hydra.sweeper.study_name must be letters, digits")):
+        result = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "linucb", f"hydra.sweeper.study_name={name}",
+                                 f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+                                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 2 and refusal in result.stderr, result.stderr[-2000:]
+        assert not planted.exists() and "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks, parent_status", [("choice(2, 3)", "FINISHED"), ("choice(50)", "FAILED")])
 def test_single_process_sweep_ends_its_parent_run(data_overrides, tmp_path, run_cli, ranks, parent_status):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 
 import mlflow
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.utils import get_class
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from mlflow.entities import RunStatus
@@ -25,6 +27,7 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 GRID_ATTR = "grid_size"
+STUDY_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def compose_sweep(overrides: list[str]) -> DictConfig:
@@ -35,7 +38,12 @@ def compose_sweep(overrides: list[str]) -> DictConfig:
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """(fixed overrides, search dimensions) of a command line."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        # Hydra's message runs over lines: the override, then the grammar's complaint.
+        raise UserError(" ".join(str(error).split("\n")[:2]) + " (quote a value holding brackets or $: key='...')") \
+            from None
     fixed = [text for text, override in zip(overrides, parsed) if not override.is_sweep_override()]
     return fixed, [text for text in overrides if text not in fixed]
 
@@ -57,6 +65,10 @@ def check_sweeper(cfg: DictConfig) -> None:
     if sweeper.n_jobs != 1:
         raise UserError(f"hydra.sweeper.n_jobs must be 1, got {sweeper.n_jobs}; "
                         "run trials in parallel with ./multirun.sh --workers N")
+    name = str(sweeper.study_name)
+    if not STUDY_NAME.fullmatch(name):
+        raise UserError(f"hydra.sweeper.study_name must be letters, digits, '.', '_' or '-' (it names log folders "
+                        f"and MLflow models), got {name!r}")
     if cfg.sweep.pruner not in (None, "median", "hyperband"):
         raise UserError(f"sweep.pruner must be null, median or hyperband, got {cfg.sweep.pruner!r}")
 
@@ -107,10 +119,12 @@ def create_study(cfg: DictConfig) -> bool:
     storage's unique study name decides between workers starting together)."""
     with reaching_storage(cfg):
         try:
-            optuna.create_study(study_name=cfg.hydra.sweeper.study_name, storage=open_storage(cfg),
-                                directions=directions(cfg))
+            created = optuna.create_study(study_name=cfg.hydra.sweeper.study_name, storage=open_storage(cfg),
+                                          directions=directions(cfg))
         except optuna.exceptions.DuplicatedStudyError:
             return False
+        # Optuna's plots and optuna-dashboard then say what the value is ("Objective Value" otherwise).
+        created.set_metric_names([str(cfg.objective)])
     return True
 
 

@@ -9,6 +9,7 @@ import tempfile
 import mlflow
 import optuna
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,6 +40,7 @@ def summarise_if_done(cfg: DictConfig, study: optuna.Study,
 def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial | None:
     """Log the study's best trial and Optuna's plots to the parent run; return the best trial."""
     study = load_study(cfg)
+    log.info("Summarising study '%s' into its MLflow parent run", study.study_name)
     tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent_id is None:
@@ -49,6 +51,7 @@ def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial
     for name, state in (("complete", COMPLETE), ("failed", FAIL), ("pruned", PRUNED)):
         client.log_metric(parent_id, f"sweep/trials_{name}", states.count(state), step=len(states))
     best = None
+    done = complete >= target(cfg, study)  # a grid with failed points is not done
     if complete:
         best = study.best_trial
         client.log_metric(parent_id, f"best/{cfg.objective}", metrics.rounded(best.value), step=len(states))
@@ -58,11 +61,16 @@ def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial
         best_run = best.user_attrs.get(RUN_ATTR)
         if best_run:
             client.set_tag(parent_id, "best.run_id", best_run)
+        if best_run and done and not failed:
             register_best_model(cfg, best_run)
         log_plots(client, parent_id, study)
         log.info("Best of %d trials: %s = %.6g with %s (trial %d, run %s)", len(states), cfg.objective,
                  best.value, shown_params(best.params), best.number, best_run)
-    done = complete >= target(cfg, study)  # a grid with failed points is not done
+        if not done or failed:
+            # A partial study's best is not the campaign's answer: @champion must not move to it.
+            log.warning("Study '%s' is not complete (%d of %d trials%s): its best trial is not registered; "
+                        "run the sweep again to complete it", study.study_name, complete, target(cfg, study),
+                        ", interrupted" if failed else "")
     status = RunStatus.FINISHED if done and not failed else RunStatus.FAILED
     client.set_terminated(parent_id, RunStatus.to_string(status))
     return best
@@ -146,7 +154,9 @@ def logged_model(run_id: str):
 def log_plots(client: mlflow.MlflowClient, run_id: str, study: optuna.Study) -> None:
     import optuna.visualization.matplotlib as plots
 
-    figures = {"optimization_history.png": plots.plot_optimization_history(study)}
+    history = plots.plot_optimization_history(study)
+    history.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers, not 2.5
+    figures = {"optimization_history.png": history}
     # Importances need at least two finished trials and two parameters to compare.
     if len(study.get_trials(states=(COMPLETE,))) > 1 and len(study.best_trial.params) > 1:
         figures["param_importances.png"] = plots.plot_param_importances(study)

@@ -7,10 +7,14 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
+import socket
 import time
 import warnings
+import zlib
 
 import mlflow
+import numpy as np
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -38,13 +42,22 @@ class Pruned(tracking.RunStopped, optuna.TrialPruned):
     """The pruner stopped the trial: PRUNED in Optuna, KILLED and tagged in MLflow."""
 
 
+def sampler_seed(base: int, worker: int, trials: int) -> int:
+    """A seed of the worker's own: invocations of one sweep on several machines (or twice on one)
+    number their workers alike and may find as many trials, and with one seed they would
+    propose identical trials. The host and process make it theirs."""
+    return int(np.random.SeedSequence([base, worker, trials, os.getpid(),
+                                       zlib.crc32(socket.gethostname().encode())]).generate_state(1)[0])
+
+
 def work(overrides: list[str], worker: int = 0) -> None:
     """Run trials of the study `overrides` configure until it holds its `n_trials` COMPLETE
     trials (or too many have failed); then summarise it if no other worker is still busy."""
     fixed, _ = split_overrides(overrides)
     cfg = config.compose(fixed, with_hydra=True)
+    tracking.be_patient(cfg.sweep.storage_patience_s)
     study = prepare(cfg, overrides)
-    seed = (cfg.hydra.sweeper.sampler.get("seed") or 0) + worker + len(study.trials)
+    seed = sampler_seed(cfg.hydra.sweeper.sampler.get("seed") or 0, worker, len(study.trials))
     sampler = None if is_grid(cfg) else instantiate(cfg.hydra.sweeper.sampler, seed=seed)
     study = load_study(cfg, sampler=sampler)
     space = search_space(cfg, overrides)
@@ -75,6 +88,8 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
         raise UserError(f"study '{study.study_name}' stopped: {failed} trials failed (sweep.max_failures="
                         f"{cfg.sweep.max_failures}); the last, trial {last.number}, because: "
                         f"{last.user_attrs.get(ERROR_ATTR, 'its worker died')}")
+    if not complete:
+        check_not_failing_alike(study)
     waiting = len(study.get_trials(states=(WAITING,)))
     if GRID_ATTR in study.user_attrs and not waiting and not running:
         return False  # every grid point has run; failed ones are reported, not replaced
@@ -95,6 +110,15 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
             raise lost from None
         # A failed trial counts towards sweep.max_failures; others replace it.
     return True
+
+
+def check_not_failing_alike(study: optuna.Study) -> None:
+    """Stop a study none of whose trials has completed once two fail for the same reason: a
+    config error fails every trial alike, and sweep.max_failures more would say nothing new."""
+    reasons = [trial.user_attrs.get(ERROR_ATTR) for trial in study.get_trials(states=(FAIL,))[-2:]]
+    if len(reasons) == 2 and reasons[0] is not None and reasons[0] == reasons[1]:
+        raise UserError(f"study '{study.study_name}' stopped: its trials fail alike and none has completed: "
+                        f"{reasons[0]}")
 
 
 def announce(objective_name: str, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -133,7 +157,8 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
         if tracking.is_unreachable(error):
             lost = TrackingServerLost(
                 f"the MLflow tracking server at {mlflow.get_tracking_uri()} stopped answering during trial "
-                f"{trial.number}; the trial failed, and a worker started when the server is back ends its run")
+                f"{trial.number} for {cfg.sweep.storage_patience_s:.0f} s ({tracking.why_unreachable(error)}); the "
+                f"trial failed, and a worker started when the server is back ends its run")
             trial.set_user_attr(ERROR_ATTR, str(lost))
             raise lost from None
         trial.set_user_attr(ERROR_ATTR, one_line(error))

@@ -8,11 +8,15 @@ and a test. tests/envs/test_contract.py checks every YAML's environment against 
 and shows a tiny environment written from scratch and trained.
 """
 
+import logging
+
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from src import config
+
+log = logging.getLogger(__name__)
 
 
 def build_environment(cfg: DictConfig, data):
@@ -20,5 +24,7 @@ def build_environment(cfg: DictConfig, data):
     `cfg.training.batch_size` users a step from its own generator seeded with the run's seed."""
     params = OmegaConf.to_container(cfg.env, resolve=True)
     builder = get_object(params.pop("_target_"))
+    # Factorising the ratings takes seconds, minutes for the per-arm pools on a busy machine.
+    log.info("Building env=%s over %s data", cfg.env.name, cfg.data.name)
     with config.errors_name_source("env", cfg.env.name):
         return builder(data, batch_size=cfg.training.batch_size, seed=cfg.training.seed, **params)

@@ -41,6 +41,8 @@ logging.getLogger("absl").addFilter(
 
 USER_ID = "user_id"
 FEATURES = "features"
+# Predicted rewards are ratings (1-5): four decimals say all a float32 score knows.
+SCORE_DECIMALS = 4
 # What a served model pins; MLflow would otherwise guess from this whole environment.
 SERVING_PACKAGES = ("tensorflow", "tf-keras", "tf-agents", "tensorflow-probability", "numpy", "pandas",
                     "mlflow", "omegaconf")
@@ -96,6 +98,8 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
             "title": self._catalogue.titles[actions],
         })
         if scores is not None:
+            # float32 arithmetic leaves 4.999999046 for 5 and -1.2e-06 for 0: noise, not information.
+            scores = np.round(scores.astype(np.float64), SCORE_DECIMALS) + 0.0
             answer["predicted_reward"] = np.take_along_axis(scores, actions[:, None], axis=1)[:, 0]
             keys = [str(movie) for movie in self._catalogue.movie_ids]
             answer["scores"] = [dict(zip(keys, row.tolist())) for row in scores]
@@ -163,6 +167,10 @@ def _log_servable_model(policy: Path, catalogue: Catalogue):
                 code_paths=[str(PROJECT_ROOT / "src")],
                 signature=signature(),
                 input_example=input_example(catalogue),
+                # What a request's feature vectors must hold, which a sweep's best trial may have
+                # chosen (env.rank_k): shown with the model in MLflow's UI and its MLmodel file.
+                metadata={"observation_features": int(catalogue.user_features.shape[1]),
+                          "movies": len(catalogue.movie_ids)},
                 pip_requirements=[f"{name}=={version(name)}" for name in SERVING_PACKAGES],
             )
 

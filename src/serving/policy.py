@@ -43,8 +43,8 @@ class Policy:
         observations = np.asarray(observations, np.float32)
         if observations.ndim != 2 or observations.shape[1] != self.dimension:
             width = observations.shape[-1] if observations.ndim else 1
-            raise UserError(f"an observation must have {self.dimension} features (the run's "
-                            f"env.rank_k), got {width}")
+            raise UserError(f"an observation must have {self.dimension} features (the env.rank_k this "
+                            f"policy was trained with; a sweep's best trial may have chosen it), got {width}")
         if not np.isfinite(observations).all():
             raise UserError("observations must be finite numbers")
         if self.per_arm:

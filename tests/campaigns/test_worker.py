@@ -4,14 +4,19 @@ does not depend on the trials the worker ran before them."""
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 
 import numpy as np
 import optuna
 import pytest
 
 from src import data, experiment
-from src.campaigns.worker import work
+from src.campaigns import summary
+from src.campaigns.study import compose_sweep
+from src.campaigns.worker import sampler_seed, work
 from src.errors import UserError
+from src.paths import PROJECT_ROOT
 from src.training import train
 from tests.campaigns.conftest import overrides_for, runs_of, states
 
@@ -19,8 +24,10 @@ from tests.campaigns.conftest import overrides_for, runs_of, states
 def test_a_sweep_whose_every_trial_fails_says_why_and_leaves_nothing_running(data_overrides, tmp_path):
     storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = overrides_for(data_overrides, "doomed", storage, tracking_uri, "training.loops=20",
-                              "env.rank_k=50", "sweep.max_failures=2")
-    with pytest.raises(UserError, match=r"study 'doomed' stopped: 2 trials failed .* because: env.rank_k must be"):
+                              "env.rank_k=50", "sweep.max_failures=20")
+    # The second identical failure stops it, not the twentieth.
+    with pytest.raises(UserError, match=r"study 'doomed' stopped: its trials fail alike and none has completed: "
+                                        r"env.rank_k must be"):
         work(overrides)
     assert states(optuna.load_study(study_name="doomed", storage=storage)) == {"FAIL": 2}
     statuses = collections.Counter(run.info.status for run in runs_of(tracking_uri, "doomed"))
@@ -77,3 +84,27 @@ def test_a_jobs_metrics_do_not_depend_on_the_jobs_before_it(make_config):
     backward = {agent: job_metrics(job) for agent, job in reversed(jobs.items())}
     for agent in STOCHASTIC:
         np.testing.assert_array_equal(backward[agent], forward[agent], err_msg=agent)
+
+
+def test_a_partial_or_interrupted_study_registers_no_model(data_overrides, tmp_path, monkeypatch, caplog):
+    """@champion must follow a complete campaign's best trial, never a partial study's."""
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registered = []
+    monkeypatch.setattr(summary, "register_best_model", lambda cfg, run_id: registered.append(run_id))
+    overrides = overrides_for(data_overrides, "partial", storage, tracking_uri, "training.loops=20")
+    work([*overrides, "hydra.sweeper.n_trials=1"])
+    assert len(registered) == 1  # complete: its best is registered
+    assert optuna.load_study(study_name="partial", storage=storage).metric_names == ["train/cumulative_regret"]
+    summary.summarise(compose_sweep([*overrides, "hydra.sweeper.n_trials=1"]), failed=True)
+    summary.summarise(compose_sweep([*overrides, "hydra.sweeper.n_trials=2"]))
+    assert len(registered) == 1
+    assert "Study 'partial' is not complete (1 of 2 trials): its best trial is not registered" in caplog.text
+
+
+def test_workers_of_two_invocations_draw_different_seeds():
+    seeds = {sampler_seed(0, worker=0, trials=0)}
+    other_process = subprocess.run(
+        [sys.executable, "-c", "from src.campaigns.worker import sampler_seed; print(sampler_seed(0, 0, 0))"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert int(other_process.stdout) not in seeds
+    assert sampler_seed(0, 0, 0) == sampler_seed(0, 0, 0) != sampler_seed(0, 1, 0)

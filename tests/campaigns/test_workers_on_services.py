@@ -56,8 +56,10 @@ def test_multirun_workers_on_postgresql_survive_a_killed_worker_and_end_with_exa
                             cwd=PROJECT_ROOT, env={**env, "SWEEP_WORKER": "2"},
                             stdout=open(tmp_path / "late.log", "w"), stderr=subprocess.STDOUT)
     assert late.wait(timeout=300) == 0, (tmp_path / "late.log").read_text()[-3000:]
-    assert multirun.wait(timeout=300) == 1, multirun_out.read_text()[-3000:]
-    assert "error: worker 1 failed: stopped by signal 9" in multirun_out.read_text()
+    # The study completed without the killed worker: a success, with the stop said.
+    assert multirun.wait(timeout=300) == 0, multirun_out.read_text()[-3000:]
+    assert ("note: worker 1 stopped: stopped by signal 9; see" in multirun_out.read_text()
+            and "the other workers completed the study" in multirun_out.read_text())
     # A line per trial its surviving worker ended, passed on from the worker's log as it came.
     assert re.search(r"^  Trial \d+ finished: train/cumulative_regret = ", multirun_out.read_text(), re.M)
     # The console also says when each worker loads TensorFlow and each trial starts, values rounded.
@@ -174,6 +176,31 @@ def test_a_tracking_server_that_stops_answering_mid_sweep_stops_the_worker_with_
     assert run.info.status == "FAILED"
     assert "tracking server" in run.data.tags["bandits.ended_by"]
     assert len(mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train/cumulative_regret")) > 1
+
+
+@pytest.mark.slow
+def test_a_tracking_server_outage_shorter_than_the_patience_is_ridden_out(stack, data_overrides, tmp_path):
+    """MLflow's default retries (two, for a single command to fail fast) ended every worker at a
+    5 s outage; a worker retries for sweep.storage_patience_s."""
+    name = f"outage-{uuid.uuid4().hex[:8]}"
+    server = urllib.parse.urlparse(stack["MLFLOW_TRACKING_URI"])
+    relay = Relay((server.hostname, server.port))
+    tracking_uri, storage = f"http://127.0.0.1:{relay.port}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = overrides_for(data_overrides, name, storage, tracking_uri, "hydra.sweeper.n_trials=2",
+                              "training.loops=400", "tracking.log_every=1", "sweep.storage_patience_s=30")
+    log_path = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "src.sweep", "work", *overrides], cwd=PROJECT_ROOT,
+                              env={**os.environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"},
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Training linucb on" in log_path.read_text(), 240, "the worker to train")
+        relay.cut()  # the server restarting: connections dropped, new ones refused
+        time.sleep(5)
+        relay.restore()
+        assert worker.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+    finally:
+        worker.kill()
+    assert states(optuna.load_study(study_name=name, storage=storage)) == {"COMPLETE": 2}
 
 
 @pytest.mark.slow

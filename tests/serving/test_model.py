@@ -108,6 +108,8 @@ def test_served_model_answers_and_rejects_bad_requests(trained, tracking_uri, tm
         (prediction,) = answer["predictions"]
         assert (prediction["movie_id"], prediction["title"]) == (movie, title)
         assert len(prediction["scores"]) == len(catalogue.movie_ids)
+        # Four decimals, not float32's noise (4.999999046, -1.19e-06).
+        assert all(round(score, 4) == score for score in prediction["scores"].values())
 
         features = catalogue.observations_of([USER])[0].tolist()
         status, answer = post(invocations, json.dumps({"dataframe_records": [{"features": features}]}).encode())

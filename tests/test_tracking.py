@@ -1,0 +1,35 @@
+"""src.tracking: how patient a campaign's requests are, and what an outage is called."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from src import tracking
+
+RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+
+
+@pytest.mark.parametrize("patience_s, factor, retries", [(60, "2", 5), (6, "2", 3), (300, "2", 8), (60, "0", 2)])
+def test_a_workers_retries_wait_out_its_patience(monkeypatch, patience_s, factor, retries):
+    monkeypatch.setenv(RETRIES, "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", factor)
+    tracking.be_patient(patience_s)
+    assert os.environ[RETRIES] == str(retries)
+
+
+def test_more_retries_asked_for_are_kept(monkeypatch):
+    monkeypatch.setenv(RETRIES, "9")
+    tracking.be_patient(6)
+    assert os.environ[RETRIES] == "9"
+
+
+@pytest.mark.parametrize("message, said", [
+    ("API request to http://x/api failed with exception HTTPConnectionPool: Max retries exceeded (Caused by "
+     "ResponseError('too many 503 error responses'))", "the server runs, its backend store (PostgreSQL) does not"),
+    ("Max retries exceeded with url: /api (Caused by NewConnectionError: Connection refused)", "no connection"),
+])
+def test_an_outage_is_named_by_its_cause(message, said):
+    assert said in tracking.why_unreachable(MlflowException(message))
