@@ -10,7 +10,10 @@
 #
 # State lives in $STACK_DIR (default .stack/ in the project, gitignored). Both services
 # listen on $STACK_HOST (default 127.0.0.1); set STACK_HOST=0.0.0.0 and give the workers on
-# other machines this machine's name in the exported URLs. The artifact store is
+# other machines this machine's name in the exported URLs. Off loopback (or with
+# STACK_AUTH=1) the MLflow server asks for a user and password (MLflow's basic-auth app):
+# `up` and `env` export them as MLFLOW_TRACKING_USERNAME/PASSWORD; $STACK_DIR/mlflow-admin
+# keeps them, readable by its owner only. The artifact store is
 # $STACK_DIR/artifacts unless MLFLOW_ARTIFACTS_DESTINATION names another (s3://bucket/path,
 # with the usual AWS_* / MLFLOW_S3_ENDPOINT_URL variables for MinIO).
 set -euo pipefail
@@ -45,6 +48,20 @@ database_url() { echo "postgresql+psycopg://$PG_USER:$(password)@$STACK_HOST:$(p
 passfile() {
   local file="$STACK_DIR/pgpass"
   (umask 077 && echo "$STACK_HOST:$(port_of postgres):*:$PG_USER:$(password)" >"$file")
+  echo "$file"
+}
+# Anyone who can reach a server on the network could read and write every run without it.
+auth_on() { [ "${STACK_AUTH:-}" = 1 ] || { [ "$STACK_HOST" != 127.0.0.1 ] && [ "$STACK_HOST" != localhost ]; }; }
+secret() {  # $STACK_DIR/$1, a random token made once, readable by its owner only
+  local file="$STACK_DIR/$1"
+  [ -s "$file" ] || (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(18))' >"$file")
+  cat "$file"
+}
+admin_password() { secret mlflow-admin; }
+auth_config() {  # MLflow's basic-auth settings: users in a SQLite file beside the stack's state
+  local file="$STACK_DIR/basic_auth.ini"
+  (umask 077 && printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s\nadmin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
+    "$STACK_DIR/basic_auth.db" >"$file")
   echo "$file"
 }
 mlflow_bin() { uv run --no-sync python -c 'import shutil; print(shutil.which("mlflow"))'; }
@@ -105,9 +122,17 @@ start_mlflow() {
   # Its own session, so `down` stops the server and its workers together; started as the
   # server itself (not through `uv run`), so the pid file names the server. No GenAI job
   # runner: eight more processes (about 2 GB) for features bandit runs never use.
+  local auth=()
+  if auth_on; then
+    auth=(--app-name basic-auth)
+    export MLFLOW_AUTH_CONFIG_PATH MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
+    MLFLOW_AUTH_CONFIG_PATH=$(auth_config) MLFLOW_AUTH_ADMIN_PASSWORD=$(admin_password)
+    MLFLOW_FLASK_SERVER_SECRET_KEY=$(secret "mlflow-csrf-key")  # the same across restarts: forms stay valid
+    say "the MLflow server asks for user admin and the password in $STACK_DIR/mlflow-admin"
+  fi
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} PGPASSFILE=$(passfile) \
     MLFLOW_BACKEND_STORE_URI="postgresql+psycopg://$PG_USER@$STACK_HOST:$(port_of postgres)/mlflow" \
-    setsid nohup "$(mlflow_bin)" server \
+    setsid nohup "$(mlflow_bin)" server "${auth[@]}" \
     --artifacts-destination "$artifacts" --host "$STACK_HOST" --port "$port" --workers 2 \
     ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"} \
     >"$STACK_DIR/mlflow.log" 2>&1 &
@@ -123,6 +148,10 @@ start_mlflow() {
 exports() {
   echo "export MLFLOW_TRACKING_URI=$(tracking_uri)"
   echo "export OPTUNA_STORAGE=$(database_url optuna)"
+  if [ -s "$STACK_DIR/mlflow-admin" ]; then
+    echo "export MLFLOW_TRACKING_USERNAME=admin"
+    echo "export MLFLOW_TRACKING_PASSWORD=$(cat "$STACK_DIR/mlflow-admin")"
+  fi
 }
 
 case ${1:-} in

@@ -43,7 +43,7 @@ def test_parallel_first_runs_on_a_new_store_all_record(tmp_path):
     processes = [subprocess.Popen([sys.executable, "-c", FIRST_RUN, uri, start_at], cwd=PROJECT_ROOT,
                                   env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stderr=subprocess.PIPE,
                                   text=True) for _ in range(2)]
-    errors = [process.communicate(timeout=120)[1] for process in processes]
+    errors = [process.communicate(timeout=600)[1] for process in processes]
     assert [process.returncode for process in processes] == [0] * 2, "\n".join(e[-1500:] for e in errors)
     client = mlflow.MlflowClient(uri)
     found = client.search_runs([client.get_experiment_by_name("fresh").experiment_id])

@@ -14,7 +14,7 @@ from tests.campaigns.conftest import sweep_overrides
 
 
 def test_unknown_sweep_name_is_one_line(tmp_path):
-    result = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "nope"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "nope"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: no sweep for 'nope'; choose one of: "
                                                   + ", ".join(sorted(p.stem for p in (PROJECT_ROOT / "conf/hparams_search").glob("*.yaml")))
@@ -24,7 +24,7 @@ def test_unknown_sweep_name_is_one_line(tmp_path):
 @pytest.mark.parametrize("option", ["--workers", "--trials", "--storage"])
 def test_an_option_without_its_value_is_one_line(option):
     result = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "linucb", option], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=300)
     assert result.returncode == 2 and result.stderr == f"error: {option} needs a value\n"
 
 

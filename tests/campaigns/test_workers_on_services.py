@@ -222,7 +222,7 @@ def test_a_study_database_that_restarts_mid_sweep_is_waited_for_then_given_up_on
         relay.cut()  # a restart shorter than the patience: waited out
         time.sleep(2)
         relay.restore()
-        wait_until(lambda: "answers again" in log_path.read_text(), 60, "the worker to reconnect")
+        wait_until(lambda: "answers again" in log_path.read_text(), 300, "the worker to reconnect")
         wait_until(lambda: log_path.read_text().count("Training linucb") == 2, 240, "the second trial to train")
         relay.cut()  # down for good: the worker gives up
         assert worker.wait(timeout=120) == 2, log_path.read_text()[-3000:]
