@@ -12,7 +12,8 @@ import pytest
 
 from src.paths import PROJECT_ROOT
 
-ENTRY_POINTS = {"src.train", "src.sweep", "src.predict", "src.evaluate", "src.compare", "src.runs"}
+ENTRY_POINTS = {"src.train", "src.sweep", "src.predict", "src.evaluate", "src.compare", "src.runs", "src.serve",
+                "src.traffic", "src.retrain"}
 
 
 def module_name(path: Path) -> str:
