@@ -39,9 +39,10 @@ GRAPH = {module_name(path): imports_of(path)
 
 @pytest.mark.parametrize("module", sorted(name for name in GRAPH if not name.startswith("tests")))
 def test_nothing_in_the_product_imports_an_entry_point_tests_or_benchmarks(module):
-    forbidden = {name for name in GRAPH[module] if name in ENTRY_POINTS or name.startswith("tests")}
+    forbidden = {name for name in GRAPH[module] if name.startswith("tests")}
     if not module.startswith("benchmarks"):
-        forbidden |= {name for name in GRAPH[module] if name.startswith("benchmarks")}
+        # A benchmark may time what a command does (benchmarks.gate runs src.retrain's round).
+        forbidden |= {name for name in GRAPH[module] if name.startswith("benchmarks") or name in ENTRY_POINTS}
     assert not forbidden, f"{module} imports {sorted(forbidden)}"
 
 

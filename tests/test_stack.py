@@ -18,7 +18,7 @@ from src.paths import PROJECT_ROOT
 def test_no_command_line_shows_the_database_password(stack):
     """Any local user can read every process's command line with `ps`."""
     password = sqlalchemy.engine.make_url(stack["OPTUNA_STORAGE"]).password
-    command_lines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    command_lines = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert "mlflow server" in command_lines and password not in command_lines
 
 
