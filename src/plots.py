@@ -183,3 +183,21 @@ def estimates_figure(table: pd.DataFrame, true_value: float, title: str, confide
     axis.grid(alpha=0.3, axis="x")
     figure.legend(loc="outside lower center", ncols=2)
     return figure
+
+
+def rounds_figure(table: pd.DataFrame):
+    """The closed loop's rounds (src.pipeline): the true regret per interaction of what was
+    served in each round, a promotion after the round marked."""
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    axis = figure.add_subplot()
+    axis.plot(table["round"], table["true_regret_served"], marker="o", color="tab:blue", label="served")
+    promoted = table[table["decision"] == "promoted"]
+    axis.scatter(promoted["round"], promoted["true_regret_served"], s=160, facecolors="none", edgecolors="tab:green",
+                 linewidths=2, label="a challenger promoted after this round", zorder=3)
+    axis.set(xlabel="round", ylabel="true regret per interaction (simulator)",
+             title="The closed loop: what was served, round by round")
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return figure

@@ -13,7 +13,7 @@ import pytest
 from src.paths import PROJECT_ROOT
 
 ENTRY_POINTS = {"src.train", "src.sweep", "src.predict", "src.evaluate", "src.compare", "src.runs", "src.serve",
-                "src.traffic", "src.retrain"}
+                "src.traffic", "src.retrain", "src.pipeline"}
 
 
 def module_name(path: Path) -> str:
