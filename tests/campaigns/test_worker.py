@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 from src import data, experiment
-from src.campaigns import summary
+from src.campaigns import summary, worker
 from src.campaigns.study import compose_sweep
 from src.campaigns.worker import sampler_seed, work
 from src.errors import UserError
@@ -34,7 +34,11 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_leaves_nothing_running(dat
     assert statuses == {"FAILED": 1}  # the parent; a config error starts no run
 
 
-def test_pruning_stops_hopeless_trials_and_a_trial_reproduces_standalone(make_config, data_overrides, tmp_path):
+def test_pruning_stops_hopeless_trials_and_a_trial_reproduces_standalone(make_config, data_overrides, tmp_path,
+                                                                      monkeypatch):
+    # The sampler's seed fixed (a worker's own mixes in its host and process): trials this seed
+    # samples include hopeless ones.
+    monkeypatch.setattr(worker, "sampler_seed", lambda base, number, trials: base + number + trials)
     storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = overrides_for(data_overrides, "pruned", storage, tracking_uri, "hydra.sweeper.n_trials=9",
                               "training.loops=60", "sweep.pruner=median")
