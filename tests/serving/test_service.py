@@ -238,9 +238,11 @@ def assert_big_bodies_are_refused_unread(base: str) -> None:
     connection.close()
     chunked = urllib.request.Request(base + "/recommend", iter([b" " * 40_000] * 3), method="POST",
                                      headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
-    with pytest.raises(urllib.error.HTTPError) as refused:
+    # Refused before it is all read: the answer is a 413, or, when the server closes first, the
+    # client's write meets a closed connection (a broken pipe), depending on who is faster.
+    with pytest.raises(urllib.error.URLError) as refused:
         urllib.request.urlopen(chunked, timeout=30)
-    assert refused.value.code == 413
+    assert getattr(refused.value, "code", 413) == 413
 
 
 def follow_a_new_version(served: Served, registered) -> None:
