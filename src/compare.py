@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("outputs", "comparison", f"{datetime.now():%Y%m%d-%H%M%S}")
     with exit_on_user_error():
         require(0 < args.confidence < 1, "--confidence", args.confidence, "between 0 and 1")
-        writable_folder(out, "--out")
+        if args.out:  # checked before the runs are read; the default folder is made only for a result
+            writable_folder(out, "--out")
         experiment_id = open_experiment(args.tracking_uri, args.experiment)
         report = compare(experiment_id, args.metric, args.agents, args.parent, args.group_by, args.confidence)
         table = write(report, out, args.metric, args.confidence)

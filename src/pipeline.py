@@ -71,7 +71,8 @@ def ensure_champion(cfg: DictConfig, common: list[str], out: Path) -> str:
     except mlflow.exceptions.MlflowException:
         pass
     child("src.train", f"agent={cfg.champion_agent}", "training=quick", *cfg.champion_overrides,
-          f"tracking.experiment={EXPERIMENT}", *common, log_to=out / "champion.log")
+          f"tracking.experiment={EXPERIMENT}", f"hydra.run.dir={out / 'champion'}", *common,
+          log_to=out / "champion.log")
     (run,) = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", max_results=1,
                                 filter_string=f"params.`agent.name` = '{cfg.champion_agent}'",
                                 order_by=["attributes.start_time DESC"])
