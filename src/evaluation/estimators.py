@@ -122,8 +122,14 @@ class Estimator(ABC):
     needs_propensities: ClassVar[bool] = True
 
     @abstractmethod
+    def per_round(self, t: Terms) -> np.ndarray:
+        """Per-round terms whose mean is the estimate; for a ratio estimator, its linearisation
+        about the estimate (the delta method's). The t-interval and the empirical-Bernstein
+        bound are computed on these."""
+
     def estimate(self, t: Terms) -> float:
         """The estimate on the rounds of `t` (a bootstrap passes a resample)."""
+        return float(np.mean(self.per_round(t)))
 
     def for_actions(self, num_actions: int) -> Estimator:
         """This estimator for `num_actions` actions: the hyperparameters left None because their
@@ -146,8 +152,8 @@ class DirectMethod(Estimator):
     name: ClassVar[str] = "dm"
     needs_propensities: ClassVar[bool] = False
 
-    def estimate(self, t: Terms) -> float:
-        return float(t.dm.mean())
+    def per_round(self, t: Terms) -> np.ndarray:
+        return t.dm
 
 
 @register
@@ -155,8 +161,8 @@ class DirectMethod(Estimator):
 class InverseProbabilityWeighting(Estimator):
     name: ClassVar[str] = "ipw"
 
-    def estimate(self, t: Terms) -> float:
-        return float(np.mean(t.weights * t.rewards))
+    def per_round(self, t: Terms) -> np.ndarray:
+        return t.weights * t.rewards
 
 
 @register
@@ -168,14 +174,18 @@ class SelfNormalizedInverseProbabilityWeighting(Estimator):
         total = t.weights.sum()
         return float(np.sum(t.weights * t.rewards) / total) if total > 0 else float("nan")
 
+    def per_round(self, t: Terms) -> np.ndarray:
+        value = self.estimate(t)
+        return value + t.weights * (t.rewards - value) / t.weights.mean()
+
 
 @register
 @dataclass(frozen=True)
 class DoublyRobust(Estimator):
     name: ClassVar[str] = "dr"
 
-    def estimate(self, t: Terms) -> float:
-        return float(np.mean(t.dm + t.weights * t.residuals))
+    def per_round(self, t: Terms) -> np.ndarray:
+        return t.dm + t.weights * t.residuals
 
 
 @register
@@ -194,8 +204,8 @@ class SwitchDoublyRobust(Estimator):
     def for_actions(self, num_actions: int) -> Estimator:
         return self if self.tau is not None else replace(self, tau=num_actions)
 
-    def estimate(self, t: Terms) -> float:
-        return float(np.mean(t.dm + np.where(t.weights <= self.tau, t.weights * t.residuals, 0.0)))
+    def per_round(self, t: Terms) -> np.ndarray:
+        return t.dm + np.where(t.weights <= self.tau, t.weights * t.residuals, 0.0)
 
 
 def configured(names: Iterable[str], params: Mapping, key: str) -> list[Estimator]:

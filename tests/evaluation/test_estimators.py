@@ -183,8 +183,8 @@ def clipped_ipw(monkeypatch):
         name: ClassVar[str] = "clipped_ipw"
         clip: float = 10.0
 
-        def estimate(self, t: estimators.Terms) -> float:
-            return float(np.mean(np.minimum(t.weights, self.clip) * t.rewards))
+        def per_round(self, t: estimators.Terms) -> np.ndarray:
+            return np.minimum(t.weights, self.clip) * t.rewards
 
     return ClippedInverseProbabilityWeighting
 
