@@ -142,7 +142,7 @@ def one_round(number: int, cfg: DictConfig, base: str, common: list[str], out: P
            "promoted_version": promoted or ""}
     row.update({name: values.get(name) for name in sorted(values)
                 if name.startswith(("champion/", "challenger/", "gate/")) and not name.endswith(("_low", "_high"))})
-    log.info("Round %d: true regret served %.4f; %s: %s", number, regret, row["decision"], row["reason"])
+    log.info("Round %d: true regret served %.4f; %s", number, regret, row["reason"])  # the reason starts with the decision
     return row
 
 
