@@ -79,8 +79,8 @@ def decision_log(reward_model, champion: np.ndarray, rounds: int, epsilon: float
 def round_of(scenario: str, data_overrides: list[str], dataset, seed: int, args) -> dict:
     """One retraining round of `scenario`: the gate's verdict beside the truth."""
     kind, loops, challenger = SCENARIOS[scenario]
-    cfg = config.compose([*challenger, f"bootstrap.seed={seed}", f"bootstrap.samples={args.samples}"],
-                         config_name="retrain")
+    cfg = config.compose([*challenger, f"bootstrap.seed={seed}", f"bootstrap.samples={args.samples}",
+                          f"interval={args.interval}"], config_name="retrain")
     engine = experiment.assemble(config.compose([*data_overrides, *challenger, f"training.seed={seed}"]), dataset)
     reward_model = engine.environment.reward_model
     champion = champion_choices(kind, data_overrides, dataset, reward_model, seed, loops * args.champion_loops)
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=0.1, help="the service's exploration")
     parser.add_argument("--champion-loops", type=int, default=500, help="online loops of the LinUCB champion")
     parser.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--interval", default="bootstrap", help="the gate's bound (conf/retrain.yaml): %(default)s")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated, of: %(default)s")
     parser.add_argument("--out", help="CSV of every round")
     args = parser.parse_args()
@@ -128,8 +129,8 @@ def main() -> None:
     rounds = pd.DataFrame(rows)
     if args.out:
         rounds.to_csv(args.out, index=False)
-    print(f"{args.rounds:,} decisions a round (epsilon {args.epsilon}), the latest 30% held out; "
-          f"{args.samples} bootstrap resamples; {time.perf_counter() - started:.0f} s")
+    print(f"{args.rounds:,} decisions a round (epsilon {args.epsilon}), the latest 30% held out; the gate's bound: "
+          f"{args.interval} ({args.samples} resamples if bootstrap); {time.perf_counter() - started:.0f} s")
     print(table(rounds).to_string(float_format="{:+.4f}".format))
     not_better = rounds.true_difference <= 0
     print(f"the true difference was above the 95% lower bound in {rounds.bound_held.sum()} of {len(rounds)} "

@@ -9,7 +9,8 @@ alone from an environment holding obp without its dependencies:
     /tmp/obp/bin/python benchmarks/obp_crosscheck.py
 
 It prints each estimator's value from both on the same stochastic target, logs and reward
-model; they agree to machine precision (obp 0.5.7).
+model, and for the tuned ones (obp's estimators_tuning) the hyperparameter each chose; they agree
+to machine precision and choose alike (obp 0.5.7), else it exits non-zero.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 
 
 def load_obp_estimators():
-    """obp's estimator module without the package's __init__, which imports PyTorch; obp's
-    utilities name `torch.tensor` only in type hints."""
+    """obp's estimator modules (fixed and tuned) without the package's __init__, which imports
+    PyTorch; obp's utilities name `torch.tensor` only in type hints."""
     import importlib.util
 
     root = Path(importlib.util.find_spec("obp").submodule_search_locations[0])
@@ -34,16 +35,16 @@ def load_obp_estimators():
         package = types.ModuleType(name)
         package.__path__ = [str(path)]
         sys.modules[name] = package
-    from obp.ope import estimators
+    from obp.ope import estimators, estimators_tuning
 
-    return estimators
+    return estimators, estimators_tuning
 
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from src.evaluation import estimators as ours
 
-    estimators = load_obp_estimators()
+    estimators, tuning = load_obp_estimators()
     rng = np.random.default_rng(0)
     rounds, users, actions = 5000, 50, 6
     user = rng.integers(users, size=rounds)
@@ -57,20 +58,43 @@ def main() -> None:
 
     logged = dict(reward=reward, action=action, pscore=pscore, action_dist=target[:, :, None],
                   position=np.zeros(rounds, int))
-    theirs = {
-        "dm": estimators.DirectMethod().estimate_policy_value(
-            action_dist=target[:, :, None], estimated_rewards_by_reg_model=reward_model[:, :, None],
-            position=logged["position"]),
-        "ipw": estimators.InverseProbabilityWeighting().estimate_policy_value(**logged),
-        "snipw": estimators.SelfNormalizedInverseProbabilityWeighting().estimate_policy_value(**logged),
-        "dr": estimators.DoublyRobust().estimate_policy_value(
-            **logged, estimated_rewards_by_reg_model=reward_model[:, :, None]),
-        "switch_dr": estimators.SwitchDoublyRobust(lambda_=3.0).estimate_policy_value(
-            **logged, estimated_rewards_by_reg_model=reward_model[:, :, None]),
-    }
-    for estimator in ours.configured(theirs, {"switch_dr": {"tau": 3.0}}, "estimator_params"):
-        mine, value = estimator.estimate(terms), theirs[estimator.name]
-        print(f"{estimator.name:10s} ours {mine:.12f}  obp {value:.12f}  difference {abs(mine - value):.1e}")
+    modelled = dict(logged, estimated_rewards_by_reg_model=reward_model[:, :, None])
+    # (label, ours, obp's estimator, whether obp's takes the reward model)
+    fixed = [
+        ("dm", ours.DirectMethod(), estimators.DirectMethod(), True),
+        ("ipw", ours.InverseProbabilityWeighting(), estimators.InverseProbabilityWeighting(), False),
+        ("snipw", ours.SelfNormalizedInverseProbabilityWeighting(),
+         estimators.SelfNormalizedInverseProbabilityWeighting(), False),
+        ("dr", ours.DoublyRobust(), estimators.DoublyRobust(), True),
+        ("switch_dr tau=3", ours.SwitchDoublyRobust(tau=3.0), estimators.SwitchDoublyRobust(lambda_=3.0), True),
+        ("sndr", ours.SelfNormalizedDoublyRobust(), estimators.SelfNormalizedDoublyRobust(), True),
+        *((f"dr_os λ={value:g}", ours.DoublyRobustWithShrinkage(lambda_=value),
+           estimators.DoublyRobustWithShrinkage(lambda_=value), True) for value in (0.0, 1.0, 10.0, 100.0, np.inf)),
+        *((f"sg_ipw λ={value:g}", ours.SubGaussianInverseProbabilityWeighting(lambda_=value),
+           estimators.SubGaussianInverseProbabilityWeighting(lambda_=value), False)
+          for value in (0.0, 0.1, 0.5, 1.0)),
+    ]
+    differences, mismatched = [], []
+    for label, mine, obp, uses_model in fixed:
+        value = obp.estimate_policy_value(**(modelled if uses_model else logged))
+        differences.append(abs(mine.estimate(terms) - value))
+        print(f"{label:24s} ours {mine.estimate(terms):.12f}  obp {value:.12f}  difference {differences[-1]:.1e}")
+    # The tuned ones with their default candidates (conf/estimator_params.yaml's), by both rules.
+    for mine_class, obp_class in ((ours.SwitchDoublyRobustTuned, tuning.SwitchDoublyRobustTuning),
+                                  (ours.DoublyRobustWithShrinkageTuned, tuning.DoublyRobustWithShrinkageTuning)):
+        for rule in ("slope", "mse"):
+            mine = mine_class(rule=rule)
+            obp = obp_class(lambdas=list(mine.candidates), tuning_method=rule)
+            value = obp.estimate_policy_value(**modelled)
+            differences.append(abs(mine.estimate(terms) - value))
+            if mine.selected(terms) != obp.best_hyperparam:
+                mismatched.append(f"{mine.name} {rule}")
+            print(f"{mine.name + ' ' + rule:24s} ours {mine.estimate(terms):.12f}  obp {value:.12f}  difference "
+                  f"{differences[-1]:.1e}  chose {mine.hyperparameter}={mine.selected(terms):g}, obp "
+                  f"{obp.best_hyperparam:g}")
+    print(f"max abs difference {max(differences):.1e}; hyperparameters chosen differently: {mismatched or 'none'}")
+    if max(differences) > 1e-10 or mismatched:
+        raise SystemExit("ours and obp disagree")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ log = logging.getLogger("benchmarks.ope")
 LOGGING_AGENTS = ("epsilon_greedy", "neural_boltzmann", "random")
 EPSILONS = (0.05, 0.1, 0.3)
 TEMPERATURES = (0.1, 0.3, 1.0)
-RIDGE = config.compose([], config_name="evaluate").reward_model_ridge
+EVALUATE = config.compose([], config_name="evaluate")
+RIDGE, FOLDS = EVALUATE.reward_model_ridge, EVALUATE.reward_model_folds
 
 
 def logging_overhead(data_overrides: list[str], dataset, loops: int, repeats: int = 3) -> pd.DataFrame:
@@ -122,7 +123,7 @@ def study(model, choices, sizes: list[int], seeds: int) -> pd.DataFrame:
             estimates = {scorer.name: [] for scorer in scorers}
             for seed in range(seeds):
                 feedback, users = draw_log(model, probabilities, rounds, np.random.default_rng(seed))
-                terms = estimators.deterministic_target_terms(feedback, choices[users], num_actions, RIDGE)
+                terms = estimators.deterministic_target_terms(feedback, choices[users], num_actions, RIDGE, FOLDS)
                 for scorer in scorers:
                     estimates[scorer.name].append(scorer.estimate(terms))
             row = {"logging policy": name, "rounds": rounds}

@@ -230,6 +230,7 @@ def check_offline(cfg: DictConfig) -> None:
     share = cfg.offline.train_share
     require(0 < share < 1, "offline.train_share", share, "in (0, 1): the rest of the log scores the policy")
     require(cfg.offline.reward_model_ridge > 0, "offline.reward_model_ridge", cfg.offline.reward_model_ridge, "> 0")
+    estimators.check_folds(cfg.offline.reward_model_folds, "offline.reward_model_folds")
     offline_estimators(cfg)  # a bad hyperparameter is refused now, not after training
 
 

@@ -31,10 +31,11 @@ from src import artifacts, config, data, plots, serving, tracking, training
 from src.cli import exit_on_user_error
 from src.envs import build_environment
 from src.errors import UserError, require
-from src.evaluation import estimators, interactions, offline
+from src.evaluation import estimators, interactions, intervals, offline
 
 log = logging.getLogger(__name__)
 
+EFFECTIVE_SAMPLE_SIZE = f"{estimators.PREFIX}effective_sample_size"
 USAGE = "usage: python -m src.evaluate target_run_id=<id>|target_model_uri=<uri>|target_agent=<agent> logs_run_id=<id>"
 
 
@@ -53,16 +54,28 @@ def parse(overrides: list[str]) -> DictConfig:
             f"a non-empty list of {', '.join(estimators.ESTIMATORS)}")
     chosen(cfg)  # a bad hyperparameter is refused before any run is read
     require(cfg.reward_model_ridge > 0, "reward_model_ridge", cfg.reward_model_ridge, "> 0")
+    estimators.check_folds(cfg.reward_model_folds, "reward_model_folds")
+    require(cfg.interval in intervals.INTERVALS, "interval", cfg.interval, f"one of {', '.join(intervals.INTERVALS)}")
+    require(0 < cfg.confidence < 1, "confidence", cfg.confidence, "in (0, 1)")
     samples = cfg.bootstrap.samples
     require(isinstance(samples, int) and 2 <= samples <= 100_000, "bootstrap.samples", samples,
             "an integer in [2, 100000]")
-    require(0 < cfg.bootstrap.confidence < 1, "bootstrap.confidence", cfg.bootstrap.confidence, "in (0, 1)")
     return cfg
 
 
 def chosen(cfg: DictConfig) -> list[estimators.Estimator]:
     """The estimators `cfg` asks for, with their hyperparameters."""
     return estimators.configured(cfg.estimators, cfg.estimator_params, "estimator_params")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    table: pd.DataFrame  # estimator, estimate, interval, ci_low, ci_high, error, relative_error
+    true_value: float
+    rounds: int
+    effective_sample_size: float  # Kish's: how many rounds the importance weights leave
+    warnings: list[str]  # where the interval's guarantee does not hold for these logs
+    run_id: str
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,8 @@ class Target:
     choices: np.ndarray
 
 
-def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
-    """Estimates with intervals and errors, the target's true value, and the evaluation run's id."""
+def evaluate(cfg: DictConfig) -> Evaluation:
+    """Estimates with intervals and errors beside the target's true value, in a logged run."""
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
     logs_run_id = str(cfg.logs_run_id)
     artifacts.check_run(logs_run_id)
@@ -106,15 +119,21 @@ def evaluate(cfg: DictConfig) -> tuple[pd.DataFrame, float, str]:
     num_actions = len(reward_model.movie_ids)
     true_value = reward_model.value_of(target.choices)
     terms = estimators.deterministic_target_terms(feedback, target.choices[user_rows], num_actions,
-                                                  cfg.reward_model_ridge)
-    log.info("Estimating the value of %s on %d rounds logged by %s (run %s), %d bootstrap resamples",
-             target.label, len(feedback), logs_cfg.agent.name, logs_run_id, cfg.bootstrap.samples)
-    table = estimators.estimate_all([estimator.for_actions(num_actions) for estimator in chosen(cfg)], terms,
-                                    cfg.bootstrap.samples, cfg.bootstrap.confidence, cfg.bootstrap.seed)
+                                                  cfg.reward_model_ridge, cfg.reward_model_folds)
+    log.info("Estimating the value of %s on %d rounds logged by %s (run %s), %s intervals",
+             target.label, len(feedback), logs_cfg.agent.name, logs_run_id, cfg.interval)
+    reward_range = (float(reward_model.rewards.min()), float(reward_model.rewards.max()))
+    table = intervals.estimate_all([estimator.for_actions(num_actions) for estimator in chosen(cfg)], terms,
+                                   cfg.interval, cfg.confidence, reward_range=reward_range,
+                                   samples=cfg.bootstrap.samples, seed=cfg.bootstrap.seed)
     table["error"] = table.estimate - true_value
     table["relative_error"] = table.error / abs(true_value)
-    run_id = log_evaluation(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame)
-    return table, true_value, run_id
+    effective = intervals.effective_sample_size(terms)
+    warnings = intervals.caveats(cfg.interval, table.estimator, logs_cfg.agent.name)
+    for warning in warnings:
+        log.warning("%s", warning)
+    run_id = log_evaluation(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame, effective)
+    return Evaluation(table, true_value, len(feedback), effective, warnings, run_id)
 
 
 def saved_policy(cfg: DictConfig, logs_cfg: DictConfig, logs: str, reward_model) -> Target:
@@ -143,7 +162,8 @@ def agent_on(logs_cfg: DictConfig, agent: str, cfg: DictConfig) -> DictConfig:
     return target_cfg
 
 
-def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs_run_id: str, frame) -> str:
+def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs_run_id: str, frame,
+                   effective: float) -> str:
     experiment_id = mlflow.MlflowClient().get_run(logs_run_id).info.experiment_id
     tags = {tracking.ROLE_TAG: "evaluation", "ope.logs_run_id": logs_run_id, **target.tags,
             "mlflow.note.content": f"Off-policy evaluation of {target.label} on the {len(frame)} "
@@ -152,30 +172,33 @@ def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs
                           tags=tags) as active:
         mlflow.log_params({**tracking.flatten(cfg), "rounds": len(frame)})
         mlflow.log_input(interactions.as_dataset(frame), context="evaluation")
-        mlflow.log_metric(estimators.TRUE_VALUE, true_value)
+        mlflow.log_metrics({estimators.TRUE_VALUE: true_value, EFFECTIVE_SAMPLE_SIZE: effective})
         for row in table.itertuples():
             name = estimators.metric_name(row.estimator)
             mlflow.log_metrics({name: row.estimate, f"{name}_ci_low": row.ci_low, f"{name}_ci_high": row.ci_high,
                                 f"{name}_error": row.error})
         mlflow.log_table(table, "estimates.json")
         figure = plots.estimates_figure(table, true_value, f"{target.agent} scored on {logs_agent}'s logs",
-                                        cfg.bootstrap.confidence)
+                                        cfg.confidence)
         mlflow.log_figure(figure, "estimates.png")
     log.info("Logged MLflow run %s", tracking.where_to_see(active.info.run_id, experiment_id))
     return active.info.run_id
 
 
-def report(table: pd.DataFrame, true_value: float, run_id: str) -> str:
-    shown = table.assign(relative_error=table.relative_error.map("{:+.1%}".format))
-    return "\n".join([f"true value (exact, from the simulator): {true_value:.4f}",
+def report(result: Evaluation) -> str:
+    shown = result.table.assign(relative_error=result.table.relative_error.map("{:+.1%}".format))
+    return "\n".join([*(f"warning: {warning}" for warning in result.warnings),
+                      f"true value (exact, from the simulator): {result.true_value:.4f}",
+                      f"effective sample size (sum w)^2 / sum w^2: {result.effective_sample_size:,.0f} "
+                      f"of {result.rounds:,} logged rounds",
                       shown.to_string(index=False, float_format="{:.4f}".format),
-                      f"MLflow run {run_id}"])
+                      f"MLflow run {result.run_id}"])
 
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with exit_on_user_error():
-        print(report(*evaluate(parse(argv))))
+        print(report(evaluate(parse(argv))))
 
 
 if __name__ == "__main__":

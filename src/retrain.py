@@ -79,6 +79,7 @@ def parse(overrides: list[str]) -> DictConfig:
     require(_number(cfg.min_gain) and abs(cfg.min_gain) <= config.LARGEST_NUMBER, "min_gain", cfg.min_gain,
             f"a number of mean reward, at most {config.LARGEST_NUMBER:g} in size")
     require(_number(cfg.confidence) and 0 < cfg.confidence < 1, "confidence", cfg.confidence, "in (0, 1)")
+    require(cfg.interval in gate.LOWER_BOUNDS, "interval", cfg.interval, f"one of {', '.join(gate.LOWER_BOUNDS)}")
     samples = cfg.bootstrap.samples
     require(_integer(samples) and 100 <= samples <= 100_000, "bootstrap.samples", samples,
             "an integer in [100, 100000]")
@@ -268,7 +269,8 @@ def challenge(engine, train: estimators.Feedback, holdout: estimators.Feedback, 
     verdict = gate.decide(holdout, champion_choices[holdout_rows], choices[holdout_rows], len(reward_model.movie_ids),
                           gate_estimator(cfg), min_gain=float(cfg.min_gain), confidence=float(cfg.confidence),
                           samples=cfg.bootstrap.samples, seed=cfg.bootstrap.seed, ridge=cfg.reward_model_ridge,
-                          reward_rounds=train)
+                          reward_rounds=train, interval=cfg.interval,
+                          reward_range=(float(reward_model.rewards.min()), float(reward_model.rewards.max())))
     return choices, verdict
 
 

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from src.evaluation import estimators
+from src.evaluation import estimators, intervals
 
-INTERVAL = "one-sided paired percentile bootstrap"
+# What each choice of `interval` bounds the difference with; the last two on the per-round
+# differences of the two policies' terms, which lie within twice the terms' range.
+LOWER_BOUNDS = {"bootstrap": "one-sided paired percentile bootstrap", "t": "one-sided paired t",
+                "bernstein": "one-sided paired empirical Bernstein"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ def paired_bootstrap(estimator: estimators.Estimator, champion: estimators.Terms
 def decide(feedback: estimators.Feedback, champion_choices: np.ndarray, challenger_choices: np.ndarray,
            num_actions: int, estimator: estimators.Estimator, *, min_gain: float = 0.0, confidence: float = 0.95,
            samples: int = 2000, seed: int = 0, ridge: float = 0.01,
-           reward_rounds: estimators.Feedback | None = None) -> Verdict:
+           reward_rounds: estimators.Feedback | None = None, interval: str = "bootstrap",
+           reward_range: tuple[float, float] | None = None) -> Verdict:
     """Gate the challenger on the logged `feedback`: `*_choices[i]` is each policy's action in
     round i. Promote iff the lower confidence bound on challenger - champion exceeds `min_gain`.
 
@@ -87,15 +91,35 @@ def decide(feedback: estimators.Feedback, champion_choices: np.ndarray, challeng
     champion_terms, challenger_terms = paired_terms(feedback, champion_choices, challenger_choices, num_actions,
                                                     ridge, reward_rounds)
     champion, challenger = estimator.estimate(champion_terms), estimator.estimate(challenger_terms)
-    draws = paired_bootstrap(estimator, champion_terms, challenger_terms, samples, seed)
-    tail = (1 - confidence) / 2
-    champion_interval, challenger_interval = (tuple(percentiles(draws[:, column], [tail, 1 - tail]))
-                                              for column in (0, 1))
-    (lower,) = percentiles(draws[:, 1] - draws[:, 0], [1 - confidence])
+    if interval == "bootstrap":
+        draws = paired_bootstrap(estimator, champion_terms, challenger_terms, samples, seed)
+        tail = (1 - confidence) / 2
+        champion_interval, challenger_interval = (tuple(percentiles(draws[:, column], [tail, 1 - tail]))
+                                                  for column in (0, 1))
+        (lower,) = percentiles(draws[:, 1] - draws[:, 0], [1 - confidence])
+    else:
+        support = intervals.term_range(champion_terms, reward_range)
+        champion_interval, challenger_interval = (
+            intervals.interval_of(interval, estimator, terms, confidence, support)
+            for terms in (champion_terms, challenger_terms))
+        lower = paired_lower_bound(interval, estimator, champion_terms, challenger_terms, confidence, support)
     promote = bool(lower > min_gain)
     return Verdict(estimator.name, len(feedback), champion, challenger, champion_interval, challenger_interval,
-                   lower, confidence, INTERVAL, samples, min_gain, promote,
+                   lower, confidence, LOWER_BOUNDS[interval], samples, min_gain, promote,
                    reason(estimator.name, len(feedback), challenger - champion, lower, confidence, min_gain, promote))
+
+
+def paired_lower_bound(interval: str, estimator: estimators.Estimator, champion: estimators.Terms,
+                       challenger: estimators.Terms, confidence: float, support: tuple[float, float]) -> float:
+    """The one-sided t or empirical-Bernstein bound on the mean per-round difference; NaN (no
+    evidence) for a Bernstein bound on terms that are not bounded."""
+    differences = estimator.per_round(challenger) - estimator.per_round(champion)
+    if interval == "t":
+        return float(intervals.t_lower(differences, confidence))
+    if not estimator.bounded_terms:
+        return float("nan")
+    width = support[1] - support[0]
+    return float(intervals.bernstein_lower(differences, confidence, (-width, width)))
 
 
 def percentiles(draws: np.ndarray, levels: list[float]) -> list[float]:

@@ -58,7 +58,7 @@ def learn(cfg: DictConfig, engine, feedback: estimators.Feedback, rows: np.ndarr
     num_actions = len(reward_model.movie_ids)
     scored = feedback.take(np.arange(split, len(feedback)))
     terms = estimators.deterministic_target_terms(scored, choices[rows[split:]], num_actions,
-                                                  cfg.offline.reward_model_ridge)
+                                                  cfg.offline.reward_model_ridge, cfg.offline.reward_model_folds)
     # Logs without propensities still give the estimates that need none (the objective's was checked).
     known = np.isfinite(scored.propensities).all()
     final = {estimators.metric_name(scorer.name): scorer.for_actions(num_actions).estimate(terms)
