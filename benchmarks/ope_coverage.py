@@ -90,30 +90,39 @@ def cells(model, choices, sizes: list[int], seeds: int, samples: int) -> pd.Data
                 t = estimators.deterministic_target_terms(feedback, choices[users], num_actions,
                                                           EVALUATE.reward_model_ridge, EVALUATE.reward_model_folds)
                 effective = intervals.effective_sample_size(t)
+                agent = "epsilon_greedy" if logger == LEARNING else intervals.FIXED_LOGGER
                 for interval in intervals.INTERVALS:
+                    warned = bool(intervals.caveats(interval, [], t, agent))
                     table = intervals.estimate_all(scorers, t, interval, CONFIDENCE, reward_range=reward_range,
                                                    samples=samples, seed=seed)
                     rows += [{"logger": logger, "rounds": rounds, "seed": seed, "estimator": row.estimator,
                               "interval": interval, "covered": row.ci_low <= truth <= row.ci_high,
                               "width": row.ci_high - row.ci_low, "defined": np.isfinite(row.ci_low),
-                              "effective_sample_size": effective}
+                              "effective_sample_size": effective, "warned": warned}
                              for row in table.itertuples()]
             log.info("%s, %d rounds: %d seeds in %.0f s", logger, rounds, seeds, time.perf_counter() - started)
     return pd.DataFrame(rows)
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
+    keys = ["estimator", "interval", "logger", "rounds"]
     defined = rows[rows.defined]
-    return defined.groupby(["estimator", "interval", "logger", "rounds"], sort=False).agg(
+    table = defined.groupby(keys, sort=False).agg(
         coverage=("covered", "mean"), width=("width", "mean"), seeds=("seed", "size"),
-        effective_sample_size=("effective_sample_size", "median")).reset_index()
+        effective_sample_size=("effective_sample_size", "median"), warned=("warned", "mean"))
+    table["coverage_unwarned"] = defined[~defined.warned].groupby(keys, sort=False).covered.mean()
+    return table.reset_index()
 
 
-def headline(table: pd.DataFrame) -> pd.DataFrame:
-    """Per interval: the cells meeting the goal, of those where it is defined."""
+def headline(rows: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Per interval: the cells meeting the goal, of those where it is defined; the share of
+    intervals the product warns of, and the coverage of those it does not."""
+    defined = rows[rows.defined]
+    quiet = defined[~defined.warned].groupby("interval", sort=False).covered.mean()
     return table.assign(met=table.coverage >= GOAL).groupby("interval", sort=False).agg(
         cells=("met", "size"), met=("met", "sum"), worst=("coverage", "min")).assign(
-        share=lambda frame: frame.met / frame.cells)
+        share=lambda frame: frame.met / frame.cells,
+        warned=defined.groupby("interval", sort=False).warned.mean(), coverage_unwarned=quiet)
 
 
 def markdown(table: pd.DataFrame, value: str, fmt: str) -> str:
@@ -172,7 +181,11 @@ def main() -> None:
     print(table.groupby(["logger", "rounds"], sort=False).effective_sample_size.first().to_string(
         float_format="{:,.0f}".format))
     print("\nCells meeting the goal, per interval\n")
-    print(headline(table).to_string(float_format="{:.2f}".format))
+    print(headline(rows, table).to_string(float_format="{:.2f}".format))
+    print("\nCoverage where the product does not warn (src.evaluation.intervals.caveats), share warned\n")
+    print(markdown(table, "coverage_unwarned", ".2f"))
+    print()
+    print(markdown(table, "warned", ".2f"))
     print(f"\nTables and figure in {args.out}")
 
 

@@ -34,6 +34,11 @@ from src.evaluation.estimators import ESTIMATORS, Estimator, Terms
 INTERVALS = ("t", "bootstrap", "bernstein", "anytime")
 # The one agent whose logging policy does not change as it logs: uniform at random.
 FIXED_LOGGER = "random"
+ASYMPTOTIC = ("t", "bootstrap")
+# Below this effective sample, or with the weights' mean this many standard errors from 1, the
+# asymptotic intervals under-covered in the coverage study: warned of.
+MIN_EFFECTIVE_SAMPLE = 100
+MAX_WEIGHT_MEAN_GAP = 2.0
 
 
 def term_range(t: Terms, reward_range: tuple[float, float]) -> tuple[float, float]:
@@ -136,14 +141,34 @@ def effective_sample_size(t: Terms) -> float:
     return float(np.sum(t.weights)) ** 2 / squares if squares > 0 else 0.0
 
 
-def caveats(interval: str, names: Sequence[str], logging_agent: str) -> list[str]:
+def weight_mean_gap(t: Terms) -> float:
+    """How many standard errors the importance weights' mean lies from 1, its expectation under
+    any logger that gives every movie a chance: far off, the log has not yet seen the rare
+    heavy-weight rounds that carry part of the target's value."""
+    spread = t.weights.std(ddof=1)
+    return float((t.weights.mean() - 1) / (spread / np.sqrt(len(t.weights)))) if spread > 0 else 0.0
+
+
+def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str) -> list[str]:
     """One line per reason the `interval` of estimators `names` does not carry its guarantee on
-    logs collected by `logging_agent` (every agent here but `random` learns while it logs)."""
+    the rounds of `t`, collected by `logging_agent` (every agent here but `random` learns while it
+    logs). The thresholds are those under which the coverage study (docs/ope_coverage.md) saw
+    the asymptotic intervals fail."""
     lines = []
     if interval != "anytime" and logging_agent != FIXED_LOGGER:
         lines.append(f"the logs were collected by {logging_agent}, which learnt while it logged; the {interval} "
                      f"interval assumes one fixed logging policy and may not cover the true value "
-                     f"(docs/ope.md#coverage); interval=anytime holds on such logs")
+                     f"(docs/ope_coverage.md); interval=anytime holds on such logs")
+    if interval in ASYMPTOTIC:
+        effective, gap = effective_sample_size(t), weight_mean_gap(t)
+        if effective < MIN_EFFECTIVE_SAMPLE:
+            lines.append(f"the importance weights leave an effective sample of {effective:.0f} rounds, under "
+                         f"{MIN_EFFECTIVE_SAMPLE}: too few for the {interval} interval's normal approximation "
+                         f"(docs/ope_coverage.md); interval=bernstein or anytime hold, wider")
+        if abs(gap) > MAX_WEIGHT_MEAN_GAP:
+            lines.append(f"the importance weights average {t.weights.mean():.3f}, {abs(gap):.1f} standard errors from "
+                         f"the 1 they average in expectation: the log lacks the rare rounds that carry part of the "
+                         f"target's value, which the {interval} interval cannot count; interval=bernstein or anytime hold")
     if interval in ("bernstein", "anytime"):
         unbounded = [name for name in names if not ESTIMATORS[name].bounded_terms]
         if unbounded:

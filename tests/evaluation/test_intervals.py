@@ -3,6 +3,8 @@ on fixed and on learning loggers; cross-fitting of the reward model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -100,19 +102,34 @@ def test_every_bounded_estimators_terms_lie_in_the_range_the_bounds_assume():
             assert low <= terms.min() and terms.max() <= high, estimator.name
 
 
-def test_a_self_normalised_estimator_gets_no_bound_and_the_user_is_told():
+def uniform_terms(rounds: int, seed: int) -> estimators.Terms:
     features, rewards = population()
-    feedback, users = fixed_log(features, rewards, 300, 0.5, np.random.default_rng(5))
-    t = estimators.deterministic_target_terms(feedback, TARGET[users], MOVIES, ridge=0.01, folds=5)
+    feedback, users = fixed_log(features, rewards, rounds, 1.0, np.random.default_rng(seed))
+    return estimators.deterministic_target_terms(feedback, TARGET[users], MOVIES, ridge=0.01, folds=5)
+
+
+def test_a_self_normalised_estimator_gets_no_bound_and_the_user_is_told():
+    t = uniform_terms(2000, 5)
     row = intervals.estimate_all([estimators.SelfNormalizedInverseProbabilityWeighting()], t, "bernstein", 0.95,
                                  reward_range=(0, 5)).iloc[0]
     assert np.isnan(row.ci_low) and np.isnan(row.ci_high) and np.isfinite(row.estimate)
-    (line,) = intervals.caveats("bernstein", ["dr", "snipw"], "random")
+    (line,) = intervals.caveats("bernstein", ["dr", "snipw"], t, "random")
     assert "no bernstein bound for snipw" in line
-    assert intervals.caveats("t", ["dr"], "random") == []
-    (line,) = intervals.caveats("t", ["dr"], "epsilon_greedy")
-    assert "epsilon_greedy" in line and "interval=anytime" in line
-    assert intervals.caveats("anytime", ["dr"], "epsilon_greedy") == []
+
+
+def test_asymptotic_intervals_are_warned_of_on_a_learning_logger_a_small_sample_or_missing_weight():
+    t = uniform_terms(2000, 5)  # about 400 rounds' worth of the target's, the weights averaging about 1
+    assert intervals.caveats("t", ["dr"], t, "random") == []
+    (line,) = intervals.caveats("t", ["dr"], t, "epsilon_greedy")
+    assert "epsilon_greedy, which learnt while it logged" in line and "interval=anytime" in line
+    assert intervals.caveats("anytime", ["dr"], t, "epsilon_greedy") == []
+    (line,) = intervals.caveats("bootstrap", ["dr"], uniform_terms(200, 5), "random")
+    assert "effective sample of" in line and "under 100" in line
+    # Weights that average 0.5 with little spread: half the target's value is in rounds not seen.
+    halved = replace(t, weights=np.where(np.arange(2000) % 2 == 0, t.weights, 0.0))
+    lines = intervals.caveats("t", ["dr"], halved, "random")
+    assert any("standard errors from the 1 they average in expectation" in line for line in lines)
+    assert intervals.caveats("bernstein", ["dr"], halved, "random") == []
 
 
 def test_the_effective_sample_size_counts_the_rounds_the_weights_leave():
