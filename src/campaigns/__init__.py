@@ -18,6 +18,8 @@ Each module imports only those listed before it (`tuned` stands apart):
 - `study`: `prepare` makes (or resumes) the study and its parent run, and refuses an
   unreachable storage or a study of the same name with another direction. A grid study
   (Optuna's `GridSampler` in the sweep config) gets every grid point enqueued once.
+- `selection`: in a study with objective `ope/<estimator>`, how well the estimate ranks the
+  trials by their true values (Spearman) and the true value the chosen trial gives up.
 - `summary`: `summarise` writes the outcome into the parent run and registers the best
   trial's model, once the last trial has ended, whichever worker ends it.
 - `worker`: `work` runs trials until the study holds `n_trials` COMPLETE ones. Trials in

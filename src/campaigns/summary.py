@@ -1,5 +1,6 @@
 """A study's outcome in its MLflow parent run: trial counts, the best trial's value, parameters
-and run, Optuna's plots, and the best trial's model registered as `<study>-best@champion`."""
+and run, Optuna's plots, an offline study's off-policy selection (`src.campaigns.selection`),
+and the best trial's model registered as `<study>-best@champion`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
-from src import comparison, metrics, plots, tracking
+from src import comparison, config, metrics, plots, tracking
+from src.campaigns import selection
 from src.campaigns.study import directions, load_study, target
 from src.campaigns.trials import COMPLETE, FAIL, PARENT_RUN_ATTR, PRUNED, RUN_ATTR, RUNNING
 from src.errors import UserError
@@ -66,6 +68,8 @@ def summarise(cfg: DictConfig, failed: bool = False) -> optuna.trial.FrozenTrial
         log_plots(client, parent_id, study)
         log.info("Best of %d trials: %s = %.6g with %s (trial %d, run %s)", len(states), cfg.objective,
                  best.value, shown_params(best.params), best.number, best_run)
+        if config.is_offline(cfg):
+            selection.report(client, parent_id, study, cfg.objective, best)
         if not done or failed:
             # A partial study's best is not the campaign's answer: @champion must not move to it.
             log.warning("Study '%s' is not complete (%d of %d trials%s): its best trial is not registered; "

@@ -8,6 +8,7 @@ import re
 import mlflow
 import optuna
 import pytest
+import scipy.stats
 
 from src import config, data, experiment
 from src.campaigns import worker
@@ -58,12 +59,12 @@ def test_offline_bad_input_is_one_line_before_any_run(logged_runs, extra, messag
 def test_a_sweep_tunes_an_agent_offline_and_registers_its_best(logged_runs, tmp_path):
     uri, _, _ = logged_runs
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    overrides = [o for o in offline_overrides(logged_runs, "hparams_search=linucb_offline", "hydra.sweeper.n_trials=2",
+    overrides = [o for o in offline_overrides(logged_runs, "hparams_search=linucb_offline", "hydra.sweeper.n_trials=3",
                                               f"hydra.sweeper.storage={storage}", "tracking.experiment=offline")
                  if o != "objective=ope/dr"]
     worker.work(overrides)
     study = optuna.load_study(study_name="linucb_offline", storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     client = mlflow.MlflowClient(uri)
     trials = client.search_runs([client.get_experiment_by_name("offline").experiment_id], "tags.`sweep.trial` != ''")
     # Runs log 6 significant digits (metrics.rounded): up to 5e-6 apart, relatively.
@@ -71,3 +72,17 @@ def test_a_sweep_tunes_an_agent_offline_and_registers_its_best(logged_runs, tmp_
                                                                                rel=1e-5)
     (version,) = client.search_model_versions("name = 'linucb_offline-best'")
     assert version.run_id in {run.info.run_id for run in trials}
+    # The parent run reports how well ope/dr chose among the trials, against their true values.
+    (parent,) = client.search_runs([client.get_experiment_by_name("offline").experiment_id],
+                                   "tags.`sweep.role` = 'parent'")
+    estimates = [run.data.metrics["ope/dr"] for run in trials]
+    truths = [run.data.metrics["ope/true_value"] for run in trials]
+    chosen = next(run.data.metrics["ope/true_value"] for run in trials if run.info.run_id == version.run_id)
+    reported = parent.data.metrics
+    assert reported["ope_selection/trials"] == 3
+    assert reported["ope_selection/regret"] == pytest.approx(max(truths) - chosen, abs=1e-6)
+    if len(set(truths)) > 1:
+        assert reported["ope_selection/spearman"] == pytest.approx(scipy.stats.spearmanr(estimates, truths).statistic)
+    else:  # the trials learnt one greedy policy: no ranks to correlate
+        assert "ope_selection/spearman" not in reported
+    assert parent.data.tags["ope_selection"].startswith("off-policy selection: ")
