@@ -39,6 +39,9 @@ ASYMPTOTIC = ("t", "bootstrap")
 # asymptotic intervals under-covered in the coverage study: warned of.
 MIN_EFFECTIVE_SAMPLE = 100
 MAX_WEIGHT_MEAN_GAP = 2.0
+# A round that may weigh more than this share of the log's rounds moves the estimate by that share
+# of a reward on its own: no normal approximation holds while such rounds are seen once or never.
+MAX_WEIGHT_SHARE = 0.1
 
 
 def term_range(t: Terms, reward_range: tuple[float, float]) -> tuple[float, float]:
@@ -160,7 +163,7 @@ def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str) -
                      f"interval assumes one fixed logging policy and may not cover the true value "
                      f"(docs/ope_coverage.md); interval=anytime holds on such logs")
     if interval in ASYMPTOTIC:
-        effective, gap = effective_sample_size(t), weight_mean_gap(t)
+        effective, gap, heaviest = effective_sample_size(t), weight_mean_gap(t), float(np.max(t.max_weights))
         if effective < MIN_EFFECTIVE_SAMPLE:
             lines.append(f"the importance weights leave an effective sample of {effective:.0f} rounds, under "
                          f"{MIN_EFFECTIVE_SAMPLE}: too few for the {interval} interval's normal approximation "
@@ -169,6 +172,10 @@ def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str) -
             lines.append(f"the importance weights average {t.weights.mean():.3f}, {abs(gap):.1f} standard errors from "
                          f"the 1 they average in expectation: the log lacks the rare rounds that carry part of the "
                          f"target's value, which the {interval} interval cannot count; interval=bernstein or anytime hold")
+        if heaviest > MAX_WEIGHT_SHARE * len(t.weights):
+            lines.append(f"a round may weigh up to {heaviest:,.0f} (1 / the smallest propensity), over "
+                         f"{MAX_WEIGHT_SHARE:.0%} of the {len(t.weights):,} rounds: the {interval} interval's normal "
+                         f"approximation does not hold (docs/ope_coverage.md); interval=bernstein or anytime hold")
     if interval in ("bernstein", "anytime"):
         unbounded = [name for name in names if not ESTIMATORS[name].bounded_terms]
         if unbounded:

@@ -130,6 +130,10 @@ def test_asymptotic_intervals_are_warned_of_on_a_learning_logger_a_small_sample_
     lines = intervals.caveats("t", ["dr"], halved, "random")
     assert any("standard errors from the 1 they average in expectation" in line for line in lines)
     assert intervals.caveats("bernstein", ["dr"], halved, "random") == []
+    # One round that could weigh a tenth of the log: uniform logging over 5 movies, 40 rounds.
+    few = replace(t.take(np.arange(40)), max_weights=np.full(40, 5.0))
+    assert any("a round may weigh up to 5 (1 / the smallest propensity), over 10% of the 40 rounds" in line
+               for line in intervals.caveats("t", ["dr"], few, "random"))
 
 
 def test_the_effective_sample_size_counts_the_rounds_the_weights_leave():
