@@ -17,6 +17,9 @@ a policy's true value, by logging policy and log size.
    default) the agent's features are the reward model's whole embedding, so the rewards are
    linear in them and the direct method's model is well specified; at 5 the rewards depend
    on 15 components nobody observes, as a real recommender's do.
+3. Selection. On the same logs, switch_dr's tau and dr_os's lambda chosen per log (the tuned
+   estimators, by SLOPE and by the MSE bound) against the fixed default and against every
+   fixed value they choose among, the best of which is known only in hindsight.
 """
 
 from __future__ import annotations
@@ -113,26 +116,55 @@ def draw_log(model, probabilities: np.ndarray, rounds: int, rng) -> tuple[estima
                                probabilities[users, actions]), users
 
 
+# Data-driven selection against every fixed value it chooses among: (family, tuned estimator, hyperparameter).
+SELECTIONS = (("switch_dr", "switch_dr_tuned", "tau"), ("dr_os", "dr_os_tuned", "lambda_"))
+
+
+def scorers_of(num_actions: int) -> dict[str, estimators.Estimator]:
+    """Every registered estimator at its defaults, the tuned ones by either rule, and each fixed
+    value the tuned ones choose among, labelled `<family> <hyperparameter>=<value>`."""
+    scorers = {name: estimator().for_actions(num_actions) for name, estimator in estimators.ESTIMATORS.items()}
+    for family, tuned, hyperparameter in SELECTIONS:
+        scorers[f"{tuned} mse"] = estimators.ESTIMATORS[tuned](rule="mse")
+        for value in estimators.ESTIMATORS[tuned]().candidates:
+            scorers[f"{family} {hyperparameter}={value:g}"] = estimators.ESTIMATORS[family](**{hyperparameter: value})
+    return scorers
+
+
 def study(model, choices, sizes: list[int], seeds: int) -> pd.DataFrame:
     num_actions = model.rewards.shape[1]
     truth = model.value_of(choices)
-    scorers = [estimator().for_actions(num_actions) for estimator in estimators.ESTIMATORS.values()]
+    scorers = scorers_of(num_actions)
     rows = []
     for name, probabilities in logging_policies(model, np.random.default_rng(1234)).items():
         for rounds in sizes:
-            estimates = {scorer.name: [] for scorer in scorers}
+            estimates = {label: [] for label in scorers}
             for seed in range(seeds):
                 feedback, users = draw_log(model, probabilities, rounds, np.random.default_rng(seed))
                 terms = estimators.deterministic_target_terms(feedback, choices[users], num_actions, RIDGE, FOLDS)
-                for scorer in scorers:
-                    estimates[scorer.name].append(scorer.estimate(terms))
+                for label, scorer in scorers.items():
+                    estimates[label].append(scorer.estimate(terms))
             row = {"logging policy": name, "rounds": rounds}
-            row.update({estimator: np.sqrt(np.mean((np.array(values) - truth) ** 2)) / truth
-                        for estimator, values in estimates.items()})
+            row.update({label: np.sqrt(np.mean((np.array(values) - truth) ** 2)) / truth
+                        for label, values in estimates.items()})
             rows.append(row)
             log.info("%s, %d rounds: %s", name, rounds,
                      ", ".join(f"{e} {row[e]:.3f}" for e in estimators.ESTIMATORS))
     return pd.DataFrame(rows)
+
+
+def selection_markdown(table: pd.DataFrame) -> str:
+    """Per row and family: the relative RMSE of the value chosen per log (SLOPE, the MSE bound)
+    beside the fixed default's and the best fixed value's in hindsight."""
+    lines = ["| logging policy | rounds | estimator | default | SLOPE | MSE bound | best fixed (value) |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for row in table.to_dict("records"):
+        for family, tuned, hyperparameter in SELECTIONS:
+            fixed = {label: row[label] for label in row if label.startswith(f"{family} {hyperparameter}=")}
+            best = min(fixed, key=fixed.get)
+            lines.append(f"| {row['logging policy']} | {row['rounds']:,} | {family} | {row[family]:.3f} | "
+                         f"{row[tuned]:.3f} | {row[f'{tuned} mse']:.3f} | {fixed[best]:.3f} ({best.split('=')[1]}) |")
+    return "\n".join(lines)
 
 
 def study_figure(table: pd.DataFrame) -> Figure:
@@ -196,6 +228,8 @@ def main() -> None:
         print(f"\nEstimator study, rank_k={k} of a rank-20 reward: relative RMSE over {args.seeds} seeds; "
               f"target LinUCB after {args.target_loops} loops; data: {args.data_dir or 'synthetic'}\n")
         print(markdown(table))
+        print(f"\nSelection of switch_dr's tau and dr_os's lambda per log, rank_k={k}: relative RMSE\n")
+        print(selection_markdown(table))
         if args.figure:
             path = args.figure.with_stem(f"{args.figure.stem}_k{k}")
             study_figure(table).savefig(path, dpi=110)

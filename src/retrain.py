@@ -184,10 +184,6 @@ def read_decisions(url: str, since: float | None, until: float, start: str) -> t
     decided before `until`)."""
     from src.serving.decision_log import DecisionLog
 
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        # Opening it would create an empty log: a round only reads.
-        raise UserError(f"nothing to learn from: there is no decision log at {url} (has the service run, and "
-                        f"with serve.decision_log pointing elsewhere? pass decision_log=)")
     decision_log = DecisionLog(url)
     try:
         window = decision_log.joined(since, until)
@@ -311,20 +307,30 @@ def run_round(cfg: DictConfig) -> Outcome:
 
     experiment_id = connect(cfg.tracking.uri)
     url = cfg.decision_log or decision_log.default_url(tracking.tracking_uri(cfg.tracking.uri))
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        # Opening it would create an empty log: a round only reads.
+        raise UserError(f"nothing to learn from: there is no decision log at {url} (has the service run, and "
+                        f"with serve.decision_log pointing elsewhere? pass decision_log=)")
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         champion = resolve_champion(str(cfg.model), scratch)
-        previous = previous_round(experiment_id, champion.name)
-        since, until = window_of(cfg, previous, time.time())
-        window, history = read_decisions(url, since, until, cfg.start)
-        train_frame, holdout_frame = split(window, history, cfg.holdout_share)
-        log.info("Round %d against %s (run %s): %d joined decisions from %s; learning from %d, gating on %d",
-                 round_number(previous), champion.uri, champion.run_id, len(window), describe_window(since, until),
-                 len(train_frame), len(holdout_frame))
-        counts = {"window_rounds": len(window), "train_rounds": len(train_frame),
-                  "holdout_rounds": len(holdout_frame)}
-        return learn_and_gate(cfg, experiment_id, champion, previous, (since, until), url, train_frame,
-                              holdout_frame, counts)
+        with decision_log.round_lock(url, champion.name):
+            return one_round(cfg, experiment_id, champion, url)
+
+
+def one_round(cfg: DictConfig, experiment_id: str | None, champion: Champion, url: str) -> Outcome:
+    """The round itself, its model's lock held: the window, learning, the gate, the record."""
+    previous = previous_round(experiment_id, champion.name)
+    since, until = window_of(cfg, previous, time.time())
+    window, history = read_decisions(url, since, until, cfg.start)
+    train_frame, holdout_frame = split(window, history, cfg.holdout_share)
+    log.info("Round %d against %s (run %s): %d joined decisions from %s; learning from %d, gating on %d",
+             round_number(previous), champion.uri, champion.run_id, len(window), describe_window(since, until),
+             len(train_frame), len(holdout_frame))
+    counts = {"window_rounds": len(window), "train_rounds": len(train_frame),
+              "holdout_rounds": len(holdout_frame)}
+    return learn_and_gate(cfg, experiment_id, champion, previous, (since, until), url, train_frame,
+                          holdout_frame, counts)
 
 
 def round_number(previous) -> int:

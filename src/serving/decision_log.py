@@ -16,6 +16,8 @@ Where the log lives (`default_url`): with a tracking server and `OPTUNA_STORAGE`
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import logging
 import math
 import os
@@ -236,6 +238,40 @@ def _taken(item: Decision | _Feedback) -> UserError | bool:
     if isinstance(item, _Feedback):
         return False
     return UserError(f"decision {item.decision_id!r} is already in the decision log")
+
+
+@contextlib.contextmanager
+def round_lock(url: str, model_name: str):
+    """Held while a retraining round of `model_name` reads this log and registers its verdict:
+    two rounds at once would read the same window and could both promote. On PostgreSQL an
+    advisory lock of the round's own connection, on SQLite a byte-range lock on `<log>-rounds`
+    beside it: either is released when the round ends or its process dies, so no stale lock
+    outlives a killed round."""
+    parsed = _normalised(url)
+    key = int.from_bytes(hashlib.sha256(model_name.encode()).digest()[:7], "big")  # < 2^63: a bigint
+    busy = UserError(f"another retraining round of {model_name!r} is running on the decision log "
+                     f"{parsed.render_as_string(hide_password=True)}: rounds of one model run one at a time")
+    if parsed.get_backend_name() == "postgresql":
+        engine = create_engine(parsed)
+        try:
+            try:
+                connection = engine.connect()
+            except OperationalError as error:
+                raise UserError(f"cannot reach the decision log {parsed.render_as_string(hide_password=True)}: "
+                                f"{one_line(error.orig or error)}") from None
+            with connection:
+                if not connection.execute(select(func.pg_try_advisory_lock(key))).scalar():
+                    raise busy
+                yield
+        finally:
+            engine.dispose()
+        return
+    with open(f"{parsed.database}-rounds", "a+b") as lock_file:
+        try:
+            fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, key % 2**31)
+        except BlockingIOError:
+            raise busy from None
+        yield
 
 
 def default_url(tracking_uri: str, environ=os.environ) -> str:

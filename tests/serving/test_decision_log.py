@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +19,9 @@ from sqlalchemy.engine import make_url
 
 from src import tracking
 from src.errors import UserError
-from src.serving.decision_log import SCHEMA_VERSION, Decision, DecisionLog, UnknownDecision, default_url
+from src.paths import PROJECT_ROOT
+from src.serving.decision_log import (SCHEMA_VERSION, Decision, DecisionLog, UnknownDecision, default_url,
+                                       round_lock)
 from tests.conftest import free_port
 
 K = 4
@@ -163,3 +167,44 @@ def test_postgresql_round_trip_and_the_stacks_default_database(stack):
         with psycopg.connect(host=storage.host, port=storage.port, user=storage.username, password=storage.password,
                              dbname="postgres", autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+
+
+HOLD_A_ROUND = """
+import sys, time
+from src.serving.decision_log import round_lock
+with round_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_round_of_a_model_at_a_time_on_sqlite_and_a_killed_round_holds_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'decisions.db'}"
+    DecisionLog(url).close()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_ROUND, url, "recommender"], cwd=PROJECT_ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # waits for the lock, whatever the machine's speed
+        with pytest.raises(UserError, match="another retraining round of 'recommender' is running"):
+            with round_lock(url, "recommender"):
+                pass
+        with round_lock(url, "other-model"):  # another model's rounds are not held up
+            pass
+    finally:
+        holder.kill()  # a round killed outright: its lock goes with its process
+        holder.wait(timeout=60)
+    with round_lock(url, "recommender"):
+        pass
+
+
+@pytest.mark.slow
+def test_one_round_of_a_model_at_a_time_on_postgresql(stack):
+    url = default_url(stack["MLFLOW_TRACKING_URI"], environ=stack)
+    DecisionLog(url).close()
+    name = f"model-{uuid.uuid4().hex[:8]}"
+    with round_lock(url, name):
+        with pytest.raises(UserError, match=f"another retraining round of '{name}' is running"):
+            with round_lock(url, name):  # an advisory lock is a session's: another connection is refused
+                pass
+    with round_lock(url, name):  # released with its round
+        pass
