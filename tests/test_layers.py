@@ -87,6 +87,7 @@ def test_each_campaign_module_imports_only_those_before_it():
     ("src.sweep", ["tensorflow"]),  # preparing or summarising a campaign
     ("src.config", ["tensorflow"]),  # checking a run's config, before anything heavy
     ("src.evaluation.estimators", ["tensorflow", "mlflow"]),  # an estimator is arithmetic
+    ("src.serving.decision_log, src.retrain, src.traffic", ["tensorflow"]),  # checked and opened before TF loads
 ])
 def test_light_modules_stay_light(modules, unloaded):
     probe = (f"import sys, matplotlib; matplotlib.use('svg'); import {modules}; "
