@@ -307,13 +307,13 @@ def run_round(cfg: DictConfig) -> Outcome:
 
     experiment_id = connect(cfg.tracking.uri)
     url = cfg.decision_log or decision_log.default_url(tracking.tracking_uri(cfg.tracking.uri))
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        # Opening it would create an empty log: a round only reads.
-        raise UserError(f"nothing to learn from: there is no decision log at {url} (has the service run, and "
-                        f"with serve.decision_log pointing elsewhere? pass decision_log=)")
     with tempfile.TemporaryDirectory() as folder:
         scratch = Path(folder)
         champion = resolve_champion(str(cfg.model), scratch)
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+            # Opening it would create an empty log: a round only reads.
+            raise UserError(f"nothing to learn from: there is no decision log at {url} (has the service run, and "
+                            f"with serve.decision_log pointing elsewhere? pass decision_log=)")
         with decision_log.round_lock(url, champion.name):
             return one_round(cfg, experiment_id, champion, url)
 

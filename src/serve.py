@@ -92,14 +92,18 @@ def serve(cfg: DictConfig) -> None:
     sock = listen(cfg.host, cfg.port)
     uri = tracking.tracking_uri(cfg.tracking.uri)
     check_tracking_store(uri)
-    log.info("Loading TensorFlow and MLflow...")
-    import mlflow
+    from src.serving import decision_log
 
-    from src.serving import decision_log, exploration, service
-
-    mlflow.set_tracking_uri(uri)
+    # Before TensorFlow loads: a log that cannot be opened (PostgreSQL down, another schema) is
+    # one line in a second, not after half a minute of imports.
     decisions = decision_log.DecisionLog(cfg.decision_log or decision_log.default_url(uri))
     try:
+        log.info("Loading TensorFlow and MLflow...")
+        import mlflow
+
+        from src.serving import exploration, service
+
+        mlflow.set_tracking_uri(uri)
         explorer = exploration.Explorer(cfg.exploration, cfg.epsilon, cfg.temperature, cfg.seed)
         server = service.Service(service.ModelSource(cfg.model), decisions, explorer,
                                  tuple(cfg.reward_range), cfg.max_body_bytes)

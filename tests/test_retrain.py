@@ -208,6 +208,8 @@ class NotAPolicy(mlflow.pyfunc.PythonModel):
     (["tracking.uri=http://127.0.0.1:9"], "cannot reach the MLflow tracking server at http://127.0.0.1:9"),
     (["tracking.uri=sqlite:///{tmp_path}/elsewhere/mlflow.db"], "no tracking store at sqlite:///"),
     (["decision_log={future_log}"], "has schema version 2; this code reads version 1"),
+    (["decision_log=postgresql://bandits:pw@127.0.0.1:9/decisions"],  # PostgreSQL down
+     "cannot reach the decision log postgresql+psycopg://bandits:***@127.0.0.1:9/decisions"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(make_config, tracking_uri, decision_log, tmp_path, caplog,
                                                          arguments, message):

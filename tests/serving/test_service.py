@@ -339,3 +339,14 @@ def test_a_model_that_is_not_there_or_not_a_policy_model_exits_2(registered, run
         done = run_cli("src.serve", f"model={model}", f"tracking.uri={uri}", "port=0")
         errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
         assert done.returncode == 2 and len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_decision_log_that_cannot_be_opened_is_one_line_before_tensorflow_loads(registered, run_cli):
+    uri, _, _ = registered
+    port = free_port()  # nothing listens there: PostgreSQL down
+    done = run_cli("src.serve", "model=models:/tiny@champion", f"tracking.uri={uri}", "port=0",
+                   f"decision_log=postgresql://bandits:s3cret@127.0.0.1:{port}/decisions")
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert done.returncode == 2 and len(errors) == 1 and f"127.0.0.1:{port}" in errors[0], done.stderr[-2000:]
+    assert "s3cret" not in done.stderr and "Loading TensorFlow" not in done.stderr
