@@ -78,10 +78,12 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int):
 def action_probabilities(cfg: DictConfig, num_actions: int):
     """The agent's collect-policy propensities as a function of its `PolicyStep`, from its
     builder module's `action_probabilities`; None where they are unknown (LinUCB is
-    deterministic given its state; LinTS and dropout TS sample without a closed form)."""
+    deterministic given its state unless `agent.log_epsilon` wraps it; LinTS and dropout TS
+    sample without a closed form)."""
     module = importlib.import_module(cfg._target_.rsplit(".", 1)[0])
     probabilities = getattr(module, "action_probabilities", None)
-    if probabilities is None:
-        return None
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
+    # A builder module may expose them only under some settings (LinUCB: with agent.log_epsilon > 0).
+    if probabilities is None or not getattr(module, "exposes_propensities", lambda **_: True)(**hyperparameters):
+        return None
     return functools.partial(probabilities, num_actions=num_actions, **hyperparameters)

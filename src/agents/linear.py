@@ -178,12 +178,13 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
     """Picks the arm with the best `exploration` score; reads the statistics, owns none."""
 
     def __init__(self, time_step_spec, action_spec, statistics: ArmStatistics, alpha: float,
-                 exploration: Exploration, name=None):
+                 exploration: Exploration, epsilon: float = 0.0, name=None):
         self._statistics = statistics
         self._alpha = alpha
         self._exploration = exploration
-        super().__init__(time_step_spec, action_spec, info_spec=mean_info_spec(action_spec, time_step_spec),
-                         name=name)
+        self._epsilon = epsilon
+        super().__init__(time_step_spec, action_spec,
+                         info_spec=mean_info_spec(action_spec, time_step_spec, optimistic=epsilon > 0), name=name)
 
     def _variables(self):
         return self._statistics.policy_variables()
@@ -197,15 +198,23 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
                                      slates.slate_size(self.action_spec))
             info = policy_utilities.PolicyInfo(predicted_rewards_mean=tf.cast(mean, tf.float32))
             return policy_step.PolicyStep(tfp.distributions.Deterministic(slate), policy_state, info)
-        arm, mean = choose(self._statistics, features, self._alpha, self._exploration)
-        return deterministic_step(arm, mean, self.action_spec, policy_state, observation)
+        arm, mean, scores = choose(self._statistics, features, self._alpha, self._exploration)
+        if not self._epsilon:
+            return deterministic_step(arm, mean, self.action_spec, policy_state, observation)
+        # A uniformly drawn arm with probability epsilon, so that the logs carry propensities; the
+        # scores go in the info, which is where the greedy arm, and so each propensity, is read back.
+        explored = tf.random.uniform(tf.shape(arm)) < self._epsilon
+        drawn = tf.random.uniform(tf.shape(arm), maxval=tf.shape(scores)[-1], dtype=arm.dtype)
+        return deterministic_step(tf.where(explored, drawn, arm), mean, self.action_spec, policy_state, observation,
+                                  optimistic=scores)
 
 
 def choose(statistics: ArmStatistics, x: tf.Tensor, alpha: float, exploration: Exploration):
-    """The best-scoring zero-based arm [batch] and every arm's mean estimate [batch, arms], for
-    x [batch, dim] and a model per arm, or x [batch, candidates, dim] and one shared model."""
+    """The best-scoring zero-based arm [batch], every arm's mean estimate and its score [batch,
+    arms], for x [batch, dim] and a model per arm, or x [batch, candidates, dim] and one shared model."""
     mean, variance = statistics.shared_model(x) if len(x.shape) == 3 else statistics.every_arm(x)
-    return tf.argmax(exploration(mean, alpha * tf.sqrt(variance)), axis=-1, output_type=tf.int32), mean
+    scores = exploration(mean, alpha * tf.sqrt(variance))
+    return tf.argmax(scores, axis=-1, output_type=tf.int32), mean, scores
 
 
 def candidate_features(observation) -> tf.Tensor:
@@ -215,27 +224,30 @@ def candidate_features(observation) -> tf.Tensor:
     return tf.concat([tf.repeat(users[:, None, :], tf.shape(movies)[1], axis=1), movies], axis=-1)
 
 
-def mean_info_spec(action_spec, time_step_spec):
-    """The mean estimates; with per-arm features, also the chosen candidate's features, which
-    training reads back from the trajectory as TF-Agents' per-arm agents do (a slate's training
-    reads them from the slotted experience)."""
+def mean_info_spec(action_spec, time_step_spec, optimistic: bool = False):
+    """The mean estimates (and with `optimistic`, each arm's score); with per-arm features, also
+    the chosen candidate's features, which training reads back from the trajectory as TF-Agents'
+    per-arm agents do (a slate's training reads them from the slotted experience)."""
     mean = tf.TensorSpec([num_actions(action_spec)], tf.float32)
+    scores = {"predicted_rewards_optimistic": mean} if optimistic else {}
     if has_per_arm_features(time_step_spec) and not is_slate(action_spec):
         return policy_utilities.PerArmPolicyInfo(
-            predicted_rewards_mean=mean,
+            predicted_rewards_mean=mean, **scores,
             chosen_arm_features=policy_utilities.create_chosen_arm_features_info_spec(time_step_spec.observation))
-    return policy_utilities.PolicyInfo(predicted_rewards_mean=mean)
+    return policy_utilities.PolicyInfo(predicted_rewards_mean=mean, **scores)
 
 
-def deterministic_step(arm, mean, action_spec, policy_state, observation) -> policy_step.PolicyStep:
-    """A `PolicyStep` picking zero-based `arm`, with the policy info of `mean_info_spec`."""
+def deterministic_step(arm, mean, action_spec, policy_state, observation, optimistic=None) -> policy_step.PolicyStep:
+    """A `PolicyStep` picking zero-based `arm`, with the policy info of `mean_info_spec` (the
+    scores `optimistic` too, when given)."""
     actions = tf.cast(arm, action_spec.dtype) + tf.cast(action_spec.minimum, action_spec.dtype)
     mean = tf.cast(mean, tf.float32)
+    scores = {} if optimistic is None else {"predicted_rewards_optimistic": tf.cast(optimistic, tf.float32)}
     if isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation:
         chosen = tf.gather(observation[bandit_spec_utils.PER_ARM_FEATURE_KEY], arm, batch_dims=1)
-        info = policy_utilities.PerArmPolicyInfo(predicted_rewards_mean=mean, chosen_arm_features=chosen)
+        info = policy_utilities.PerArmPolicyInfo(predicted_rewards_mean=mean, chosen_arm_features=chosen, **scores)
     else:
-        info = policy_utilities.PolicyInfo(predicted_rewards_mean=mean)
+        info = policy_utilities.PolicyInfo(predicted_rewards_mean=mean, **scores)
     return policy_step.PolicyStep(tfp.distributions.Deterministic(actions), policy_state, info)
 
 
@@ -270,13 +282,17 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
     exploring by `exploration`."""
 
     def __init__(self, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
-                 exploration: Exploration, name: str | None = None):
+                 exploration: Exploration, collect_epsilon: float = 0.0, name: str | None = None):
+        """`collect_epsilon`: the collect policy's share of uniformly drawn arms (the saved,
+        greedy policy has none)."""
         check_hyperparameters(alpha, tikhonov_weight)
         tf.Module.__init__(self, name=name)
         models = 1 if has_per_arm_features(time_step_spec) else num_actions(action_spec)
         self.statistics = ArmStatistics(models, context_dim(time_step_spec.observation), tikhonov_weight)
         policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration)
-        super().__init__(time_step_spec, action_spec, policy, policy, train_sequence_length=None)
+        collect_policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration,
+                                                collect_epsilon) if collect_epsilon else policy
+        super().__init__(time_step_spec, action_spec, policy, collect_policy, train_sequence_length=None)
 
     def _initialize(self):
         pass

@@ -19,7 +19,7 @@ class VectorizedLinTSAgent(linear.VectorizedLinearAgent):
 
     def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
                  name: str | None = None):
-        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.sampled, name)
+        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.sampled, name=name)
 
 
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, name: str = "lints"):

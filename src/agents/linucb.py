@@ -9,21 +9,40 @@ argmax_a x.theta_a + alpha sqrt(x'A_a^-1 x).
 
 from __future__ import annotations
 
+import tensorflow as tf
 from tf_agents.bandits.agents import lin_ucb_agent
 
-from src.agents import linear
+from src.agents import is_slate, linear
+from src.errors import require
 
 
 class VectorizedLinUCBAgent(linear.VectorizedLinearAgent):
     """LinUCB on batched statistics: greedy in the upper confidence bound."""
 
     def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
-                 name: str | None = None):
-        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, name)
+                 log_epsilon: float = 0.0, name: str | None = None):
+        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, log_epsilon, name)
 
 
-def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, name: str = "linucb"):
-    return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, name)
+def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, log_epsilon: float = 0.0,
+               name: str = "linucb"):
+    require(0 <= log_epsilon <= 1, "agent.log_epsilon", log_epsilon, "in [0, 1]")
+    require(not (log_epsilon and is_slate(action_spec)), "agent.log_epsilon", log_epsilon,
+            "0 with slates (it explores single movies)")
+    return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, log_epsilon, name)
+
+
+def exposes_propensities(log_epsilon: float = 0.0, **_) -> bool:
+    """Only an epsilon-wrapped LinUCB: the plain one is deterministic given its state, and a
+    deterministic logger shows the target nothing it would not have picked itself."""
+    return log_epsilon > 0
+
+
+def action_probabilities(action_step, num_actions: int, log_epsilon: float, **_) -> tf.Tensor:
+    """Each movie's probability under the epsilon-wrapped collect policy: log_epsilon spread
+    uniformly, the rest on the movie with the best upper confidence bound."""
+    greedy = tf.argmax(action_step.info.predicted_rewards_optimistic, axis=-1)
+    return log_epsilon / num_actions + (1 - log_epsilon) * tf.one_hot(greedy, num_actions, dtype=tf.float64)
 
 
 def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,

@@ -139,7 +139,8 @@ def check_propensities(feedback: estimators.Feedback, names, logs_run_id: str, l
     if np.isnan(feedback.propensities).any():
         raise UserError(f"the logs of run {logs_run_id} have no propensities: agent={logging_agent} does not "
                         f"expose its action probabilities, so {', '.join(needing)} cannot score them; "
-                        f"use estimators=[dm], or log with epsilon_greedy, neural_boltzmann or random")
+                        f"use estimators=[dm], or log with epsilon_greedy, neural_boltzmann, random or "
+                        f"agent=linucb agent.log_epsilon=0.05")
     zero = np.flatnonzero(feedback.propensities <= 0)
     if len(zero):
         raise UserError(f"the logs of run {logs_run_id} hold a propensity of {feedback.propensities[zero[0]]} "

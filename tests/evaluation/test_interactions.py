@@ -31,6 +31,7 @@ def agent_and_step(agent: str, batch: int, **hyperparameters):
     ("epsilon_greedy", {"epsilon": 0.3}),
     ("neural_boltzmann", {"temperature": 0.2}),
     ("random", {}),
+    ("linucb", {"log_epsilon": 0.3}),  # its collect policy wrapped in epsilon, for usable logs
 ])
 def test_propensities_sum_to_one_and_match_how_the_policy_samples(agent, hyperparameters):
     tf.random.set_seed(0)
@@ -46,8 +47,19 @@ def test_a_greedy_policy_picks_its_movie_with_probability_one():
     assert (probabilities[np.arange(4), actions] == 1.0).all()
 
 
-def test_linucb_has_no_known_propensities():
+def test_linucb_has_known_propensities_only_when_it_logs_with_epsilon():
     assert agents.action_probabilities(config.compose(["agent=linucb"]).agent, 5) is None
+    assert agents.action_probabilities(config.compose(["agent=linucb", "agent.log_epsilon=0.1"]).agent, 5)
+
+
+def test_linucb_saves_its_greedy_policy_and_collects_with_epsilon():
+    tf.random.set_seed(1)
+    cfg = config.compose(["agent=linucb", "agent.log_epsilon=0.5"]).agent
+    spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=4)
+    built = agents.build_agent(cfg, ts.time_step_spec(tf.TensorSpec([3], tf.float32)), spec, seed=0)
+    observation = ts.restart(tf.tile(tf.constant([[0.3, -1.0, 2.0]]), [1000, 1]), batch_size=1000)
+    assert len(set(built.policy.action(observation).action.numpy())) == 1  # greedy: one movie for one user
+    assert len(set(built.collect_policy.action(observation).action.numpy())) == 5
 
 
 def test_the_logged_dataset_round_trips_through_mlflow(logged_runs):
