@@ -129,7 +129,8 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     table["error"] = table.estimate - true_value
     table["relative_error"] = table.error / abs(true_value)
     effective = intervals.effective_sample_size(terms)
-    warnings = intervals.caveats(cfg.interval, table.estimator, terms, logs_cfg.agent.name)
+    warnings = intervals.caveats(cfg.interval, table.estimator, terms, logs_cfg.agent.name,
+                                 logs_cfg.agent.get("propensity_draws", 0))
     for warning in warnings:
         log.warning("%s", warning)
     run_id = log_evaluation(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame, effective)

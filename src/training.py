@@ -159,7 +159,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
         try:
             log_tables(cfg, history, reward_model.random_policy_regret)
             if logged is not None:
-                interactions.log(logged.frame(reward_model))
+                interactions.log(logged.frame(reward_model), cfg.agent.get("propensity_draws", 0))
             if with_policy:
                 log.info("Saving the policy and its servable model")
                 serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env))

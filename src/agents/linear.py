@@ -178,13 +178,15 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
     """Picks the arm with the best `exploration` score; reads the statistics, owns none."""
 
     def __init__(self, time_step_spec, action_spec, statistics: ArmStatistics, alpha: float,
-                 exploration: Exploration, epsilon: float = 0.0, name=None):
+                 exploration: Exploration, epsilon: float = 0.0, propensity_draws: int = 0, name=None):
         self._statistics = statistics
         self._alpha = alpha
         self._exploration = exploration
         self._epsilon = epsilon
+        self._propensity_draws = propensity_draws
         super().__init__(time_step_spec, action_spec,
-                         info_spec=mean_info_spec(action_spec, time_step_spec, optimistic=epsilon > 0), name=name)
+                         info_spec=mean_info_spec(action_spec, time_step_spec, optimistic=epsilon > 0,
+                                                  log_probability=propensity_draws > 0), name=name)
 
     def _variables(self):
         return self._statistics.policy_variables()
@@ -198,7 +200,10 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
                                      slates.slate_size(self.action_spec))
             info = policy_utilities.PolicyInfo(predicted_rewards_mean=tf.cast(mean, tf.float32))
             return policy_step.PolicyStep(tfp.distributions.Deterministic(slate), policy_state, info)
-        arm, mean, scores = choose(self._statistics, features, self._alpha, self._exploration)
+        arm, mean, scores, width = choose(self._statistics, features, self._alpha, self._exploration)
+        if self._propensity_draws:
+            return deterministic_step(arm, mean, self.action_spec, policy_state, observation,
+                                      log_probability=self._drawn_log_probability(arm, mean, width))
         if not self._epsilon:
             return deterministic_step(arm, mean, self.action_spec, policy_state, observation)
         # A uniformly drawn arm with probability epsilon, so that the logs carry propensities; the
@@ -209,12 +214,26 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
                                   optimistic=scores)
 
 
+    def _drawn_log_probability(self, arm, mean, width):
+        """log P(arm wins), by Monte Carlo: the share of `propensity_draws` fresh draws of the
+        sampled scores that `arm` wins, the draw that chose it counted among them, so that a
+        propensity is never 0 (it is at least 1 / (draws + 1))."""
+        draws = self._propensity_draws
+        shape = tf.concat([[draws], tf.shape(mean)], axis=0)
+        winners = tf.argmax(self._exploration(tf.broadcast_to(mean, shape), tf.broadcast_to(width, shape)), axis=-1,
+                            output_type=tf.int32)
+        wins = tf.reduce_sum(tf.cast(tf.equal(winners, arm[None]), tf.float32), axis=0)
+        return tf.math.log((1.0 + wins) / (draws + 1.0))
+
+
 def choose(statistics: ArmStatistics, x: tf.Tensor, alpha: float, exploration: Exploration):
-    """The best-scoring zero-based arm [batch], every arm's mean estimate and its score [batch,
-    arms], for x [batch, dim] and a model per arm, or x [batch, candidates, dim] and one shared model."""
+    """The best-scoring zero-based arm [batch]; every arm's mean estimate, score and width (alpha
+    x its standard deviation) [batch, arms], for x [batch, dim] and a model per arm, or
+    x [batch, candidates, dim] and one shared model."""
     mean, variance = statistics.shared_model(x) if len(x.shape) == 3 else statistics.every_arm(x)
-    scores = exploration(mean, alpha * tf.sqrt(variance))
-    return tf.argmax(scores, axis=-1, output_type=tf.int32), mean, scores
+    width = alpha * tf.sqrt(variance)
+    scores = exploration(mean, width)
+    return tf.argmax(scores, axis=-1, output_type=tf.int32), mean, scores, width
 
 
 def candidate_features(observation) -> tf.Tensor:
@@ -224,30 +243,36 @@ def candidate_features(observation) -> tf.Tensor:
     return tf.concat([tf.repeat(users[:, None, :], tf.shape(movies)[1], axis=1), movies], axis=-1)
 
 
-def mean_info_spec(action_spec, time_step_spec, optimistic: bool = False):
-    """The mean estimates (and with `optimistic`, each arm's score); with per-arm features, also
-    the chosen candidate's features, which training reads back from the trajectory as TF-Agents'
-    per-arm agents do (a slate's training reads them from the slotted experience)."""
+def mean_info_spec(action_spec, time_step_spec, optimistic: bool = False, log_probability: bool = False):
+    """The mean estimates (with `optimistic`, each arm's score; with `log_probability`, the
+    chosen arm's); with per-arm features, also the chosen candidate's features, which training
+    reads back from the trajectory as TF-Agents' per-arm agents do (a slate's training reads them
+    from the slotted experience)."""
     mean = tf.TensorSpec([num_actions(action_spec)], tf.float32)
-    scores = {"predicted_rewards_optimistic": mean} if optimistic else {}
+    extra = {"predicted_rewards_optimistic": mean} if optimistic else {}
+    if log_probability:
+        extra["log_probability"] = tf.TensorSpec([], tf.float32)
     if has_per_arm_features(time_step_spec) and not is_slate(action_spec):
         return policy_utilities.PerArmPolicyInfo(
-            predicted_rewards_mean=mean, **scores,
+            predicted_rewards_mean=mean, **extra,
             chosen_arm_features=policy_utilities.create_chosen_arm_features_info_spec(time_step_spec.observation))
-    return policy_utilities.PolicyInfo(predicted_rewards_mean=mean, **scores)
+    return policy_utilities.PolicyInfo(predicted_rewards_mean=mean, **extra)
 
 
-def deterministic_step(arm, mean, action_spec, policy_state, observation, optimistic=None) -> policy_step.PolicyStep:
+def deterministic_step(arm, mean, action_spec, policy_state, observation, optimistic=None,
+                       log_probability=None) -> policy_step.PolicyStep:
     """A `PolicyStep` picking zero-based `arm`, with the policy info of `mean_info_spec` (the
-    scores `optimistic` too, when given)."""
+    scores `optimistic` and the chosen arm's `log_probability` too, when given)."""
     actions = tf.cast(arm, action_spec.dtype) + tf.cast(action_spec.minimum, action_spec.dtype)
     mean = tf.cast(mean, tf.float32)
-    scores = {} if optimistic is None else {"predicted_rewards_optimistic": tf.cast(optimistic, tf.float32)}
+    extra = {} if optimistic is None else {"predicted_rewards_optimistic": tf.cast(optimistic, tf.float32)}
+    if log_probability is not None:
+        extra["log_probability"] = log_probability
     if isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation:
         chosen = tf.gather(observation[bandit_spec_utils.PER_ARM_FEATURE_KEY], arm, batch_dims=1)
-        info = policy_utilities.PerArmPolicyInfo(predicted_rewards_mean=mean, chosen_arm_features=chosen, **scores)
+        info = policy_utilities.PerArmPolicyInfo(predicted_rewards_mean=mean, chosen_arm_features=chosen, **extra)
     else:
-        info = policy_utilities.PolicyInfo(predicted_rewards_mean=mean, **scores)
+        info = policy_utilities.PolicyInfo(predicted_rewards_mean=mean, **extra)
     return policy_step.PolicyStep(tfp.distributions.Deterministic(actions), policy_state, info)
 
 
@@ -282,16 +307,19 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
     exploring by `exploration`."""
 
     def __init__(self, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
-                 exploration: Exploration, collect_epsilon: float = 0.0, name: str | None = None):
+                 exploration: Exploration, collect_epsilon: float = 0.0, propensity_draws: int = 0,
+                 name: str | None = None):
         """`collect_epsilon`: the collect policy's share of uniformly drawn arms (the saved,
-        greedy policy has none)."""
+        greedy policy has none); `propensity_draws`: Monte-Carlo draws by which the collect policy
+        of a sampling agent estimates each pick's propensity."""
         check_hyperparameters(alpha, tikhonov_weight)
         tf.Module.__init__(self, name=name)
         models = 1 if has_per_arm_features(time_step_spec) else num_actions(action_spec)
         self.statistics = ArmStatistics(models, context_dim(time_step_spec.observation), tikhonov_weight)
         policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration)
         collect_policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration,
-                                                collect_epsilon) if collect_epsilon else policy
+                                                collect_epsilon, propensity_draws) \
+            if collect_epsilon or propensity_draws else policy
         super().__init__(time_step_spec, action_spec, policy, collect_policy, train_sequence_length=None)
 
     def _initialize(self):

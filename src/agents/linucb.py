@@ -21,7 +21,7 @@ class VectorizedLinUCBAgent(linear.VectorizedLinearAgent):
 
     def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
                  log_epsilon: float = 0.0, name: str | None = None):
-        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, log_epsilon, name)
+        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, log_epsilon, name=name)
 
 
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, log_epsilon: float = 0.0,

@@ -59,7 +59,7 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
             return tf.where(explores, uniform, tf.argmax(mean, axis=-1, output_type=tf.int32)), mean
 
         def linucb():
-            arm, mean, _ = linear.choose(self._statistics, encoding, self._alpha, linear.optimistic)
+            arm, mean, *_ = linear.choose(self._statistics, encoding, self._alpha, linear.optimistic)
             return arm, tf.cast(mean, tf.float32)
 
         arm, mean = tf.cond(self._uses_reward_layer, epsilon_greedy, linucb)

@@ -62,14 +62,16 @@ class InteractionLog:
         })
 
 
-def log(frame: pd.DataFrame) -> None:
-    """Store `frame` in the active run and register it as the run's logged dataset."""
+def log(frame: pd.DataFrame, monte_carlo_draws: int = 0) -> None:
+    """Store `frame` in the active run and register it as the run's logged dataset; its
+    propensities are tagged exact, Monte-Carlo estimates (from `monte_carlo_draws` draws) or unknown."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / FILE
         frame.to_parquet(path, index=False)
         mlflow.log_artifact(str(path), ARTIFACT_DIR)
-    exact = bool(frame.propensity.notna().all())
-    mlflow.set_tag(PROPENSITIES_TAG, "exact" if exact else "unknown")
+    known = bool(frame.propensity.notna().all())
+    kind = (f"monte_carlo ({monte_carlo_draws} draws)" if monte_carlo_draws else "exact") if known else "unknown"
+    mlflow.set_tag(PROPENSITIES_TAG, kind)
     mlflow.log_input(as_dataset(frame, source=f"{mlflow.get_artifact_uri()}/{ARTIFACT_DIR}/{FILE}"),
                      context="logged_interactions")
 

@@ -152,7 +152,8 @@ def weight_mean_gap(t: Terms) -> float:
     return float((t.weights.mean() - 1) / (spread / np.sqrt(len(t.weights)))) if spread > 0 else 0.0
 
 
-def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str) -> list[str]:
+def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str,
+            monte_carlo_draws: int = 0) -> list[str]:
     """One line per reason the `interval` of estimators `names` does not carry its guarantee on
     the rounds of `t`, collected by `logging_agent` (every agent here but `random` learns while it
     logs). The thresholds are those under which the coverage study (docs/ope_coverage.md) saw
@@ -176,6 +177,12 @@ def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str) -
             lines.append(f"a round may weigh up to {heaviest:,.0f} (1 / the smallest propensity), over "
                          f"{MAX_WEIGHT_SHARE:.0%} of the {len(t.weights):,} rounds: the {interval} interval's normal "
                          f"approximation does not hold (docs/ope_coverage.md); interval=bernstein or anytime hold")
+    if monte_carlo_draws:
+        smallest = 1 / float(np.max(t.max_weights))
+        error = np.sqrt((1 - smallest) / (smallest * monte_carlo_draws))
+        lines.append(f"the propensities are Monte-Carlo estimates from {monte_carlo_draws} draws of {logging_agent}'s "
+                     f"sampling: the smallest, {smallest:.4f}, is off by about {error:.0%} (one standard error), and "
+                     f"no interval counts that; more agent.propensity_draws shrink it")
     if interval in ("bernstein", "anytime"):
         unbounded = [name for name in names if not ESTIMATORS[name].bounded_terms]
         if unbounded:

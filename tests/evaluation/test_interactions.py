@@ -52,6 +52,20 @@ def test_linucb_has_known_propensities_only_when_it_logs_with_epsilon():
     assert agents.action_probabilities(config.compose(["agent=linucb", "agent.log_epsilon=0.1"]).agent, 5)
 
 
+def test_lints_monte_carlo_propensities_are_within_their_error_and_weigh_without_bias():
+    # A fresh LinTS: every movie's posterior alike, so each wins with probability exactly 1/5.
+    tf.random.set_seed(2)
+    draws = 1000
+    probabilities, actions = agent_and_step("lints", 20_000, propensity_draws=draws)
+    picked = probabilities[np.arange(len(actions)), actions]
+    assert (picked >= 1 / (draws + 1)).all() and (probabilities.sum(axis=1) == picked).all()
+    # Each estimate's standard error is sqrt(0.2 x 0.8 / 1000) = 0.0126.
+    assert abs(picked.std() - 0.0126) < 0.002 and abs(picked.mean() - 0.2) < 0.001
+    # An importance weight 1 / p-hat is biased by about (1 - p) / (p n) = 0.4% here: within 1%.
+    assert np.mean(1 / picked) == pytest.approx(5.0, rel=0.01)
+    assert agents.action_probabilities(config.compose(["agent=lints"]).agent, 5) is None
+
+
 def test_linucb_saves_its_greedy_policy_and_collects_with_epsilon():
     tf.random.set_seed(1)
     cfg = config.compose(["agent=linucb", "agent.log_epsilon=0.5"]).agent
