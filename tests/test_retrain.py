@@ -188,6 +188,7 @@ def test_nothing_to_learn_from_exits_2_and_registers_nothing(make_config, tracki
     (["holdout_share=half"], "holdout_share must be in (0, 1), got 'half'"),
     (["min_gain=inf"], "min_gain must be a number of mean reward, at most 1e+06 in size, got inf"),
     (["bootstrap.samples=3"], "bootstrap.samples must be an integer in [100, 100000], got 3"),
+    (["interval=anytime"], "interval must be one of bootstrap, t, bernstein, got 'anytime'"),
     (["windw=3"], "Could not override 'windw'"),
 ])
 def test_bad_arguments_are_one_line_before_anything_loads(arguments, message):

@@ -11,7 +11,7 @@ import tensorflow as tf
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
-from src import agents, config
+from src import agents, config, data, experiment
 from src.errors import UserError
 from src.evaluation import estimators, interactions
 
@@ -107,3 +107,20 @@ def test_zero_propensities_are_refused():
     feedback = estimators.Feedback(np.eye(2), np.array([0, 1]), np.ones(2), np.array([0.5, 0.0]))
     with pytest.raises(UserError, match=r"a propensity of 0.0 \(round 1\)"):
         interactions.check_propensities(feedback, ["ipw"], "abc", "epsilon_greedy")
+
+
+@pytest.mark.parametrize("agent, setting, message", [
+    ("linucb", "log_epsilon=1.5", "agent.log_epsilon must be in [0, 1], got 1.5"),
+    ("lints", "propensity_draws=-1", "agent.propensity_draws must be an integer in [0, 1000], got -1"),
+    ("lints", "propensity_draws=5000", "agent.propensity_draws must be an integer in [0, 1000], got 5000"),
+])
+def test_bad_logging_settings_are_one_line(agent, setting, message):
+    with pytest.raises(UserError) as refused:
+        agent_and_step(agent, 1, **dict([setting.split("=")]))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_slates_are_refused_an_epsilon_wrapped_linucb():
+    cfg = config.compose(["agent=linucb", "agent.log_epsilon=0.1", "env=movielens_ranking", "data=synthetic"])
+    with pytest.raises(UserError, match="agent.log_epsilon must be 0 with slates"):
+        experiment.assemble(cfg, data.load(cfg.data))
