@@ -16,7 +16,7 @@ for the loggers (sd LOGGER_NOISE) and another for the target (sd TARGET_NOISE).
             and Plackett-Luce on the logger's score / TEMPERATURE (the ranking agent's
             `no_penalty` sampling), with exact probabilities (src.evaluation.slates)
   target    the top 5 by its score: deterministic
-The target's value is exact (`exact_values`: a recursion over the pool in the target's order,
+The target's value is exact (`src.evaluation.slates.exact_values`: a recursion over the pool in the target's order,
 no sampling), and checked here against a Monte Carlo over MONTE_CARLO_VISITS visits. Cascade-DR's
 q is a ridge per position (src.evaluation.slates.cascade_q) with conf/evaluate.yaml's ridge and
 cross-fitting folds. The tables: relative RMSE, sqrt(mean (estimate - truth)^2) / truth, and
@@ -78,35 +78,6 @@ def setting(data_dir: Path) -> Setting:
     return Setting(model, (np.arange(env.slate_size) + 1.0) ** -env.position_bias, env.click_threshold,
                    model.rewards + LOGGER_NOISE * rng.standard_normal(model.rewards.shape),
                    model.rewards + TARGET_NOISE * rng.standard_normal(model.rewards.shape))
-
-
-def exact_values(s: Setting) -> dict[str, float]:
-    """The target's value under each feedback, exactly. Its slate is the first K candidates met
-    scanning the pool in its order; with j of the t movies before it offered, movie t is offered
-    with chance (N - j) / (P - t) (a uniform N-subset of P, drawn one movie at a time). The
-    recursion carries, per number j of positions filled, the chance of that state and, for the
-    cascade, the chance of it with no click yet; position j clicks with chance look_j 1{rating >=
-    threshold}."""
-    rewards, size = s.model.rewards, s.model.slate_size
-    candidates, pool = s.model.num_actions, rewards.shape[1]
-    ranked = np.take_along_axis(rewards, np.argsort(-s.target_scores, axis=1, kind="stable"), axis=1)
-    filled = np.arange(size)
-    state = np.zeros((len(rewards), size))
-    state[:, 0] = 1.0
-    unclicked = state.copy()
-    values = {"scores": np.zeros(len(rewards)), "cascade": np.zeros(len(rewards))}
-    for t in range(pool):
-        # Above 1 only in states that hold no chance: more left to offer than movies left.
-        offered = (candidates - filled) / (pool - t)
-        rating = ranked[:, t:t + 1]
-        click = s.looks * (rating >= s.click_threshold)
-        values["scores"] += np.sum(state * offered * rating, axis=1)
-        values["cascade"] += np.sum(unclicked * offered * click, axis=1)
-        shown, shown_unclicked = state * offered, unclicked * offered * (1 - click)
-        state, unclicked = state * (1 - offered), unclicked * (1 - offered)
-        state[:, 1:] += shown[:, :-1]
-        unclicked[:, 1:] += shown_unclicked[:, :-1]
-    return {feedback: float(value.mean()) for feedback, value in values.items()}
 
 
 def draw_visits(s: Setting, rounds: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -249,7 +220,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     s = setting(args.data_dir)
-    truth = exact_values(s)
+    truth = slates.exact_values(s.model.rewards, s.model.num_actions, s.model.slate_size, s.target_scores, s.looks,
+                                s.click_threshold)
     checks = monte_carlo_values(s, np.random.default_rng(99))
     table = study(s, truth, args.sizes, args.seeds)
     exhaustive = exhaustive_expectations(s, args.exhaustive_visits, np.random.default_rng(7))

@@ -35,9 +35,12 @@ MOST_INTERACTIONS_PER_CALL = 200_000
 # Thread pools far beyond the cores only cost memory (100,000 inter-op threads: 8 GB and a hang).
 MOST_THREADS_PER_CORE = 4
 # What a run keeps in memory per loop (its metric row, with pandas' copies while metrics.csv is
-# written) and per logged interaction (user, movie, propensity and reward beside the features).
+# written) and per logged interaction (user, movie, propensity and reward beside the features),
+# and per column a logged slate adds per candidate and per slot (its float64 in the engine's
+# record, the log's frame and the propensities' arrays).
 BYTES_PER_LOOP = 300
 BYTES_PER_LOGGED_INTERACTION = 200
+BYTES_PER_LOGGED_SLATE_COLUMN = 32
 
 # Lets configs place files at the project root whatever the cwd (`${project_root:}`).
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -286,7 +289,9 @@ def check_sizes(cfg: DictConfig) -> None:
                 f"at most {MOST_THREADS_PER_CORE} x the {cores} cores = {MOST_THREADS_PER_CORE * cores}")
     held = training.loops * BYTES_PER_LOOP
     if cfg.tracking.log_interactions:
-        held += training.loops * per_loop * BYTES_PER_LOGGED_INTERACTION
+        slate_columns = 2 * cfg.env.num_actions + 4 * cfg.env.slate_size if "slate_size" in cfg.env else 0
+        per_row = BYTES_PER_LOGGED_INTERACTION + slate_columns * BYTES_PER_LOGGED_SLATE_COLUMN
+        held += training.loops * per_loop * per_row
     memory = psutil.virtual_memory().total
     require(held <= memory / 2, "training.loops", training.loops,
             f"small enough for the run's history to fit in half of this machine's {memory / 2**30:.0f} GiB "

@@ -37,9 +37,8 @@ class LoopMetrics:
     reward: np.ndarray  # float64 [loops]
     suboptimal: np.ndarray  # float64 [loops], number of non-optimal picks
     loss: np.ndarray  # float64 [loops], the agent's training loss on the loop's experience
-    # float64 [loops x interactions per loop, 3]: user row, action and the collect policy's
-    # probability of that action (NaN when unknown); None unless recorded. (The reward is the
-    # reward model's for that user and action.)
+    # float64 [loops x interactions per loop, columns]: each round as the environment logs it
+    # (`logged_round`) and then what the log keeps of the collect policy's step; None unless recorded.
     interactions: np.ndarray | None = None
     # The environment's own metrics (its `extra_metric_names`), float64 [loops] sums like the regret.
     extras: dict[str, np.ndarray] = field(default_factory=dict)
@@ -54,26 +53,24 @@ def configure_threads(intra_op: int, inter_op: int) -> None:
         log.debug("TensorFlow already initialised; keeping its thread settings")
 
 
-# Maps the collect policy's `PolicyStep` to each action's probability, [batch, actions] float64.
-ActionProbabilities = Callable[[PolicyStep], tf.Tensor]
+# Maps the collect policy's `PolicyStep` to what the interaction log keeps of it, [batch, columns]
+# float64: the pick's propensity, or a slate policy's score of each candidate (src.agents.logged_policy).
+PolicyColumns = Callable[[PolicyStep], tf.Tensor]
 
 
 class Engine:
     """Runs `agent` on the in-graph bandit `environment`, `chunk` loops per compiled call.
 
-    With `record_interactions`, each chunk also returns every interaction as logged bandit
-    feedback for off-policy evaluation; `action_probabilities` (None for a policy whose
-    propensities are unknown) gives each pick's propensity.
+    With `policy_columns`, each chunk also returns every interaction as logged bandit feedback
+    for off-policy evaluation: the environment's columns of the round, then these of the policy's.
     """
 
-    def __init__(self, environment, agent, steps_per_loop: int, record_interactions: bool = False,
-                 action_probabilities: ActionProbabilities | None = None):
+    def __init__(self, environment, agent, steps_per_loop: int, policy_columns: PolicyColumns | None = None):
         self.environment = environment
         self.agent = agent
         self.steps_per_loop = steps_per_loop
         self.interactions_per_loop = environment.batch_size * steps_per_loop
-        self.record_interactions = record_interactions
-        self.action_probabilities = action_probabilities
+        self.policy_columns = policy_columns
         self.traces = 0
         self.run_chunk = tf.function(
             self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
@@ -97,16 +94,15 @@ class Engine:
             metrics = tf.concat([metrics, tf.reduce_sum(env.extra_metrics(action_step.action), axis=0)], axis=0)
         return transition, metrics, self._interactions(action_step)
 
+    @property
+    def record_interactions(self) -> bool:
+        return self.policy_columns is not None
+
     def _interactions(self, action_step):
         if not self.record_interactions:
-            return tf.zeros([0, 3], tf.float64)
-        action = tf.cast(action_step.action, tf.int32)
-        if self.action_probabilities is None:
-            propensity = tf.fill(tf.shape(action), tf.constant(np.nan, tf.float64))
-        else:
-            propensity = tf.gather(self.action_probabilities(action_step), action, batch_dims=1)
-        return tf.stack([tf.cast(self.environment.users, tf.float64), tf.cast(action, tf.float64), propensity],
-                        axis=1)
+            return tf.zeros([0, 0], tf.float64)
+        return tf.concat([self.environment.logged_round(action_step.action), self.policy_columns(action_step)],
+                         axis=1)
 
     def _run_loop(self):
         transitions, metrics, interactions = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
@@ -126,7 +122,7 @@ class Engine:
 
         history = tf.TensorArray(tf.float64, size=num_loops,
                                  element_shape=[4 + len(self.environment.extra_metric_names)])
-        interactions = tf.TensorArray(tf.float64, size=num_loops, element_shape=[recorded, 3])
+        interactions = tf.TensorArray(tf.float64, size=num_loops, element_shape=[recorded, None])
         _, history, interactions = tf.while_loop(
             lambda i, *_: i < num_loops, body, (0, history, interactions))
         return history.stack(), interactions.concat()

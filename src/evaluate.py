@@ -7,11 +7,13 @@ The target is the greedy policy a training run saved (`target_run_id=` or
 `target_model_uri=`), or an agent config trained from scratch offline on the first
 `train_share` of the logs (`target_agent=lints`; the estimates then use only the rounds after
 them). The logs are a run's `interactions.parquet`. Each estimator of
-`src.evaluation.estimators` gives its estimate with a bootstrap interval; because the
+`src.evaluation.estimators` gives its estimate with the interval `interval=` names; because the
 simulator knows every reward, the target's true value (its mean reward over the
 environment's users, who are drawn uniformly) is computed exactly beside them, with each
-estimator's error. The result is an MLflow run tagged `bandits.role=evaluation` in the logs'
-experiment, linked to both runs. Options are in `conf/evaluate.yaml`.
+estimator's error. Logged slates (env=movielens_ranking) are scored by the slate estimators of
+`src.evaluation.slates`, the target being the top slate by the saved policy's predicted rewards.
+The result is an MLflow run tagged `bandits.role=evaluation` in the logs' experiment, linked to
+both runs. Options are in `conf/evaluate.yaml`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from src import artifacts, config, data, plots, serving, tracking, training
 from src.cli import exit_on_user_error
 from src.envs import build_environment
 from src.errors import UserError, require
-from src.evaluation import estimators, interactions, intervals, offline
+from src.evaluation import estimators, interactions, intervals, offline, slates
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,12 @@ def parse(overrides: list[str]) -> DictConfig:
     require(0 < cfg.train_share < 1, "train_share", cfg.train_share, "in (0, 1)")
     if cfg.logs_run_id is None:
         raise UserError(f"give logs_run_id=, a run trained with tracking.log_interactions=true ({USAGE})")
-    if cfg.estimators is None:
-        cfg.estimators = list(estimators.ESTIMATORS)
-    unknown = [name for name in cfg.estimators if name not in estimators.ESTIMATORS]
-    require(len(cfg.estimators) > 0 and not unknown, "estimators", list(cfg.estimators),
-            f"a non-empty list of {', '.join(estimators.ESTIMATORS)}")
-    chosen(cfg)  # a bad hyperparameter is refused before any run is read
+    if cfg.estimators is not None:  # else every estimator for the logs' kind, known once they are read
+        unknown = [name for name in cfg.estimators if name not in estimators.ESTIMATORS | slates.SLATE_ESTIMATORS]
+        require(len(cfg.estimators) > 0 and not unknown, "estimators", list(cfg.estimators),
+                f"a non-empty list of {', '.join(estimators.ESTIMATORS)} (or over slates "
+                f"{', '.join(slates.SLATE_ESTIMATORS)})")
+    chosen(cfg, list(estimators.ESTIMATORS))  # a bad hyperparameter is refused before any run is read
     require(cfg.reward_model_ridge > 0, "reward_model_ridge", cfg.reward_model_ridge, "> 0")
     estimators.check_folds(cfg.reward_model_folds, "reward_model_folds")
     require(cfg.interval in intervals.INTERVALS, "interval", cfg.interval, f"one of {', '.join(intervals.INTERVALS)}")
@@ -63,9 +65,19 @@ def parse(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def chosen(cfg: DictConfig) -> list[estimators.Estimator]:
-    """The estimators `cfg` asks for, with their hyperparameters."""
-    return estimators.configured(cfg.estimators, cfg.estimator_params, "estimator_params")
+def chosen(cfg: DictConfig, names: list[str]) -> list[estimators.Estimator]:
+    """The estimators `names`, with the hyperparameters `cfg` gives them."""
+    return estimators.configured(names, cfg.estimator_params, "estimator_params")
+
+
+def names_for(cfg: DictConfig, registry: dict, kind: str) -> list[str]:
+    """The estimators `cfg` asks for, every one of `registry` by default; those not of the logs'
+    `kind` refused."""
+    if cfg.estimators is None:
+        return list(registry)
+    require(all(name in registry for name in cfg.estimators), "estimators", list(cfg.estimators),
+            f"among the estimators of {kind}: {', '.join(registry)}")
+    return list(cfg.estimators)
 
 
 @dataclass(frozen=True)
@@ -80,12 +92,13 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Target:
-    """The policy scored: what it is, and its movie for each of the environment's users."""
+    """The policy scored: what it is, and its movie for each of the environment's users (None for
+    a slate policy, whose choice depends on the candidates)."""
 
     label: str  # e.g. "linucb (run <id>)"
     agent: str
     tags: dict[str, str]
-    choices: np.ndarray
+    choices: np.ndarray | None
 
 
 def evaluate(cfg: DictConfig) -> Evaluation:
@@ -99,11 +112,14 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     logs = f"the logs of run {logs_run_id}"
     if cfg.data.dir is not None:
         logs_cfg.data.dir = cfg.data.dir
+    if interactions.is_slate_log(frame):
+        return evaluate_slates(cfg, logs_cfg, frame)
+    names = names_for(cfg, estimators.ESTIMATORS, "logged movies")
     log.info("Reading MovieLens and building the logs' environment")
     dataset = data.load(logs_cfg.data)
     reward_model = build_environment(logs_cfg, dataset).reward_model
     feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
-    interactions.check_propensities(feedback, cfg.estimators, logs_run_id, logs_cfg.agent.name)
+    interactions.check_propensities(feedback, names, logs_run_id, logs_cfg.agent.name)
     if cfg.target_agent is None:
         target = saved_policy(cfg, logs_cfg, logs, reward_model)
     else:
@@ -123,18 +139,86 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     log.info("Estimating the value of %s on %d rounds logged by %s (run %s), %s intervals",
              target.label, len(feedback), logs_cfg.agent.name, logs_run_id, cfg.interval)
     reward_range = (float(reward_model.rewards.min()), float(reward_model.rewards.max()))
-    table = intervals.estimate_all([estimator.for_actions(num_actions) for estimator in chosen(cfg)], terms,
+    table = intervals.estimate_all([estimator.for_actions(num_actions) for estimator in chosen(cfg, names)], terms,
                                    cfg.interval, cfg.confidence, reward_range=reward_range,
                                    samples=cfg.bootstrap.samples, seed=cfg.bootstrap.seed)
-    table["error"] = table.estimate - true_value
-    table["relative_error"] = table.error / abs(true_value)
     effective = intervals.effective_sample_size(terms)
     warnings = intervals.caveats(cfg.interval, table.estimator, terms, logs_cfg.agent.name,
                                  logs_cfg.agent.get("propensity_draws", 0))
+    return finish(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame, len(feedback), effective,
+                  warnings)
+
+
+def finish(cfg, table, true_value, target: Target, logs_agent: str, logs_run_id: str, frame, rounds: int,
+           effective: float, warnings: list[str]) -> Evaluation:
+    """The errors beside the true value, the warnings said, the evaluation logged."""
+    table["error"] = table.estimate - true_value
+    table["relative_error"] = table.error / abs(true_value)
     for warning in warnings:
         log.warning("%s", warning)
-    run_id = log_evaluation(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame, effective)
-    return Evaluation(table, true_value, len(feedback), effective, warnings, run_id)
+    run_id = log_evaluation(cfg, table, true_value, target, logs_agent, logs_run_id, frame, effective)
+    return Evaluation(table, true_value, rounds, effective, warnings, run_id)
+
+
+def evaluate_slates(cfg: DictConfig, logs_cfg: DictConfig, frame: pd.DataFrame) -> Evaluation:
+    """The slate estimators on logged slates; the target, the top slate by a saved policy's
+    predicted rewards among each round's candidates, and its exact value under the logs' feedback."""
+    logs_run_id = str(cfg.logs_run_id)
+    names = names_for(cfg, slates.SLATE_ESTIMATORS, "logged slates")
+    if cfg.target_agent is not None:
+        raise UserError(f"the logs of run {logs_run_id} are slates: give the policy to score as target_run_id= or "
+                        f"target_model_uri= (an agent is trained offline from logged movies only)")
+    require(cfg.interval in intervals.ASYMPTOTIC, "interval", cfg.interval,
+            f"t or bootstrap on logged slates (a slate's weight has no useful range known beforehand)")
+    log.info("Reading MovieLens and building the logs' environment")
+    dataset = data.load(logs_cfg.data)
+    reward_model = build_environment(logs_cfg, dataset).reward_model
+    logged, user_rows, candidates = interactions.slate_log_of(frame, reward_model, logs_run_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        run_id, policy_path = artifacts.fetch_policy(cfg.target_run_id, cfg.target_model_uri, Path(scratch))
+        target_cfg = artifacts.logged_config(run_id, Path(scratch) / "target")
+        interactions.check_same_environment(logs_cfg, target_cfg, f"the logs of run {logs_run_id}",
+                                            f"the target policy of run {run_id}")
+        catalogue = serving.Catalogue.of(reward_model, dataset.movies, logs_cfg.env)
+        _, scores = serving.Policy(policy_path).decide(catalogue.user_features, catalogue)
+    target = Target(f"{target_cfg.agent.name}'s policy (run {run_id})", target_cfg.agent.name,
+                    {"ope.target_run_id": run_id}, None)
+    env = logs_cfg.env
+    looks = (np.arange(env.slate_size) + 1.0) ** -env.position_bias
+    true_value = slates.exact_values(reward_model.rewards, env.num_actions, env.slate_size, scores, looks,
+                                     env.click_threshold)[env.feedback]
+    target_probabilities = slates.top_k(scores[user_rows[:, None], candidates], logged.slates)
+    q = slates.cascade_q(logged, target_probabilities, cfg.reward_model_ridge, cfg.reward_model_folds)
+    log.info("Estimating the value of %s on %d slates logged by %s (run %s), %s intervals",
+             target.label, len(logged), logs_cfg.agent.name, logs_run_id, cfg.interval)
+    terms = {name: slates.SLATE_ESTIMATORS[name]().per_round(logged, target_probabilities, q) for name in names}
+    table = intervals.of_means(terms, cfg.interval, cfg.confidence, cfg.bootstrap.samples, cfg.bootstrap.seed)
+    weights = target_probabilities.slate / logged.logging.slate
+    effective = float(weights.sum() ** 2 / np.sum(weights ** 2)) if weights.any() else 0.0
+    warnings = slate_caveats(cfg.interval, logs_cfg.agent.name, weights, effective)
+    return finish(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame, len(logged), effective,
+                  warnings)
+
+
+def slate_caveats(interval: str, logging_agent: str, weights: np.ndarray, effective: float) -> list[str]:
+    """Why the interval may not hold on these slates: a logger that learnt, or whole-slate
+    `weights` too few or too far from their expectation of 1 for a normal approximation (the
+    thresholds of src.evaluation.intervals)."""
+    lines = []
+    if logging_agent != intervals.FIXED_LOGGER:
+        lines.append(f"the slates were logged by {logging_agent}, which learnt while it logged; the {interval} "
+                     f"interval assumes one fixed logging policy and may not cover the true value")
+    spread = weights.std(ddof=1) / np.sqrt(len(weights))
+    gap = abs(weights.mean() - 1) / spread if spread > 0 else np.inf
+    if not weights.any():
+        lines.append("no logged slate is one the target would show: sips sees none of its value (0); iips, rips "
+                     "and cascade_dr weigh positions or prefixes, with more rounds behind them")
+    elif effective < intervals.MIN_EFFECTIVE_SAMPLE or gap > intervals.MAX_WEIGHT_MEAN_GAP:
+        lines.append(f"the whole-slate weights average {weights.mean():.3f} ({gap:.1f} standard errors from "
+                     f"the 1 they average in expectation) and leave an effective sample of {effective:.0f} rounds: "
+                     f"the log lacks the rare slates that carry sips's estimate, and its {interval} interval cannot "
+                     f"count them; iips, rips and cascade_dr weigh positions or prefixes, with more rounds behind them")
+    return lines
 
 
 def saved_policy(cfg: DictConfig, logs_cfg: DictConfig, logs: str, reward_model) -> Target:

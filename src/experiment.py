@@ -11,7 +11,7 @@ from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from src.agents import action_probabilities, build_agent
+from src.agents import build_agent, logged_policy
 from src.engine import Engine
 from src.envs import build_environment
 from src.errors import UserError
@@ -32,9 +32,9 @@ def assemble(cfg: DictConfig, data) -> Engine:
     agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed)
     if not cfg.tracking.log_interactions:
         return Engine(environment, agent, cfg.training.steps_per_loop)
-    if not environment.logs_interactions:
-        raise UserError(f"tracking.log_interactions=true needs an environment whose rounds are a user and a movie, "
-                        f"as env=movielens's: a round of env={cfg.env.name} holds more than the log keeps")
-    num_actions = len(environment.reward_model.movie_ids)
-    return Engine(environment, agent, cfg.training.steps_per_loop, record_interactions=True,
-                  action_probabilities=action_probabilities(cfg.agent, num_actions))
+    if environment.logged_round_kind is None:
+        raise UserError(f"tracking.log_interactions=true needs an environment whose rounds the log can keep: "
+                        f"a user and a movie (env=movielens) or a slate (env=movielens_ranking); a round of "
+                        f"env={cfg.env.name} offers a candidate set for one pick, which it does not keep")
+    return Engine(environment, agent, cfg.training.steps_per_loop,
+                  policy_columns=logged_policy(cfg.agent, environment.action_spec()))

@@ -175,11 +175,12 @@ def estimates_figure(table: pd.DataFrame, true_value: float, title: str, confide
     axis = figure.subplots()
     positions = range(len(table))
     errors = [table.estimate - table.ci_low, table.ci_high - table.estimate]
-    axis.errorbar(table.estimate, positions, xerr=errors, fmt="o", capsize=4, label=f"estimate, {confidence:.0%} bootstrap")
+    axis.errorbar(table.estimate, positions, xerr=errors, fmt="o", capsize=4,
+                  label=f"estimate, {confidence:.0%} {table.interval.iloc[0]} interval")
     axis.axvline(true_value, color="grey", linestyle="--", label=f"true value {true_value:.3f}")
     axis.set_yticks(list(positions), table.estimator)
     axis.invert_yaxis()
-    axis.set(title=title, xlabel="value (mean reward per interaction)")
+    axis.set(title=title, xlabel="value (mean reward per round)")
     axis.grid(alpha=0.3, axis="x")
     figure.legend(loc="outside lower center", ncols=2)
     return figure

@@ -347,7 +347,7 @@ def learn_and_gate(cfg: DictConfig, experiment_id: str | None, champion: Champio
              challenger_cfg.data.name)
     dataset = data.load(challenger_cfg.data)
     engine = experiment.assemble(challenger_cfg, dataset)
-    if not engine.environment.logs_interactions:
+    if engine.environment.logged_round_kind != "movie":
         raise UserError(f"the champion's env={challenger_cfg.env.name} offers more than a user and a movie a round, "
                         f"which a decision log does not keep; retraining needs env=movielens")
     reward_model = engine.environment.reward_model

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tqdm import tqdm
 
-from src import config, data, experiment, metrics, plots, serving, tracking
+from src import agents, config, data, experiment, metrics, plots, serving, tracking
 from src.cli import Interrupts, interrupts_handled
 from src.engine import Engine, LoopMetrics, configure_threads
 from src.errors import UserError, one_line
@@ -143,7 +143,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
         tags[SKIPPED_USERS_TAG] = str(reward_model.skipped_users)
     if fitting.logs is not None:
         return train_offline(fitting, dataset, experiment_id, tags)
-    logged = interactions.InteractionLog() if engine.record_interactions else None
+    logged = interaction_log(cfg, engine) if engine.record_interactions else None
     with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
         log_ratings(cfg, dataset)
         log.info("Training %s on %s (%s data): %d users, %d movies, rank %d; %d loops x %d interactions",
@@ -156,10 +156,11 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
                 log_tables(cfg, history, reward_model.random_policy_regret)
             raise
         with_policy = cfg.tracking.artifacts == "full" and cfg.tracking.save_policy
+        logged_frame = None if logged is None else logged.frame(reward_model)
         try:
             log_tables(cfg, history, reward_model.random_policy_regret)
             if logged is not None:
-                interactions.log(logged.frame(reward_model), cfg.agent.get("propensity_draws", 0))
+                interactions.log(logged_frame, cfg.agent.get("propensity_draws", 0))
             if with_policy:
                 log.info("Saving the policy and its servable model")
                 serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env))
@@ -168,12 +169,23 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
             kept.mkdir(parents=True, exist_ok=True)
             write_tables(cfg, history, reward_model.random_policy_regret, kept)
             if logged is not None:
-                logged.frame(reward_model).to_parquet(kept / interactions.FILE, index=False)
+                logged_frame.to_parquet(kept / interactions.FILE, index=False)
             if with_policy:
                 serving.save_policy(engine.agent.policy, kept / "policy")
             raise UserError(f"the trained run's artifacts could not be written to {mlflow.get_artifact_uri()} "
                             f"({one_line(error)}); they are kept in {kept}") from None
     return history.final(), active.info.run_id
+
+
+def interaction_log(cfg: DictConfig, engine) -> interactions.InteractionLog:
+    """An empty log for the engine's rounds; a slate logger's propensities are settled here,
+    before the run, so that a size they cannot be computed at is refused before it starts."""
+    environment = engine.environment
+    if environment.logged_round_kind != "slate":
+        return interactions.InteractionLog(environment.logged_round_kind)
+    model = environment.reward_model
+    return interactions.InteractionLog("slate", agents.slate_probabilities(cfg.agent, model.num_actions,
+                                                                           model.slate_size))
 
 
 def log_ratings(cfg: DictConfig, dataset) -> None:

@@ -61,11 +61,17 @@ def test_evaluate_prints_every_estimate_beside_the_true_value_and_logs_a_linked_
 ])
 def test_bad_input_is_one_line_and_exit_2(logged_runs, caplog, arguments, message):
     uri, _, ids = logged_runs
+    assert message in refusal([argument.format(**ids) for argument in arguments] + [f"tracking.uri={uri}"], caplog)
+
+
+def refusal(argv: list[str], caplog) -> str:
+    """The one line src.evaluate refuses `argv` with, having exited 2."""
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
-        evaluate.main([argument.format(**ids) for argument in arguments] + [f"tracking.uri={uri}"])
+        evaluate.main(argv)
     assert exit_.value.code == 2
     (line,) = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
-    assert message in line and "\n" not in line
+    assert "\n" not in line
+    return line
 
 
 def test_an_agent_config_is_trained_offline_on_the_logs_and_scored_on_the_rest(logged_runs, capsys):

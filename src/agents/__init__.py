@@ -14,6 +14,8 @@ import inspect
 import random
 
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
+import numpy as np
+import tensorflow as tf
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from tf_agents.bandits.specs import utils as bandit_spec_utils
@@ -75,15 +77,56 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int):
         return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)
 
 
+def _module_of(cfg: DictConfig):
+    return importlib.import_module(cfg._target_.rsplit(".", 1)[0])
+
+
 def action_probabilities(cfg: DictConfig, num_actions: int):
     """The agent's collect-policy propensities as a function of its `PolicyStep`, from its
     builder module's `action_probabilities`; None where they are unknown (LinUCB is
     deterministic given its state unless `agent.log_epsilon` wraps it; LinTS and dropout TS
     sample without a closed form)."""
-    module = importlib.import_module(cfg._target_.rsplit(".", 1)[0])
+    module = _module_of(cfg)
     probabilities = getattr(module, "action_probabilities", None)
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     # A builder module may expose them only under some settings (LinUCB: with agent.log_epsilon > 0).
     if probabilities is None or not getattr(module, "exposes_propensities", lambda **_: True)(**hyperparameters):
         return None
     return functools.partial(probabilities, num_actions=num_actions, **hyperparameters)
+
+
+def logged_policy(cfg: DictConfig, action_spec):
+    """What the interaction log keeps of each collect-policy step, [batch, columns] float64
+    (src.engine.PolicyColumns): the pick's propensity (NaN where unknown), or over slates each
+    candidate's score (NaN where the policy reports none), from which `slate_probabilities`
+    gives the slate's propensities once the run is over. Scores, not propensities, because a
+    Plackett-Luce slate's position marginals are a sum over subsets, work for NumPy, not the loop."""
+    num_actions = int(action_spec.maximum) + 1
+    nan = tf.constant(np.nan, tf.float64)
+    if is_slate(action_spec):
+        def scores(step):
+            predicted = getattr(step.info, "predicted_rewards_mean", ())
+            if isinstance(predicted, tuple):  # an empty field: the policy reports no scores
+                return tf.fill([tf.shape(step.action)[0], num_actions], nan)
+            return tf.cast(predicted, tf.float64)
+        return scores
+    probabilities = action_probabilities(cfg, num_actions)
+
+    def propensity(step):
+        action = tf.cast(step.action, tf.int32)
+        if probabilities is None:
+            return tf.fill([tf.shape(action)[0], 1], nan)
+        return tf.gather(probabilities(step), action, batch_dims=1)[:, None]
+    return propensity
+
+
+def slate_probabilities(cfg: DictConfig, num_candidates: int, slate_size: int):
+    """The slate collect policy's probabilities of logged slates, a function of (scores [n, N],
+    slates [n, K]) -> `src.evaluation.slates.SlateProbabilities`, from its builder module's
+    `slate_probabilities` factory (which refuses sizes it cannot compute); None where they are
+    unknown (LinUCB and LinTS rank deterministically or by a posterior draw; the ranking agent's
+    cosine_distance penalty has no closed form)."""
+    factory = getattr(_module_of(cfg), "slate_probabilities", None)
+    if factory is None:
+        return None
+    return factory(num_candidates, slate_size, **OmegaConf.to_container(cfg, resolve=True))

@@ -11,6 +11,7 @@ from tf_agents.bandits.agents import neural_epsilon_greedy_agent
 from src.agents import has_per_arm_features, is_slate, ranking
 from src.agents.networks import check_layers, reward_network
 from src.errors import require
+from src.evaluation import slates as slate_estimators
 
 
 def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
@@ -36,3 +37,11 @@ def action_probabilities(action_step, num_actions: int, epsilon: float, **_) -> 
     undercounts the greedy movie by epsilon / num_actions.)"""
     greedy = tf.argmax(action_step.info.predicted_rewards_mean, axis=-1)
     return epsilon / num_actions + (1 - epsilon) * tf.one_hot(greedy, num_actions, dtype=tf.float64)
+
+
+
+def slate_probabilities(num_candidates: int, slate_size: int, epsilon: float, **_):
+    """A uniform slate with probability epsilon, else the top-scoring one (ties to the lower
+    candidate, as `tf.math.top_k`)."""
+    return lambda scores, shown: slate_estimators.mixture(
+        slate_estimators.uniform(num_candidates, shown), slate_estimators.top_k(scores, shown), epsilon)

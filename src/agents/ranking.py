@@ -25,6 +25,7 @@ from tf_agents.trajectories import policy_step
 from src.agents import is_slate, policy_seed, slates
 from src.agents.networks import check_layers
 from src.errors import UserError, require
+from src.evaluation import slates as slate_estimators
 
 POLICIES = {"no_penalty": ranking_agent.RankingPolicyType.NO_PENALTY,
             "descending_scores": ranking_agent.RankingPolicyType.DESCENDING_SCORES,
@@ -86,6 +87,22 @@ def build(time_step_spec, action_spec, learning_rate: float, layers: list[int], 
     require(temperature > 0, "agent.temperature", temperature, "> 0")
     return SlateAgent(time_step_spec, action_spec, learning_rate, layers, POLICIES[policy], temperature, None, None,
                       name)
+
+
+def slate_probabilities(num_candidates: int, slate_size: int, policy: str, temperature: float, **_):
+    """Plackett-Luce on scores / temperature (`no_penalty`, as TF-Agents samples it; its position
+    marginals sum over subsets, refused where there are too many), or the top-scoring slate
+    (`descending_scores`); `cosine_distance` has none in closed form."""
+    if policy == "cosine_distance":
+        return None
+    if policy == "descending_scores":
+        return lambda scores, shown: slate_estimators.top_k(scores, shown)
+    subsets = slate_estimators.plackett_luce_subsets(num_candidates, slate_size)
+    require(subsets <= slate_estimators.MOST_PLACKETT_LUCE_SUBSETS, "env.num_actions", num_candidates,
+            f"small enough for the logged propensities of agent=ranking's Plackett-Luce slates: with slates of "
+            f"{slate_size} it makes {subsets:,} sets of candidates to sum over, at most "
+            f"{slate_estimators.MOST_PLACKETT_LUCE_SUBSETS:,} (fewer candidates or a shorter slate)")
+    return lambda scores, shown: slate_estimators.plackett_luce(scores / temperature, shown)
 
 
 class EpsilonGreedySlatePolicy(tf_policy.TFPolicy):

@@ -10,6 +10,7 @@ from tf_agents.policies import random_tf_policy
 from tf_agents.trajectories import policy_step
 
 from src.agents import is_slate, policy_seed, slates
+from src.evaluation import slates as slate_estimators
 
 
 class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
@@ -48,6 +49,10 @@ class UniformRandomAgent(tf_agent.TFAgent):
 
 def action_probabilities(action_step, num_actions: int, **_) -> tf.Tensor:
     return tf.fill([tf.shape(action_step.action)[0], num_actions], tf.constant(1 / num_actions, tf.float64))
+
+
+def slate_probabilities(num_candidates: int, slate_size: int, **_):
+    return lambda scores, shown: slate_estimators.uniform(num_candidates, shown)
 
 
 def build(time_step_spec, action_spec, seed: int, name: str = "random") -> UniformRandomAgent:

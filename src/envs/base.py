@@ -5,7 +5,7 @@ rewards are TensorFlow ops, so that a whole training loop compiles into one grap
 say what it offers, as TF-Agents' agents read them: observations with per-arm features (a dict
 holding `PER_ARM_FEATURE_KEY`, `src.agents.has_per_arm_features`) and slates (an action of
 rank 1, `src.agents.is_slate`). What the specs do not say it declares as class attributes
-(`logs_interactions`). Its ground truth is its `reward_model`, a `RewardModel` in NumPy that
+(`logged_round_kind`). Its ground truth is its `reward_model`, a `RewardModel` in NumPy that
 everything outside the engine reads.
 """
 
@@ -62,19 +62,25 @@ class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
     that rewards one pick with one number."""
 
     reward_model: RewardModel
-    # Whether a round is fully described by its user and action, so that the interaction log
-    # (src.evaluation.interactions) can keep it and off-policy evaluation replay it against the
-    # reward model, which must then be a `CompleteRewardModel`. Not so where a round offers a
-    # candidate set, which the log does not keep.
-    logs_interactions: bool = False
+    # What the interaction log (src.evaluation.interactions) keeps of a round, from `logged_round`:
+    #   "movie"  its user and the movie: off-policy evaluation replays it against the reward
+    #            model, which must then be a `CompleteRewardModel`;
+    #   "slate"  its user, the candidates offered, the slate shown and each slot's reward;
+    #   None     nothing: a round the log cannot describe (a candidate set with one pick).
+    logged_round_kind: str | None = None
     # Names of the per-interaction metrics `extra_metrics` returns, e.g. a slate's NDCG.
     extra_metric_names: tuple[str, ...] = ()
 
     @property
     def users(self) -> tf.Tensor:
         """[batch] int32, the `reward_model` rows of the users drawn at the last `reset()`; needed
-        where `logs_interactions`."""
+        where `logged_round_kind` is set."""
         raise NotImplementedError
+
+    def logged_round(self, action: tf.Tensor) -> tf.Tensor:
+        """[batch, columns] float64, the log's columns of each round (`logged_round_kind`); these
+        are a "movie" round's: the user's row and the movie."""
+        return tf.stack([tf.cast(self.users, tf.float64), tf.cast(action, tf.float64)], axis=1)
 
     def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(reward, optimal reward) of each interaction, [batch] float64."""

@@ -103,7 +103,7 @@ def build_reward_model(
 class MovieLensEnvironment(InGraphBandit):
     """Each step samples `batch_size` distinct users; the reward is the reconstructed rating."""
 
-    logs_interactions = True
+    logged_round_kind = "movie"
 
     def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens"):
         num_users, rank_k = model.user_features.shape

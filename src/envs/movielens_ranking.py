@@ -58,6 +58,7 @@ class MovieLensRankingEnvironment(MovieLensPerArmEnvironment):
     """Per-arm candidates; the action is a slate, [slate_size] distinct positions in the list."""
 
     extra_metric_names = (metrics.NDCG, metrics.PRECISION, metrics.CLICK_THROUGH_RATE)
+    logged_round_kind = "slate"
 
     def __init__(self, model: SlateRewardModel, batch_size: int, seed: int, arm_features: str = "embedding",
                  feedback: str = "cascade", click_threshold: float = 3.0, position_bias: float = 1.0,
@@ -112,6 +113,22 @@ class MovieLensRankingEnvironment(MovieLensPerArmEnvironment):
             return {ranking_agent.CHOSEN_INDEX: position,
                     ranking_agent.CHOSEN_VALUE: tf.cast(position < self._slate_size, tf.float32)}
         return tf.cast(self._slate_rewards(action), tf.float32)
+
+    @property
+    def users(self) -> tf.Variable:
+        return self._users
+
+    def logged_round(self, action: tf.Tensor) -> tf.Tensor:
+        """[batch, 1 + num_actions + 2 slate_size]: the user's row, the candidates' pool columns, the
+        slate (positions in the candidate list) and each slot's reward: its movie's rating under
+        `scores` feedback, under `cascade` 1 at the click and 0 elsewhere."""
+        slate = tf.cast(action, tf.int32)
+        if self._cascade:
+            slot_rewards = tf.one_hot(self._clicked_position(slate), self._slate_size, dtype=tf.float64)
+        else:
+            slot_rewards = self._slate_rewards(slate)
+        return tf.concat([tf.cast(self._users, tf.float64)[:, None], tf.cast(self._candidates, tf.float64),
+                          tf.cast(slate, tf.float64), slot_rewards], axis=1)
 
     def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
         """[batch, 3] NDCG@k, precision@k and whether the user clicked."""

@@ -10,6 +10,17 @@ run's input dataset (context `logged_interactions`). Columns:
   propensity   the logging policy's probability of that action when it chose it (NaN when
                the policy's propensities are unknown: the run's tag says which)
   reward       the reward received
+
+A slate round (env=movielens_ranking: N candidates offered, a slate of K shown) has instead of
+action, movie_id, propensity and reward:
+
+  candidate_0 .. candidate_{N-1}   the MovieLens ids of the candidates, in the order offered
+  slot_0 .. slot_{K-1}             the slate, best first: positions in the candidate list
+  reward_0 .. reward_{K-1}         each slot's reward: its movie's rating (env.feedback=scores),
+                                   or 1 at the click and 0 elsewhere (cascade)
+  position_propensity_0 ..         the logging policy's chance of showing that candidate at that
+                                   position, whatever else it showed (src.evaluation.slates)
+  prefix_propensity_0 ..           its chance of showing the slate down to that position
 """
 
 from __future__ import annotations
@@ -25,23 +36,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import tracking
 from src.errors import UserError
-from src.evaluation import estimators
+from src.evaluation import estimators, slates
 
 ARTIFACT_DIR = "interactions"
 FILE = "interactions.parquet"
 # "exact" or "unknown": whether the log's propensities are the logging policy's true ones.
 PROPENSITIES_TAG = "interactions.propensities"
 CONTEXT_PREFIX = "context_"
+CANDIDATE_PREFIX, SLOT_PREFIX, SLOT_REWARD_PREFIX = "candidate_", "slot_", "reward_"
+POSITION_PROPENSITY_PREFIX, PREFIX_PROPENSITY_PREFIX = "position_propensity_", "prefix_propensity_"
 # What must agree between the logs' run and a policy or agent used with them.
 ENVIRONMENT_KEYS = ("env", "data")
 WHEREABOUTS = ("dir", "cache_dir", "url")  # where the data lives, not what it is
 
 
 class InteractionLog:
-    """Collects the engine's recorded interactions chunk by chunk."""
+    """Collects the engine's recorded interactions chunk by chunk: rounds of the environment's
+    `logged_round_kind`; for slates, `slate_probabilities` (src.agents.slate_probabilities, None
+    where unknown) turns the logged scores into the propensities of the slates shown."""
 
-    def __init__(self):
+    def __init__(self, kind: str = "movie", slate_probabilities=None):
         self._chunks: list[np.ndarray] = []
+        self._kind = kind
+        self._slate_probabilities = slate_probabilities
 
     def add(self, interactions: np.ndarray) -> None:
         self._chunks.append(interactions)
@@ -49,17 +66,43 @@ class InteractionLog:
     def frame(self, reward_model) -> pd.DataFrame:
         """The rows described above, for the environment's `reward_model`."""
         rows = np.concatenate(self._chunks)
-        users, actions = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
+        users = rows[:, 0].astype(np.int64)
         features = reward_model.user_features[users]
-        return pd.DataFrame({
+        described = {
             "round": np.arange(len(rows)),
             "user_id": reward_model.user_ids[users],
             **{f"{CONTEXT_PREFIX}{i}": features[:, i].astype(np.float32) for i in range(features.shape[1])},
-            "action": actions,
-            "movie_id": reward_model.movie_ids[actions],
-            "propensity": rows[:, 2],
-            "reward": reward_model.rewards[users, actions],
-        })
+        }
+        if self._kind == "slate":
+            return pd.DataFrame({**described, **self._slates(rows[:, 1:], reward_model)})
+        actions = rows[:, 1].astype(np.int64)
+        return pd.DataFrame({**described, "action": actions, "movie_id": reward_model.movie_ids[actions],
+                             "propensity": rows[:, 2], "reward": reward_model.rewards[users, actions]})
+
+    def _slates(self, rows: np.ndarray, reward_model) -> dict[str, np.ndarray]:
+        """The slate columns, from [n, N candidates, K slots, K slot rewards, N scores] rows."""
+        candidates, size = reward_model.num_actions, reward_model.slate_size
+        offered = rows[:, :candidates].astype(np.int64)
+        shown = rows[:, candidates:candidates + size].astype(np.int64)
+        slot_rewards = rows[:, candidates + size:candidates + 2 * size]
+        scores = rows[:, candidates + 2 * size:]
+        if self._slate_probabilities is None:
+            position = prefix = np.full(shown.shape, np.nan)
+        else:
+            probabilities = self._slate_probabilities(scores, shown)
+            position, prefix = probabilities.position, probabilities.prefix
+        movie_ids = reward_model.movie_ids[offered]
+        return {**_columns(CANDIDATE_PREFIX, movie_ids), **_columns(SLOT_PREFIX, shown),
+                **_columns(SLOT_REWARD_PREFIX, slot_rewards), **_columns(POSITION_PROPENSITY_PREFIX, position),
+                **_columns(PREFIX_PROPENSITY_PREFIX, prefix)}
+
+
+def _columns(prefix: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    return {f"{prefix}{i}": values[:, i] for i in range(values.shape[1])}
+
+
+def is_slate_log(frame: pd.DataFrame) -> bool:
+    return f"{SLOT_PREFIX}0" in frame
 
 
 def log(frame: pd.DataFrame, monte_carlo_draws: int = 0) -> None:
@@ -69,7 +112,8 @@ def log(frame: pd.DataFrame, monte_carlo_draws: int = 0) -> None:
         path = Path(scratch) / FILE
         frame.to_parquet(path, index=False)
         mlflow.log_artifact(str(path), ARTIFACT_DIR)
-    known = bool(frame.propensity.notna().all())
+    propensities = frame.filter(like=PREFIX_PROPENSITY_PREFIX) if is_slate_log(frame) else frame.propensity
+    known = bool(propensities.notna().all(axis=None))
     kind = (f"monte_carlo ({monte_carlo_draws} draws)" if monte_carlo_draws else "exact") if known else "unknown"
     mlflow.set_tag(PROPENSITIES_TAG, kind)
     mlflow.log_input(as_dataset(frame, source=f"{mlflow.get_artifact_uri()}/{ARTIFACT_DIR}/{FILE}"),
@@ -77,7 +121,7 @@ def log(frame: pd.DataFrame, monte_carlo_draws: int = 0) -> None:
 
 
 def as_dataset(frame: pd.DataFrame, source: str | None = None):
-    return tracking.as_dataset(frame, "interactions", source, targets="reward")
+    return tracking.as_dataset(frame, "interactions", source, targets=None if is_slate_log(frame) else "reward")
 
 
 def load(run_id: str) -> pd.DataFrame:
@@ -147,3 +191,28 @@ def check_propensities(feedback: estimators.Feedback, names, logs_run_id: str, l
     if len(zero):
         raise UserError(f"the logs of run {logs_run_id} hold a propensity of {feedback.propensities[zero[0]]} "
                         f"(round {zero[0]}): importance weights need propensities > 0")
+
+
+def slate_log_of(frame: pd.DataFrame, reward_model, logs_run_id: str) -> tuple[slates.SlateLog, np.ndarray, np.ndarray]:
+    """The logged slates, each round's user row in `reward_model` and its candidates' pool
+    columns [n, N]; refuses logs whose users, features or movies are not this environment's, or
+    that carry no propensities."""
+    rows = pd.Index(reward_model.user_ids).get_indexer(frame.user_id)
+    contexts = context_features(frame)
+    movie_ids = frame.filter(like=CANDIDATE_PREFIX).to_numpy(np.int64)
+    columns = pd.Index(reward_model.movie_ids).get_indexer(movie_ids.ravel()).reshape(movie_ids.shape)
+    if ((rows < 0).any() or (columns < 0).any() or contexts.shape[1] != reward_model.user_features.shape[1]
+            or not np.allclose(contexts, reward_model.user_features[rows], atol=1e-5)):
+        raise UserError(f"the slates of run {logs_run_id} do not match the environment its config describes "
+                        f"(other users, features or movies): was the data changed since?")
+    position = frame.filter(like=POSITION_PROPENSITY_PREFIX).to_numpy(np.float64)
+    prefix = frame.filter(like=PREFIX_PROPENSITY_PREFIX).to_numpy(np.float64)
+    if np.isnan(prefix).any():
+        raise UserError(f"the slates of run {logs_run_id} have no propensities: its agent's slate sampling has no "
+                        f"closed form; log slates with agent=ranking (no_penalty or descending_scores), "
+                        f"epsilon_greedy or random")
+    log = slates.SlateLog(contexts.astype(np.float64), reward_model.movie_features[columns],
+                          frame.filter(like=SLOT_PREFIX).to_numpy(np.int64),
+                          frame.filter(like=SLOT_REWARD_PREFIX).to_numpy(np.float64),
+                          slates.SlateProbabilities(position, prefix, np.empty((len(frame), 0, 0))))
+    return log, rows, columns

@@ -110,6 +110,25 @@ def bootstrap(estimators: Sequence[Estimator], t: Terms, samples: int, confidenc
     return np.nanquantile(draws, [tail, 1 - tail], axis=0).T
 
 
+def of_means(terms: dict[str, np.ndarray], interval: str, confidence: float, samples: int = 200,
+             seed: int = 0) -> pd.DataFrame:
+    """Estimates that are the means of their per-round `terms` (by estimator name), with the t or
+    the percentile bootstrap `interval` (every estimator on the same resamples), where no range of
+    the terms is known beforehand for the finite-sample ones: estimator, estimate, interval,
+    ci_low, ci_high."""
+    if interval == "t":
+        bounds = [two_sided(t_lower, values, confidence, (-np.inf, np.inf)) for values in terms.values()]
+    else:
+        rng = np.random.default_rng(seed)
+        stacked = np.stack(list(terms.values()), axis=1)
+        draws = np.array([stacked[rng.integers(len(stacked), size=len(stacked))].mean(axis=0) for _ in range(samples)])
+        tail = (1 - confidence) / 2
+        bounds = np.quantile(draws, [tail, 1 - tail], axis=0).T
+    bounds = np.asarray(bounds)
+    return pd.DataFrame({"estimator": list(terms), "estimate": [float(np.mean(values)) for values in terms.values()],
+                         "interval": interval, "ci_low": bounds[:, 0], "ci_high": bounds[:, 1]})
+
+
 def estimate_all(estimators: Sequence[Estimator], t: Terms, interval: str, confidence: float, *,
                  reward_range: tuple[float, float], samples: int = 200, seed: int = 0) -> pd.DataFrame:
     """Each estimator's estimate and its `interval` at `confidence`: estimator, estimate,

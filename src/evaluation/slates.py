@@ -43,15 +43,19 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-# Rows of a Plackett-Luce log whose subset probabilities are held at once: the largest level
-# (4,845 subsets of 4 out of 20 candidates) takes ~40 MB an array per 1,024 rows.
-ROWS_PER_BLOCK = 1024
+# Subset probabilities of a Plackett-Luce log held at once, per array (three are): 40 MB, e.g.
+# the 4,845 subsets of 4 out of 20 candidates for 1,032 rows.
+ELEMENTS_PER_BLOCK = 5_000_000
+# Sets of candidates a Plackett-Luce position marginal sums over, at most: beyond, the sums take
+# minutes per 10,000 rows.
+MOST_PLACKETT_LUCE_SUBSETS = 100_000
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,11 @@ def _subset_levels(num_candidates: int, largest: int) -> tuple[tuple[np.ndarray,
     return tuple(levels)
 
 
+def plackett_luce_subsets(num_candidates: int, slate_size: int) -> int:
+    """How many sets of candidates shown above a position the marginals sum over."""
+    return sum(math.comb(num_candidates, size) for size in range(slate_size))
+
+
 def _plackett_luce_positions(weights: np.ndarray, slates: np.ndarray) -> np.ndarray:
     """[n, K] the chance of each logged candidate at its position: a sum over the unordered sets
     S of candidates shown above it of P(S above) w_a / w(not S), P(S above) built up one member
@@ -179,9 +188,10 @@ def plackett_luce(logits: np.ndarray, slates: np.ndarray) -> SlateProbabilities:
     weights = np.exp(logits - logits.max(axis=1, keepdims=True))
     available = np.where(_shown_above(slates, logits.shape[1]), 0.0, weights[:, None, :])
     conditional = available / available.sum(axis=2, keepdims=True)
-    position = np.concatenate([_plackett_luce_positions(weights[start:start + ROWS_PER_BLOCK],
-                                                        slates[start:start + ROWS_PER_BLOCK])
-                               for start in range(0, len(slates), ROWS_PER_BLOCK)])
+    largest_level = max(math.comb(logits.shape[1], size) for size in range(slates.shape[1]))
+    rows = max(1, ELEMENTS_PER_BLOCK // largest_level)
+    position = np.concatenate([_plackett_luce_positions(weights[start:start + rows], slates[start:start + rows])
+                               for start in range(0, len(slates), rows)])
     return SlateProbabilities(position, _prefix_of(conditional, slates), conditional)
 
 
@@ -199,6 +209,39 @@ def mixture(first: SlateProbabilities, second: SlateProbabilities, weight: float
     conditional = np.divide(joint, before[:, :, None], out=np.zeros_like(joint), where=before[:, :, None] > 0)
     return SlateProbabilities(weight * first.position + (1 - weight) * second.position,
                               weight * first.prefix + (1 - weight) * second.prefix, conditional)
+
+
+def exact_values(rewards: np.ndarray, num_candidates: int, slate_size: int, target_scores: np.ndarray,
+                 looks: np.ndarray, click_threshold: float) -> dict[str, float]:
+    """The exact value of the deterministic target that shows the top `slate_size` of the
+    `num_candidates` offered by `target_scores` [users, pool] (ties to the lower pool column), to
+    users drawn uniformly offered a uniform subset of the pool, under each feedback
+    (src.envs.movielens_ranking): "scores", the slate's summed `rewards` [users, pool], and
+    "cascade", its expected clicks, position k looked at with chance `looks[k]`. Its slate is the
+    first K candidates met scanning the pool in its order; with j of the t movies before it
+    offered, movie t is offered with chance (N - j) / (P - t) (a uniform N-subset of P, drawn one
+    movie at a time). The recursion carries, per number j of positions filled, the chance of that
+    state and, for the cascade, the chance of it with no click yet; position j clicks with chance
+    looks_j 1{rating >= threshold}."""
+    pool = rewards.shape[1]
+    ranked = np.take_along_axis(rewards, np.argsort(-target_scores, axis=1, kind="stable"), axis=1)
+    filled = np.arange(slate_size)
+    state = np.zeros((len(rewards), slate_size))
+    state[:, 0] = 1.0
+    unclicked = state.copy()
+    values = {"scores": np.zeros(len(rewards)), "cascade": np.zeros(len(rewards))}
+    for t in range(pool):
+        # Above 1 only in states that hold no chance: more left to offer than movies left.
+        offered = (num_candidates - filled) / (pool - t)
+        rating = ranked[:, t:t + 1]
+        click = looks * (rating >= click_threshold)
+        values["scores"] += np.sum(state * offered * rating, axis=1)
+        values["cascade"] += np.sum(unclicked * offered * click, axis=1)
+        shown, shown_unclicked = state * offered, unclicked * offered * (1 - click)
+        state, unclicked = state * (1 - offered), unclicked * (1 - offered)
+        state[:, 1:] += shown[:, :-1]
+        unclicked[:, 1:] += shown_unclicked[:, :-1]
+    return {feedback: float(value.mean()) for feedback, value in values.items()}
 
 
 def hybrid_features(contexts: np.ndarray, candidates: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
 from src import config, data
-from src.agents import build_agent, has_per_arm_features, is_slate
+from src.agents import build_agent, has_per_arm_features, is_slate, logged_policy
 from src.engine import Engine
 from src.envs import build_environment
 from src.envs.base import CompleteRewardModel, InGraphBandit, RewardModel
@@ -39,7 +39,7 @@ def fitted_to_test_data(name: str) -> list[str]:
 def check_contract(environment) -> None:
     """What src.envs.base asks of an environment, checked on one step."""
     assert isinstance(environment, InGraphBandit)
-    assert isinstance(environment.logs_interactions, bool)
+    assert environment.logged_round_kind in (None, "movie", "slate")
     model = environment.reward_model
     assert isinstance(model, RewardModel)
     users, movies = len(model.user_ids), len(model.movie_ids)
@@ -51,9 +51,11 @@ def check_contract(environment) -> None:
     assert model.rewards.shape == (users, movies)
     assert model.skipped_users is None or model.skipped_users >= 0
     assert model.random_policy_regret > 0
-    if environment.logs_interactions:  # the log keeps a user row and a movie column, no more
+    if environment.logged_round_kind == "movie":  # the log keeps a user row and a movie column, no more
         assert isinstance(model, CompleteRewardModel) and not per_arm and not is_slate(environment.action_spec())
         assert model.optimal_reward.shape == (users,)
+    if environment.logged_round_kind == "slate":
+        assert is_slate(environment.action_spec())
 
     batch = environment.batch_size
     environment.reset()
@@ -64,8 +66,13 @@ def check_contract(environment) -> None:
     tf.nest.assert_same_structure(environment.feedback(action, reward), environment.reward_spec())
     if environment.extra_metric_names:
         assert environment.extra_metrics(action).shape == (batch, len(environment.extra_metric_names))
-    if environment.logs_interactions:
+    if environment.logged_round_kind is not None:
         assert environment.users.shape == (batch,)
+        # A slate round: the user, every candidate, the slate and a reward per slot.
+        candidates = observation[bandit_spec_utils.PER_ARM_FEATURE_KEY].shape[0] if per_arm else 0
+        size = action.shape[1] if is_slate(environment.action_spec()) else 0
+        width = 1 + candidates + 2 * size if size else 2
+        assert environment.logged_round(action).shape == (batch, width)
 
 
 def first_actions(action_spec, batch: int) -> tf.Tensor:
@@ -91,7 +98,7 @@ class FixedTable(InGraphBandit):
     reward is the table's. The engine needs `reset()` (here `_observe`) and `outcome`; TF-Agents'
     `step()` needs `_apply_action`; the rest of the contract has defaults."""
 
-    logs_interactions = True
+    logged_round_kind = "movie"
 
     def __init__(self, batch_size: int, seed: int):
         num_users, num_movies = TABLE.shape
@@ -128,7 +135,8 @@ def test_a_new_environment_keeps_the_contract_and_linucb_learns_it():
     # alpha 1: the bound on the 0.5 movie falls under the best one's after a handful of pulls.
     agent_cfg = config.compose(["agent=linucb", "agent.alpha=1.0"]).agent
     agent = build_agent(agent_cfg, environment.time_step_spec(), environment.action_spec(), seed=0)
-    engine = Engine(environment, agent, steps_per_loop=2, record_interactions=True)
+    engine = Engine(environment, agent, steps_per_loop=2,
+                    policy_columns=logged_policy(agent_cfg, environment.action_spec()))
     (loops,) = engine.run(loops=30, chunk=30)
     # It explores in the first few loops (seed 0: regret 15, uniform random's expectation 120),
     # then never misses.

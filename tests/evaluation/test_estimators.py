@@ -155,7 +155,8 @@ def test_conf_offers_every_estimator_with_its_defaults():
                        for field in fields(estimator)}
                 for name, estimator in ESTIMATORS.items() if fields(estimator)}
     evaluation = evaluate.parse(["target_run_id=x", "logs_run_id=y"])
-    assert list(evaluation.estimators) == list(ESTIMATORS)  # every registered one unless told
+    assert evaluation.estimators is None  # every registered one for the logs' kind unless told
+    assert evaluate.names_for(evaluation, ESTIMATORS, "logged movies") == list(ESTIMATORS)
     assert OmegaConf.to_container(evaluation.estimator_params) == defaults
     assert OmegaConf.to_container(config.compose().offline.estimator_params) == defaults
 
@@ -214,7 +215,7 @@ def test_a_new_estimator_takes_its_hyperparameters_from_the_command_line(clipped
     # `+`: only because this test cannot add clipped_ipw's defaults to conf/estimator_params.yaml.
     cfg = evaluate.parse(["target_run_id=x", "logs_run_id=y", "estimators=[dm,clipped_ipw]",
                           "+estimator_params.clipped_ipw.clip=2.5"])
-    assert evaluate.chosen(cfg) == [estimators.DirectMethod(), clipped_ipw(clip=2.5)]
+    assert evaluate.chosen(cfg, cfg.estimators) == [estimators.DirectMethod(), clipped_ipw(clip=2.5)]
     assert estimators.needing_propensities(cfg.estimators) == ["clipped_ipw"]
     with pytest.raises(UserError, match="estimator_params.clipped_ipw.clop: clipped_ipw has no such hyperparameter"):
         evaluate.parse(["target_run_id=x", "logs_run_id=y", "+estimator_params.clipped_ipw.clop=2.5"])

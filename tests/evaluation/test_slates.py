@@ -278,3 +278,25 @@ def test_slates_is_arithmetic_without_tensorflow_or_mlflow():
              "assert not loaded, loaded")
     done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_exact_value_of_a_top_k_target_is_its_average_over_every_candidate_set():
+    """Users offered every N-subset of a pool of 7 alike (in any order: the target sorts them),
+    each shown the target's top K: its value by enumeration beside the recursion's, both feedbacks."""
+    rng = np.random.default_rng(3)
+    users, pool, candidates, size = 4, 7, 4, 3
+    rewards, scores = rng.normal(3, 1.5, size=(users, pool)), rng.normal(size=(users, pool))
+    scores[0, :2] = 0.0  # a tie, broken towards the lower pool column as tf.math.top_k breaks it
+    looks, threshold = np.array([1.0, 0.6, 0.3]), 3.0
+    sums = {"scores": 0.0, "cascade": 0.0}
+    subsets = list(itertools.combinations(range(pool), candidates))
+    for user in range(users):
+        for offered in subsets:
+            shown = sorted(offered, key=lambda movie: (-scores[user, movie], movie))[:size]
+            ratings = rewards[user, shown]
+            clicks = looks * (ratings >= threshold)
+            sums["scores"] += ratings.sum()
+            sums["cascade"] += np.sum(clicks * np.cumprod(np.concatenate([[1.0], 1 - clicks[:-1]])))
+    values = slates.exact_values(rewards, candidates, size, scores, looks, threshold)
+    for feedback, total in sums.items():
+        assert values[feedback] == pytest.approx(total / (users * len(subsets)), rel=1e-12)
