@@ -25,6 +25,7 @@ action, movie_id, propensity and reward:
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 from src import tracking
 from src.errors import UserError
 from src.evaluation import estimators, slates
+
+logger = logging.getLogger(__name__)  # `log` is the function that stores a log
 
 ARTIFACT_DIR = "interactions"
 FILE = "interactions.parquet"
@@ -89,6 +92,7 @@ class InteractionLog:
         if self._slate_probabilities is None:
             position = prefix = np.full(shown.shape, np.nan)
         else:
+            logger.info("Computing the logging policy's propensities of the %d slates shown", len(shown))
             probabilities = self._slate_probabilities(scores, shown)
             position, prefix = probabilities.position, probabilities.prefix
         movie_ids = reward_model.movie_ids[offered]
