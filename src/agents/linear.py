@@ -25,7 +25,7 @@ from tf_agents.policies import utils as policy_utilities
 from tf_agents.trajectories import policy_step
 from tf_agents.utils import nest_utils
 
-from src.agents import has_per_arm_features, is_slate, slates
+from src.agents import has_per_arm_features, is_slate, monte_carlo, slates
 from src.errors import require
 
 # What a model per arm is scored in; the statistics themselves stay float64 (see ArmStatistics).
@@ -223,7 +223,7 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
         winners = tf.argmax(self._exploration(tf.broadcast_to(mean, shape), tf.broadcast_to(width, shape)), axis=-1,
                             output_type=tf.int32)
         wins = tf.reduce_sum(tf.cast(tf.equal(winners, arm[None]), tf.float32), axis=0)
-        return tf.math.log((1.0 + wins) / (draws + 1.0))
+        return monte_carlo.log_share_won(wins, draws)
 
 
 def choose(statistics: ArmStatistics, x: tf.Tensor, alpha: float, exploration: Exploration):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import tensorflow as tf
 from tf_agents.bandits.agents import linear_thompson_sampling_agent
 
-from src.agents import is_slate, linear
-from src.errors import require
+from src.agents import linear, monte_carlo
+from src.agents.monte_carlo import action_probabilities, exposes_propensities  # noqa: F401  (src.agents' hooks)
 
 
 class VectorizedLinTSAgent(linear.VectorizedLinearAgent):
@@ -25,30 +25,10 @@ class VectorizedLinTSAgent(linear.VectorizedLinearAgent):
                          propensity_draws=propensity_draws, name=name)
 
 
-# Each draw costs a normal per user and movie: 1,000 draws of 20 movies for a batch of 8 is
-# 160,000 a step, already far more than the rest of a step.
-MAX_PROPENSITY_DRAWS = 1000
-
-
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, propensity_draws: int = 0,
                name: str = "lints"):
-    require(isinstance(propensity_draws, int) and 0 <= propensity_draws <= MAX_PROPENSITY_DRAWS,
-            "agent.propensity_draws", propensity_draws, f"an integer in [0, {MAX_PROPENSITY_DRAWS}]")
-    require(not (propensity_draws and is_slate(action_spec)), "agent.propensity_draws", propensity_draws,
-            "0 with slates (it estimates single movies' propensities)")
+    monte_carlo.check_draws(propensity_draws, action_spec)
     return VectorizedLinTSAgent(time_step_spec, action_spec, alpha, tikhonov_weight, propensity_draws, name)
-
-
-def exposes_propensities(propensity_draws: int = 0, **_) -> bool:
-    """Only with Monte-Carlo draws: Thompson sampling's pick has no closed-form probability."""
-    return propensity_draws > 0
-
-
-def action_probabilities(action_step, num_actions: int, **_) -> tf.Tensor:
-    """The pick's Monte-Carlo propensity (the collect policy's `log_probability`) at its movie;
-    the other movies' are not estimated (0 here), as only the logged movie's is ever read."""
-    picked = tf.one_hot(tf.cast(action_step.action, tf.int32), num_actions, dtype=tf.float64)
-    return picked * tf.exp(tf.cast(action_step.info.log_probability, tf.float64))[:, None]
 
 
 def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from scipy import stats
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
@@ -66,6 +67,29 @@ def test_lints_monte_carlo_propensities_are_within_their_error_and_weigh_without
     assert agents.action_probabilities(config.compose(["agent=lints"]).agent, 5) is None
 
 
+def test_dropout_ts_monte_carlo_propensities_match_how_often_it_picks_each_movie():
+    # A fresh network at the schedule's first dropout rate, 0.99: every movie is picked now and then.
+    tf.random.set_seed(4)
+    draws = 400
+    probabilities, actions = agent_and_step("dropout_ts", 20_000, propensity_draws=draws)
+    picked = probabilities[np.arange(len(actions)), actions]
+    frequencies = np.bincount(actions, minlength=5) / len(actions)
+    assert (frequencies > 0.01).all()
+    # One user, so one propensity a movie: its estimates average (1 + draws p) / (draws + 1), the
+    # pick's own draw counted, and p is the movie's frequency (standard error at most 0.0036).
+    for movie, frequency in enumerate(frequencies):
+        assert picked[actions == movie].mean() == pytest.approx((1 + draws * frequency) / (draws + 1), abs=0.012)
+    # IPW of a target that picks each movie in turn: each weight would average 1 with the true
+    # propensities; with the estimates, E[(n + 1) / (1 + Binomial(n, p))] / p, within 5% of it here
+    # even for the rarest movie, and the weights seen match that to their own noise.
+    wins = np.arange(draws + 1)
+    expected = sum(frequency * np.sum(stats.binom.pmf(wins, draws, frequency) * (draws + 1) / (1 + wins))
+                   for frequency in frequencies)
+    assert expected == pytest.approx(5.0, rel=0.05)
+    assert np.mean(1 / picked) == pytest.approx(expected, rel=0.02)
+    assert agents.action_probabilities(config.compose(["agent=dropout_ts"]).agent, 5) is None
+
+
 def test_linucb_saves_its_greedy_policy_and_collects_with_epsilon():
     tf.random.set_seed(1)
     cfg = config.compose(["agent=linucb", "agent.log_epsilon=0.5"]).agent
@@ -113,6 +137,7 @@ def test_zero_propensities_are_refused():
     ("linucb", "log_epsilon=1.5", "agent.log_epsilon must be in [0, 1], got 1.5"),
     ("lints", "propensity_draws=-1", "agent.propensity_draws must be an integer in [0, 1000], got -1"),
     ("lints", "propensity_draws=5000", "agent.propensity_draws must be an integer in [0, 1000], got 5000"),
+    ("dropout_ts", "propensity_draws=5000", "agent.propensity_draws must be an integer in [0, 1000], got 5000"),
 ])
 def test_bad_logging_settings_are_one_line(agent, setting, message):
     with pytest.raises(UserError) as refused:
