@@ -12,6 +12,10 @@ NumPy from the same environment (users uniform, rewards from the reward model) b
   Boltzmann 0.3       softmax of that model's scores at temperature 0.3
   learning eps 0.1    epsilon-greedy 0.1 on a reward model refitted every 200 rounds to its own log so
                       far: the logging policy changes as it logs, its propensities those of the time
+  LinTS, 100 draws    linear Thompson sampling (alpha 1, ridge 1) on the posterior of the same uniform
+                      pilot log, each propensity estimated from 100 fresh draws of its sampling as
+                      `agent.propensity_draws=100` estimates it (the pick's draw counted): Monte-Carlo
+                      propensities, which no interval counts the error of
 
 Every estimator of `src.evaluation.estimators` (its reward model cross-fitted, `reward_model_folds`
 of conf/evaluate.yaml) gets every interval of `src.evaluation.intervals` at 95%; a cell's
@@ -45,6 +49,8 @@ CONFIDENCE, GOAL = 0.95, 0.93
 LOGGERS = ("uniform", "epsilon-greedy 0.1", "Boltzmann 0.3")
 LEARNING = "learning eps 0.1"
 REFIT_EVERY = 200
+LINTS_DRAWS, PILOT_ROUNDS = 100, 500
+LINTS = f"LinTS, {LINTS_DRAWS} draws"
 
 
 def learning_log(model, rounds: int, epsilon: float, rng) -> tuple[estimators.Feedback, np.ndarray]:
@@ -72,6 +78,40 @@ def learning_log(model, rounds: int, epsilon: float, rng) -> tuple[estimators.Fe
                                propensities), users
 
 
+def lints_log(model, rounds: int, rng) -> tuple[estimators.Feedback, np.ndarray]:
+    """LinTS on a per-movie posterior from a uniform pilot log, fixed while it logs: each pick is
+    the best of one draw of x.theta_a ~ N(x.mean_a, x'A_a^-1 x) per movie; its propensity the
+    share of LINTS_DRAWS more draws it wins, its own draw counted."""
+    num_users, num_actions = model.rewards.shape
+    features = model.user_features
+    pilot = np.random.default_rng(1234)
+    pilot_users = pilot.integers(num_users, size=PILOT_ROUNDS)
+    pilot_actions = pilot.integers(num_actions, size=PILOT_ROUNDS)
+    covariances, means = [], []
+    for movie in range(num_actions):
+        x = features[pilot_users[pilot_actions == movie]]
+        covariance = np.linalg.inv(np.eye(features.shape[1]) + x.T @ x)
+        covariances.append(covariance)
+        means.append(covariance @ x.T @ model.rewards[pilot_users[pilot_actions == movie], movie])
+    mean = features @ np.array(means).T  # [users, movies]
+    width = np.sqrt(np.einsum("ud,mde,ue->um", features, np.array(covariances), features))
+    users = rng.integers(num_users, size=rounds)
+    actions = (mean[users] + width[users] * rng.standard_normal((rounds, num_actions))).argmax(axis=1)
+    wins = np.zeros(rounds)
+    for _ in range(LINTS_DRAWS):
+        wins += (mean[users] + width[users] * rng.standard_normal((rounds, num_actions))).argmax(axis=1) == actions
+    return estimators.Feedback(features[users], actions, model.rewards[users, actions],
+                               (1 + wins) / (LINTS_DRAWS + 1)), users
+
+
+def draw(model, policies, logger: str, rounds: int, rng) -> tuple[estimators.Feedback, np.ndarray]:
+    if logger == LEARNING:
+        return learning_log(model, rounds, 0.1, rng)
+    if logger == LINTS:
+        return lints_log(model, rounds, rng)
+    return draw_log(model, policies[logger], rounds, rng)
+
+
 def cells(model, choices, sizes: list[int], seeds: int, samples: int) -> pd.DataFrame:
     """One row per logger x size x seed x estimator x interval."""
     num_actions = model.rewards.shape[1]
@@ -80,19 +120,19 @@ def cells(model, choices, sizes: list[int], seeds: int, samples: int) -> pd.Data
     scorers = [estimator().for_actions(num_actions) for estimator in estimators.ESTIMATORS.values()]
     policies = logging_policies(model, np.random.default_rng(1234))
     rows = []
-    for logger in (*LOGGERS, LEARNING):
+    for logger in (*LOGGERS, LEARNING, LINTS):
         for rounds in sizes:
             started = time.perf_counter()
             for seed in range(seeds):
                 rng = np.random.default_rng(seed)
-                feedback, users = (learning_log(model, rounds, 0.1, rng) if logger == LEARNING
-                                   else draw_log(model, policies[logger], rounds, rng))
+                feedback, users = draw(model, policies, logger, rounds, rng)
                 t = estimators.deterministic_target_terms(feedback, choices[users], num_actions,
                                                           EVALUATE.reward_model_ridge, EVALUATE.reward_model_folds)
                 effective = intervals.effective_sample_size(t)
                 agent = "epsilon_greedy" if logger == LEARNING else intervals.FIXED_LOGGER
+                draws = LINTS_DRAWS if logger == LINTS else 0
                 for interval in intervals.INTERVALS:
-                    warned = bool(intervals.caveats(interval, [], t, agent))
+                    warned = bool(intervals.caveats(interval, [], t, agent, draws))
                     table = intervals.estimate_all(scorers, t, interval, CONFIDENCE, reward_range=reward_range,
                                                    samples=samples, seed=seed)
                     rows += [{"logger": logger, "rounds": rounds, "seed": seed, "estimator": row.estimator,
