@@ -6,8 +6,9 @@ Per loop, with n = batch_size x steps_per_loop interactions:
   train/reward                 mean reward (reconstructed rating) per interaction
   train/suboptimal_arm_rate    share of interactions whose pick earned less than the best movie
   train/loss                   the agent's training loss on the loop's experience
-and the environment's own (a slate environment's NDCG, precision and click-through rate),
-means per interaction like the reward.
+and the environment's own (a slate environment's NDCG, precision and click-through rate, a
+drifting one's share of users whose best movie moved), means per interaction like the reward.
+Under drift the best movie is the best at that time: the regret is dynamic regret.
 TF-Agents' `RegretMetric` reports only the last batch's mean; the cumulative sum is ours.
 """
 
@@ -32,6 +33,9 @@ LOSS = "train/loss"
 NDCG = "train/ndcg"
 PRECISION = "train/precision"
 CLICK_THROUGH_RATE = "train/click_through_rate"
+# A drifting environment's (src.envs.movielens, env.drift): the share of interactions whose best
+# movie at that time is not the user's best without drift.
+BEST_MOVIE_MOVED = "train/best_movie_moved"
 # Training speed, in the train/ section beside the regret: MLflow sorts sections by name, and
 # the cumulative regret should be the first chart a person sees.
 INTERACTIONS_PER_S = "train/interactions_per_s"
@@ -53,7 +57,7 @@ FINAL_METRICS = tuple(OBJECTIVES)
 ONLINE_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
 # The range each metric lies in (None: unbounded), which a confidence band must respect.
 BOUNDS = {REGRET: (0.0, None), CUMULATIVE_REGRET: (0.0, None), SUBOPTIMAL_ARM_RATE: (0.0, 1.0), LOSS: (0.0, None),
-          NDCG: (0.0, 1.0), PRECISION: (0.0, 1.0), CLICK_THROUGH_RATE: (0.0, 1.0)}
+          NDCG: (0.0, 1.0), PRECISION: (0.0, 1.0), CLICK_THROUGH_RATE: (0.0, 1.0), BEST_MOVIE_MOVED: (0.0, 1.0)}
 
 
 def rounded(value: float) -> float:

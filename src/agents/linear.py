@@ -7,6 +7,11 @@ between ~8k and ~70k interactions/s for LinUCB on 2 cores). Each arm a estimates
 theta_a = A_a^-1 b_a with A_a = X_a'X_a + lambda I and b_a = X_a'r_a; an agent differs only
 in how it turns the estimate x.theta_a and its width sqrt(x'A_a^-1 x) into a choice.
 
+For a world that drifts they can forget (`Forgetting`): with a discount gamma every training
+loop weighs what came before by gamma (A = lambda I + sum_s gamma^(t-s) X_s'X_s, b likewise:
+D-LinUCB, Russac, Vernade and Cappe, NeurIPS 2019), or with a window of W only the last W
+rows count (SW-LinUCB, Cheung, Simchi-Levi and Zhu, AISTATS 2019).
+
 With per-arm features there are no fixed arms: as in TF-Agents' per-arm agents, one model
 is shared by all candidates, over each candidate's features beside its user's.
 """
@@ -14,6 +19,7 @@ is shared by all candidates, over each candidate's features beside its user's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -34,6 +40,22 @@ SCORING_DTYPE = tf.float32
 # (mean, width) -> the score each arm is ranked by, width already scaled by alpha: [batch, arms]
 # (or [batch, candidates] for one shared model).
 Exploration = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+@dataclass(frozen=True)
+class Forgetting:
+    """How the statistics forget: `discount` per training loop in (0, 1] (1: never), or a
+    `window` of the last rows (None: every row)."""
+
+    discount: float = 1.0
+    window: int | None = None
+
+    def __post_init__(self):
+        require(0 < self.discount <= 1, "agent.discount", self.discount, "in (0, 1] (1: no discount)")
+        require(self.window is None or (isinstance(self.window, int) and self.window >= 1), "agent.window",
+                self.window, "a positive number of interactions, or null for every one")
+        require(self.discount == 1 or self.window is None, "agent.window", self.window,
+                "null with agent.discount < 1 (forget by one or the other)")
 
 
 def check_hyperparameters(alpha: float, tikhonov_weight: float) -> None:
@@ -58,8 +80,11 @@ class ArmStatistics(tf.Module):
     step). One shared model (per-arm features) scores its few candidates in float64.
     """
 
-    def __init__(self, num_arms: int, dim: int, tikhonov_weight: float, name: str | None = None):
+    def __init__(self, num_arms: int, dim: int, tikhonov_weight: float, forgetting: Forgetting = Forgetting(),
+                 name: str | None = None):
         super().__init__(name=name)
+        self._forgetting = forgetting
+        self._ridge = tikhonov_weight * tf.eye(dim, dtype=tf.float64)
         identity = tf.eye(dim, batch_shape=[num_arms], dtype=tf.float64)
         self.covariance = tf.Variable(tikhonov_weight * identity, name="covariance")
         self.data_vector = tf.Variable(tf.zeros([num_arms, dim], tf.float64), name="data_vector")
@@ -76,6 +101,11 @@ class ArmStatistics(tf.Module):
         self.scoring_theta = tf.Variable(tf.zeros([dim * num_arms], SCORING_DTYPE), name="scoring_theta")
         self.packed_inverse = tf.Variable(tf.reshape(tf.transpose(self._pack(identity / tikhonov_weight)), [-1]),
                                           name="packed_inverse")
+        if forgetting.window:  # the last `window` rows, a ring; `rows_seen` says which slots hold one
+            self.window_rows = tf.Variable(tf.zeros([forgetting.window, dim], tf.float64), name="window_rows")
+            self.window_arms = tf.Variable(tf.zeros([forgetting.window], tf.int32), name="window_arms")
+            self.window_rewards = tf.Variable(tf.zeros([forgetting.window], tf.float64), name="window_rewards")
+            self.rows_seen = tf.Variable(tf.constant(0, tf.int64), name="rows_seen")
 
     def policy_variables(self) -> list[tf.Variable]:
         """What a policy scoring with these statistics reads, for its `_variables()` (TF-Agents'
@@ -120,37 +150,73 @@ class ArmStatistics(tf.Module):
         return mean, tf.maximum(variance, 0.0)
 
     def update(self, x: tf.Tensor, arm: tf.Tensor, reward: tf.Tensor) -> tf.Tensor:
-        """Add rows x [n, dim] with their zero-based arms and rewards [n]; returns the mean
-        squared error of the estimates before the update.
+        """Add rows x [n, dim] with their zero-based arms and rewards [n] (forgetting as
+        `Forgetting` says); returns the mean squared error of the estimates before the update.
 
         Only the arms chosen in these rows change, so only theirs are gathered, inverted and
         written back: a batch of 16 rows touches at most 16 arms. With the whole catalogue
         (1,682 movies) LinUCB went from 418 to 763 interactions/s, and from 19,500 to 23,800
-        with 20 (one measurement each, 2 cores)."""
+        with 20 (one measurement each, 2 cores). A discount changes every arm, each loop."""
         x, reward = tf.cast(x, tf.float64), tf.cast(reward, tf.float64)
         error = tf.reduce_sum(x * tf.gather(self.theta, arm), axis=-1) - reward
-        touched, row_of = tf.unique(arm)
+        if self._forgetting.discount < 1:
+            self._discounted_update(x, arm, reward)
+        else:
+            weight = tf.ones_like(reward)
+            if self._forgetting.window:
+                x, arm, reward, weight = self._through_window(x, arm, reward)
+            self._sparse_update(x, arm, reward, weight)
+        return tf.reduce_mean(tf.square(error))
+
+    def _added(self, x, arm, reward, weight, arms: tf.Tensor, count) -> tuple[tf.Tensor, tf.Tensor]:
+        """sum of weight x x' and of weight r x per arm, over `count` arms indexed by `arms` [n]."""
         if self._num_arms == 1:
             # One shared model (per-arm features, slates): X'X as one product. The outer
             # products and their segment sum took a fifth of a slate loop (80 rows of 40).
-            added_covariance = tf.matmul(x, x, transpose_a=True)[None]
-            added_data = tf.matmul(reward[None], x)
-        else:
-            count = tf.size(touched)
-            added_covariance = tf.math.unsorted_segment_sum(tf.einsum("ni,nj->nij", x, x), row_of, count)
-            added_data = tf.math.unsorted_segment_sum(reward[:, None] * x, row_of, count)
-        covariance = tf.gather(self.covariance, touched) + added_covariance
-        data_vector = tf.gather(self.data_vector, touched) + added_data
+            return tf.matmul(x * weight[:, None], x, transpose_a=True)[None], tf.matmul((weight * reward)[None], x)
+        added_covariance = tf.math.unsorted_segment_sum(tf.einsum("ni,nj->nij", x * weight[:, None], x), arms, count)
+        return added_covariance, tf.math.unsorted_segment_sum((weight * reward)[:, None] * x, arms, count)
+
+    def _sparse_update(self, x, arm, reward, weight) -> None:
+        touched, row_of = tf.unique(arm)
+        added_covariance, added_data = self._added(x, arm, reward, weight, row_of, tf.size(touched))
+        self._write(touched, tf.gather(self.covariance, touched) + added_covariance,
+                    tf.gather(self.data_vector, touched) + added_data)
+
+    def _discounted_update(self, x, arm, reward) -> None:
+        """Every arm's statistics decay by the discount, the ridge kept whole, then these rows add."""
+        gamma = self._forgetting.discount
+        everyone = tf.range(self._num_arms)
+        added_covariance, added_data = self._added(x, arm, reward, tf.ones_like(reward), arm, self._num_arms)
+        self._write(everyone, self._ridge + gamma * (self.covariance - self._ridge) + added_covariance,
+                    gamma * self.data_vector + added_data)
+
+    def _through_window(self, x, arm, reward):
+        """These rows into the window's ring, and the rows they push out of it, with weight -1:
+        the rows to add to the statistics."""
+        window = self._forgetting.window
+        slots = tf.math.floormod(self.rows_seen + tf.range(tf.shape(x, out_type=tf.int64)[0]), window)
+        leaving = tf.cast(self.rows_seen + tf.range(tf.shape(x, out_type=tf.int64)[0]) >= window, tf.float64)
+        old_x, old_arm = tf.gather(self.window_rows, slots), tf.gather(self.window_arms, slots)
+        old_reward = tf.gather(self.window_rewards, slots)
+        self.window_rows.scatter_nd_update(slots[:, None], x)
+        self.window_arms.scatter_nd_update(slots[:, None], arm)
+        self.window_rewards.scatter_nd_update(slots[:, None], reward)
+        self.rows_seen.assign_add(tf.shape(x, out_type=tf.int64)[0])
+        return (tf.concat([x, old_x], 0), tf.concat([arm, old_arm], 0), tf.concat([reward, old_reward], 0),
+                tf.concat([tf.ones_like(reward), -leaving], 0))
+
+    def _write(self, arms: tf.Tensor, covariance: tf.Tensor, data_vector: tf.Tensor) -> None:
+        """The statistics of `arms` [n], their inverses, estimates and scoring copies."""
         covariance_inverse = tf.linalg.inv(covariance)
-        rows = touched[:, None]
+        rows = arms[:, None]
         self.covariance.scatter_nd_update(rows, covariance)
         self.data_vector.scatter_nd_update(rows, data_vector)
         self.covariance_inverse.scatter_nd_update(rows, covariance_inverse)
-        write_columns(self.packed_inverse, self._num_arms, touched, self._pack(covariance_inverse))
+        write_columns(self.packed_inverse, self._num_arms, arms, self._pack(covariance_inverse))
         theta = tf.einsum("aij,aj->ai", covariance_inverse, data_vector)
         self.theta.scatter_nd_update(rows, theta)
-        write_columns(self.scoring_theta, self._num_arms, touched, tf.cast(theta, SCORING_DTYPE))
-        return tf.reduce_mean(tf.square(error))
+        write_columns(self.scoring_theta, self._num_arms, arms, tf.cast(theta, SCORING_DTYPE))
 
 
 def write_columns(flat: tf.Variable, num_columns: int, columns: tf.Tensor, values: tf.Tensor) -> None:
@@ -308,14 +374,15 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
 
     def __init__(self, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
                  exploration: Exploration, collect_epsilon: float = 0.0, propensity_draws: int = 0,
-                 name: str | None = None):
+                 forgetting: Forgetting = Forgetting(), name: str | None = None):
         """`collect_epsilon`: the collect policy's share of uniformly drawn arms (the saved,
         greedy policy has none); `propensity_draws`: Monte-Carlo draws by which the collect policy
-        of a sampling agent estimates each pick's propensity."""
+        of a sampling agent estimates each pick's propensity; `forgetting`: how the statistics
+        forget (never, by default)."""
         check_hyperparameters(alpha, tikhonov_weight)
         tf.Module.__init__(self, name=name)
         models = 1 if has_per_arm_features(time_step_spec) else num_actions(action_spec)
-        self.statistics = ArmStatistics(models, context_dim(time_step_spec.observation), tikhonov_weight)
+        self.statistics = ArmStatistics(models, context_dim(time_step_spec.observation), tikhonov_weight, forgetting)
         policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration)
         collect_policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration,
                                                 collect_epsilon, propensity_draws) \

@@ -20,15 +20,17 @@ class VectorizedLinTSAgent(linear.VectorizedLinearAgent):
     """LinTS on batched statistics: greedy in a reward sampled from each arm's posterior."""
 
     def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
-                 propensity_draws: int = 0, name: str | None = None):
+                 propensity_draws: int = 0, forgetting: linear.Forgetting = linear.Forgetting(),
+                 name: str | None = None):
         super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.sampled,
-                         propensity_draws=propensity_draws, name=name)
+                         propensity_draws=propensity_draws, forgetting=forgetting, name=name)
 
 
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, propensity_draws: int = 0,
-               name: str = "lints"):
+               discount: float = 1.0, window: int | None = None, name: str = "lints"):
     monte_carlo.check_draws(propensity_draws, action_spec)
-    return VectorizedLinTSAgent(time_step_spec, action_spec, alpha, tikhonov_weight, propensity_draws, name)
+    return VectorizedLinTSAgent(time_step_spec, action_spec, alpha, tikhonov_weight, propensity_draws,
+                                linear.Forgetting(discount, window), name)
 
 
 def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,

@@ -20,16 +20,19 @@ class VectorizedLinUCBAgent(linear.VectorizedLinearAgent):
     """LinUCB on batched statistics: greedy in the upper confidence bound."""
 
     def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
-                 log_epsilon: float = 0.0, name: str | None = None):
-        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, log_epsilon, name=name)
+                 log_epsilon: float = 0.0, forgetting: linear.Forgetting = linear.Forgetting(),
+                 name: str | None = None):
+        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, log_epsilon,
+                         forgetting=forgetting, name=name)
 
 
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, log_epsilon: float = 0.0,
-               name: str = "linucb"):
+               discount: float = 1.0, window: int | None = None, name: str = "linucb"):
     require(0 <= log_epsilon <= 1, "agent.log_epsilon", log_epsilon, "in [0, 1]")
     require(not (log_epsilon and is_slate(action_spec)), "agent.log_epsilon", log_epsilon,
             "0 with slates (it explores single movies)")
-    return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, log_epsilon, name)
+    return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, log_epsilon,
+                                 linear.Forgetting(discount, window), name)
 
 
 def exposes_propensities(log_epsilon: float = 0.0, **_) -> bool:

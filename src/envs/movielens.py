@@ -20,10 +20,17 @@ import tensorflow as tf
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
+from src import metrics
 from src.envs.base import InGraphBandit
 from src.errors import require
 
 MOVIE_SELECTIONS = ("first", "most_rated")
+DRIFTS = ("none", "rotate", "switch")
+# The second taste regime of drift=switch is one fixed random rotation, the same for every run
+# and agent, so that their regrets compare on the same drift.
+SWITCH_SEED = 0
+# Angles over a rotation's cycle at which its uniform-random regret is averaged.
+ROTATION_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,124 @@ class MovieLensEnvironment(InGraphBandit):
         return self._rewards_of(action), tf.gather(self._optimal_reward, self._users)
 
 
+def rotation(drift: str, rank: int, interactions: float, period: int, switched: np.ndarray) -> np.ndarray:
+    """[rank, rank] the rotation of the users' observed tastes after `interactions` (NumPy, for
+    the tests and the random policy's regret; `DriftingMovieLensEnvironment._rotation` in-graph)."""
+    if drift == "switch":
+        return switched if (interactions // period) % 2 else np.eye(rank)
+    angle = 2 * np.pi * interactions / period
+    paired, turn = rotation_parts(rank)
+    return np.eye(rank) + (np.cos(angle) - 1) * paired + np.sin(angle) * turn
+
+
+def rotation_parts(rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rotation by an angle a is I + (cos a - 1) paired + sin a turn: dimensions (0, 1),
+    (2, 3), ... turn together in their plane; an odd last one stays."""
+    paired, turn = np.zeros((rank, rank)), np.zeros((rank, rank))
+    for first in range(0, rank - 1, 2):
+        paired[first, first] = paired[first + 1, first + 1] = 1.0
+        turn[first, first + 1], turn[first + 1, first] = -1.0, 1.0
+    return paired, turn
+
+
+def random_rotation(rank: int) -> np.ndarray:
+    """A uniformly random rotation (Haar, by the QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(np.random.default_rng(SWITCH_SEED).standard_normal((rank, rank)))
+    return q * np.sign(np.diag(r))
+
+
+@dataclass(frozen=True)
+class DriftingRewardModel(RewardModel):
+    """The reward model without drift, and the drift: user u's taste x_u (its first rank_k
+    factors, what the agent observes) is x_u R_t at time t, so the reward of movie m is
+    rewards[u, m] + x_u (R_t - I) m_k. The agent keeps observing x_u: the mapping from what it
+    sees to what it earns changes. `rewards` stay the stationary ones (what nothing but the
+    training loop reads)."""
+
+    drift: str = "none"
+    period: int = 1  # interactions per rotation (rotate) or between switches (switch)
+
+    def rewards_at(self, interactions: float) -> np.ndarray:
+        """[users, movies] the rewards after `interactions`."""
+        turned = rotation(self.drift, self.user_features.shape[1], interactions, self.period,
+                          random_rotation(self.user_features.shape[1]))
+        shift = (self.user_features @ turned - self.user_features) @ self.movie_features.T
+        return self.rewards + shift
+
+    @property
+    def random_policy_regret(self) -> float:
+        """A uniform pick's expected regret against the best movie at the time, averaged over the
+        drift's cycle (its two regimes, or ROTATION_SAMPLES angles of a rotation)."""
+        if self.drift == "switch":
+            times = [0, self.period]
+        else:
+            times = np.arange(ROTATION_SAMPLES) * self.period / ROTATION_SAMPLES
+        regrets = [np.mean(rewards.max(axis=1) - rewards.mean(axis=1)) for rewards in map(self.rewards_at, times)]
+        return float(np.mean(regrets))
+
+
+class DriftingMovieLensEnvironment(MovieLensEnvironment):
+    """`MovieLensEnvironment` whose users' tastes drift (`DriftingRewardModel`); each step's
+    rewards are those of its time, its regret dynamic regret. The drift is a function of the
+    interactions so far, counted from the environment's own steps."""
+
+    logged_round_kind = None  # a logged round would need its time to be replayed: not kept
+    extra_metric_names = (metrics.BEST_MOVIE_MOVED,)
+
+    def __init__(self, model: DriftingRewardModel, batch_size: int, seed: int, name: str = "movielens"):
+        super().__init__(model, batch_size, seed, name)
+        self._drift, self._period = model.drift, model.period
+        rank = model.user_features.shape[1]
+        self._user_factors = tf.constant(model.user_features, tf.float64)
+        self._movie_factors = tf.constant(model.movie_features, tf.float64)
+        self._switched = tf.constant(random_rotation(rank))
+        paired, turn = rotation_parts(rank)
+        self._paired, self._turn = tf.constant(paired), tf.constant(turn)
+        self._steps = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="steps")
+        self._stationary_best = tf.constant(np.argmax(model.rewards, axis=1), tf.int32)
+
+    def _observe(self) -> tf.Tensor:
+        self._steps.assign_add(1)
+        return super()._observe()
+
+    def _rotation(self) -> tf.Tensor:
+        """[rank, rank] the rotation at the current step's first interaction."""
+        interactions = tf.cast((self._steps - 1) * self.batch_size, tf.float64)
+        rank = self._switched.shape[0]
+        if self._drift == "switch":
+            switched = tf.equal(tf.math.floormod(tf.math.floordiv(interactions, self._period), 2.0), 1.0)
+            return tf.where(switched, self._switched, tf.eye(rank, dtype=tf.float64))
+        angle = 2 * np.pi * interactions / self._period
+        return tf.eye(rank, dtype=tf.float64) + (tf.cos(angle) - 1) * self._paired + tf.sin(angle) * self._turn
+
+    def _current_rewards(self) -> tf.Tensor:
+        """[batch, movies] the current users' rewards at this step's time."""
+        tastes = tf.gather(self._user_factors, self._users)
+        shift = tf.matmul(tf.matmul(tastes, self._rotation()) - tastes, self._movie_factors, transpose_b=True)
+        return tf.gather(self._rewards, self._users) + shift
+
+    def _rewards_of(self, action: tf.Tensor) -> tf.Tensor:
+        return tf.gather(self._current_rewards(), tf.cast(action, tf.int32), batch_dims=1)
+
+    def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        rewards = self._current_rewards()
+        return tf.gather(rewards, tf.cast(action, tf.int32), batch_dims=1), tf.reduce_max(rewards, axis=1)
+
+    def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
+        """[batch, 1] whether the user's best movie now is not their best without drift."""
+        best = tf.argmax(self._current_rewards(), axis=1, output_type=tf.int32)
+        return tf.cast(best != tf.gather(self._stationary_best, self._users), tf.float64)[:, None]
+
+
 def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
-          reward_rank: int | None = None, movie_selection: str = "first",
-          name: str = "movielens") -> MovieLensEnvironment:
+          reward_rank: int | None = None, movie_selection: str = "first", drift: str = "none",
+          drift_period: int | None = None, name: str = "movielens") -> MovieLensEnvironment:
     """The environment the `env` config group describes, over parsed MovieLens `data`."""
+    require(drift in DRIFTS, "env.drift", drift, f"one of {', '.join(DRIFTS)}")
+    require(drift == "none" or (isinstance(drift_period, int) and drift_period >= batch_size), "env.drift_period",
+            drift_period, f"an integer number of interactions, at least training.batch_size={batch_size}")
     model = build_reward_model(data.ratings_matrix(), num_movies, rank_k, reward_rank, movie_selection)
-    return MovieLensEnvironment(model, batch_size, seed, name)
+    if drift == "none":
+        return MovieLensEnvironment(model, batch_size, seed, name)
+    return DriftingMovieLensEnvironment(DriftingRewardModel(**vars(model), drift=drift, period=drift_period),
+                                        batch_size, seed, name)
