@@ -177,9 +177,13 @@ def rotation_parts(rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def random_rotation(rank: int) -> np.ndarray:
-    """A uniformly random rotation (Haar, by the QR of a Gaussian matrix, signs fixed)."""
+    """A uniformly random rotation: the QR of a Gaussian matrix with its signs fixed (Haar over
+    the orthogonal matrices), a reflection turned into a rotation."""
     q, r = np.linalg.qr(np.random.default_rng(SWITCH_SEED).standard_normal((rank, rank)))
-    return q * np.sign(np.diag(r))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
 
 
 @dataclass(frozen=True)

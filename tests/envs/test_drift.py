@@ -1,0 +1,84 @@
+"""Drifting tastes (env.drift): each step's rewards those of its time, as the NumPy reward model
+computes them, regret against the best movie at the time, and bad settings refused."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from src import data, experiment, metrics
+from src.envs import build_environment
+from src.envs.movielens import ROTATION_SAMPLES, DriftingRewardModel, random_rotation, rotation
+from src.errors import UserError
+
+
+def drifting(make_config, drift: str, period: int):
+    cfg = make_config(f"env.drift={drift}", f"env.drift_period={period}", "training.batch_size=8")
+    return build_environment(cfg, data.load(cfg.data))
+
+
+@pytest.mark.parametrize("drift", ["rotate", "switch"])
+def test_each_step_earns_the_rewards_of_its_time(make_config, drift):
+    environment = drifting(make_config, drift, 24)  # 3 steps of 8 users a regime or a turn
+    model = environment.reward_model
+    assert isinstance(model, DriftingRewardModel)
+    for step in range(7):
+        environment.reset()
+        users = environment.users.numpy()
+        truth = model.rewards_at(step * 8)[users]
+        actions = tf.constant(np.arange(8) % truth.shape[1], tf.int32)
+        reward, optimal = environment.outcome(actions)
+        np.testing.assert_allclose(reward.numpy(), truth[np.arange(8), actions.numpy()], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(optimal.numpy(), truth.max(axis=1), rtol=1e-12, atol=1e-12)
+        moved = environment.extra_metrics(actions).numpy()[:, 0]
+        np.testing.assert_array_equal(moved, truth.argmax(axis=1) != model.rewards[users].argmax(axis=1))
+    if drift == "switch":  # the regimes alternate: back to no drift after two periods
+        np.testing.assert_allclose(model.rewards_at(48), model.rewards, atol=1e-12)
+        assert not np.allclose(model.rewards_at(24), model.rewards)
+
+
+def test_rotations_turn_a_full_circle_and_the_switch_is_a_rotation():
+    turned = rotation("rotate", 5, 10, 40, None)  # a quarter turn in planes (0, 1) and (2, 3)
+    np.testing.assert_allclose(turned[:2, :2], [[0, -1], [1, 0]], atol=1e-12)
+    assert turned[4, 4] == 1.0
+    np.testing.assert_allclose(rotation("rotate", 5, 40, 40, None), np.eye(5), atol=1e-12)
+    switched = random_rotation(5)
+    np.testing.assert_allclose(switched @ switched.T, np.eye(5), atol=1e-12)
+    assert np.linalg.det(switched) == pytest.approx(1.0)
+
+
+def test_the_random_regret_is_averaged_over_the_cycle(make_config):
+    model = drifting(make_config, "switch", 24).reward_model
+    regimes = [model.rewards_at(0), model.rewards_at(24)]
+    expected = np.mean([np.mean(r.max(axis=1) - r.mean(axis=1)) for r in regimes])
+    assert model.random_policy_regret == pytest.approx(expected, rel=1e-12)
+    rotating = drifting(make_config, "rotate", 64).reward_model
+    angles = [rotating.rewards_at(t * 64 / ROTATION_SAMPLES) for t in range(ROTATION_SAMPLES)]
+    assert rotating.random_policy_regret == pytest.approx(
+        np.mean([np.mean(r.max(axis=1) - r.mean(axis=1)) for r in angles]), rel=1e-12)
+
+
+def test_a_drifting_run_logs_how_often_the_best_movie_moved(make_config):
+    from src.training import train  # here: only this test needs the whole training stack
+
+    final, _ = train(make_config("env.drift=switch", "env.drift_period=160", "training.loops=40"))
+    assert 0 <= final[metrics.REGRET]
+    history = mlflow.MlflowClient().get_metric_history(mlflow.last_active_run().info.run_id, metrics.BEST_MOVIE_MOVED)
+    moved = [point.value for point in sorted(history, key=lambda point: point.step)]
+    # Loops of 16 interactions: the first 10 in the first regime (nothing moved), the next 10 in the second.
+    assert moved[:10] == [0.0] * 10 and min(moved[10:20]) > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["env.drift=sideways"], "env.drift must be one of none, rotate, switch, got 'sideways'"),
+    (["env.drift=rotate", "env.drift_period=3"], "env.drift_period must be an integer number of interactions, "
+                                                 "at least training.batch_size=8, got 3"),
+    (["env.drift=switch", "tracking.log_interactions=true"], "tracking.log_interactions=true needs an environment"),
+])
+def test_bad_drift_is_refused_in_one_line(make_config, overrides, message):
+    cfg = make_config(*overrides, "training.batch_size=8")
+    with pytest.raises(UserError) as refused:
+        experiment.assemble(cfg, data.load(cfg.data))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
