@@ -7,6 +7,11 @@ driver and buffer reduced to what an on-policy bandit needs: the `steps_per_loop
 transitions of the loop, stacked along the time axis, are the experience. The
 environment is asked for observations (`reset()`), rewards (`outcome()`), the agent's
 feedback and any metrics of its own (`src.envs.base.InGraphBandit`).
+
+Where the environment delays its feedback (`feedback_delay`), each loop's transitions wait in a
+pending ring of the last `longest + 1` loops with the loop their reward arrives at, and the
+agent trains each loop on the transitions arriving then, one step each; the regret is still
+charged as the movie is recommended.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 # Rewards reconstructed by SVD carry ~1e-14 of rounding: two movies whose ratings tie differ by
 # that much, and a pick that close to the best is not a wrong one (src.metrics.DECIMALS).
 TIE_TOLERANCE = 1e-9
+# The delays' own generator: the same delays for every agent on the same environment.
+DELAY_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,7 @@ class LoopMetrics:
     regret: np.ndarray  # float64 [loops]
     reward: np.ndarray  # float64 [loops]
     suboptimal: np.ndarray  # float64 [loops], number of non-optimal picks
-    loss: np.ndarray  # float64 [loops], the agent's training loss on the loop's experience
+    loss: np.ndarray  # float64 [loops], the agent's training loss on the loop's experience (delayed: what arrived)
     # float64 [loops x interactions per loop, columns]: each round as the environment logs it
     # (`logged_round`) and then what the log keeps of the collect policy's step; None unless recorded.
     interactions: np.ndarray | None = None
@@ -72,6 +79,9 @@ class Engine:
         self.interactions_per_loop = environment.batch_size * steps_per_loop
         self.policy_columns = policy_columns
         self.traces = 0
+        self._delay = environment.feedback_delay
+        if self._delay.active:
+            self._make_pending(environment.feedback_delay, environment.batch_size * steps_per_loop)
         self.run_chunk = tf.function(
             self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
 
@@ -94,6 +104,34 @@ class Engine:
             metrics = tf.concat([metrics, tf.reduce_sum(env.extra_metrics(action_step.action), axis=0)], axis=0)
         return transition, metrics, self._interactions(action_step)
 
+    def _make_pending(self, delay, rows_per_loop: int) -> None:
+        """The ring of the last `delay.longest + 1` loops' transitions, one step each, and the loop
+        each one's reward arrives at (-1: never); its own generator draws the delays."""
+        slots = delay.longest + 1
+        spec = self.agent.collect_policy.trajectory_spec
+        self._pending = [tf.Variable(tf.zeros([slots, rows_per_loop, 1, *leaf.shape], leaf.dtype), trainable=False)
+                         for leaf in tf.nest.flatten(spec)]
+        self._arrives = tf.Variable(tf.fill([slots, rows_per_loop], tf.constant(-1, tf.int64)), trainable=False)
+        self._loop = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+        self._delays = tf.random.Generator.from_seed(DELAY_SEED)
+
+    def _train_on_arrivals(self, experience):
+        """File the loop's transitions as pending, and train on those whose rewards arrive now
+        (no step where none do: an empty batch's mean loss is NaN); the loss, 0 without a step
+        (a NaN is what the training's divergence check stops a run for)."""
+        slot = tf.math.floormod(self._loop, self._arrives.shape[0])
+        rows = self._arrives.shape[1]
+        for pending, leaf in zip(self._pending, tf.nest.flatten(experience)):
+            pending.scatter_nd_update([[slot]], tf.reshape(leaf, [1, rows, 1, *leaf.shape[2:]]))
+        delays = self._delay.sample(self._delays, [rows])
+        self._arrives.scatter_nd_update([[slot]], tf.where(delays < 0, delays, self._loop + delays)[None])
+        due = tf.reshape(tf.equal(self._arrives, self._loop), [-1])
+        arrived = tf.nest.pack_sequence_as(experience, [
+            tf.boolean_mask(tf.reshape(pending, [-1, *pending.shape[2:]]), due) for pending in self._pending])
+        self._loop.assign_add(1)
+        return tf.cond(tf.reduce_any(due), lambda: tf.cast(self.agent.train(arrived).loss, tf.float64),
+                       lambda: tf.constant(0.0, tf.float64))
+
     @property
     def record_interactions(self) -> bool:
         return self.policy_columns is not None
@@ -108,7 +146,10 @@ class Engine:
         transitions, metrics, interactions = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
         experience = tf.nest.map_structure(lambda *steps: tf.stack(steps, axis=1), *transitions)
         experience = self.environment.training_experience(experience)
-        loss = tf.reduce_mean(tf.cast(self.agent.train(experience).loss, tf.float64))
+        if self._delay.active:
+            loss = self._train_on_arrivals(experience)
+        else:
+            loss = tf.reduce_mean(tf.cast(self.agent.train(experience).loss, tf.float64))
         summed = tf.add_n(metrics)
         return tf.concat([summed[:3], [loss], summed[3:]], axis=0), tf.concat(interactions, axis=0)
 

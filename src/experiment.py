@@ -29,6 +29,10 @@ def assemble(cfg: DictConfig, data) -> Engine:
     `engine.environment` and `engine.agent` are the built pieces."""
     seed_everything(cfg.training.seed)
     environment = build_environment(cfg, data)
+    delay = environment.feedback_delay
+    if delay.loops > cfg.training.loops:
+        raise UserError(f"env.delay_loops={delay.loops} is longer than the run's training.loops={cfg.training.loops}: "
+                        f"no reward would reach the agent")
     agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed)
     if not cfg.tracking.log_interactions:
         return Engine(environment, agent, cfg.training.steps_per_loop)

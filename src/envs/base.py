@@ -11,11 +11,20 @@ everything outside the engine reads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import tensorflow as tf
 from tf_agents.bandits.environments import bandit_tf_environment
+
+from src.errors import require
+
+DELAYS = ("none", "fixed", "geometric", "heavy")
+# A heavy-tailed delay: this share of rewards waits HEAVY_SCALE times longer on average.
+HEAVY_SHARE, HEAVY_SCALE = 0.1, 10
+# A geometric delay waits over this many times its mean with chance about e^-LONGEST_MEANS.
+LONGEST_MEANS = 10
 
 
 @runtime_checkable
@@ -52,6 +61,50 @@ class CompleteRewardModel(RewardModel, Protocol):
         """Mean reward of picking movie `choices[u]` for user row u, users drawn uniformly."""
 
 
+@dataclass(frozen=True)
+class FeedbackDelay:
+    """How many training loops after its own an interaction's reward reaches the agent: `fixed`
+    `loops`; `geometric` with mean `loops` (0 with chance 1 / (loops + 1), each further loop with
+    the rest); `heavy` that, but a HEAVY_SHARE of rewards with mean HEAVY_SCALE x loops. A
+    reward that would wait longer than `longest` loops, and a `drop` share of them, never
+    arrives (None: `loops` if fixed, else LONGEST_MEANS of the longest mean). The regret is
+    charged when the movie is recommended, whenever its reward arrives."""
+
+    kind: str = "none"
+    loops: int = 0
+    longest: int | None = None
+    drop: float = 0.0
+
+    def __post_init__(self):
+        require(self.kind in DELAYS, "env.delay", self.kind, f"one of {', '.join(DELAYS)}")
+        require(isinstance(self.loops, int) and self.loops >= (self.kind != "none"), "env.delay_loops", self.loops,
+                "a whole number of training loops, >= 1 with a delay")
+        if self.longest is None:
+            mean = self.loops * (HEAVY_SCALE if self.kind == "heavy" else 1)
+            object.__setattr__(self, "longest", self.loops if self.kind in ("none", "fixed") else LONGEST_MEANS * mean)
+        require(isinstance(self.longest, int) and self.longest >= self.loops, "env.delay_longest", self.longest,
+                f"a whole number of loops, at least env.delay_loops={self.loops}")
+        require(0 <= self.drop < 1, "env.feedback_drop", self.drop, "in [0, 1)")
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none" or self.drop > 0
+
+    def sample(self, generator: tf.random.Generator, shape) -> tf.Tensor:
+        """int64 delays in loops of `shape`, -1 where the reward never arrives."""
+        if self.kind in ("none", "fixed"):
+            delays = tf.fill(shape, tf.constant(self.loops, tf.int64))
+        else:
+            means = tf.fill(shape, tf.constant(float(self.loops), tf.float64))
+            if self.kind == "heavy":
+                means = tf.where(generator.uniform(shape, dtype=tf.float64) < HEAVY_SHARE, HEAVY_SCALE * means, means)
+            # Geometric on {0, 1, ...} with mean m: floor(log U / log(m / (m + 1))).
+            uniform = generator.uniform(shape, minval=1e-300, maxval=1.0, dtype=tf.float64)
+            delays = tf.cast(tf.floor(tf.math.log(uniform) / tf.math.log(means / (means + 1))), tf.int64)
+        lost = tf.logical_or(delays > self.longest, generator.uniform(shape, dtype=tf.float64) < self.drop)
+        return tf.where(lost, tf.constant(-1, tf.int64), delays)
+
+
 class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
     """What the engine (src.engine) calls, each step: `reset()`, which draws the step's users and
     returns their observations; `outcome(action)`, the reward earned and the best there was;
@@ -70,6 +123,8 @@ class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
     logged_round_kind: str | None = None
     # Names of the per-interaction metrics `extra_metrics` returns, e.g. a slate's NDCG.
     extra_metric_names: tuple[str, ...] = ()
+    # When rewards reach the agent (the engine keeps the rest pending).
+    feedback_delay: FeedbackDelay = FeedbackDelay()
 
     @property
     def users(self) -> tf.Tensor:

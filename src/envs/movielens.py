@@ -21,7 +21,7 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
 from src import metrics
-from src.envs.base import InGraphBandit
+from src.envs.base import FeedbackDelay, InGraphBandit
 from src.errors import require
 
 MOVIE_SELECTIONS = ("first", "most_rated")
@@ -271,13 +271,18 @@ class DriftingMovieLensEnvironment(MovieLensEnvironment):
 
 def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
           reward_rank: int | None = None, movie_selection: str = "first", drift: str = "none",
-          drift_period: int | None = None, name: str = "movielens") -> MovieLensEnvironment:
+          drift_period: int | None = None, delay: str = "none", delay_loops: int = 0, delay_longest: int | None = None,
+          feedback_drop: float = 0.0, name: str = "movielens") -> MovieLensEnvironment:
     """The environment the `env` config group describes, over parsed MovieLens `data`."""
+    feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
     require(drift in DRIFTS, "env.drift", drift, f"one of {', '.join(DRIFTS)}")
     require(drift == "none" or (isinstance(drift_period, int) and drift_period >= batch_size), "env.drift_period",
             drift_period, f"an integer number of interactions, at least training.batch_size={batch_size}")
     model = build_reward_model(data.ratings_matrix(), num_movies, rank_k, reward_rank, movie_selection)
     if drift == "none":
-        return MovieLensEnvironment(model, batch_size, seed, name)
-    return DriftingMovieLensEnvironment(DriftingRewardModel(**vars(model), drift=drift, period=drift_period),
-                                        batch_size, seed, name)
+        environment = MovieLensEnvironment(model, batch_size, seed, name)
+    else:
+        environment = DriftingMovieLensEnvironment(DriftingRewardModel(**vars(model), drift=drift, period=drift_period),
+                                                   batch_size, seed, name)
+    environment.feedback_delay = feedback_delay
+    return environment

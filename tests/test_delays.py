@@ -1,0 +1,88 @@
+"""Delayed feedback (env.delay, env.feedback_drop): the agent trains on exactly the rewards that
+have arrived, each once, the delays drawn as stated, and bad settings refused in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from src import data, experiment
+from src.engine import DELAY_SEED
+from src.envs.base import HEAVY_SCALE, HEAVY_SHARE, FeedbackDelay
+from src.errors import UserError
+
+LOOPS, BATCH, STEPS = 30, 8, 2
+
+
+@pytest.mark.parametrize("settings", [
+    ["env.delay=fixed", "env.delay_loops=3"],
+    ["env.delay=geometric", "env.delay_loops=2"],
+    ["env.delay=heavy", "env.delay_loops=1", "env.feedback_drop=0.2"],
+])
+def test_the_agent_learns_from_exactly_the_rewards_that_arrived(make_config, settings):
+    cfg = make_config("agent=linucb", "agent.alpha=1.0", f"training.loops={LOOPS}", "tracking.log_interactions=true",
+                      *settings)
+    engine = experiment.assemble(cfg, data.load(cfg.data))
+    (chunk,) = list(engine.run(LOOPS, LOOPS))
+    # The delays the engine drew, drawn again from its generator's seed in the same order: a
+    # loop's transitions user by user (each user's steps together), its log step by step.
+    delay = engine.environment.feedback_delay
+    generator = tf.random.Generator.from_seed(DELAY_SEED)
+    delays = np.concatenate([delay.sample(generator, [BATCH * STEPS]).numpy().reshape(BATCH, STEPS).T.ravel()
+                             for _ in range(LOOPS)])
+    loop_of = np.repeat(np.arange(LOOPS), BATCH * STEPS)
+    arrived = (delays >= 0) & (loop_of + delays <= LOOPS - 1)
+    assert 0 < arrived.sum() < len(arrived)
+    model = engine.environment.reward_model
+    users, actions = chunk.interactions[:, 0].astype(int), chunk.interactions[:, 1].astype(int)
+    x, rewards = model.user_features[users], model.rewards[users, actions]
+    ridge = cfg.agent.tikhonov_weight
+    covariance = np.tile(ridge * np.eye(x.shape[1]), (len(model.movie_ids), 1, 1))
+    data_vector = np.zeros((len(model.movie_ids), x.shape[1]))
+    for features, action, reward in zip(x[arrived], actions[arrived], rewards[arrived]):
+        covariance[action] += np.outer(features, features)
+        data_vector[action] += reward * features
+    statistics = engine.agent.statistics
+    # float32 features in the agent, float64 here.
+    np.testing.assert_allclose(statistics.covariance.numpy(), covariance, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(statistics.data_vector.numpy(), data_vector, rtol=1e-5, atol=1e-4)
+
+
+def test_delays_are_drawn_as_stated():
+    generator = tf.random.Generator.from_seed(1)
+    n = 200_000
+    geometric = FeedbackDelay("geometric", 4).sample(generator, [n]).numpy()
+    # Mean 4 and standard deviation sqrt(4 x 5) = 4.5: a standard error of 0.01. Over 40 loops (10
+    # means, the default longest) a reward never arrives: (4 / 5)^41 of them, standard error 2.3e-5.
+    kept = geometric[geometric >= 0]
+    assert kept.min() == 0 and kept.max() == 40 and abs(kept.mean() - 4) < 0.06
+    assert np.mean(geometric < 0) == pytest.approx(0.8 ** 41, abs=1e-4)
+    heavy = FeedbackDelay("heavy", 2, longest=10_000).sample(generator, [n]).numpy()
+    assert heavy.mean() == pytest.approx((1 - HEAVY_SHARE) * 2 + HEAVY_SHARE * HEAVY_SCALE * 2, rel=0.03)
+    dropped = FeedbackDelay("fixed", 3, drop=0.25).sample(generator, [n]).numpy()
+    assert set(np.unique(dropped)) == {-1, 3} and np.mean(dropped < 0) == pytest.approx(0.25, abs=0.005)
+
+
+def test_a_neural_agent_learns_from_geometric_delays(make_config):
+    cfg = make_config("agent=epsilon_greedy", "training.loops=200", "env.delay=geometric", "env.delay_loops=3")
+    engine = experiment.assemble(cfg, data.load(cfg.data))
+    chunks = list(engine.run(200, 100))
+    per_interaction = chunks[-1].regret.mean() / engine.interactions_per_loop
+    assert per_interaction < 0.5 * engine.environment.reward_model.random_policy_regret
+    assert np.isfinite(np.concatenate([chunk.loss for chunk in chunks])).all()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["env.delay=fixed", "env.delay_loops=100"], "env.delay_loops=100 is longer than the run's training.loops=60"),
+    (["env.delay=fixed"], "env.delay_loops must be a whole number of training loops, >= 1 with a delay, got 0"),
+    (["env.delay=later", "env.delay_loops=2"], "env.delay must be one of none, fixed, geometric, heavy, got 'later'"),
+    (["env.feedback_drop=1.0"], "env.feedback_drop must be in [0, 1), got 1.0"),
+    (["env.delay=fixed", "env.delay_loops=3", "env.delay_longest=2"],
+     "env.delay_longest must be a whole number of loops, at least env.delay_loops=3, got 2"),
+])
+def test_bad_delays_are_refused_in_one_line(make_config, overrides, message):
+    cfg = make_config(*overrides)
+    with pytest.raises(UserError) as refused:
+        experiment.assemble(cfg, data.load(cfg.data))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
