@@ -93,13 +93,24 @@ def differences(cfg: DictConfig) -> list[str]:
     return [*choices, *_training_preset(cfg), *changed]
 
 
+def option_file(group: str, option: str) -> DictConfig | None:
+    """`conf/<group>/<option>.yaml` as Hydra composes it alone: the options of its group that its
+    `defaults:` list names first, its own keys over them (env=movielens_switch is env=movielens
+    with drift); None where there is no such file."""
+    path = CONFIG_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    own = OmegaConf.load(path)
+    bases = [option_file(group, entry) for entry in own.pop("defaults", []) if entry != "_self_"]
+    return OmegaConf.merge(*bases, own) if bases else own
+
+
 def _changed(values: DictConfig, group: str, option: str, ignored: tuple[str, ...] = ()) -> list[tuple[str, object]]:
     """The top-level values of `values` that differ from `conf/<group>/<option>.yaml`'s (not those
     that follow another by interpolation: they change with it)."""
-    path = CONFIG_DIR / group / f"{option}.yaml"
-    if not path.is_file():
+    raw = option_file(group, option)
+    if raw is None:
         return []
-    raw = OmegaConf.load(path)
     defaults = OmegaConf.to_container(raw, resolve=True)
     given = OmegaConf.to_container(values, resolve=True)
     return [(key, value) for key, value in given.items()
@@ -253,10 +264,10 @@ def check_types(cfg: DictConfig) -> None:
     """
     groups = (("data", cfg.data.name), ("env", cfg.env.name), ("agent", cfg.agent.name), ("training", "default"))
     for group, option in groups:
-        path = CONFIG_DIR / group / f"{option}.yaml"
-        if path.is_file():
+        own = option_file(group, option)
+        if own is not None:
             # A default like `${.rank_k}` has the type of what it points to.
-            defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            defaults = OmegaConf.to_container(own, resolve=True)
             values = OmegaConf.to_container(cfg[group], resolve=True)
             with errors_name_source(group, option):
                 _require_types_of(values, defaults, group)

@@ -105,13 +105,15 @@ class Engine:
         return transition, metrics, self._interactions(action_step)
 
     def _make_pending(self, delay, rows_per_loop: int) -> None:
-        """The ring of the last `delay.longest + 1` loops' transitions, one step each, and the loop
-        each one's reward arrives at (-1: never); its own generator draws the delays."""
-        slots = delay.longest + 1
+        """The ring of the last `delay.longest + 1` loops' transitions, one step each (slot s holds
+        rows s x rows_per_loop onwards), and the loop each one's reward arrives at (-1: never);
+        its own generator draws the delays."""
+        rows = (delay.longest + 1) * rows_per_loop
         spec = self.agent.collect_policy.trajectory_spec
-        self._pending = [tf.Variable(tf.zeros([slots, rows_per_loop, 1, *leaf.shape], leaf.dtype), trainable=False)
+        self._pending = [tf.Variable(tf.zeros([rows, 1, *leaf.shape], leaf.dtype), trainable=False)
                          for leaf in tf.nest.flatten(spec)]
-        self._arrives = tf.Variable(tf.fill([slots, rows_per_loop], tf.constant(-1, tf.int64)), trainable=False)
+        self._arrives = tf.Variable(tf.fill([rows], tf.constant(-1, tf.int64)), trainable=False)
+        self._rows_per_loop = rows_per_loop
         self._loop = tf.Variable(tf.constant(0, tf.int64), trainable=False)
         self._delays = tf.random.Generator.from_seed(DELAY_SEED)
 
@@ -119,17 +121,17 @@ class Engine:
         """File the loop's transitions as pending, and train on those whose rewards arrive now
         (no step where none do: an empty batch's mean loss is NaN); the loss, 0 without a step
         (a NaN is what the training's divergence check stops a run for)."""
-        slot = tf.math.floormod(self._loop, self._arrives.shape[0])
-        rows = self._arrives.shape[1]
+        rows = self._rows_per_loop
+        slots = self._arrives.shape[0] // rows
+        filed = (tf.math.floormod(self._loop, slots) * rows + tf.range(rows, dtype=tf.int64))[:, None]
         for pending, leaf in zip(self._pending, tf.nest.flatten(experience)):
-            pending.scatter_nd_update([[slot]], tf.reshape(leaf, [1, rows, 1, *leaf.shape[2:]]))
+            pending.scatter_nd_update(filed, tf.reshape(leaf, [rows, 1, *leaf.shape[2:]]))
         delays = self._delay.sample(self._delays, [rows])
-        self._arrives.scatter_nd_update([[slot]], tf.where(delays < 0, delays, self._loop + delays)[None])
-        due = tf.reshape(tf.equal(self._arrives, self._loop), [-1])
-        arrived = tf.nest.pack_sequence_as(experience, [
-            tf.boolean_mask(tf.reshape(pending, [-1, *pending.shape[2:]]), due) for pending in self._pending])
+        self._arrives.scatter_nd_update(filed, tf.where(delays < 0, delays, self._loop + delays))
+        due = tf.where(tf.equal(self._arrives, self._loop))[:, 0]
+        arrived = tf.nest.pack_sequence_as(experience, [tf.gather(pending, due) for pending in self._pending])
         self._loop.assign_add(1)
-        return tf.cond(tf.reduce_any(due), lambda: tf.cast(self.agent.train(arrived).loss, tf.float64),
+        return tf.cond(tf.size(due) > 0, lambda: tf.cast(self.agent.train(arrived).loss, tf.float64),
                        lambda: tf.constant(0.0, tf.float64))
 
     @property

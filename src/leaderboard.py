@@ -158,9 +158,9 @@ def hyperparameters(params: pd.Series) -> str:
     conf/env/<env>.yaml) where it differs, as a tuned configuration's do."""
     defaults = {}
     for group, option in (("agent", params[comparison.AGENT]), ("env", params.get(ENV))):
-        path = config.CONFIG_DIR / group / f"{option}.yaml"
-        if path.is_file():
-            defaults |= tracking.flatten(OmegaConf.create({group: OmegaConf.load(path)}))
+        own = config.option_file(group, option)
+        if own is not None:
+            defaults |= tracking.flatten(OmegaConf.create({group: own}))
     shown = []
     for key, value in sorted(params.dropna().items()):
         if (key.startswith("agent.") and key not in NOT_HYPERPARAMETERS) or key in TUNED_ENV_KEYS:

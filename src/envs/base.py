@@ -95,13 +95,16 @@ class FeedbackDelay:
         if self.kind in ("none", "fixed"):
             delays = tf.fill(shape, tf.constant(self.loops, tf.int64))
         else:
-            means = tf.fill(shape, tf.constant(float(self.loops), tf.float64))
-            if self.kind == "heavy":
-                means = tf.where(generator.uniform(shape, dtype=tf.float64) < HEAVY_SHARE, HEAVY_SCALE * means, means)
             # Geometric on {0, 1, ...} with mean m: floor(log U / log(m / (m + 1))).
             uniform = generator.uniform(shape, minval=1e-300, maxval=1.0, dtype=tf.float64)
-            delays = tf.cast(tf.floor(tf.math.log(uniform) / tf.math.log(means / (means + 1))), tf.int64)
-        lost = tf.logical_or(delays > self.longest, generator.uniform(shape, dtype=tf.float64) < self.drop)
+            scale = 1 / np.log(self.loops / (self.loops + 1))
+            if self.kind == "heavy":
+                longer = 1 / np.log(HEAVY_SCALE * self.loops / (HEAVY_SCALE * self.loops + 1))
+                scale = tf.where(generator.uniform(shape, dtype=tf.float64) < HEAVY_SHARE, longer, scale)
+            delays = tf.cast(tf.math.log(uniform) * scale, tf.int64)  # a cast truncates: the floor of >= 0
+        lost = delays > self.longest
+        if self.drop:
+            lost = tf.logical_or(lost, generator.uniform(shape, dtype=tf.float64) < self.drop)
         return tf.where(lost, tf.constant(-1, tf.int64), delays)
 
 

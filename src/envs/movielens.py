@@ -158,7 +158,7 @@ class MovieLensEnvironment(InGraphBandit):
 
 def rotation(drift: str, rank: int, interactions: float, period: int, switched: np.ndarray) -> np.ndarray:
     """[rank, rank] the rotation of the users' observed tastes after `interactions` (NumPy, for
-    the tests and the random policy's regret; `DriftingMovieLensEnvironment._rotation` in-graph)."""
+    the tests and the random policy's regret; `DriftingMovieLensEnvironment._observe` in-graph)."""
     if drift == "switch":
         return switched if (interactions // period) % 2 else np.eye(rank)
     angle = 2 * np.pi * interactions / period
@@ -228,44 +228,45 @@ class DriftingMovieLensEnvironment(MovieLensEnvironment):
         super().__init__(model, batch_size, seed, name)
         self._drift, self._period = model.drift, model.period
         rank = model.user_features.shape[1]
-        self._user_factors = tf.constant(model.user_features, tf.float64)
-        self._movie_factors = tf.constant(model.movie_features, tf.float64)
-        self._switched = tf.constant(random_rotation(rank))
-        paired, turn = rotation_parts(rank)
-        self._paired, self._turn = tf.constant(paired), tf.constant(turn)
+        if model.drift == "switch":  # two regimes: both reward tables at hand, a step reads one
+            self._regimes = tf.constant(np.stack([model.rewards_at(0), model.rewards_at(model.period)]))
+        else:
+            self._user_factors = tf.constant(model.user_features, tf.float64)
+            self._movie_factors = tf.constant(model.movie_features, tf.float64)
+            paired, turn = rotation_parts(rank)
+            self._paired, self._turn = tf.constant(paired), tf.constant(turn)
         self._steps = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="steps")
         self._stationary_best = tf.constant(np.argmax(model.rewards, axis=1), tf.int32)
+        # The step's users' rewards at its time, computed once as they are drawn: the outcome and
+        # the metrics read them (each of a step's ops costs ~1 us, a loop at 20 movies ~250 us).
+        self._now = tf.Variable(tf.zeros([batch_size, len(model.movie_ids)], tf.float64), trainable=False, name="now")
 
     def _observe(self) -> tf.Tensor:
+        observation = super()._observe()
+        interactions = tf.cast(self._steps * self.batch_size, tf.float64)
         self._steps.assign_add(1)
-        return super()._observe()
-
-    def _rotation(self) -> tf.Tensor:
-        """[rank, rank] the rotation at the current step's first interaction."""
-        interactions = tf.cast((self._steps - 1) * self.batch_size, tf.float64)
-        rank = self._switched.shape[0]
         if self._drift == "switch":
-            switched = tf.equal(tf.math.floormod(tf.math.floordiv(interactions, self._period), 2.0), 1.0)
-            return tf.where(switched, self._switched, tf.eye(rank, dtype=tf.float64))
-        angle = 2 * np.pi * interactions / self._period
-        return tf.eye(rank, dtype=tf.float64) + (tf.cos(angle) - 1) * self._paired + tf.sin(angle) * self._turn
-
-    def _current_rewards(self) -> tf.Tensor:
-        """[batch, movies] the current users' rewards at this step's time."""
-        tastes = tf.gather(self._user_factors, self._users)
-        shift = tf.matmul(tf.matmul(tastes, self._rotation()) - tastes, self._movie_factors, transpose_b=True)
-        return tf.gather(self._rewards, self._users) + shift
+            regime = tf.cast(tf.math.floormod(tf.math.floordiv(interactions, self._period), 2.0), tf.int32)
+            rows = tf.stack([tf.fill([self.batch_size], regime), self._users], axis=1)
+            self._now.assign(tf.gather_nd(self._regimes, rows))
+        else:
+            angle = 2 * np.pi * interactions / self._period
+            turned = (tf.cos(angle) - 1) * self._paired + tf.sin(angle) * self._turn  # the rotation less I
+            tastes = tf.gather(self._user_factors, self._users)
+            shift = tf.matmul(tf.matmul(tastes, turned), self._movie_factors, transpose_b=True)
+            self._now.assign(tf.gather(self._rewards, self._users) + shift)
+        return observation
 
     def _rewards_of(self, action: tf.Tensor) -> tf.Tensor:
-        return tf.gather(self._current_rewards(), tf.cast(action, tf.int32), batch_dims=1)
+        return tf.gather(self._now, tf.cast(action, tf.int32), batch_dims=1)
 
     def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        rewards = self._current_rewards()
+        rewards = self._now.read_value()
         return tf.gather(rewards, tf.cast(action, tf.int32), batch_dims=1), tf.reduce_max(rewards, axis=1)
 
     def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
         """[batch, 1] whether the user's best movie now is not their best without drift."""
-        best = tf.argmax(self._current_rewards(), axis=1, output_type=tf.int32)
+        best = tf.argmax(self._now, axis=1, output_type=tf.int32)
         return tf.cast(best != tf.gather(self._stationary_best, self._users), tf.float64)[:, None]
 
 

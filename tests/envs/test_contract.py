@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from omegaconf import OmegaConf
 from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
@@ -25,7 +24,7 @@ ENV_CONFIGS = sorted((config.CONFIG_DIR / "env").glob("*.yaml"))
 def fitted_to_test_data(name: str) -> list[str]:
     """Overrides that fit env `name` to the synthetic data (60 users, 30 movies; tests/conftest.py's
     SMALL takes 10 of them where the YAML names a number)."""
-    params = OmegaConf.load(config.CONFIG_DIR / "env" / f"{name}.yaml")
+    params = config.option_file("env", name)
     overrides = [f"env={name}"]
     if "num_movies" in params and params.num_movies is None:
         overrides.append("env.num_movies=null")

@@ -1,0 +1,72 @@
+"""What time costs the compiled engine: interactions/s with drift and delayed feedback on, against
+the stationary environment, in interleaved rounds of one process.
+
+    uv run python -m benchmarks.time_speed --data-dir /path/to/ml-100k
+
+Each setting is `env=movielens` (20 movies) with overrides; each agent is built from its YAML.
+After a warm-up chunk (tracing), every round times `--loops` loops of every setting in turn, so
+a busy machine slows them alike; the table gives the median rate over rounds and its ratio to
+the stationary one. Target (issue: time): at least 0.8x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from src import tf_runtime  # noqa: F401,I001  (first: a quiet TensorFlow start-up)
+
+import pandas as pd
+
+from benchmarks.throughput import timed, warmed_up
+from src import config, data
+from src.engine import configure_threads
+
+log = logging.getLogger("benchmarks.time_speed")
+
+SETTINGS = {
+    "stationary": [],
+    "drift=switch": ["env.drift=switch", "env.drift_period=20000"],
+    "drift=rotate": ["env.drift=rotate", "env.drift_period=80000"],
+    "delay geometric 3": ["env.delay=geometric", "env.delay_loops=3"],
+    "switch + delay + drop": ["env.drift=switch", "env.drift_period=20000", "env.delay=geometric",
+                              "env.delay_loops=3", "env.feedback_drop=0.1"],
+}
+# The agents that can forget, and what forgetting costs them on the stationary environment.
+FORGETTING = {"linucb": ["agent.discount=0.98"], "lints": ["agent.discount=0.98"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, required=True, help="MovieLens 100K directory")
+    parser.add_argument("--agents", nargs="+", default=["linucb", "epsilon_greedy"])
+    parser.add_argument("--loops", type=int, default=2000, help="loops timed per setting and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    rows = []
+    for agent in args.agents:
+        settings = {**SETTINGS, **({"discount 0.98": FORGETTING[agent]} if agent in FORGETTING else {})}
+        configs = {name: config.compose([f"agent={agent}", f"data.dir={args.data_dir.resolve()}", *overrides])
+                   for name, overrides in settings.items()}
+        first = next(iter(configs.values()))
+        configure_threads(first.training.threads.intra_op, first.training.threads.inter_op)
+        dataset = data.load(first.data)
+        engines = {name: warmed_up(cfg, dataset)[0] for name, cfg in configs.items()}
+        for round_ in range(args.rounds):
+            for name, engine in engines.items():
+                _, seconds = timed(engine, args.loops, first.training.chunk_loops)
+                rows.append({"agent": agent, "setting": name, "round": round_,
+                             "rate": args.loops * engine.interactions_per_loop / seconds})
+            log.info("%s: round %d of %d done", agent, round_ + 1, args.rounds)
+    table = pd.DataFrame(rows).groupby(["agent", "setting"], sort=False).rate.median().reset_index()
+    table["ratio"] = table.rate / table.groupby("agent").rate.transform("first")
+    print(f"\nInteractions/s, median of {args.rounds} interleaved rounds of {args.loops:,} loops; ratio to "
+          f"stationary (target >= 0.8)\n")
+    print(table.to_string(index=False, formatters={"rate": "{:,.0f}".format, "ratio": "{:.2f}".format}))
+    print("\nThe table above is the result (nothing is written); rerun to reproduce.")
+
+
+if __name__ == "__main__":
+    main()
