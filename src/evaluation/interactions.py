@@ -35,7 +35,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from src import tracking
+from src import config, tracking
 from src.errors import UserError
 from src.evaluation import estimators, slates
 
@@ -146,8 +146,12 @@ def context_features(frame: pd.DataFrame) -> np.ndarray:
 
 
 def environment_of(run_cfg: DictConfig) -> dict:
-    """The flattened env and data settings that fix users, movies and rewards."""
+    """The flattened env and data settings that fix users, movies and rewards; a key its env
+    option gained since the run was made (env.drift) at its default, which the run had."""
     described = OmegaConf.masked_copy(run_cfg, list(ENVIRONMENT_KEYS))
+    defaults = config.option_file("env", run_cfg.env.name)
+    if defaults is not None:
+        described.env = OmegaConf.merge(defaults, described.env)
     flat = tracking.flatten(described)
     return {key: value for key, value in flat.items() if key.split(".")[-1] not in WHEREABOUTS}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from omegaconf import OmegaConf
 from scipy import stats
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
@@ -149,3 +150,13 @@ def test_slates_are_refused_an_epsilon_wrapped_linucb():
     cfg = config.compose(["agent=linucb", "agent.log_epsilon=0.1", "env=movielens_ranking", "data=synthetic"])
     with pytest.raises(UserError, match="agent.log_epsilon must be 0 with slates"):
         experiment.assemble(cfg, data.load(cfg.data))
+
+
+def test_a_run_made_before_its_env_gained_a_key_is_the_same_environment():
+    made_now = config.compose([])
+    made_before = OmegaConf.create(OmegaConf.to_container(made_now))
+    for key in ("drift", "drift_period", "delay", "delay_loops", "delay_longest", "feedback_drop"):
+        del made_before.env[key]
+    interactions.check_same_environment(made_before, made_now, "the logs", "the target")
+    with pytest.raises(UserError, match="env.drift is none in the logs and switch for the target"):
+        interactions.check_same_environment(made_before, config.compose(["env.drift=switch"]), "the logs", "the target")
