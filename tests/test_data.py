@@ -16,12 +16,12 @@ from src.data.synthetic import write_movielens
 from src.errors import UserError
 
 
-def zip_directory(directory: Path) -> bytes:
-    """The bytes of an ml-100k.zip holding `directory`'s files under `ml-100k/`."""
+def zip_directory(directory: Path, folder: str = "ml-100k") -> bytes:
+    """The bytes of a zip holding `directory`'s files under `folder/`, as GroupLens' archives do."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as bundle:
         for path in sorted(directory.iterdir()):
-            bundle.write(path, f"ml-100k/{path.name}")
+            bundle.write(path, f"{folder}/{path.name}")
     return buffer.getvalue()
 
 

@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 FILES = ("u.data", "u.item", "u.user")
 
 
-def write_movielens(directory: Path, num_users: int = 60, num_movies: int = 30, rank: int = 3,
-                    density: float = 0.6, seed: int = 0) -> dict[str, str]:
-    """Write u.data, u.item and u.user like ml-100k's; return their sha256 by file name."""
+def planted_ratings(num_users: int, num_movies: int, rank: int, density: float, seed: int):
+    """(users, movies, ratings) of the rated pairs: 0-based indices and 1-5 stars from a rank-`rank`
+    taste structure, every user rating the first movie."""
     rng = np.random.default_rng(seed)
     taste = rng.normal(size=(num_users, rank))
     appeal = rng.normal(size=(num_movies, rank))
@@ -32,9 +32,16 @@ def write_movielens(directory: Path, num_users: int = 60, num_movies: int = 30, 
     ratings = np.clip(np.round(3 + 1.2 * scores / scores.std()), 1, 5).astype(int)
     rated = rng.random((num_users, num_movies)) < density
     rated[:, 0] = True  # everyone rates something among the first movies
-    directory.mkdir(parents=True, exist_ok=True)
     users, movies = np.nonzero(rated)
-    lines = [f"{u + 1}\t{m + 1}\t{ratings[u, m]}\t{880000000 + i}" for i, (u, m) in enumerate(zip(users, movies))]
+    return users, movies, ratings[users, movies]
+
+
+def write_movielens(directory: Path, num_users: int = 60, num_movies: int = 30, rank: int = 3,
+                    density: float = 0.6, seed: int = 0) -> dict[str, str]:
+    """Write u.data, u.item and u.user like ml-100k's; return their sha256 by file name."""
+    users, movies, stars = planted_ratings(num_users, num_movies, rank, density, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [f"{u + 1}\t{m + 1}\t{r}\t{880000000 + i}" for i, (u, m, r) in enumerate(zip(users, movies, stars))]
     (directory / "u.data").write_text("\n".join(lines) + "\n")
     items = []
     for m in range(num_movies):
@@ -45,6 +52,21 @@ def write_movielens(directory: Path, num_users: int = 60, num_movies: int = 30, 
     people = [f"{u + 1}|{20 + u % 40}|{'MF'[u % 2]}|other|{10000 + u}" for u in range(num_users)]
     (directory / "u.user").write_text("\n".join(people) + "\n")
     return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in FILES}
+
+
+def write_movielens_1m(directory: Path, num_users: int = 60, num_movies: int = 30, rank: int = 3,
+                       density: float = 0.6, seed: int = 0) -> None:
+    """The same planted ratings in MovieLens 1M's layout (ratings.dat, movies.dat, users.dat,
+    '::'-separated, Latin-1 titles with colons and accents, genres joined by '|')."""
+    users, movies, stars = planted_ratings(num_users, num_movies, rank, density, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [f"{u + 1}::{m + 1}::{r}::{978300000 + i}" for i, (u, m, r) in enumerate(zip(users, movies, stars))]
+    (directory / "ratings.dat").write_text("\n".join(lines) + "\n")
+    titles = [f"Synthétique: Movie {m + 1} (199{m % 10})::{GENRES[m % len(GENRES)]}|Drama" for m in range(num_movies)]
+    (directory / "movies.dat").write_bytes(("\n".join(f"{m + 1}::{t}" for m, t in enumerate(titles)) + "\n")
+                                           .encode("latin-1"))
+    people = [f"{u + 1}::{'MF'[u % 2]}::{18 + u % 40}::{u % 21}::{10000 + u}" for u in range(num_users)]
+    (directory / "users.dat").write_text("\n".join(people) + "\n")
 
 
 def checksum_override(checksums: dict[str, str]) -> str:
