@@ -74,7 +74,7 @@ def default_option(group: str) -> str:
 
 
 # Where data lives or how it is checked, not what it is: never what tells runs apart.
-DATA_WHEREABOUTS = ("dir", "cache_dir", "url", "sha256", "md5")
+DATA_WHEREABOUTS = ("dir", "path", "cache_dir", "url", "sha256", "md5")
 # Training settings that change how fast a run goes or which draw it is, not what it does.
 NOT_A_TRAINING_CHANGE = ("seed", "chunk_loops", "threads")
 

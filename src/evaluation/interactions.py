@@ -50,7 +50,7 @@ CANDIDATE_PREFIX, SLOT_PREFIX, SLOT_REWARD_PREFIX = "candidate_", "slot_", "rewa
 POSITION_PROPENSITY_PREFIX, PREFIX_PROPENSITY_PREFIX = "position_propensity_", "prefix_propensity_"
 # What must agree between the logs' run and a policy or agent used with them.
 ENVIRONMENT_KEYS = ("env", "data")
-WHEREABOUTS = ("dir", "cache_dir", "url")  # where the data lives, not what it is
+WHEREABOUTS = ("dir", "path", "cache_dir", "url")  # where the data lives, not what it is
 
 
 class InteractionLog:
