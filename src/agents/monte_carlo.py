@@ -34,9 +34,13 @@ def exposes_propensities(propensity_draws: int = 0, **_) -> bool:
 
 def action_probabilities(action_step, num_actions: int, **_) -> tf.Tensor:
     """The pick's Monte-Carlo propensity (the collect policy's `log_probability`) at its movie;
-    the other movies' are not estimated (0 here), as only the logged movie's is ever read."""
+    the other movies' are not estimated (0 here), as only the logged movie's is ever read. A step
+    of a policy that draws no more (the saved one, as served) has none: NaN, unknown."""
     picked = tf.one_hot(tf.cast(action_step.action, tf.int32), num_actions, dtype=tf.float64)
-    return picked * tf.exp(tf.cast(action_step.info.log_probability, tf.float64))[:, None]
+    log_probability = getattr(action_step.info, "log_probability", ())
+    if isinstance(log_probability, tuple) or log_probability is None:
+        return tf.fill(tf.shape(picked), tf.constant(float("nan"), tf.float64))
+    return picked * tf.exp(tf.cast(log_probability, tf.float64))[:, None]
 
 
 def log_share_won(wins: tf.Tensor, draws: int) -> tf.Tensor:

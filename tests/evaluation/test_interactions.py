@@ -160,3 +160,13 @@ def test_a_run_made_before_its_env_gained_a_key_is_the_same_environment():
     interactions.check_same_environment(made_before, made_now, "the logs", "the target")
     with pytest.raises(UserError, match="env.drift is none in the logs and switch for the target"):
         interactions.check_same_environment(made_before, config.compose(["env.drift=switch"]), "the logs", "the target")
+
+
+def test_a_served_monte_carlo_agent_states_no_propensity():
+    """The saved policy of LinTS or dropout TS draws no more than its pick (only the collect
+    policy estimates propensities): what it serves has an unknown propensity, not a crash."""
+    from types import SimpleNamespace
+
+    stated = agents.action_probabilities(config.compose(["agent=lints", "agent.propensity_draws=50"]).agent, 5)
+    served = SimpleNamespace(action=np.array([2]), info=SimpleNamespace(predicted_rewards_mean=np.zeros((1, 5))))
+    assert np.isnan(np.asarray(stated(served))).all()
