@@ -117,16 +117,16 @@ class Engine:
         self._loop = tf.Variable(tf.constant(0, tf.int64), trainable=False)
         self._delays = tf.random.Generator.from_seed(DELAY_SEED)
 
-    def _train_on_arrivals(self, experience):
-        """File the loop's transitions as pending, and train on those whose rewards arrive now
-        (no step where none do: an empty batch's mean loss is NaN); the loss, 0 without a step
-        (a NaN is what the training's divergence check stops a run for)."""
+    def _train_on_arrivals(self, experience, delays):
+        """File the loop's transitions as pending, their rewards due `delays` [rows] loops from now
+        (-1: never), and train on those whose rewards arrive now (no step where none do: an empty
+        batch's mean loss is NaN); the loss, 0 without a step (a NaN is what the training's
+        divergence check stops a run for)."""
         rows = self._rows_per_loop
         slots = self._arrives.shape[0] // rows
         filed = (tf.math.floormod(self._loop, slots) * rows + tf.range(rows, dtype=tf.int64))[:, None]
         for pending, leaf in zip(self._pending, tf.nest.flatten(experience)):
             pending.scatter_nd_update(filed, tf.reshape(leaf, [rows, 1, *leaf.shape[2:]]))
-        delays = self._delay.sample(self._delays, [rows])
         self._arrives.scatter_nd_update(filed, tf.where(delays < 0, delays, self._loop + delays))
         due = tf.where(tf.equal(self._arrives, self._loop))[:, 0]
         arrived = tf.nest.pack_sequence_as(experience, [tf.gather(pending, due) for pending in self._pending])
@@ -144,12 +144,12 @@ class Engine:
         return tf.concat([self.environment.logged_round(action_step.action), self.policy_columns(action_step)],
                          axis=1)
 
-    def _run_loop(self):
+    def _run_loop(self, delays):
         transitions, metrics, interactions = zip(*(self._collect_step() for _ in range(self.steps_per_loop)))
         experience = tf.nest.map_structure(lambda *steps: tf.stack(steps, axis=1), *transitions)
         experience = self.environment.training_experience(experience)
         if self._delay.active:
-            loss = self._train_on_arrivals(experience)
+            loss = self._train_on_arrivals(experience, delays)
         else:
             loss = tf.reduce_mean(tf.cast(self.agent.train(experience).loss, tf.float64))
         summed = tf.add_n(metrics)
@@ -159,8 +159,12 @@ class Engine:
         self.traces += 1
         recorded = self.interactions_per_loop if self.record_interactions else 0
 
+        # A chunk's delays drawn at once: a draw's dozen ops once a chunk, not once a loop.
+        delays = (self._delay.sample(self._delays, [num_loops, self._rows_per_loop]) if self._delay.active
+                  else tf.zeros([num_loops, 0], tf.int64))
+
         def body(i, history, interactions):
-            loop_metrics, loop_interactions = self._run_loop()
+            loop_metrics, loop_interactions = self._run_loop(delays[i])
             return i + 1, history.write(i, loop_metrics), interactions.write(i, loop_interactions)
 
         history = tf.TensorArray(tf.float64, size=num_loops,

@@ -15,27 +15,29 @@ from src.errors import UserError
 LOOPS, BATCH, STEPS = 30, 8, 2
 
 
-@pytest.mark.parametrize("settings", [
-    ["env.delay=fixed", "env.delay_loops=3"],
-    ["env.delay=geometric", "env.delay_loops=2"],
-    ["env.delay=heavy", "env.delay_loops=1", "env.feedback_drop=0.2"],
+@pytest.mark.parametrize("settings, chunk", [
+    (["env.delay=fixed", "env.delay_loops=3"], LOOPS),
+    (["env.delay=geometric", "env.delay_loops=2"], LOOPS),
+    (["env.delay=heavy", "env.delay_loops=1", "env.feedback_drop=0.2"], 7),  # chunks of 7, 7, 7, 7 and 2 loops
 ])
-def test_the_agent_learns_from_exactly_the_rewards_that_arrived(make_config, settings):
+def test_the_agent_learns_from_exactly_the_rewards_that_arrived(make_config, settings, chunk):
     cfg = make_config("agent=linucb", "agent.alpha=1.0", f"training.loops={LOOPS}", "tracking.log_interactions=true",
                       *settings)
     engine = experiment.assemble(cfg, data.load(cfg.data))
-    (chunk,) = list(engine.run(LOOPS, LOOPS))
-    # The delays the engine drew, drawn again from its generator's seed in the same order: a
-    # loop's transitions user by user (each user's steps together), its log step by step.
+    chunks = list(engine.run(LOOPS, chunk))
+    interactions = np.concatenate([done.interactions for done in chunks])
+    # The delays the engine drew, drawn again from its generator's seed as it drew them (the
+    # chunk's at once): a loop's transitions user by user (each user's steps together), its log
+    # step by step.
     delay = engine.environment.feedback_delay
     generator = tf.random.Generator.from_seed(DELAY_SEED)
-    delays = np.concatenate([delay.sample(generator, [BATCH * STEPS]).numpy().reshape(BATCH, STEPS).T.ravel()
-                             for _ in range(LOOPS)])
+    drawn = np.concatenate([delay.sample(generator, [len(done.regret), BATCH * STEPS]).numpy() for done in chunks])
+    delays = np.concatenate([loop.reshape(BATCH, STEPS).T.ravel() for loop in drawn])
     loop_of = np.repeat(np.arange(LOOPS), BATCH * STEPS)
     arrived = (delays >= 0) & (loop_of + delays <= LOOPS - 1)
     assert 0 < arrived.sum() < len(arrived)
     model = engine.environment.reward_model
-    users, actions = chunk.interactions[:, 0].astype(int), chunk.interactions[:, 1].astype(int)
+    users, actions = interactions[:, 0].astype(int), interactions[:, 1].astype(int)
     x, rewards = model.user_features[users], model.rewards[users, actions]
     ridge = cfg.agent.tikhonov_weight
     covariance = np.tile(ridge * np.eye(x.shape[1]), (len(model.movie_ids), 1, 1))
