@@ -20,7 +20,7 @@ from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
-from src.envs.base import InGraphBandit
+from src.envs.base import FeedbackDelay, InGraphBandit
 from src.envs.movielens import RewardModel, build_reward_model
 from src.errors import require
 
@@ -143,13 +143,17 @@ class MovieLensPerArmEnvironment(InGraphBandit):
 
 def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
           num_movies: int | None = None, reward_rank: int | None = None,
-          movie_selection: str = "first", arm_features: str = "embedding",
+          movie_selection: str = "first", arm_features: str = "embedding", delay: str = "none",
+          delay_loops: int = 0, delay_longest: int | None = None, feedback_drop: float = 0.0,
           name: str = "movielens_per_arm") -> MovieLensPerArmEnvironment:
     """The environment `conf/env/movielens_per_arm.yaml` describes, over MovieLens `data`."""
+    feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
     ratings = data.ratings_matrix()
     pool = ratings.shape[1] if num_movies is None else num_movies
     model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
     require(isinstance(num_actions, int) and 2 <= num_actions <= pool, "env.num_actions", num_actions,
             f"an integer between 2 and env.num_movies={pool}")
     model = CandidateSetRewardModel(**vars(model), num_actions=num_actions)
-    return MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name)
+    environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name)
+    environment.feedback_delay = feedback_delay
+    return environment
