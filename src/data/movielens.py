@@ -154,22 +154,25 @@ def parse(directory: Path) -> MovieLens:
     )[["item_id", "title", "genres"]].set_index("item_id")
     users = users.set_index("user_id")
     data = MovieLens(ratings=ratings, movies=movies, users=users, source=directory)
-    _check_consistency(data)
+    check_consistency(data, ("u.data", "u.user", "u.item"))
     return data
 
 
-def _check_consistency(data: MovieLens) -> None:
+def check_consistency(data: MovieLens, files: tuple[str, str, str]) -> None:
+    """Ratings there are, of 1 to 5 stars, by users and of movies the release lists; `files`:
+    its (ratings, users, movies) file names, for the messages."""
+    ratings_file, users_file, movies_file = files
     ratings = data.ratings
     if ratings.empty:
-        raise UserError(f"{data.source}/u.data holds no ratings")
+        raise UserError(f"{data.source}/{ratings_file} holds no ratings")
     if not ratings.rating.between(1, 5).all():
-        raise UserError(f"{data.source}/u.data has ratings outside 1..5")
+        raise UserError(f"{data.source}/{ratings_file} has ratings outside 1..5")
     unknown_users = set(ratings.user_id) - set(data.users.index)
     unknown_movies = set(ratings.item_id) - set(data.movies.index)
     if unknown_users or unknown_movies:
         raise UserError(
-            f"{data.source}/u.data rates {len(unknown_users)} users and {len(unknown_movies)} "
-            f"movies that u.user/u.item do not list"
+            f"{data.source}/{ratings_file} rates {len(unknown_users)} users and {len(unknown_movies)} "
+            f"movies that {users_file}/{movies_file} do not list"
         )
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import pooch
 import requests
 
-from src.data.movielens import MovieLens
+from src.data.movielens import MovieLens, check_consistency
 from src.errors import UserError, one_line, require
 from src.paths import resolve
 
@@ -105,16 +105,9 @@ def parse(directory: Path) -> MovieLens:
     movies = _read(directory / "movies.dat", ["item_id", "title", "genres"])
     movies = movies.assign(genres=[tuple(genres.split("|")) for genres in movies.genres]).set_index("item_id")
     users = _read(directory / "users.dat", ["user_id", "gender", "age", "occupation", "zip_code"]).set_index("user_id")
-    if ratings.empty:
-        raise UserError(f"{directory}/ratings.dat holds no ratings")
-    if not ratings.rating.between(1, 5).all():
-        raise UserError(f"{directory}/ratings.dat has ratings outside 1..5")
-    unknown_users = set(ratings.user_id) - set(users.index)
-    unknown_movies = set(ratings.item_id) - set(movies.index)
-    if unknown_users or unknown_movies:
-        raise UserError(f"{directory}/ratings.dat rates {len(unknown_users)} users and {len(unknown_movies)} movies "
-                        f"that users.dat/movies.dat do not list")
-    return MovieLens(ratings=ratings, movies=movies[["title", "genres"]], users=users, source=directory)
+    data = MovieLens(ratings=ratings, movies=movies[["title", "genres"]], users=users, source=directory)
+    check_consistency(data, ("ratings.dat", "users.dat", "movies.dat"))
+    return data
 
 
 def load(dir: str | None, cache_dir: str, url: str, md5: str) -> MovieLens:

@@ -199,8 +199,9 @@ class DriftingRewardModel(RewardModel):
 
     def rewards_at(self, interactions: float) -> np.ndarray:
         """[users, movies] the rewards after `interactions`."""
-        turned = rotation(self.drift, self.user_features.shape[1], interactions, self.period,
-                          random_rotation(self.user_features.shape[1]))
+        rank = self.user_features.shape[1]
+        turned = rotation(self.drift, rank, interactions, self.period,
+                          random_rotation(rank) if self.drift == "switch" else None)
         shift = (self.user_features @ turned - self.user_features) @ self.movie_features.T
         return self.rewards + shift
 

@@ -132,3 +132,14 @@ def test_evaluate_scores_a_saved_slate_policy_within_its_interval_of_the_exact_v
 def test_bad_input_on_slates_is_one_line_and_exit_2(slate_runs, caplog, arguments, message):
     uri, _, ids = slate_runs
     assert message in refusal([argument.format(**ids) for argument in arguments] + [f"tracking.uri={uri}"], caplog)
+
+
+def test_slate_warnings_name_a_learning_logger_and_weights_that_miss_their_expectation():
+    balanced = np.tile([0.0, 2.0], 500)  # mean 1, as the whole-slate weights average in expectation
+    assert evaluate.slate_caveats("t", "random", balanced, 500.0) == []
+    (learning,) = evaluate.slate_caveats("bootstrap", "ranking", balanced, 500.0)
+    assert "logged by ranking, which learnt while it logged; the bootstrap interval" in learning
+    (missing,) = evaluate.slate_caveats("t", "random", np.tile([0.0, 0.2], 500), 500.0)
+    assert "average 0.100" in missing and "standard errors from the 1" in missing
+    (none_shown,) = evaluate.slate_caveats("t", "random", np.zeros(1000), 0.0)
+    assert none_shown.startswith("no logged slate is one the target would show")
