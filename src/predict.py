@@ -81,7 +81,7 @@ def recommend(cfg: DictConfig) -> str:
                 f"a MovieLens user id, 1..{dataset.num_users}")
         observations = catalogue.observations_of([cfg.user_id])
         ratings = reward_model.rewards[np.flatnonzero(reward_model.user_ids == cfg.user_id)]
-        rated = dataset.ratings_matrix()[cfg.user_id - 1, catalogue.movie_ids - 1][None]
+        rated = dataset.ratings_matrix()[[cfg.user_id - 1]][:, catalogue.movie_ids - 1].toarray()
         labels = [f"user {cfg.user_id}"]
     else:
         observations = read_observations(cfg.input)

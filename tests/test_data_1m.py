@@ -32,7 +32,7 @@ def test_the_layout_is_read_with_latin_1_titles_and_genres(ml_1m):
     # The same planted ratings as the 100K layout's.
     hundred_k = ml_1m.parent / "ml-100k"
     write_movielens(hundred_k)
-    assert (data.movielens.parse(hundred_k).ratings_matrix() == parsed.ratings_matrix()).all()
+    assert (data.movielens.parse(hundred_k).ratings_matrix() != parsed.ratings_matrix()).nnz == 0
 
 
 def test_a_quick_linucb_run_on_movielens_1m_finishes(ml_1m, tmp_path):

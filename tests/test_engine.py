@@ -101,8 +101,8 @@ def test_seed_fixes_every_metric(make_config, agent):
 def test_a_pick_tied_with_the_best_movie_is_optimal(movie, suboptimal, regret):
     # Movies 0 and 1 tie as every user's best; argmax names movie 0 alone.
     rewards = np.array([[5.0, 5.0, 1.0], [4.0, 4.0, 3.0], [2.0, 2.0, 0.0]])
-    model = RewardModel(user_ids=np.arange(1, 4), movie_ids=np.arange(1, 4), user_features=np.eye(3),
-                        movie_features=np.eye(3), rewards=rewards)
+    model = RewardModel(user_ids=np.arange(1, 4), movie_ids=np.arange(1, 4), user_factors=rewards,
+                        movie_factors=np.eye(3), rank_k=3)
     environment = MovieLensEnvironment(model, batch_size=3, seed=0)
 
     class AlwaysTheSameMovie:
@@ -126,7 +126,7 @@ def test_picks_tied_with_the_best_in_an_svd_reconstruction_are_optimal(make_conf
     dataset = data.load(cfg.data)
     engine = experiment.assemble(cfg, dataset)
     model = engine.environment.reward_model
-    ratings = dataset.ratings_matrix()[np.ix_(model.user_ids - 1, model.movie_ids - 1)]
+    ratings = dataset.ratings_matrix().toarray()[np.ix_(model.user_ids - 1, model.movie_ids - 1)]
     assert 0 < np.abs(model.rewards - ratings).max() < 1e-9  # a reconstruction, not the table itself
     (chunk,) = engine.run(loops=50, chunk=50)
     users, actions = chunk.interactions[:, 0].astype(int), chunk.interactions[:, 1].astype(int)

@@ -1,25 +1,30 @@
 """Synthetic data in MovieLens 100K's file formats, with a planted low-rank taste structure.
 
 `data=synthetic` lets anyone try every command without the real files (whose licence forbids
-shipping them); the tests and benchmarks use the same generator. The files go through the
-same parser as the real ones, so they are held to the same rules.
+shipping them); the tests and benchmarks use the same generator. `load` makes the tables the
+files would parse into and holds them to the parser's consistency rules.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from scipy import sparse
 
-from src.data.movielens import GENRES, MovieLens, parse
+from src.data.movielens import GENRES, MovieLens, check_consistency
 from src.errors import require
 
 log = logging.getLogger(__name__)
 
 FILES = ("u.data", "u.item", "u.user")
+# Beyond this many (user, movie) cells the rated pairs are drawn directly (`drawn_pairs`).
+DENSE_DRAW_CELLS = 50_000_000
+# MovieLens 32M's size; more would exhaust this machine's memory.
+MOST_RATINGS = 40_000_000
 
 
 def planted_ratings(num_users: int, num_movies: int, rank: int, density: float, seed: int):
@@ -28,12 +33,35 @@ def planted_ratings(num_users: int, num_movies: int, rank: int, density: float, 
     rng = np.random.default_rng(seed)
     taste = rng.normal(size=(num_users, rank))
     appeal = rng.normal(size=(num_movies, rank))
+    if num_users * num_movies > DENSE_DRAW_CELLS:
+        return drawn_pairs(taste, appeal, density, rng)
     scores = taste @ appeal.T
     ratings = np.clip(np.round(3 + 1.2 * scores / scores.std()), 1, 5).astype(int)
     rated = rng.random((num_users, num_movies)) < density
     rated[:, 0] = True  # everyone rates something among the first movies
     users, movies = np.nonzero(rated)
     return users, movies, ratings[users, movies]
+
+
+def drawn_pairs(taste: np.ndarray, appeal: np.ndarray, density: float, rng: np.random.Generator):
+    """`planted_ratings` at sizes where a draw per (user, movie) pair would not fit (MovieLens 25M's
+    is 10 billion): density x users x movies pairs drawn uniformly with replacement, repeats merged,
+    each user's first movie added; scores scaled by their standard deviation over every pair, from
+    the factors' Gram matrices, as the small draw scales them."""
+    num_users, num_movies = len(taste), len(appeal)
+    count = round(density * num_users * num_movies)
+    users = np.concatenate([rng.integers(0, num_users, count), np.arange(num_users)])
+    movies = np.concatenate([rng.integers(0, num_movies, count), np.zeros(num_users, np.int64)])
+    pattern = sparse.csr_array((np.ones(len(users), np.float32), (users, movies)), shape=(num_users, num_movies))
+    pattern.sum_duplicates()
+    users = np.repeat(np.arange(num_users), np.diff(pattern.indptr))
+    movies = pattern.indices.astype(np.int64)
+    mean = taste.mean(axis=0) @ appeal.mean(axis=0)
+    spread = np.sqrt(np.sum((taste.T @ taste) * (appeal.T @ appeal)) / (num_users * num_movies) - mean ** 2)
+    scores = np.zeros(len(users))
+    for component in range(taste.shape[1]):  # a component at a time: [ratings, rank] would be 3x the memory
+        scores += taste[users, component] * appeal[movies, component]
+    return users, movies, np.clip(np.round(3 + 1.2 * scores / spread), 1, 5).astype(np.int8)
 
 
 def write_movielens(directory: Path, num_users: int = 60, num_movies: int = 30, rank: int = 3,
@@ -74,15 +102,36 @@ def checksum_override(checksums: dict[str, str]) -> str:
     return "data.sha256={" + ",".join(f"{k}:{v}" for k, v in checksums.items()) + "}"
 
 
+def as_movielens(users: np.ndarray, movies: np.ndarray, stars: np.ndarray, num_users: int,
+                 num_movies: int) -> MovieLens:
+    """The tables `write_movielens`'s files parse into, made in memory: writing MovieLens 25M's
+    size as text and reading it back would take minutes."""
+    ratings = pd.DataFrame({"user_id": users + 1, "item_id": movies + 1, "rating": stars.astype(np.int64),
+                            "timestamp": 880000000 + np.arange(len(users), dtype=np.int64)})
+    ids = np.arange(1, num_movies + 1)
+    titled = pd.DataFrame({"title": [f"Synthetic Movie {m} (199{(m - 1) % 10})" for m in ids],
+                           "genres": [(GENRES[(m - 1) % len(GENRES)],) for m in ids]},
+                          index=pd.Index(ids, name="item_id"))
+    people = np.arange(num_users)
+    users_table = pd.DataFrame({"age": 20 + people % 40, "gender": np.array(["M", "F"])[people % 2],
+                                "occupation": "other", "zip_code": 10000 + people},
+                               index=pd.Index(people + 1, name="user_id"))
+    data = MovieLens(ratings=ratings, movies=titled, users=users_table, source=Path("synthetic"))
+    check_consistency(data, ("ratings", "users", "movies"))
+    return data
+
+
 def load(num_users: int, num_movies: int, rank: int, density: float, seed: int) -> MovieLens:
-    """Generate and parse a dataset as `conf/data/synthetic.yaml` describes it."""
+    """Generate a dataset as `conf/data/synthetic.yaml` describes it."""
     require(isinstance(num_users, int) and num_users >= 2, "data.num_users", num_users, "an integer >= 2")
     require(isinstance(num_movies, int) and num_movies >= 2, "data.num_movies", num_movies, "an integer >= 2")
     require(isinstance(rank, int) and 1 <= rank <= min(num_users, num_movies), "data.rank", rank,
             "an integer between 1 and min(data.num_users, data.num_movies)")
     require(0 < density <= 1, "data.density", density, "in (0, 1]")
-    log.info("Synthetic MovieLens-format data: %d users, %d movies, taste rank %d, %.0f%% rated",
+    expected = density * num_users * num_movies
+    require(expected <= MOST_RATINGS, "data.density", density,
+            f"at most {MOST_RATINGS:,} ratings in all ({expected:,.0f} asked: {num_users:,} users x {num_movies:,} "
+            f"movies x density); each takes ~100 bytes to generate and factorise")
+    log.info("Synthetic MovieLens-format data: %d users, %d movies, taste rank %d, %.2g%% rated",
              num_users, num_movies, rank, 100 * density)
-    with tempfile.TemporaryDirectory() as scratch:
-        write_movielens(Path(scratch), num_users, num_movies, rank, density, seed)
-        return parse(Path(scratch))
+    return as_movielens(*planted_ratings(num_users, num_movies, rank, density, seed), num_users, num_movies)

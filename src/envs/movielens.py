@@ -12,11 +12,14 @@ into one graph; the sampler is this instance's own seeded generator, not the glo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
+from scipy import sparse
+from scipy.sparse.linalg import svds
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
@@ -29,6 +32,10 @@ DRIFTS = ("none", "rotate", "switch")
 # The second taste regime of drift=switch is one fixed random rotation, the same for every run
 # and agent, so that their regrets compare on the same drift.
 SWITCH_SEED = 0
+# Beyond this many cells LAPACK's full SVD takes minutes: see `factorise`.
+DENSE_SVD_CELLS = 4_000_000
+# The most cells of a dense [users, movies] table of float64 an environment makes (1.6 GB).
+MOST_CELLS = 200_000_000
 # Angles over a rotation's cycle at which its uniform-random regret is averaged.
 ROTATION_SAMPLES = 64
 
@@ -40,11 +47,30 @@ class RewardModel:
 
     user_ids: np.ndarray  # [users] MovieLens user ids behind each row
     movie_ids: np.ndarray  # [actions] MovieLens item ids behind each action
-    user_features: np.ndarray  # [users, rank_k] what the agent observes
-    movie_features: np.ndarray  # [actions, rank_k] the movies' side of the factorisation
-    rewards: np.ndarray  # [users, actions] reconstructed ratings
+    user_factors: np.ndarray  # [users, reward_rank] the users' side of the factorisation
+    movie_factors: np.ndarray  # [actions, reward_rank] the movies' side
+    rank_k: int  # how many of the factors the agent observes
     # Every user who rated a chosen movie is kept (those who rated none carry no signal).
     skipped_users: ClassVar[None] = None
+
+    @property
+    def user_features(self) -> np.ndarray:
+        """[users, rank_k] what the agent observes."""
+        return self.user_factors[:, :self.rank_k]
+
+    @property
+    def movie_features(self) -> np.ndarray:
+        return self.movie_factors[:, :self.rank_k]
+
+    @cached_property
+    def rewards(self) -> np.ndarray:
+        """[users, actions] reconstructed ratings, made when first read: environments whose
+        candidates come from a large pool compute only the candidates' rewards, from the factors."""
+        require(self.user_factors.shape[0] * self.movie_factors.shape[0] <= MOST_CELLS, "env.num_movies",
+                len(self.movie_ids), f"small enough for a dense rewards table: {len(self.user_ids):,} users x "
+                f"{len(self.movie_ids):,} movies is more than {MOST_CELLS:,} cells; draw candidates from a large "
+                f"pool with env=movielens_per_arm")
+        return self.user_factors @ self.movie_factors.T
 
     @property
     def optimal_reward(self) -> np.ndarray:
@@ -61,24 +87,43 @@ class RewardModel:
         return float(np.mean(self.optimal_reward - self.rewards.mean(axis=1)))
 
 
-def select_movies(ratings_matrix: np.ndarray, num_movies: int, selection: str) -> np.ndarray:
+def fields_of(model) -> dict:
+    """A reward model's fields, to build a richer one from it (`vars` would copy cached tables too)."""
+    return {field.name: getattr(model, field.name) for field in fields(model)}
+
+
+def select_movies(ratings_matrix: sparse.csr_array, num_movies: int, selection: str) -> np.ndarray:
     """Column indices of the movies that form the action set, in ascending id order."""
     if selection == "first":
         return np.arange(num_movies)
-    counts = np.count_nonzero(ratings_matrix, axis=0)
+    counts = np.bincount(ratings_matrix.indices, minlength=ratings_matrix.shape[1])
     return np.sort(np.argsort(-counts, kind="stable")[:num_movies])
 
 
-def factorise(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def is_dense_svd(shape: tuple[int, int]) -> bool:
+    return shape[0] * shape[1] <= DENSE_SVD_CELLS
+
+
+def factorise(matrix: sparse.csr_array | np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """User and movie factors of the rank-`rank` SVD of `matrix`, each carrying the square root
-    of the singular values, so that their products reconstruct it."""
-    u, s, vh = np.linalg.svd(matrix, full_matrices=False)
+    of the singular values, so that their products reconstruct it. LAPACK's full SVD up to
+    DENSE_SVD_CELLS users x movies (MovieLens 100K has 1.6 million); beyond, ARPACK's truncated SVD of the sparse matrix (the
+    same factors to its tolerance, up to each component's sign) in time and memory linear in
+    the ratings: MovieLens 25M's 162,541 x 62,423 would be 80 GB dense."""
+    if is_dense_svd(matrix.shape):
+        dense = matrix.toarray() if sparse.issparse(matrix) else matrix
+        u, s, vh = np.linalg.svd(dense, full_matrices=False)
+    else:
+        # A fixed start vector: the same data gives the same factors, signs included.
+        start = np.random.default_rng(0).uniform(-1, 1, min(matrix.shape))
+        u, s, vh = svds(sparse.csr_array(matrix), k=rank, v0=start, solver="arpack")
+        u, s, vh = u[:, ::-1], s[::-1], vh[::-1]  # ARPACK's come in ascending order
     root_s = np.sqrt(s[:rank])
     return u[:, :rank] * root_s, vh[:rank].T * root_s
 
 
 def build_reward_model(
-    ratings_matrix: np.ndarray, num_movies: int, rank_k: int, reward_rank: int | None,
+    ratings_matrix: sparse.csr_array, num_movies: int, rank_k: int, reward_rank: int | None,
     movie_selection: str = "first",
 ) -> RewardModel:
     """Factorise the ratings of the chosen movies as TF-Agents' MovieLens environment does."""
@@ -88,23 +133,18 @@ def build_reward_model(
     require(2 <= num_movies <= ratings_matrix.shape[1], "env.num_movies", num_movies,
             f"between 2 and the {ratings_matrix.shape[1]} movies in the data")
     columns = select_movies(ratings_matrix, num_movies, movie_selection)
-    matrix = ratings_matrix[:, columns]
+    matrix = sparse.csr_array(ratings_matrix[:, columns])
     # Users who rated none of the chosen movies carry no signal (TF-Agents drops them too).
-    rows = np.flatnonzero(matrix.sum(axis=1) > 0)
+    rows = np.flatnonzero(np.diff(matrix.indptr) > 0)
     matrix = matrix[rows]
-    largest_rank = min(matrix.shape)
+    largest_rank = min(matrix.shape) - (not is_dense_svd(matrix.shape))  # ARPACK finds fewer than all
     require(1 <= rank_k <= min(reward_rank, largest_rank), "env.rank_k", rank_k,
-            f"between 1 and env.reward_rank={reward_rank}, at most min(users, movies) = {largest_rank}")
+            f"between 1 and env.reward_rank={reward_rank}, at most {largest_rank} (users, movies: {matrix.shape})")
     require(reward_rank <= largest_rank, "env.reward_rank", reward_rank,
-            f"at most min(users, movies) = {largest_rank}")
-    u_hat, v_hat = factorise(matrix, reward_rank)
-    return RewardModel(
-        user_ids=rows + 1,
-        movie_ids=columns + 1,
-        user_features=u_hat[:, :rank_k],
-        movie_features=v_hat[:, :rank_k],
-        rewards=u_hat @ v_hat.T,
-    )
+            f"at most {largest_rank} (users, movies: {matrix.shape})")
+    user_factors, movie_factors = factorise(matrix, reward_rank)
+    return RewardModel(user_ids=rows + 1, movie_ids=columns + 1, user_factors=user_factors,
+                       movie_factors=movie_factors, rank_k=rank_k)
 
 
 class MovieLensEnvironment(InGraphBandit):
@@ -284,7 +324,7 @@ def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
     if drift == "none":
         environment = MovieLensEnvironment(model, batch_size, seed, name)
     else:
-        environment = DriftingMovieLensEnvironment(DriftingRewardModel(**vars(model), drift=drift, period=drift_period),
+        environment = DriftingMovieLensEnvironment(DriftingRewardModel(**fields_of(model), drift=drift, period=drift_period),
                                                    batch_size, seed, name)
     environment.feedback_delay = feedback_delay
     return environment

@@ -21,13 +21,15 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
 from src.envs.base import FeedbackDelay, InGraphBandit
-from src.envs.movielens import RewardModel, build_reward_model
+from src.envs.movielens import MOST_CELLS, RewardModel, build_reward_model, fields_of
 from src.errors import require
 
 # What a candidate shows the agent: its embedding, or also its elementwise product with the
 # user's (the "hybrid" features of Li et al. 2010), with which a model linear in its inputs
 # can represent the reward u . m itself, not only what is additive in u and m.
 ARM_FEATURES = ("embedding", "interaction")
+# Users a large pool's uniform-random regret is estimated from (`sorted_reward_rows`).
+REGRET_USERS = 1_000
 
 
 def expected_top_weights(pool: int, size: int, top: int) -> np.ndarray:
@@ -49,9 +51,19 @@ class CandidateSetRewardModel(RewardModel):
     def random_policy_regret(self) -> float:
         """Exact expected per-interaction regret of a uniform pick from a random candidate set:
         E[max over the set] (order statistics, see `expected_top_weights`) minus the pool mean."""
-        weights = expected_top_weights(self.rewards.shape[1], self.num_actions, 1)
-        best = np.sort(self.rewards, axis=1) @ weights
-        return float(np.mean(best - self.rewards.mean(axis=1)))
+        rewards = sorted_reward_rows(self)
+        best = rewards @ expected_top_weights(rewards.shape[1], self.num_actions, 1)
+        return float(np.mean(best - rewards.mean(axis=1)))
+
+
+def sorted_reward_rows(model: RewardModel) -> np.ndarray:
+    """Users' rewards over the whole pool, each row sorted: every user's while the table fits in
+    MOST_CELLS, else those of REGRET_USERS users drawn with a fixed seed (the mean over users is
+    then an estimate)."""
+    if len(model.user_ids) * len(model.movie_ids) <= MOST_CELLS:
+        return np.sort(model.rewards, axis=1)
+    sample = np.random.default_rng(0).choice(len(model.user_ids), REGRET_USERS, replace=False)
+    return np.sort(model.user_factors[sample] @ model.movie_factors.T, axis=1)
 
 
 class MovieLensPerArmEnvironment(InGraphBandit):
@@ -64,7 +76,7 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         self._interaction = arm_features == "interaction"
         self.reward_model = model
         self._num_users, rank_k = model.user_features.shape
-        self._num_movies = model.rewards.shape[1]
+        self._num_movies = len(model.movie_ids)
         num_actions = model.num_actions
         observation_spec = {
             bandit_spec_utils.GLOBAL_FEATURE_KEY: tf.TensorSpec([rank_k], tf.float32),
@@ -73,7 +85,7 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         }
         self._user_features = tf.constant(model.user_features, tf.float32)
         self._movie_features = tf.constant(model.movie_features, tf.float32)
-        self._rewards = tf.constant(model.rewards, tf.float64)
+        self._keep_rewards(model)
         self._rng = tf.random.Generator.from_seed(seed)
         self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False, name="users")
         self._candidates = tf.Variable(
@@ -124,9 +136,15 @@ class MovieLensPerArmEnvironment(InGraphBandit):
 
         return tf.while_loop(lambda candidates: tf.reduce_any(repeats(candidates)), redraw, [draw()])[0]
 
+    def _keep_rewards(self, model: CandidateSetRewardModel) -> None:
+        self._user_factors = tf.constant(model.user_factors, tf.float64)
+        self._movie_factors = tf.constant(model.movie_factors, tf.float64)
+
     def _candidate_rewards(self) -> tf.Tensor:
-        """[batch, num_actions] float64 rewards of the current users' candidates."""
-        return tf.gather(tf.gather(self._rewards, self._users), self._candidates, batch_dims=1)
+        """[batch, num_actions] float64 rewards of the current users' candidates, from the factors:
+        no [users, pool] table, whose size would bound the pool."""
+        users = tf.gather(self._user_factors, self._users)
+        return tf.einsum("br,bcr->bc", users, tf.gather(self._movie_factors, self._candidates))
 
     def _apply_action(self, action: tf.Tensor) -> tf.Tensor:
         return tf.cast(self.outcome(action)[0], tf.float32)
@@ -153,7 +171,7 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
     model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
     require(isinstance(num_actions, int) and 2 <= num_actions <= pool, "env.num_actions", num_actions,
             f"an integer between 2 and env.num_movies={pool}")
-    model = CandidateSetRewardModel(**vars(model), num_actions=num_actions)
+    model = CandidateSetRewardModel(**fields_of(model), num_actions=num_actions)
     environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name)
     environment.feedback_delay = feedback_delay
     return environment

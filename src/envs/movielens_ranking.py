@@ -26,8 +26,9 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import trajectory
 
 from src import metrics
-from src.envs.movielens import build_reward_model
-from src.envs.movielens_per_arm import CandidateSetRewardModel, MovieLensPerArmEnvironment, expected_top_weights
+from src.envs.movielens import build_reward_model, fields_of
+from src.envs.movielens_per_arm import (CandidateSetRewardModel, MovieLensPerArmEnvironment, expected_top_weights,
+                                        sorted_reward_rows)
 from src.errors import require
 
 FEEDBACKS = ("scores", "cascade")
@@ -43,9 +44,9 @@ class SlateRewardModel(CandidateSetRewardModel):
     def random_policy_regret(self) -> float:
         """Exact expected regret of a uniform slate from a random candidate set: the expected sum
         of the top `slate_size` candidates (order statistics) minus slate_size x the pool mean."""
-        weights = expected_top_weights(self.rewards.shape[1], self.num_actions, self.slate_size)
-        best = np.sort(self.rewards, axis=1) @ weights
-        return float(np.mean(best - self.slate_size * self.rewards.mean(axis=1)))
+        rewards = sorted_reward_rows(self)
+        best = rewards @ expected_top_weights(rewards.shape[1], self.num_actions, self.slate_size)
+        return float(np.mean(best - self.slate_size * rewards.mean(axis=1)))
 
 
 def discounted_gains(gains: tf.Tensor) -> tf.Tensor:
@@ -163,6 +164,6 @@ def build(data, batch_size: int, seed: int, num_actions: int, slate_size: int, r
             f"an integer between 2 and env.num_movies={pool}")
     require(isinstance(slate_size, int) and 1 <= slate_size <= num_actions, "env.slate_size", slate_size,
             f"an integer between 1 and the {num_actions} candidates offered (env.num_actions)")
-    model = SlateRewardModel(**vars(model), num_actions=num_actions, slate_size=slate_size)
+    model = SlateRewardModel(**fields_of(model), num_actions=num_actions, slate_size=slate_size)
     return MovieLensRankingEnvironment(model, batch_size, seed, arm_features, feedback, click_threshold,
                                        position_bias, name)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+from scipy import sparse
 
-from src.envs.movielens import MOVIE_SELECTIONS, factorise, select_movies
+from src.envs.movielens import MOST_CELLS, MOVIE_SELECTIONS, factorise, select_movies
 from src.envs.movielens_per_arm import MovieLensPerArmEnvironment, expected_top_weights
 from src.errors import UserError, require
 
@@ -80,7 +81,7 @@ class RatedCandidatesModel:
 
 
 def build_rated_candidates_model(
-    ratings_matrix: np.ndarray, num_actions: int, rank_k: int, feature_share: float, split_seed: int,
+    ratings_matrix: sparse.csr_array, num_actions: int, rank_k: int, feature_share: float, split_seed: int,
     reward: str = "rating", liked_threshold: float = 4, num_movies: int | None = None,
     movie_selection: str = "first",
 ) -> RatedCandidatesModel:
@@ -94,7 +95,11 @@ def build_rated_candidates_model(
     require(0 < feature_share < 1, "env.feature_share", feature_share,
             "between 0 and 1 (exclusive): both the features and the rewards need ratings")
     columns = select_movies(ratings_matrix, pool, movie_selection)
-    split = split_ratings(ratings_matrix[:, columns], feature_share, split_seed)
+    cells = ratings_matrix.shape[0] * len(columns)
+    require(cells <= MOST_CELLS, "env.num_movies", num_movies,
+            f"small enough for the dense split of the ratings: {ratings_matrix.shape[0]:,} users x {len(columns):,} "
+            f"movies is more than {MOST_CELLS:,} cells")
+    split = split_ratings(ratings_matrix[:, columns].toarray(), feature_share, split_seed)
     for part, matrix in (("features", split.features), ("rewards", split.rewards)):
         if not matrix.any():
             raise UserError(f"env.feature_share={feature_share} leaves no rating for the {part}: "
@@ -137,6 +142,12 @@ class MovieLensRatingsEnvironment(MovieLensPerArmEnvironment):
         self._rated = tf.constant(padded)
         self._rated_counts = tf.constant([len(columns) for columns in rated], tf.int32)
         super().__init__(model, batch_size, seed, arm_features, name)
+
+    def _keep_rewards(self, model: RatedCandidatesModel) -> None:
+        self._rewards = tf.constant(model.rewards, tf.float64)
+
+    def _candidate_rewards(self) -> tf.Tensor:
+        return tf.gather(tf.gather(self._rewards, self._users), self._candidates, batch_dims=1)
 
     def _draw_candidates(self, users: tf.Tensor) -> tf.Tensor:
         # Uniform keys on a user's rated movies and -1 on the padding: the top k is a uniform

@@ -102,8 +102,8 @@ class FixedTable(InGraphBandit):
     def __init__(self, batch_size: int, seed: int):
         num_users, num_movies = TABLE.shape
         self.reward_model = TableRewardModel(user_ids=np.arange(1, num_users + 1),
-                                             movie_ids=np.arange(1, num_movies + 1), user_features=np.eye(num_users),
-                                             movie_features=TABLE.T, rewards=TABLE)
+                                             movie_ids=np.arange(1, num_movies + 1), user_factors=np.eye(num_users),
+                                             movie_factors=TABLE.T, rank_k=num_users)
         self._rewards = tf.constant(TABLE)
         self._rng = tf.random.Generator.from_seed(seed)
         self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False)

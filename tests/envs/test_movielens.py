@@ -18,7 +18,7 @@ def ratings(movielens_dir):
 
 def reference(ratings, num_movies, rank):
     """TF-Agents' MovieLensPyEnvironment maths, transcribed."""
-    matrix = ratings[:, :num_movies]
+    matrix = ratings.toarray()[:, :num_movies]
     matrix = matrix[matrix.sum(axis=1) > 0]
     u, s, vh = np.linalg.svd(matrix, full_matrices=False)
     u_hat = u[:, :rank] * np.sqrt(s[:rank])
@@ -47,7 +47,7 @@ def test_observation_rank_is_a_prefix_of_a_fixed_ground_truth(ratings):
 
 def test_most_rated_selection_picks_the_most_rated_movies(ratings):
     model = build_reward_model(ratings, num_movies=5, rank_k=2, reward_rank=None, movie_selection="most_rated")
-    counts = np.count_nonzero(ratings, axis=0)
+    counts = np.count_nonzero(ratings.toarray(), axis=0)
     assert sorted(counts[model.movie_ids - 1]) == sorted(counts)[-5:]
     np.testing.assert_array_equal(model.movie_ids, np.sort(model.movie_ids))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+from scipy import sparse
 import pytest
 import tensorflow as tf
 from tf_agents.bandits.specs import utils as bandit_spec_utils
@@ -43,10 +44,10 @@ def test_no_reward_rating_reaches_the_features():
     rng = np.random.default_rng(2)
     matrix = rng.integers(1, 6, size=(50, 30)) * (rng.random((50, 30)) < 0.6)
     kwargs = dict(num_actions=3, rank_k=4, feature_share=0.5, split_seed=0)
-    model = movielens_ratings.build_rated_candidates_model(matrix.astype(float), **kwargs)
+    model = movielens_ratings.build_rated_candidates_model(sparse.csr_array(matrix.astype(float)), **kwargs)
     held_out = movielens_ratings.split_ratings(matrix, 0.5, 0).rewards > 0
     rewritten = np.where(held_out, 6 - matrix, matrix).astype(float)
-    changed = movielens_ratings.build_rated_candidates_model(rewritten, **kwargs)
+    changed = movielens_ratings.build_rated_candidates_model(sparse.csr_array(rewritten), **kwargs)
     np.testing.assert_array_equal(changed.user_features, model.user_features)
     np.testing.assert_array_equal(changed.movie_features, model.movie_features)
     rows = model.user_ids - 1
@@ -54,14 +55,14 @@ def test_no_reward_rating_reaches_the_features():
     np.testing.assert_array_equal(~np.isnan(model.rewards), held_out[rows])
     # A feature rating does move the embeddings: the check above can fail.
     features_changed = np.where(~held_out & (matrix > 0), 6 - matrix, matrix).astype(float)
-    moved = movielens_ratings.build_rated_candidates_model(features_changed, **kwargs)
+    moved = movielens_ratings.build_rated_candidates_model(sparse.csr_array(features_changed), **kwargs)
     assert not np.allclose(moved.user_features, model.user_features)
 
 
 def test_rounds_offer_distinct_movies_the_user_rated_and_pay_the_real_rating(make_env):
     env, dataset = make_env("training.batch_size=6")
     model = env.reward_model
-    held_out = movielens_ratings.split_ratings(dataset.ratings_matrix(), 0.5, 0).rewards
+    held_out = movielens_ratings.split_ratings(dataset.ratings_matrix().toarray(), 0.5, 0).rewards
     for _ in range(5):
         observation = env.reset().observation
         users, candidates = env._users.numpy(), env._candidates.numpy()
@@ -87,7 +88,7 @@ def test_liked_rewards_are_one_for_a_rating_at_the_threshold(make_env):
 
 def test_users_with_too_few_held_out_ratings_are_skipped_and_counted(make_env):
     env, dataset = make_env("env.num_actions=9")
-    held_out = np.count_nonzero(movielens_ratings.split_ratings(dataset.ratings_matrix(), 0.5, 0).rewards, axis=1)
+    held_out = np.count_nonzero(movielens_ratings.split_ratings(dataset.ratings_matrix().toarray(), 0.5, 0).rewards, axis=1)
     np.testing.assert_array_equal(env.reward_model.user_ids, np.flatnonzero(held_out >= 9) + 1)
     assert env.reward_model.skipped_users == np.count_nonzero((held_out > 0) & (held_out < 9)) > 0
 
