@@ -27,15 +27,20 @@ def zip_directory(directory: Path, folder: str = "ml-100k") -> bytes:
 
 @pytest.fixture
 def serve_bytes():
-    """Serve a payload at http://127.0.0.1:<port>/ml-100k.zip; yield a function setting it."""
-    payload = {"body": b""}
+    """Serve a payload at http://127.0.0.1:<port>/ml-100k.zip, and its published checksum file at
+    .../ml-100k.zip.md5 if one is given; yield a function setting them."""
+    payload = {"body": b"", "md5": None}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
+            body = payload["md5"] if self.path.endswith(".md5") else payload["body"]
+            if body is None:
+                self.send_error(404)
+                return
             self.send_response(200)
-            self.send_header("Content-Length", str(len(payload["body"])))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(payload["body"])
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
@@ -44,8 +49,8 @@ def serve_bytes():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
-    def serve(body: bytes) -> str:
-        payload["body"] = body
+    def serve(body: bytes, md5: bytes | None = None) -> str:
+        payload["body"], payload["md5"] = body, md5
         return f"http://127.0.0.1:{server.server_address[1]}/ml-100k.zip"
 
     yield serve

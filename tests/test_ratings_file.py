@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from src import config, data
-from src.data import ratings_file
 from src.errors import UserError
 from tests.conftest import SMALL
 
@@ -82,11 +81,6 @@ def test_bad_files_are_refused_in_one_line(tmp_path, content, overrides, message
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_a_table_too_large_for_the_dense_matrix_and_a_wrong_suffix_are_refused(tmp_path, monkeypatch):
-    path = tmp_path / "ratings.csv"
-    ratings_table().to_csv(path, index=False)
-    monkeypatch.setattr(ratings_file, "MOST_CELLS", 100)
-    with pytest.raises(UserError, match="15 users x 12 items would take"):
-        data.load(compose(path).data)
+def test_a_wrong_suffix_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"data.path must be a file ending in \.csv or \.parquet"):
         data.load(compose(tmp_path / "ratings.json").data)

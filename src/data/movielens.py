@@ -161,15 +161,15 @@ def parse(directory: Path) -> MovieLens:
     return data
 
 
-def check_consistency(data: MovieLens, files: tuple[str, str, str]) -> None:
-    """Ratings there are, of 1 to 5 stars, by users and of movies the release lists; `files`:
-    its (ratings, users, movies) file names, for the messages."""
+def check_consistency(data: MovieLens, files: tuple[str, str, str], scale: tuple[float, float] = (1, 5)) -> None:
+    """Ratings there are, on the release's `scale` of stars, by users and of movies the release
+    lists; `files`: its (ratings, users, movies) file names, for the messages."""
     ratings_file, users_file, movies_file = files
     ratings = data.ratings
     if ratings.empty:
         raise UserError(f"{data.source}/{ratings_file} holds no ratings")
-    if not ratings.rating.between(1, 5).all():
-        raise UserError(f"{data.source}/{ratings_file} has ratings outside 1..5")
+    if not ratings.rating.between(*scale).all():
+        raise UserError(f"{data.source}/{ratings_file} has ratings outside {scale[0]:g}..{scale[1]:g}")
     unknown_users = set(ratings.user_id) - set(data.users.index)
     unknown_movies = set(ratings.item_id) - set(data.movies.index)
     if unknown_users or unknown_movies:
@@ -177,6 +177,21 @@ def check_consistency(data: MovieLens, files: tuple[str, str, str]) -> None:
             f"{data.source}/{ratings_file} rates {len(unknown_users)} users and {len(unknown_movies)} "
             f"movies that {users_file}/{movies_file} do not list"
         )
+
+
+def renumbered(data: MovieLens) -> MovieLens:
+    """Users and movies that have ratings, numbered 1..n in id order (the environments' rows and
+    columns), each keeping its id in an `id` column."""
+    user_ids, item_ids = np.unique(data.ratings.user_id), np.unique(data.ratings.item_id)
+    ratings = data.ratings.assign(user_id=np.searchsorted(user_ids, data.ratings.user_id) + 1,
+                                  item_id=np.searchsorted(item_ids, data.ratings.item_id) + 1)
+
+    def numbered(table: pd.DataFrame, ids: np.ndarray, name: str) -> pd.DataFrame:
+        kept = table.loc[ids]
+        return kept.reset_index(drop=True).assign(id=ids).set_axis(pd.RangeIndex(1, len(ids) + 1, name=name))
+
+    return MovieLens(ratings=ratings, movies=numbered(data.movies, item_ids, "item_id"),
+                     users=numbered(data.users, user_ids, "user_id"), source=data.source)
 
 
 def load(dir: str | None, cache_dir: str, url: str, sha256: dict[str, str]) -> MovieLens:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.data.movielens import MovieLens
+from src.data.movielens import MovieLens, renumbered
 from src.errors import UserError, one_line, require
 from src.paths import resolve
 
@@ -26,9 +26,6 @@ FORMATS = {".csv": pd.read_csv, ".parquet": pd.read_parquet}
 DUPLICATES = ("refuse", "last", "mean")
 ROLES = ("user", "item", "rating", "timestamp", "title")
 REQUIRED = ("user", "item", "rating")
-# The environments factorise a dense users x items matrix of float64: at most this many cells
-# (1.6 GB), beyond which a sparse factorisation would be needed.
-MOST_CELLS = 200_000_000
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -90,18 +87,13 @@ def load(path: str | None, columns: dict, duplicates: str) -> MovieLens:
         raise UserError(f"data.path={path} is not a file")
     require(duplicates in DUPLICATES, "data.duplicates", duplicates, f"one of {', '.join(DUPLICATES)}")
     frame = resolve_duplicates(select(read(file), dict(columns), file), duplicates, file)
-    user_ids, item_ids = np.sort(frame.user.unique()), np.sort(frame.item.unique())
-    cells = len(user_ids) * len(item_ids)
-    require(cells <= MOST_CELLS, "data.path", path,
-            f"small enough for the environments' dense ratings matrix: {len(user_ids):,} users x {len(item_ids):,} "
-            f"items would take {cells * 8 / 2**30:,.1f} GiB, at most {MOST_CELLS * 8 / 2**30:,.1f}")
-    log.info("Ratings from %s: %d ratings, %d users, %d items", file, len(frame), len(user_ids), len(item_ids))
-    ratings = pd.DataFrame({"user_id": np.searchsorted(user_ids, frame.user) + 1,
-                            "item_id": np.searchsorted(item_ids, frame.item) + 1, "rating": frame.rating.to_numpy(),
-                            "timestamp": frame.timestamp.to_numpy() if "timestamp" in frame else 0})
-    titles = (frame.drop_duplicates("item").set_index("item").title.reindex(item_ids).to_numpy()
-              if "title" in frame else [f"item {item}" for item in item_ids])
-    movies = pd.DataFrame({"id": item_ids, "title": titles, "genres": [()] * len(item_ids)},
-                          index=pd.RangeIndex(1, len(item_ids) + 1, name="item_id"))
-    users = pd.DataFrame({"id": user_ids}, index=pd.RangeIndex(1, len(user_ids) + 1, name="user_id"))
-    return MovieLens(ratings=ratings, movies=movies, users=users, source=file)
+    log.info("Ratings from %s: %d ratings, %d users, %d items", file, len(frame), frame.user.nunique(),
+             frame.item.nunique())
+    items = frame.drop_duplicates("item").set_index("item")
+    titles = items.title if "title" in frame else [f"item {item}" for item in items.index]
+    return renumbered(MovieLens(
+        ratings=pd.DataFrame({"user_id": frame.user.to_numpy(), "item_id": frame.item.to_numpy(),
+                              "rating": frame.rating.to_numpy(),
+                              "timestamp": frame.timestamp.to_numpy() if "timestamp" in frame else 0}),
+        movies=pd.DataFrame({"title": titles, "genres": [()] * len(items)}, index=items.index),
+        users=pd.DataFrame(index=pd.Index(frame.user.unique())), source=file))

@@ -82,19 +82,37 @@ def write_movielens(directory: Path, num_users: int = 60, num_movies: int = 30, 
     return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in FILES}
 
 
-def write_movielens_1m(directory: Path, num_users: int = 60, num_movies: int = 30, rank: int = 3,
-                       density: float = 0.6, seed: int = 0) -> None:
-    """The same planted ratings in MovieLens 1M's layout (ratings.dat, movies.dat, users.dat,
-    '::'-separated, Latin-1 titles with colons and accents, genres joined by '|')."""
+def write_release(directory: Path, release: str, num_users: int = 60, num_movies: int = 30, rank: int = 3,
+                  density: float = 0.6, seed: int = 0) -> None:
+    """The same planted ratings in a later release's layout (`src.data.movielens_releases`):
+    "1m" (ratings.dat, movies.dat, users.dat, '::'-separated, Latin-1 titles with colons and
+    accents), "10m" (no users.dat, half stars, UTF-8) or "csv" (20M on: ratings.csv and
+    movies.csv with headers, a title quoted for its comma, a movie without genres). Ids are
+    spaced (user u is 3u, movie m is 7m) as the later releases' have gaps; half-star layouts
+    take half a star off every even-numbered rating."""
     users, movies, stars = planted_ratings(num_users, num_movies, rank, density, seed)
     directory.mkdir(parents=True, exist_ok=True)
-    lines = [f"{u + 1}::{m + 1}::{r}::{978300000 + i}" for i, (u, m, r) in enumerate(zip(users, movies, stars))]
+    spaced = release != "1m"
+    user_ids, movie_ids = (users + 1) * (3 if spaced else 1), (movies + 1) * (7 if spaced else 1)
+    stars = stars - 0.5 * (np.arange(len(stars)) % 2 == 0) if spaced else stars
+    times = 978300000 + np.arange(len(stars))
+    genres = [f"{GENRES[m % len(GENRES)]}|Drama" for m in range(num_movies)]
+    if release == "csv":
+        pd.DataFrame({"userId": user_ids, "movieId": movie_ids, "rating": stars, "timestamp": times}).to_csv(
+            directory / "ratings.csv", index=False)
+        titles = [f"Synthétique, Movie {m + 1} (199{m % 10})" for m in range(num_movies)]
+        genres[-1] = "(no genres listed)"
+        pd.DataFrame({"movieId": (np.arange(num_movies) + 1) * 7, "title": titles, "genres": genres}).to_csv(
+            directory / "movies.csv", index=False)
+        return
+    lines = [f"{u}::{m}::{r:g}::{t}" for u, m, r, t in zip(user_ids, movie_ids, stars, times)]
     (directory / "ratings.dat").write_text("\n".join(lines) + "\n")
-    titles = [f"Synthétique: Movie {m + 1} (199{m % 10})::{GENRES[m % len(GENRES)]}|Drama" for m in range(num_movies)]
-    (directory / "movies.dat").write_bytes(("\n".join(f"{m + 1}::{t}" for m, t in enumerate(titles)) + "\n")
-                                           .encode("latin-1"))
-    people = [f"{u + 1}::{'MF'[u % 2]}::{18 + u % 40}::{u % 21}::{10000 + u}" for u in range(num_users)]
-    (directory / "users.dat").write_text("\n".join(people) + "\n")
+    titles = [f"{(m + 1) * (7 if spaced else 1)}::Synthétique: Movie {m + 1} (199{m % 10})::{genres[m]}"
+              for m in range(num_movies)]
+    (directory / "movies.dat").write_bytes(("\n".join(titles) + "\n").encode("utf-8" if spaced else "latin-1"))
+    if not spaced:
+        people = [f"{u + 1}::{'MF'[u % 2]}::{18 + u % 40}::{u % 21}::{10000 + u}" for u in range(num_users)]
+        (directory / "users.dat").write_text("\n".join(people) + "\n")
 
 
 def checksum_override(checksums: dict[str, str]) -> str:
