@@ -209,6 +209,10 @@ def check_run(cfg: DictConfig) -> None:
     costs a second: types, sizes, tracking, the objective and offline learning's settings. The
     ranges that depend on the data (env.num_movies) or on an agent's builder are checked when
     they are built."""
+    if cfg.data.get("name") == "obd":
+        from src.data import obd  # here: its pandas would slow every other command's checks
+
+        obd.not_ratings()
     check_tuned(cfg)  # first: a tuned file's values on another agent are unknown keys there
     check_types(cfg)
     with errors_name_source("training"):

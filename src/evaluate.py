@@ -33,21 +33,35 @@ from src import artifacts, config, data, plots, serving, tracking, training
 from src.cli import exit_on_user_error
 from src.envs import build_environment
 from src.errors import UserError, require
-from src.evaluation import estimators, interactions, intervals, offline, slates
+from src.evaluation import estimators, interactions, intervals, offline, real_logs, slates
 
 log = logging.getLogger(__name__)
 
 EFFECTIVE_SAMPLE_SIZE = f"{estimators.PREFIX}effective_sample_size"
-USAGE = "usage: python -m src.evaluate target_run_id=<id>|target_model_uri=<uri>|target_agent=<agent> logs_run_id=<id>"
+USAGE = ("usage: python -m src.evaluate target_run_id=<id>|target_model_uri=<uri>|target_agent=<agent> logs_run_id=<id>, "
+         "or data=obd data.dir=<folder> target_policy=<bts|random>|target_agent=<agent|ipw_learner>")
 
 
 def parse(overrides: list[str]) -> DictConfig:
     """`conf/evaluate.yaml` with the command line's key=value overrides, checked."""
     cfg = config.compose_command(overrides, "evaluate", USAGE)
-    if sum(cfg[key] is not None for key in ("target_run_id", "target_model_uri", "target_agent")) != 1:
-        raise UserError(f"give exactly one of target_run_id=, target_model_uri= and target_agent= ({USAGE})")
+    on_obd = cfg.data.get("name") == "obd"
+    if cfg.data.get("name") not in (None, "obd"):
+        raise UserError(f"data={cfg.data.name}: src.evaluate reads MovieLens where the logs' run read it (data.dir= "
+                        f"to move it); data=obd scores policies on the Open Bandit Dataset ({USAGE})")
+    targets = ("target_policy", "target_agent") if on_obd else ("target_run_id", "target_model_uri", "target_agent")
+    if sum(cfg[key] is not None for key in targets) != 1 or any(
+            cfg[key] is not None for key in ("target_run_id", "target_model_uri", "target_policy") if key not in targets):
+        named = [f"{key}=" for key in targets]
+        raise UserError(f"give exactly one of {', '.join(named[:-1])} and {named[-1]}"
+                        f"{' with data=obd' if on_obd else ''} ({USAGE})")
     require(0 < cfg.train_share < 1, "train_share", cfg.train_share, "in (0, 1)")
-    if cfg.logs_run_id is None:
+    if on_obd:
+        if cfg.logs_run_id is not None:
+            raise UserError(f"data=obd scores on the Open Bandit Dataset's logs, not on a run's: drop logs_run_id= "
+                            f"({USAGE})")
+        real_logs.check_folder(cfg.data.dir)
+    if not on_obd and cfg.logs_run_id is None:
         raise UserError(f"give logs_run_id=, a run trained with tracking.log_interactions=true ({USAGE})")
     if cfg.estimators is not None:  # else every estimator for the logs' kind, known once they are read
         unknown = [name for name in cfg.estimators if name not in estimators.ESTIMATORS | slates.SLATE_ESTIMATORS]
@@ -88,6 +102,7 @@ class Evaluation:
     effective_sample_size: float  # Kish's: how many rounds the importance weights leave
     warnings: list[str]  # where the interval's guarantee does not hold for these logs
     run_id: str
+    truth_label: str | None = None  # what the true value is, where not the simulator's exact one
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,8 @@ class Target:
 
 def evaluate(cfg: DictConfig) -> Evaluation:
     """Estimates with intervals and errors beside the target's true value, in a logged run."""
+    if cfg.data.get("name") == "obd":
+        return real_logs.evaluate(cfg)
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
     logs_run_id = str(cfg.logs_run_id)
     artifacts.check_run(logs_run_id)
@@ -272,11 +289,13 @@ def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs
 
 def report(result: Evaluation) -> str:
     shown = result.table.assign(relative_error=result.table.relative_error.map("{:+.1%}".format))
+    if np.isnan(result.true_value):
+        shown = shown.drop(columns=["error", "relative_error"])
     return "\n".join([*(f"warning: {warning}" for warning in result.warnings),
-                      f"true value (exact, from the simulator): {result.true_value:.4f}",
+                      result.truth_label or f"true value (exact, from the simulator): {result.true_value:.4f}",
                       f"effective sample size (sum w)^2 / sum w^2: {result.effective_sample_size:,.0f} "
                       f"of {result.rounds:,} logged rounds",
-                      shown.to_string(index=False, float_format="{:.4f}".format),
+                      shown.to_string(index=False, float_format="{:.5g}".format),
                       f"MLflow run {result.run_id}"])
 
 

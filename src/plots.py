@@ -168,16 +168,18 @@ def spans(values) -> bool:
     return min(values) > 0 and max(values) > SPAN_FOR_LOG * min(values)
 
 
-def estimates_figure(table: pd.DataFrame, true_value: float, title: str, confidence: float):
+def estimates_figure(table: pd.DataFrame, true_value: float | None, title: str, confidence: float,
+                     truth_name: str = "true value"):
     """Each estimator's estimate and interval (`table`: estimator, estimate, ci_low, ci_high)
-    against the true value."""
+    against the true value, where one is known."""
     figure = Figure(figsize=(7, 0.6 * len(table) + 1.6), layout="constrained")
     axis = figure.subplots()
     positions = range(len(table))
     errors = [table.estimate - table.ci_low, table.ci_high - table.estimate]
     axis.errorbar(table.estimate, positions, xerr=errors, fmt="o", capsize=4,
                   label=f"estimate, {confidence:.0%} {table.interval.iloc[0]} interval")
-    axis.axvline(true_value, color="grey", linestyle="--", label=f"true value {true_value:.3f}")
+    if true_value is not None:
+        axis.axvline(true_value, color="grey", linestyle="--", label=f"{truth_name} {true_value:.4g}")
     axis.set_yticks(list(positions), table.estimator)
     axis.invert_yaxis()
     axis.set(title=title, xlabel="value (mean reward per round)")

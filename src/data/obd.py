@@ -96,3 +96,9 @@ def bernoulli_ts_positions(alpha: np.ndarray, beta: np.ndarray, draws: int, seed
         for position in range(POSITIONS):
             counts[:, position] += np.bincount(ranked[:, position], minlength=len(alpha))
     return counts / draws
+
+
+def not_ratings(**_) -> None:
+    """`data=obd` where ratings are needed (training): refused, naming what reads it."""
+    raise UserError("data=obd holds logged clicks, not ratings to simulate from: score policies on it with "
+                    "python -m src.evaluate data=obd data.dir=<folder> target_policy=bts (docs/obd.md)")

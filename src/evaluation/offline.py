@@ -79,10 +79,15 @@ def split_point(rounds: int, train_share: float, per_batch: int, logs_run_id: st
 def train_on(engine, feedback: estimators.Feedback) -> None:
     """One pass of `engine.agent`'s training over the logged rounds, in the batches online
     training would take (a last partial batch is left out)."""
-    train_step = tf.function(engine.agent.train, autograph=False)
-    per_batch = engine.interactions_per_loop
+    train_agent_on(engine.agent, feedback, engine.environment.batch_size, engine.steps_per_loop)
+
+
+def train_agent_on(agent, feedback: estimators.Feedback, batch_size: int, steps_per_loop: int) -> None:
+    """`train_on` for an agent without an environment: [batch_size, steps_per_loop] batches."""
+    train_step = tf.function(agent.train, autograph=False)
+    per_batch = batch_size * steps_per_loop
     for start in range(0, len(feedback) - per_batch + 1, per_batch):
-        train_step(experience(engine, feedback.take(np.arange(start, start + per_batch))))
+        train_step(experience(agent, feedback.take(np.arange(start, start + per_batch)), (batch_size, steps_per_loop)))
 
 
 def greedy_choices(policy, reward_model) -> np.ndarray:
@@ -91,10 +96,9 @@ def greedy_choices(policy, reward_model) -> np.ndarray:
     return policy.action(ts.restart(users, batch_size=len(reward_model.user_ids))).action.numpy()
 
 
-def experience(engine, batch: estimators.Feedback) -> trajectory.Trajectory:
+def experience(agent, batch: estimators.Feedback, shape: tuple[int, int]) -> trajectory.Trajectory:
     """Logged rounds as the [batch_size, steps_per_loop] experience `agent.train` takes."""
-    shape = (engine.environment.batch_size, engine.steps_per_loop)
-    spec = engine.agent.training_data_spec
+    spec = agent.training_data_spec
 
     def shaped(values, dtype):
         return tf.reshape(tf.constant(values, dtype), shape + tuple(np.shape(values)[1:]))
