@@ -15,7 +15,9 @@ features and affinities) cross-fitted as conf/evaluate.yaml says; the relative e
 interval is a percentile bootstrap over the log's rounds (`--samples`, estimates re-made on each
 resample with the same reward estimates). With `--obp-python`, obp 0.5.7's estimators (loaded as
 in benchmarks/obp_crosscheck.py) take the same inputs in that interpreter and their estimates
-stand beside ours.
+stand beside ours. Each direction is an MLflow run in experiment `open_bandit_dataset` (where
+`src.evaluate data=obd` logs too): per estimator its estimate, relative error and interval, and
+obp's estimate; the table and the figure as artifacts.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=100_000, help="Beta samples for the bts policy's probabilities")
     parser.add_argument("--samples", type=int, default=200, help="bootstrap resamples")
     parser.add_argument("--obp-python", help="an interpreter with obp 0.5.7 (benchmarks/obp_crosscheck.py)")
+    parser.add_argument("--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--obp-side", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.obp_side:
@@ -76,7 +79,7 @@ def study(args) -> None:
 
     from src import config
     from src.data import obd
-    from src.evaluation import estimators
+    from src.evaluation import estimators, real_logs
 
     evaluate_cfg = config.compose([], config_name="evaluate")
     logs = {behavior: obd.load(args.obd_dir, args.campaign, behavior) for behavior in obd.BEHAVIORS}
@@ -109,13 +112,45 @@ def study(args) -> None:
         table["difference"] = table.estimate - table.obp_estimate
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "results.csv", index=False)
-    figure(table).savefig(args.out / "relative_error.png", dpi=110)
+    chart = figure(table)
+    chart.savefig(args.out / "relative_error.png", dpi=110)
+    run_ids = log_runs(args, table, chart)
     for (target, logger), part in table.groupby(["target", "logs"], sort=False):
         print(f"\n{target}'s value from {logger}'s {len(logs[logger].rewards):,} rounds; on-policy "
               f"{part.on_policy.iloc[0]:.5f} (mean click of its own log)\n")
         print(part.drop(columns=["target", "logs", "on_policy"]).to_string(index=False, float_format="{:.5f}".format,
                                                                            formatters={"difference": "{:.1e}".format}))
-    print(f"\nTable and figure in {args.out}")
+    print(f"\nTable and figure in {args.out}; MLflow runs {', '.join(run_ids)} in experiment {real_logs.EXPERIMENT}")
+
+
+def log_runs(args, table, chart) -> list[str]:
+    """One MLflow run per direction (target from logs), its estimators' figures as metrics."""
+    import mlflow
+
+    from src import tracking
+    from src.evaluation import estimators, real_logs
+
+    experiment_id = tracking.connect(args.tracking_uri, real_logs.EXPERIMENT)
+    run_ids = []
+    for (target, logger), part in table.groupby(["target", "logs"], sort=False):
+        tags = {tracking.ROLE_TAG: "evaluation", "ope.logs": f"obd/{logger}/{args.campaign}",
+                "ope.target_policy": target, "mlflow.note.content":
+                f"benchmarks.obd_ope: {target}'s value estimated from {logger}'s logs against its on-policy value."}
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"obd_ope__{target}__from__{logger}",
+                              tags=tags) as active:
+            mlflow.log_params({"campaign": args.campaign, "draws": args.draws, "samples": args.samples,
+                               "target": target, "logs": logger})
+            mlflow.log_metric(estimators.TRUE_VALUE, float(part.on_policy.iloc[0]))
+            for row in part.itertuples():
+                name = estimators.metric_name(row.estimator)
+                values = {name: row.estimate, f"{name}_relative_error": row.relative_error,
+                          f"{name}_relative_error_ci_low": row.ci_low, f"{name}_relative_error_ci_high": row.ci_high,
+                          f"{name}_obp": getattr(row, "obp_estimate", float("nan"))}
+                mlflow.log_metrics({key: float(value) for key, value in values.items() if np.isfinite(value)})
+            mlflow.log_table(part, "results.json")
+            mlflow.log_figure(chart, "relative_error.png")
+            run_ids.append(active.info.run_id)
+    return run_ids
 
 
 def obp_estimates(args, log, by_position: np.ndarray, q, chosen, target, logger) -> list[dict]:

@@ -192,6 +192,10 @@ def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str,
             lines.append(f"the importance weights average {t.weights.mean():.3f}, {abs(gap):.1f} standard errors from "
                          f"the 1 they average in expectation: the log lacks the rare rounds that carry part of the "
                          f"target's value, which the {interval} interval cannot count; interval=bernstein or anytime hold")
+        if not np.any(t.weights * t.rewards):
+            lines.append(f"no logged round where the target could choose as the logger did earned a reward: the "
+                         f"importance-weighted estimates are 0 and their {interval} intervals have no width, which "
+                         f"says only that the value is small next to 1 / the rounds matched")
         if heaviest > MAX_WEIGHT_SHARE * len(t.weights):
             lines.append(f"a round may weigh up to {heaviest:,.0f} (1 / the smallest propensity), over "
                          f"{MAX_WEIGHT_SHARE:.0%} of the {len(t.weights):,} rounds: the {interval} interval's normal "

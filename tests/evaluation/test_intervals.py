@@ -134,6 +134,10 @@ def test_asymptotic_intervals_are_warned_of_on_a_learning_logger_a_small_sample_
     few = replace(t.take(np.arange(40)), max_weights=np.full(40, 5.0))
     assert any("a round may weigh up to 5 (1 / the smallest propensity), over 10% of the 40 rounds" in line
                for line in intervals.caveats("t", ["dr"], few, "random"))
+    # Rare rewards (clicks): no round the target matched earned one, so IPW's t interval is [0, 0].
+    unclicked = replace(t, rewards=np.where(t.weights > 0, 0.0, t.rewards))
+    (line,) = intervals.caveats("t", ["ipw"], unclicked, "random")
+    assert "importance-weighted estimates are 0 and their t intervals have no width" in line
 
 
 def test_the_effective_sample_size_counts_the_rounds_the_weights_leave():
