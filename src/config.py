@@ -73,6 +73,9 @@ def default_option(group: str) -> str:
     return next(entry[group] for entry in defaults if isinstance(entry, DictConfig) and group in entry)
 
 
+# Data options that hold logged feedback, not ratings to simulate from: refused where a run would train.
+LOGGED_FEEDBACK = {"obd": "data=obd holds logged clicks, not ratings to simulate from: score policies on it with "
+                          "python -m src.evaluate data=obd data.dir=<folder> target_policy=bts (docs/obd.md)"}
 # Where data lives or how it is checked, not what it is: never what tells runs apart.
 DATA_WHEREABOUTS = ("dir", "path", "cache_dir", "url", "sha256", "md5")
 # Training settings that change how fast a run goes or which draw it is, not what it does.
@@ -209,12 +212,10 @@ def check_run(cfg: DictConfig) -> None:
     costs a second: types, sizes, tracking, the objective and offline learning's settings. The
     ranges that depend on the data (env.num_movies) or on an agent's builder are checked when
     they are built."""
-    if cfg.data.get("name") == "obd":
-        from src.data import obd  # here: its pandas would slow every other command's checks
-
-        obd.not_ratings()
     check_tuned(cfg)  # first: a tuned file's values on another agent are unknown keys there
     check_types(cfg)
+    if cfg.data.get("name") in LOGGED_FEEDBACK:
+        raise UserError(LOGGED_FEEDBACK[cfg.data.name])
     with errors_name_source("training"):
         for key in ("batch_size", "steps_per_loop", "loops", "chunk_loops"):
             value = cfg.training[key]

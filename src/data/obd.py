@@ -9,7 +9,6 @@ propensity_score, user_feature_0..3 as hashed categories, user-item_affinity_0..
 impression: the context is the user's features one-hot beside their affinities to every item,
 as Open Bandit Pipeline's `OpenBanditDataset.pre_process` makes it, the action the item shown,
 the reward the click, the propensity the logging policy's chance of that item at that position.
-NumPy and pandas only.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from src import config
 from src.errors import UserError, require
 
 BEHAVIORS = ("random", "bts")
@@ -100,5 +100,4 @@ def bernoulli_ts_positions(alpha: np.ndarray, beta: np.ndarray, draws: int, seed
 
 def not_ratings(**_) -> None:
     """`data=obd` where ratings are needed (training): refused, naming what reads it."""
-    raise UserError("data=obd holds logged clicks, not ratings to simulate from: score policies on it with "
-                    "python -m src.evaluate data=obd data.dir=<folder> target_policy=bts (docs/obd.md)")
+    raise UserError(config.LOGGED_FEEDBACK["obd"])

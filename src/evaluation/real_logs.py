@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
@@ -57,14 +58,24 @@ class Scored:
     tags: dict[str, str]
 
 
-def evaluate(cfg: DictConfig):
-    """Every estimator with its interval on an OBD log; the errors against the on-policy value
-    where the target is the other logging policy. An MLflow run in experiment `open_bandit_dataset`."""
-    from src.evaluate import Evaluation, chosen, names_for
+class Result(NamedTuple):
+    """What `src.evaluate` reports of an evaluation (its `Evaluation`'s fields)."""
 
+    table: pd.DataFrame
+    true_value: float
+    rounds: int
+    effective_sample_size: float
+    warnings: list[str]
+    run_id: str
+    truth_label: str
+
+
+def evaluate(cfg: DictConfig, chosen: list[estimators.Estimator]) -> Result:
+    """The `chosen` estimators with their intervals on an OBD log; the errors against the
+    on-policy value where the target is the other logging policy. An MLflow run in experiment
+    `open_bandit_dataset`."""
     params = cfg.data
     directory = check_folder(params.dir)
-    names = names_for(cfg, estimators.ESTIMATORS, "logged items")
     experiment_id = tracking.connect(cfg.tracking.uri, EXPERIMENT)
     logs = obd.load(directory, params.campaign, params.behavior)
     feedback = estimators.Feedback(logs.contexts, logs.actions, logs.rewards, logs.propensities)
@@ -77,7 +88,7 @@ def evaluate(cfg: DictConfig):
     terms = estimators.terms(scored.feedback, scored.probabilities, q)
     log.info("Estimating the value of %s on %d rounds logged by %s (campaign %s), %s intervals", scored.label,
              len(scored.feedback), params.behavior, params.campaign, cfg.interval)
-    table = intervals.estimate_all([estimator.for_actions(logs.num_items) for estimator in chosen(cfg, names)], terms,
+    table = intervals.estimate_all([estimator.for_actions(logs.num_items) for estimator in chosen], terms,
                                    cfg.interval, cfg.confidence, reward_range=(0.0, 1.0),
                                    samples=cfg.bootstrap.samples, seed=cfg.bootstrap.seed)
     # Both OBD loggers are fixed policies over the logging period (their propensities say so), as
@@ -90,8 +101,7 @@ def evaluate(cfg: DictConfig):
         log.warning("%s", warning)
     effective = intervals.effective_sample_size(terms)
     run_id = log_evaluation(cfg, experiment_id, table, scored, effective)
-    return Evaluation(table, truth, len(scored.feedback), effective, warnings, run_id,
-                      truth_label=truth_label(scored))
+    return Result(table, truth, len(scored.feedback), effective, warnings, run_id, truth_label(scored))
 
 
 def check_folder(folder) -> Path:
