@@ -190,9 +190,13 @@ def interaction_log(cfg: DictConfig, engine) -> interactions.InteractionLog:
 
 def log_ratings(cfg: DictConfig, dataset) -> None:
     """The ratings as the run's training input; a download is named by its address, a local
-    copy (or generated data) by its folder."""
+    copy by its folder, generated data (no folder) by the code that made it (MLflow's default)."""
     downloaded = cfg.data.get("url") and not cfg.data.get("dir")
-    tracking.log_dataset(cfg.data.name, dataset.ratings, cfg.data.url if downloaded else dataset.source.as_uri())
+    if downloaded:
+        source = cfg.data.url
+    else:
+        source = dataset.source.as_uri() if dataset.source.is_absolute() else None
+    tracking.log_dataset(cfg.data.name, dataset.ratings, source)
 
 
 def train_offline(fitting: Fitting, dataset, experiment_id: str, tags: dict[str, str]) -> tuple[dict[str, float], str]:

@@ -9,8 +9,10 @@ import threading
 import zipfile
 from pathlib import Path
 
+import mlflow
 import pytest
 
+from src import config, data
 from src.data import movielens
 from src.data.synthetic import write_movielens
 from src.errors import UserError
@@ -122,3 +124,18 @@ def test_unparsable_file_is_a_user_error(tmp_path):
 def test_an_empty_data_dir_is_refused_not_taken_for_a_download(directory, tmp_path):
     with pytest.raises(UserError, match="data.dir is empty: give the folder holding ml-100k's files, or null"):
         movielens.locate(directory, "http://127.0.0.1:9/ml-100k.zip", str(tmp_path), {})
+
+
+def test_generated_ratings_are_logged_as_made_by_code(tmp_path):
+    from src import training  # here: only this test needs the training stack
+
+    cfg = config.compose(["data=synthetic", "data.num_users=20", "data.num_movies=10"])
+    store, previous = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
+    try:
+        with mlflow.start_run() as run:
+            training.log_ratings(cfg, data.load(cfg.data))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    (logged,) = mlflow.MlflowClient(store).get_run(run.info.run_id).inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.source_type) == ("synthetic", "code")

@@ -134,7 +134,7 @@ def as_movielens(users: np.ndarray, movies: np.ndarray, stars: np.ndarray, num_u
     users_table = pd.DataFrame({"age": 20 + people % 40, "gender": np.array(["M", "F"])[people % 2],
                                 "occupation": "other", "zip_code": 10000 + people},
                                index=pd.Index(people + 1, name="user_id"))
-    data = MovieLens(ratings=ratings, movies=titled, users=users_table, source=Path("synthetic"))
+    data = MovieLens(ratings=ratings, movies=titled, users=users_table, source=Path("synthetic"))  # no folder
     check_consistency(data, ("ratings", "users", "movies"))
     return data
 
