@@ -36,6 +36,9 @@ CLICK_THROUGH_RATE = "train/click_through_rate"
 # A drifting environment's (src.envs.movielens, env.drift): the share of interactions whose best
 # movie at that time is not the user's best without drift.
 BEST_MOVIE_MOVED = "train/best_movie_moved"
+# An environment whose movies arrive over time (env.arrivals): the movies a round's candidates
+# could come from, averaged over the interactions.
+CATALOGUE_SIZE = "train/catalogue_size"
 # Training speed, in the train/ section beside the regret: MLflow sorts sections by name, and
 # the cumulative regret should be the first chart a person sees.
 INTERACTIONS_PER_S = "train/interactions_per_s"
@@ -57,7 +60,8 @@ FINAL_METRICS = tuple(OBJECTIVES)
 ONLINE_METRICS = (REGRET, CUMULATIVE_REGRET, REWARD, SUBOPTIMAL_ARM_RATE)
 # The range each metric lies in (None: unbounded), which a confidence band must respect.
 BOUNDS = {REGRET: (0.0, None), CUMULATIVE_REGRET: (0.0, None), SUBOPTIMAL_ARM_RATE: (0.0, 1.0), LOSS: (0.0, None),
-          NDCG: (0.0, 1.0), PRECISION: (0.0, 1.0), CLICK_THROUGH_RATE: (0.0, 1.0), BEST_MOVIE_MOVED: (0.0, 1.0)}
+          NDCG: (0.0, 1.0), PRECISION: (0.0, 1.0), CLICK_THROUGH_RATE: (0.0, 1.0), BEST_MOVIE_MOVED: (0.0, 1.0),
+          CATALOGUE_SIZE: (0.0, None)}
 
 
 def rounded(value: float) -> float:

@@ -20,6 +20,7 @@ from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
+from src import metrics
 from src.envs.base import FeedbackDelay, InGraphBandit
 from src.envs.movielens import MOST_CELLS, RewardModel, build_reward_model, fields_of
 from src.errors import require
@@ -30,6 +31,31 @@ from src.errors import require
 ARM_FEATURES = ("embedding", "interaction")
 # Users a large pool's uniform-random regret is estimated from (`sorted_reward_rows`).
 REGRET_USERS = 1_000
+ARRIVAL_ORDERS = ("none", "first_rating")
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """Movies joining the pool over time: with `order=first_rating` the pool's movies arrive in
+    the order of their first rating in the data, `start` of them at first, then one every `every`
+    interactions; candidates are drawn from the movies arrived."""
+
+    order: str = "none"
+    start: int | None = None
+    every: int | None = None
+
+    def check(self, num_actions: int, pool: int) -> None:
+        require(self.order in ARRIVAL_ORDERS, "env.arrivals", self.order, f"one of {', '.join(ARRIVAL_ORDERS)}")
+        if not self.active:
+            return
+        require(isinstance(self.start, int) and num_actions <= self.start <= pool, "env.arrivals_start", self.start,
+                f"an integer between env.num_actions={num_actions} (a full candidate set) and the pool's {pool} movies")
+        require(isinstance(self.every, int) and self.every >= 1, "env.arrivals_every", self.every,
+                "an integer >= 1 (interactions between two arrivals)")
+
+    @property
+    def active(self) -> bool:
+        return self.order != "none"
 
 
 def expected_top_weights(pool: int, size: int, top: int) -> np.ndarray:
@@ -70,8 +96,13 @@ class MovieLensPerArmEnvironment(InGraphBandit):
     """Global user features plus the features of `num_actions` sampled candidate movies."""
 
     def __init__(self, model: CandidateSetRewardModel, batch_size: int, seed: int,
-                 arm_features: str = "embedding", name: str = "movielens_per_arm"):
+                 arm_features: str = "embedding", name: str = "movielens_per_arm", arrivals: Arrivals = Arrivals()):
         require(batch_size >= 1, "training.batch_size", batch_size, ">= 1")
+        self._arrivals = arrivals
+        if arrivals.active:
+            self.extra_metric_names = (metrics.CATALOGUE_SIZE,)
+        self._steps = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="steps")
+        self._arrived = tf.Variable(tf.constant(0, tf.int32), trainable=False, name="arrived")
         require(arm_features in ARM_FEATURES, "env.arm_features", arm_features, f"one of {', '.join(ARM_FEATURES)}")
         self._interaction = arm_features == "interaction"
         self.reward_model = model
@@ -103,6 +134,8 @@ class MovieLensPerArmEnvironment(InGraphBandit):
     def _observe(self):
         users = self._rng.uniform([self.batch_size], maxval=self._num_users, dtype=tf.int32)
         candidates = self._draw_candidates(users)
+        if self._arrivals.active:
+            self._steps.assign_add(1)
         self._users.assign(users)
         self._candidates.assign(candidates)
         user_features = tf.gather(self._user_features, users)
@@ -116,16 +149,35 @@ class MovieLensPerArmEnvironment(InGraphBandit):
 
     def _draw_candidates(self, users: tf.Tensor) -> tf.Tensor:
         """[batch, num_actions] distinct movie columns offered to each of `users`: a uniform
-        k-subset in random order, like `random.sample`."""
+        k-subset of the movies arrived, in random order, like `random.sample`."""
         size = self.reward_model.num_actions
-        if size * size > self._num_movies:  # repeats would be common: the top k of uniform keys
-            return tf.math.top_k(self._rng.uniform([self.batch_size, self._num_movies]), k=size).indices
+        if not self._arrivals.active:
+            return self._uniform_subsets(size, self._num_movies)
+        interactions = self._steps * self.batch_size  # before this step
+        arrived = tf.cast(tf.minimum(self._arrivals.start + interactions // self._arrivals.every, self._num_movies),
+                          tf.int32)
+        self._arrived.assign(arrived)
+        return tf.cond(size * size > arrived, lambda: self._top_keys(size, arrived),
+                       lambda: self._drawn_without_repeats(size, arrived))
 
-        # Few repeats (below 40% a row): draw k with replacement and draw again the rows that
-        # repeat. Given no repeat, every ordered k-subset is equally likely. Keys for all the
-        # movies and their top k cost 5x more a round at 1,682 movies.
+    def _uniform_subsets(self, size: int, pool: int) -> tf.Tensor:
+        if size * size > pool:  # repeats would be common: the top k of uniform keys
+            return self._top_keys(size, pool)
+        return self._drawn_without_repeats(size, pool)
+
+    def _top_keys(self, size: int, pool) -> tf.Tensor:
+        """The top k of uniform keys on the first `pool` movies (-1 on the rest)."""
+        keys = self._rng.uniform([self.batch_size, self._num_movies])
+        if not isinstance(pool, int) or pool < self._num_movies:
+            keys = tf.where(tf.range(self._num_movies)[tf.newaxis] < pool, keys, -1.0)
+        return tf.math.top_k(keys, k=size).indices
+
+    def _drawn_without_repeats(self, size: int, pool) -> tf.Tensor:
+        """Few repeats (below 40% a row): draw k with replacement among the first `pool` movies
+        and draw again the rows that repeat. Given no repeat, every ordered k-subset is equally
+        likely. Keys for all the movies and their top k cost 5x more a round at 1,682 movies."""
         def draw():
-            return self._rng.uniform([self.batch_size, size], maxval=self._num_movies, dtype=tf.int32)
+            return self._rng.uniform([self.batch_size, size], maxval=pool, dtype=tf.int32)
 
         def repeats(candidates):
             ordered = tf.sort(candidates, axis=1)
@@ -135,6 +187,10 @@ class MovieLensPerArmEnvironment(InGraphBandit):
             return tf.where(repeats(candidates)[:, tf.newaxis], draw(), candidates)
 
         return tf.while_loop(lambda candidates: tf.reduce_any(repeats(candidates)), redraw, [draw()])[0]
+
+    def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
+        """With arrivals: the catalogue's size at each interaction (movies arrived)."""
+        return tf.fill([self.batch_size, 1], tf.cast(self._arrived, tf.float64))
 
     def _keep_rewards(self, model: CandidateSetRewardModel) -> None:
         self._user_factors = tf.constant(model.user_factors, tf.float64)
@@ -163,15 +219,23 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
           num_movies: int | None = None, reward_rank: int | None = None,
           movie_selection: str = "first", arm_features: str = "embedding", delay: str = "none",
           delay_loops: int = 0, delay_longest: int | None = None, feedback_drop: float = 0.0,
+          arrivals: str = "none", arrivals_start: int | None = None, arrivals_every: int | None = None,
           name: str = "movielens_per_arm") -> MovieLensPerArmEnvironment:
     """The environment `conf/env/movielens_per_arm.yaml` describes, over MovieLens `data`."""
     feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
     ratings = data.ratings_matrix()
     pool = ratings.shape[1] if num_movies is None else num_movies
-    model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
     require(isinstance(num_actions, int) and 2 <= num_actions <= pool, "env.num_actions", num_actions,
             f"an integer between 2 and env.num_movies={pool}")
-    model = CandidateSetRewardModel(**fields_of(model), num_actions=num_actions)
-    environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name)
+    schedule = Arrivals(arrivals, arrivals_start, arrivals_every)
+    schedule.check(num_actions, pool)
+    model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
+    parts = fields_of(model)
+    if schedule.active:  # the pool in arrival order: the first n columns are the movies arrived
+        first_rated = data.ratings.groupby("item_id").timestamp.min().reindex(model.movie_ids).to_numpy()
+        order = np.argsort(first_rated, kind="stable")
+        parts.update(movie_ids=model.movie_ids[order], movie_factors=model.movie_factors[order])
+    model = CandidateSetRewardModel(**parts, num_actions=num_actions)
+    environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name, schedule)
     environment.feedback_delay = feedback_delay
     return environment
