@@ -34,10 +34,12 @@ SETTINGS = {
     "switch + delay + drop": ["env.drift=switch", "env.drift_period=20000", "env.delay=geometric",
                               "env.delay_loops=3", "env.feedback_drop=0.1"],
 }
-# Per-arm, against its own stationary run: the pool grows from 100 movies by one every 20 interactions.
+# Per-arm, against its own stationary run: the pool grows from 100 movies by one every 20
+# interactions, or the tastes turn.
 PER_ARM = {"per-arm stationary": ["env=movielens_per_arm"],
            "per-arm arrivals": ["env=movielens_per_arm", "env.arrivals=first_rating", "env.arrivals_start=100",
-                                "env.arrivals_every=20"]}
+                                "env.arrivals_every=20"],
+           "per-arm drift=rotate": ["env=movielens_per_arm", "env.drift=rotate", "env.drift_period=80000"]}
 # The agents that can forget, and what forgetting costs them on the stationary environment.
 FORGETTING = {"linucb": ["agent.discount=0.98"], "lints": ["agent.discount=0.98"]}
 

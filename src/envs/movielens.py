@@ -311,15 +311,19 @@ class DriftingMovieLensEnvironment(MovieLensEnvironment):
         return tf.cast(best != tf.gather(self._stationary_best, self._users), tf.float64)[:, None]
 
 
+def check_drift(drift: str, period: int | None, batch_size: int) -> None:
+    require(drift in DRIFTS, "env.drift", drift, f"one of {', '.join(DRIFTS)}")
+    require(drift == "none" or (isinstance(period, int) and period >= batch_size), "env.drift_period",
+            period, f"an integer number of interactions, at least training.batch_size={batch_size}")
+
+
 def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
           reward_rank: int | None = None, movie_selection: str = "first", drift: str = "none",
           drift_period: int | None = None, delay: str = "none", delay_loops: int = 0, delay_longest: int | None = None,
           feedback_drop: float = 0.0, name: str = "movielens") -> MovieLensEnvironment:
     """The environment the `env` config group describes, over parsed MovieLens `data`."""
     feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
-    require(drift in DRIFTS, "env.drift", drift, f"one of {', '.join(DRIFTS)}")
-    require(drift == "none" or (isinstance(drift_period, int) and drift_period >= batch_size), "env.drift_period",
-            drift_period, f"an integer number of interactions, at least training.batch_size={batch_size}")
+    check_drift(drift, drift_period, batch_size)
     model = build_reward_model(data.ratings_matrix(), num_movies, rank_k, reward_rank, movie_selection)
     if drift == "none":
         environment = MovieLensEnvironment(model, batch_size, seed, name)

@@ -22,7 +22,8 @@ from tf_agents.trajectories import time_step as ts
 
 from src import metrics
 from src.envs.base import FeedbackDelay, InGraphBandit
-from src.envs.movielens import MOST_CELLS, RewardModel, build_reward_model, fields_of
+from src.envs.movielens import (MOST_CELLS, RewardModel, build_reward_model, check_drift, fields_of, random_rotation,
+                               rotation_parts)
 from src.errors import require
 
 # What a candidate shows the agent: its embedding, or also its elementwise product with the
@@ -96,13 +97,22 @@ class MovieLensPerArmEnvironment(InGraphBandit):
     """Global user features plus the features of `num_actions` sampled candidate movies."""
 
     def __init__(self, model: CandidateSetRewardModel, batch_size: int, seed: int,
-                 arm_features: str = "embedding", name: str = "movielens_per_arm", arrivals: Arrivals = Arrivals()):
+                 arm_features: str = "embedding", name: str = "movielens_per_arm", arrivals: Arrivals = Arrivals(),
+                 drift: str = "none", drift_period: int | None = None):
         require(batch_size >= 1, "training.batch_size", batch_size, ">= 1")
-        self._arrivals = arrivals
-        if arrivals.active:
-            self.extra_metric_names = (metrics.CATALOGUE_SIZE,)
+        self._arrivals, self._drift, self._drift_period = arrivals, drift, drift_period
+        # Extra metrics only where these are on: the ranking subclass has its own.
+        extras = (metrics.CATALOGUE_SIZE,) * arrivals.active + (metrics.BEST_MOVIE_MOVED,) * (drift != "none")
+        if extras:
+            self.extra_metric_names = extras
         self._steps = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="steps")
         self._arrived = tf.Variable(tf.constant(0, tf.int32), trainable=False, name="arrived")
+        rank_k = model.rank_k
+        if drift != "none":  # the step's rotation of the users' observed tastes, less the identity
+            self._turned = tf.Variable(tf.zeros([rank_k, rank_k], tf.float64), trainable=False, name="turned")
+            paired, turn = rotation_parts(rank_k)
+            self._paired, self._turn = tf.constant(paired), tf.constant(turn)
+            self._switched = tf.constant(random_rotation(rank_k) - np.eye(rank_k))
         require(arm_features in ARM_FEATURES, "env.arm_features", arm_features, f"one of {', '.join(ARM_FEATURES)}")
         self._interaction = arm_features == "interaction"
         self.reward_model = model
@@ -134,7 +144,9 @@ class MovieLensPerArmEnvironment(InGraphBandit):
     def _observe(self):
         users = self._rng.uniform([self.batch_size], maxval=self._num_users, dtype=tf.int32)
         candidates = self._draw_candidates(users)
-        if self._arrivals.active:
+        if self._drift != "none":
+            self._turned.assign(self._rotation_less_identity(tf.cast(self._steps * self.batch_size, tf.float64)))
+        if self._arrivals.active or self._drift != "none":
             self._steps.assign_add(1)
         self._users.assign(users)
         self._candidates.assign(candidates)
@@ -189,8 +201,26 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         return tf.while_loop(lambda candidates: tf.reduce_any(repeats(candidates)), redraw, [draw()])[0]
 
     def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
-        """With arrivals: the catalogue's size at each interaction (movies arrived)."""
-        return tf.fill([self.batch_size, 1], tf.cast(self._arrived, tf.float64))
+        """With arrivals, the catalogue's size at each interaction (movies arrived); with drift,
+        whether the best candidate now is not the best without drift."""
+        columns = []
+        if self._arrivals.active:
+            columns.append(tf.fill([self.batch_size], tf.cast(self._arrived, tf.float64)))
+        if self._drift != "none":
+            users = tf.gather(self._user_factors, self._users)
+            movies = tf.gather(self._movie_factors, self._candidates)
+            stationary = tf.einsum("br,bcr->bc", users, movies)
+            moved = tf.argmax(stationary + self._drift_shift(users, movies), axis=1) != tf.argmax(stationary, axis=1)
+            columns.append(tf.cast(moved, tf.float64))
+        return tf.stack(columns, axis=1)
+
+    def _rotation_less_identity(self, interactions: tf.Tensor) -> tf.Tensor:
+        """R_t - I after `interactions` (`src.envs.movielens.rotation`, in-graph)."""
+        if self._drift == "switch":
+            regime = tf.math.floormod(tf.math.floordiv(interactions, self._drift_period), 2.0)
+            return regime * self._switched
+        angle = 2 * np.pi * interactions / self._drift_period
+        return (tf.cos(angle) - 1) * self._paired + tf.sin(angle) * self._turn
 
     def _keep_rewards(self, model: CandidateSetRewardModel) -> None:
         self._user_factors = tf.constant(model.user_factors, tf.float64)
@@ -200,7 +230,16 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         """[batch, num_actions] float64 rewards of the current users' candidates, from the factors:
         no [users, pool] table, whose size would bound the pool."""
         users = tf.gather(self._user_factors, self._users)
-        return tf.einsum("br,bcr->bc", users, tf.gather(self._movie_factors, self._candidates))
+        movies = tf.gather(self._movie_factors, self._candidates)
+        rewards = tf.einsum("br,bcr->bc", users, movies)
+        if self._drift == "none":
+            return rewards
+        return rewards + self._drift_shift(users, movies)
+
+    def _drift_shift(self, users: tf.Tensor, movies: tf.Tensor) -> tf.Tensor:
+        """x_u (R_t - I) m_k: what drift adds to each candidate's reward (`DriftingRewardModel`)."""
+        rank_k = self.reward_model.rank_k
+        return tf.einsum("bk,kl,bcl->bc", users[:, :rank_k], self._turned, movies[:, :, :rank_k])
 
     def _apply_action(self, action: tf.Tensor) -> tf.Tensor:
         return tf.cast(self.outcome(action)[0], tf.float32)
@@ -220,9 +259,11 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
           movie_selection: str = "first", arm_features: str = "embedding", delay: str = "none",
           delay_loops: int = 0, delay_longest: int | None = None, feedback_drop: float = 0.0,
           arrivals: str = "none", arrivals_start: int | None = None, arrivals_every: int | None = None,
+          drift: str = "none", drift_period: int | None = None,
           name: str = "movielens_per_arm") -> MovieLensPerArmEnvironment:
     """The environment `conf/env/movielens_per_arm.yaml` describes, over MovieLens `data`."""
     feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
+    check_drift(drift, drift_period, batch_size)
     ratings = data.ratings_matrix()
     pool = ratings.shape[1] if num_movies is None else num_movies
     require(isinstance(num_actions, int) and 2 <= num_actions <= pool, "env.num_actions", num_actions,
@@ -236,6 +277,6 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
         order = np.argsort(first_rated, kind="stable")
         parts.update(movie_ids=model.movie_ids[order], movie_factors=model.movie_factors[order])
     model = CandidateSetRewardModel(**parts, num_actions=num_actions)
-    environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name, schedule)
+    environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name, schedule, drift, drift_period)
     environment.feedback_delay = feedback_delay
     return environment

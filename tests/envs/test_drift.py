@@ -82,3 +82,44 @@ def test_bad_drift_is_refused_in_one_line(make_config, overrides, message):
     with pytest.raises(UserError) as refused:
         experiment.assemble(cfg, data.load(cfg.data))
     assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("drift", ["rotate", "switch"])
+def test_per_arm_candidates_earn_the_rewards_of_their_time(make_config, drift):
+    """env=movielens_per_arm: each candidate's reward from the factors with the users' observed
+    tastes turned, as `DriftingRewardModel.rewards_at` has it over the whole pool."""
+    cfg = make_config("env=movielens_per_arm", "env.num_actions=4", f"env.drift={drift}", "env.drift_period=24",
+                      "training.batch_size=8")
+    environment = build_environment(cfg, data.load(cfg.data))
+    model = environment.reward_model
+    drifting_model = DriftingRewardModel(user_ids=model.user_ids, movie_ids=model.movie_ids, user_factors=model.user_factors,
+                                         movie_factors=model.movie_factors, rank_k=model.rank_k, drift=drift, period=24)
+    assert environment.extra_metric_names == (metrics.BEST_MOVIE_MOVED,)
+    moved_any = False
+    for step in range(7):
+        environment.reset()
+        users, candidates = environment._users.numpy(), environment._candidates.numpy()
+        truth = np.take_along_axis(drifting_model.rewards_at(step * 8)[users], candidates, axis=1)
+        stationary = np.take_along_axis(model.rewards[users], candidates, axis=1)
+        actions = tf.constant(np.arange(8) % 4, tf.int32)
+        reward, optimal = environment.outcome(actions)
+        np.testing.assert_allclose(reward.numpy(), truth[np.arange(8), actions.numpy()], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(optimal.numpy(), truth.max(axis=1), rtol=1e-12, atol=1e-12)
+        moved = environment.extra_metrics(actions).numpy()[:, 0]
+        np.testing.assert_array_equal(moved, truth.argmax(axis=1) != stationary.argmax(axis=1))
+        moved_any |= moved.any()
+    assert moved_any  # the drift does change which candidate is best: the checks above can fail
+
+
+def test_per_arm_drift_with_arrivals_logs_both_metrics_and_a_bad_period_is_refused(make_config):
+    cfg = make_config("env=movielens_per_arm", "env.num_actions=4", "env.drift=switch", "env.drift_period=24",
+                      "env.arrivals=first_rating", "env.arrivals_start=5", "env.arrivals_every=4",
+                      "training.batch_size=8")
+    environment = build_environment(cfg, data.load(cfg.data))
+    assert environment.extra_metric_names == (metrics.CATALOGUE_SIZE, metrics.BEST_MOVIE_MOVED)
+    environment.reset()
+    assert environment.extra_metrics(tf.zeros(8, tf.int32)).shape == (8, 2)
+    cfg = make_config("env=movielens_per_arm", "env.drift=rotate", "env.drift_period=4", "training.batch_size=8")
+    with pytest.raises(UserError, match="env.drift_period must be an integer number of interactions, at least "
+                                        "training.batch_size=8"):
+        build_environment(cfg, data.load(cfg.data))
