@@ -33,6 +33,11 @@ def assemble(cfg: DictConfig, data) -> Engine:
     if delay.loops > cfg.training.loops:
         raise UserError(f"env.delay_loops={delay.loops} is longer than the run's training.loops={cfg.training.loops}: "
                         f"no reward would reach the agent")
+    available = environment.interactions_available
+    asked = cfg.training.loops * cfg.training.batch_size * cfg.training.steps_per_loop
+    if available is not None and asked > available:
+        raise UserError(f"training.loops={cfg.training.loops} asks for {asked:,} interactions; env={cfg.env.name} "
+                        f"replays {available:,}: at most {available // (asked // cfg.training.loops):,} loops")
     agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed)
     if not cfg.tracking.log_interactions:
         return Engine(environment, agent, cfg.training.steps_per_loop)

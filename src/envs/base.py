@@ -128,6 +128,8 @@ class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
     extra_metric_names: tuple[str, ...] = ()
     # When rewards reach the agent (the engine keeps the rest pending).
     feedback_delay: FeedbackDelay = FeedbackDelay()
+    # How many interactions the environment can give (a replay of the data's), None: unbounded.
+    interactions_available: int | None = None
 
     @property
     def users(self) -> tf.Tensor:

@@ -107,8 +107,8 @@ class MovieLensPerArmEnvironment(InGraphBandit):
             self.extra_metric_names = extras
         self._steps = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="steps")
         self._arrived = tf.Variable(tf.constant(0, tf.int32), trainable=False, name="arrived")
-        rank_k = model.rank_k
         if drift != "none":  # the step's rotation of the users' observed tastes, less the identity
+            rank_k = model.rank_k
             self._turned = tf.Variable(tf.zeros([rank_k, rank_k], tf.float64), trainable=False, name="turned")
             paired, turn = rotation_parts(rank_k)
             self._paired, self._turn = tf.constant(paired), tf.constant(turn)
@@ -150,6 +150,9 @@ class MovieLensPerArmEnvironment(InGraphBandit):
             self._steps.assign_add(1)
         self._users.assign(users)
         self._candidates.assign(candidates)
+        return self._features_of(users, candidates)
+
+    def _features_of(self, users: tf.Tensor, candidates: tf.Tensor) -> dict:
         user_features = tf.gather(self._user_features, users)
         movie_features = tf.gather(self._movie_features, candidates)
         if self._interaction:
