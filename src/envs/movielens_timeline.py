@@ -10,9 +10,10 @@ interaction, the fit's movie factors fixed (least squares: for a rating row r an
 V, r V (V'V)^-1, which is the fit's own user factor for a user in the fit), so a user who rated
 minutes ago is known though the fit is older: MovieLens users rate in sessions, and 78% of the
 second half's ratings of 100K come from users with no rating before a fit 5,000 ratings old.
-Each rating is revealed after its round. A user's first rating and a movie without a rating
-before the fit are cold starts: zero factors, every candidate earning 0 for such a user, a new
-movie 0 for everyone. Each fit is turned onto the previous one (orthogonal Procrustes on the
+A step's `batch_size` rounds happen at once, among the movies rated by its first one, and its
+ratings are revealed after it. A user's first rating and a movie without a rating before the
+fit are cold starts: zero factors, every candidate earning 0 for such a user, a new movie 0 for
+everyone. Each fit is turned onto the previous one (orthogonal Procrustes on the
 movies' factors; their products, the rewards, do not change), so features keep their meaning
 for an agent across refits as far as the data allow. Regret is against the best candidate under
 the current fit. Fits run between the compiled steps (`tf.numpy_function`), rarely.
@@ -121,7 +122,8 @@ class MovieLensTimelineEnvironment(MovieLensPerArmEnvironment):
         rows = self._start + done + tf.range(self.batch_size, dtype=tf.int64)
         users = tf.gather(self._event_users, rows)
         self._step_users.assign(tf.gather(self._sums, users) @ self._gram_inverse)
-        arrived = tf.gather(self._event_arrived, rows[-1])
+        # By the step's first event: a movie first rated later in the step is not offered before it.
+        arrived = tf.gather(self._event_arrived, rows[0])
         size = self.reward_model.num_actions
         candidates = tf.cond(size * size > arrived, lambda: self._top_keys(size, arrived),
                              lambda: self._drawn_without_repeats(size, arrived))
