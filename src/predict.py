@@ -46,6 +46,18 @@ def parse(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def data_row(dataset, user_id: int) -> int:
+    """The data's number of the user whose own id is `user_id`: the later releases and ratings
+    files renumber users 1..n and keep each one's id (`users.id`); 100K's are its own."""
+    if "id" not in dataset.users:
+        require(user_id in dataset.users.index, "user_id", user_id, f"a MovieLens user id, 1..{dataset.num_users}")
+        return user_id
+    rows = np.flatnonzero(dataset.users.id.to_numpy() == user_id)
+    require(len(rows) == 1, "user_id", user_id,
+            f"a user id of this data, from {dataset.users.id.min()} to {dataset.users.id.max()} with gaps")
+    return int(dataset.users.index[rows[0]])
+
+
 def read_observations(path: str) -> np.ndarray:
     """Observation vectors, one per row: a JSON list of lists or a CSV file without header."""
     file = Path(path)
@@ -77,11 +89,10 @@ def recommend(cfg: DictConfig) -> str:
     reward_model = build_environment(run_cfg, dataset).reward_model
     catalogue = serving.Catalogue.of(reward_model, dataset.movies, run_cfg.env)
     if cfg.user_id is not None:
-        require(cfg.user_id in dataset.users.index, "user_id", cfg.user_id,
-                f"a MovieLens user id, 1..{dataset.num_users}")
-        observations = catalogue.observations_of([cfg.user_id])
-        ratings = reward_model.rewards[np.flatnonzero(reward_model.user_ids == cfg.user_id)]
-        rated = dataset.ratings_matrix()[[cfg.user_id - 1]][:, catalogue.movie_ids - 1].toarray()
+        user = data_row(dataset, cfg.user_id)
+        observations = catalogue.observations_of([user])
+        ratings = reward_model.rewards[np.flatnonzero(reward_model.user_ids == user)]
+        rated = dataset.ratings_matrix()[[user - 1]][:, catalogue.movie_ids - 1].toarray()
         labels = [f"user {cfg.user_id}"]
     else:
         observations = read_observations(cfg.input)

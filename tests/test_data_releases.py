@@ -133,3 +133,13 @@ def test_a_local_copy_with_another_count_than_the_release_is_named(tmp_path, cap
     write_release(tmp_path / "ml-20m", "csv")
     count = len(load("20m", tmp_path / "ml-20m").ratings)
     assert f"holds {count:,} ratings; the published MovieLens 20M has 20,000,263" in caplog.text
+
+
+def test_a_user_is_found_by_their_movielens_id_after_renumbering(tmp_path):
+    from src.predict import data_row  # here: only this test needs the command's module
+
+    write_release(tmp_path / "ml-10M100K", "10m")
+    parsed = load("10m", tmp_path / "ml-10M100K")
+    assert data_row(parsed, 6) == 2 and parsed.users.id.loc[2] == 6  # ids are spaced by 3
+    with pytest.raises(UserError, match="user_id must be a user id of this data, from 3 to 180 with gaps, got 4"):
+        data_row(parsed, 4)
