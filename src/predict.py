@@ -107,22 +107,26 @@ def recommend(cfg: DictConfig) -> str:
               f"{run_cfg.training.seed}), {len(catalogue.movie_ids)} candidate movies"
               + (f"; its slate: the top {policy.slate_size} ranked" if policy.slate_size else ""))
     slates = policy.slates(scores) if policy.slate_size and scores is not None else None
-    blocks = [describe(label, catalogue, actions[i], None if scores is None else scores[i],
+    # Renumbered data (the later releases, ratings files) shows each movie by its own id.
+    movie_ids = (dataset.movies.id.reindex(catalogue.movie_ids).to_numpy() if "id" in dataset.movies
+                 else catalogue.movie_ids)
+    blocks = [describe(label, catalogue, movie_ids, actions[i], None if scores is None else scores[i],
                        None if ratings is None else ratings[i], top_k, None if slates is None else slates[i],
                        None if rated is None else rated[i])
               for i, label in enumerate(labels)]
     return "\n\n".join([header, *blocks])
 
 
-def describe(label: str, catalogue: serving.Catalogue, action: int, scores, ratings, top_k,
+def describe(label: str, catalogue: serving.Catalogue, movie_ids: np.ndarray, action: int, scores, ratings, top_k,
              slate: np.ndarray | None = None, rated: np.ndarray | None = None) -> str:
     """One observation's recommendation, its true rating (the reward the environment pays) and
     the best movie when known (for a slate policy's `slate`, the columns of its movies, also
     what it is worth against the best slate), and the candidates ranked by predicted reward
     (which LinUCB's pick may not top: it adds an exploration bonus). `rated`: the user's own
-    MovieLens rating of each movie, 0 where they gave none."""
+    MovieLens rating of each movie, 0 where they gave none; `movie_ids`: each catalogue movie's id
+    as the data names it."""
     def movie(index: int) -> str:
-        return f"movie {catalogue.movie_ids[index]} \"{catalogue.titles[index]}\""
+        return f"movie {movie_ids[index]} \"{catalogue.titles[index]}\""
 
     # With real ratings (env=movielens_ratings) only the movies a user rated have one (NaN elsewhere).
     known = ratings is not None and np.isfinite(ratings[action])
@@ -148,7 +152,7 @@ def describe(label: str, catalogue: serving.Catalogue, action: int, scores, rati
         return "\n".join(lines)
     table = pd.DataFrame({
         "pick": np.where(np.arange(len(scores)) == action, "*", ""),
-        "movie_id": catalogue.movie_ids,
+        "movie_id": movie_ids,
         "predicted": scores,
         **({"true_rating": ratings} if ratings is not None else {}),
         # The simulator's true rating of a movie the user never rated is its reconstruction

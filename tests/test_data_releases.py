@@ -55,18 +55,26 @@ def test_each_layout_is_read_with_its_titles_genres_and_stars(tmp_path, planted,
 
 
 @pytest.mark.parametrize("release, layout", [("1m", "1m"), ("25m", "csv")])
-def test_a_quick_linucb_run_finishes(tmp_path, release, layout):
-    from src.training import train  # here: only this test needs the whole training stack
+def test_a_quick_linucb_run_finishes_and_recommends_by_movielens_ids(tmp_path, release, layout):
+    from src import predict  # here: only this test needs the whole training stack
+    from src.training import train
 
     folder = tmp_path / release
     write_release(folder, layout)
-    cfg = config.compose([f"data=movielens_{release}", f"data.dir={folder}",
-                          f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.save_policy=false", *SMALL,
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config.compose([f"data=movielens_{release}", f"data.dir={folder}", f"tracking.uri={store}", *SMALL,
                           "agent=linucb"])
     final, run_id = train(cfg)
     assert final["train/cumulative_regret"] > 0
     run = mlflow.MlflowClient(cfg.tracking.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["data.name"] == f"movielens_{release}"
+    # The second user and the first movies by the ids the release gives them (spaced after 1M).
+    user = 2 if release == "1m" else 6
+    report = predict.recommend(predict.parse([f"run_id={run_id}", f"user_id={user}", f"tracking.uri={store}"]))
+    rows = [line.split()[1:] for line in report.splitlines() if line.split() and line.split()[0].isdigit()]
+    shown = {int(row[1] if row[0] == "*" else row[0]) for row in rows}  # rank, pick mark, movie_id, ...
+    expected = {movie * (1 if release == "1m" else 7) for movie in range(1, 11)}  # SMALL: env.num_movies=10
+    assert f"user {user}: recommended movie" in report and shown <= expected and len(shown) == 10
 
 
 def test_the_download_is_checked_by_its_md5_and_a_failed_one_caches_nothing(tmp_path, serve_bytes):
