@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from src import config, data
-from src.envs.movielens import build_reward_model
+from src.envs.movielens import build_reward_model, fields_of
 from src.envs.movielens_ranking import SlateRewardModel
 from src.evaluation import slates
 
@@ -73,7 +73,7 @@ def setting(data_dir: Path) -> Setting:
     env = env.env
     model = build_reward_model(dataset.ratings_matrix(), env.num_movies, env.rank_k, env.reward_rank,
                                env.movie_selection)
-    model = SlateRewardModel(**vars(model), num_actions=env.num_actions, slate_size=env.slate_size)
+    model = SlateRewardModel(**fields_of(model), num_actions=env.num_actions, slate_size=env.slate_size)
     rng = np.random.default_rng(1234)
     return Setting(model, (np.arange(env.slate_size) + 1.0) ** -env.position_bias, env.click_threshold,
                    model.rewards + LOGGER_NOISE * rng.standard_normal(model.rewards.shape),

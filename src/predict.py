@@ -58,6 +58,14 @@ def data_row(dataset, user_id: int) -> int:
     return int(dataset.users.index[rows[0]])
 
 
+def user_rewards(reward_model, rows: np.ndarray) -> np.ndarray:
+    """[rows, movies] the rewards the environment pays these users: from the factors where it has
+    them (a large pool has no whole table), else its table (real ratings, NaN where unrated)."""
+    if hasattr(reward_model, "user_factors"):
+        return reward_model.user_factors[rows] @ reward_model.movie_factors.T
+    return reward_model.rewards[rows]
+
+
 def read_observations(path: str) -> np.ndarray:
     """Observation vectors, one per row: a JSON list of lists or a CSV file without header."""
     file = Path(path)
@@ -91,7 +99,7 @@ def recommend(cfg: DictConfig) -> str:
     if cfg.user_id is not None:
         user = data_row(dataset, cfg.user_id)
         observations = catalogue.observations_of([user])
-        ratings = reward_model.rewards[np.flatnonzero(reward_model.user_ids == user)]
+        ratings = user_rewards(reward_model, np.flatnonzero(reward_model.user_ids == user))
         rated = dataset.ratings_matrix()[[user - 1]][:, catalogue.movie_ids - 1].toarray()
         labels = [f"user {cfg.user_id}"]
     else:

@@ -147,7 +147,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
     with interrupts_handled() as interrupts, tracking.run(cfg, run_name(cfg, tags), experiment_id, tags) as active:
         log_ratings(cfg, dataset)
         log.info("Training %s on %s (%s data): %d users, %d movies, rank %d; %d loops x %d interactions",
-                 cfg.agent.name, cfg.env.name, cfg.data.name, *reward_model.rewards.shape,
+                 cfg.agent.name, cfg.env.name, cfg.data.name, len(reward_model.user_ids), len(reward_model.movie_ids),
                  reward_model.user_features.shape[1], cfg.training.loops, engine.interactions_per_loop)
         try:
             run_loops(fitting, logged, interrupts, active.info.run_id, report)

@@ -5,6 +5,7 @@ checksum, and other layouts refused in one line."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import mlflow
 import numpy as np
@@ -102,6 +103,9 @@ def test_a_published_checksum_is_fetched_beside_the_archive(tmp_path, serve_byte
         movielens_releases.load("32m", None, str(cache), missing, "published")
     right = serve_bytes(archive, md5=f"MD5 (ml-32m.zip) = {hashlib.md5(archive).hexdigest()}\n".encode())
     assert movielens_releases.load("32m", None, str(cache), right, "published").num_movies == 30
+    shutil.rmtree(cache / "ml-32m")
+    md5sum_form = serve_bytes(archive, md5=f"{hashlib.md5(archive).hexdigest().upper()}  ml-32m.zip\n".encode())
+    assert movielens_releases.load("32m", None, str(cache), md5sum_form, "published").num_movies == 30
 
 
 @pytest.mark.parametrize("release, make, message", [

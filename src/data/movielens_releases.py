@@ -8,8 +8,8 @@ titles quoted where they hold commas). Users and movies are renumbered 1..n in i
 those rated, each keeping its MovieLens id (`users.id`, `movies.id`): the later releases' ids
 have gaps, which would be empty columns of the ratings matrix.
 
-A download is checked against the archive's checksum (`RELEASES`: GroupLens' published MD5
-where one is recorded here, else the MD5 it publishes beside the archive, fetched with it) and
+A download is checked against the archive's checksum (GroupLens' published MD5, pinned in each
+`conf/data/movielens_*.yaml`, or with `checksum: published` the MD5 file beside the archive) and
 unpacked whole from a scratch folder, so a failed read caches nothing; a local copy
 (`data.dir`) is checked by its layout, and its rating count against the release's.
 """
@@ -17,6 +17,7 @@ unpacked whole from a scratch folder, so a failed read caches nothing; a local c
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -94,17 +95,18 @@ def check_layout(directory: Path, release: Release, choice: str) -> None:
 
 
 def published_md5(url: str) -> str:
-    """The MD5 GroupLens publishes beside an archive: `<url>.md5`, "MD5 (name) = <hex>"."""
+    """The MD5 GroupLens publishes beside an archive, `<url>.md5`, in either tool's form: BSD's
+    "MD5 (name) = <hex>" or md5sum's "<hex>  name"."""
     try:
         response = requests.get(f"{url}.md5", timeout=30)
         response.raise_for_status()
     except requests.RequestException as error:
         raise UserError(f"could not fetch the published checksum {url}.md5 ({one_line(error)}); pass "
                         f"data.dir=/path/to/the/unpacked/release instead") from None
-    digest = response.text.strip().split()[-1].lower()
-    if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+    digest = re.search(r"\b[0-9a-fA-F]{32}\b", response.text)
+    if digest is None:
         raise UserError(f"{url}.md5 does not hold an MD5: {one_line(response.text[:80])}")
-    return f"md5:{digest}"
+    return f"md5:{digest.group().lower()}"
 
 
 def download(release: Release, choice: str, url: str, cache_dir: Path, checksum: str) -> Path:

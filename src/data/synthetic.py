@@ -45,11 +45,12 @@ def planted_ratings(num_users: int, num_movies: int, rank: int, density: float, 
 
 def drawn_pairs(taste: np.ndarray, appeal: np.ndarray, density: float, rng: np.random.Generator):
     """`planted_ratings` at sizes where a draw per (user, movie) pair would not fit (MovieLens 25M's
-    is 10 billion): density x users x movies pairs drawn uniformly with replacement, repeats merged,
-    each user's first movie added; scores scaled by their standard deviation over every pair, from
-    the factors' Gram matrices, as the small draw scales them."""
+    is 10 billion): pairs drawn uniformly with replacement, repeats merged, as many as leave a
+    pair rated with chance `density` (-log(1 - density) draws a pair: a pair is missed by all with
+    chance 1 - density), each user's first movie added; scores scaled by their standard deviation
+    over every pair, from the factors' Gram matrices, as the small draw scales them."""
     num_users, num_movies = len(taste), len(appeal)
-    count = round(density * num_users * num_movies)
+    count = round(-np.log1p(-density) * num_users * num_movies)
     users = np.concatenate([rng.integers(0, num_users, count), np.arange(num_users)])
     movies = np.concatenate([rng.integers(0, num_movies, count), np.zeros(num_users, np.int64)])
     pattern = sparse.csr_array((np.ones(len(users), np.float32), (users, movies)), shape=(num_users, num_movies))

@@ -33,6 +33,8 @@ ARM_FEATURES = ("embedding", "interaction")
 # Users a large pool's uniform-random regret is estimated from (`sorted_reward_rows`).
 REGRET_USERS = 1_000
 ARRIVAL_ORDERS = ("none", "first_rating")
+# Catalogue sizes over the arrival period at which a uniform pick's regret is averaged.
+ARRIVAL_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -73,24 +75,33 @@ class CandidateSetRewardModel(RewardModel):
     """The reward model over the whole pool, offered `num_actions` movies at a time."""
 
     num_actions: int
+    # Pool sizes over time when movies arrive (the first n columns available), equally spaced in
+    # time from the first catalogue to the whole pool; empty: the whole pool throughout.
+    arrival_sizes: tuple[int, ...] = ()
 
     @property
     def random_policy_regret(self) -> float:
         """Exact expected per-interaction regret of a uniform pick from a random candidate set:
-        E[max over the set] (order statistics, see `expected_top_weights`) minus the pool mean."""
-        rewards = sorted_reward_rows(self)
-        best = rewards @ expected_top_weights(rewards.shape[1], self.num_actions, 1)
-        return float(np.mean(best - rewards.mean(axis=1)))
+        E[max over the set] (order statistics, see `expected_top_weights`) minus the pool mean;
+        while movies arrive, averaged over the arrival period."""
+        regrets = []
+        for pool in self.arrival_sizes or (len(self.movie_ids),):
+            rewards = sorted_reward_rows(self, pool)
+            best = rewards @ expected_top_weights(pool, self.num_actions, 1)
+            regrets.append(np.mean(best - rewards.mean(axis=1)))
+        return float(np.mean(regrets))
 
 
-def sorted_reward_rows(model: RewardModel) -> np.ndarray:
-    """Users' rewards over the whole pool, each row sorted: every user's while the table fits in
-    MOST_CELLS, else those of REGRET_USERS users drawn with a fixed seed (the mean over users is
-    then an estimate)."""
+def sorted_reward_rows(model: RewardModel, pool: int | None = None) -> np.ndarray:
+    """Users' rewards over the first `pool` movies (all by default), each row sorted: every
+    user's while the table fits in MOST_CELLS, else those of REGRET_USERS users drawn with a fixed
+    seed (the mean over users is then an estimate)."""
+    pool = len(model.movie_ids) if pool is None else pool
     if len(model.user_ids) * len(model.movie_ids) <= MOST_CELLS:
-        return np.sort(model.rewards, axis=1)
-    sample = np.random.default_rng(0).choice(len(model.user_ids), REGRET_USERS, replace=False)
-    return np.sort(model.user_factors[sample] @ model.movie_factors.T, axis=1)
+        return np.sort(model.rewards[:, :pool], axis=1)
+    sample = np.random.default_rng(0).choice(len(model.user_ids), min(REGRET_USERS, len(model.user_ids)),
+                                             replace=False)
+    return np.sort(model.user_factors[sample] @ model.movie_factors[:pool].T, axis=1)
 
 
 class MovieLensPerArmEnvironment(InGraphBandit):
@@ -278,7 +289,9 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
     if schedule.active:  # the pool in arrival order: the first n columns are the movies arrived
         first_rated = data.ratings.groupby("item_id").timestamp.min().reindex(model.movie_ids).to_numpy()
         order = np.argsort(first_rated, kind="stable")
-        parts.update(movie_ids=model.movie_ids[order], movie_factors=model.movie_factors[order])
+        parts.update(movie_ids=model.movie_ids[order], movie_factors=model.movie_factors[order],
+                     arrival_sizes=tuple(np.unique(np.linspace(arrivals_start, pool, ARRIVAL_SAMPLES).round()
+                                                   .astype(int)).tolist()))
     model = CandidateSetRewardModel(**parts, num_actions=num_actions)
     environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name, schedule, drift, drift_period)
     environment.feedback_delay = feedback_delay

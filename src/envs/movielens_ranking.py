@@ -34,7 +34,7 @@ from src.errors import require
 FEEDBACKS = ("scores", "cascade")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # its field follows the candidate set's defaults
 class SlateRewardModel(CandidateSetRewardModel):
     """The reward model over the whole pool, offered `num_actions` movies and recommending `slate_size`."""
 

@@ -10,8 +10,8 @@ interaction, the fit's movie factors fixed (least squares: for a rating row r an
 V, r V (V'V)^-1, which is the fit's own user factor for a user in the fit), so a user who rated
 minutes ago is known though the fit is older: MovieLens users rate in sessions, and 78% of the
 second half's ratings of 100K come from users with no rating before a fit 5,000 ratings old.
-A step's `batch_size` rounds happen at once, among the movies rated by its first one, and its
-ratings are revealed after it. A user's first rating and a movie without a rating before the
+A step's `batch_size` rounds happen at once, among the movies rated before its first one, and
+its ratings are revealed after it. A user's first rating and a movie without a rating before the
 fit are cold starts: zero factors, every candidate earning 0 for such a user, a new movie 0 for
 everyone. Each fit is turned onto the previous one (orthogonal Procrustes on the
 movies' factors; their products, the rewards, do not change), so features keep their meaning
@@ -122,8 +122,8 @@ class MovieLensTimelineEnvironment(MovieLensPerArmEnvironment):
         rows = self._start + done + tf.range(self.batch_size, dtype=tf.int64)
         users = tf.gather(self._event_users, rows)
         self._step_users.assign(tf.gather(self._sums, users) @ self._gram_inverse)
-        # By the step's first event: a movie first rated later in the step is not offered before it.
-        arrived = tf.gather(self._event_arrived, rows[0])
+        # Before the step's first event: not even the movie its own rating is the first of.
+        arrived = tf.gather(self._event_arrived, rows[0] - 1)
         size = self.reward_model.num_actions
         candidates = tf.cond(size * size > arrived, lambda: self._top_keys(size, arrived),
                              lambda: self._drawn_without_repeats(size, arrived))
@@ -188,7 +188,8 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int, histo
     reward_rank = rank_k if reward_rank is None else reward_rank
     timeline = Timeline.of(ratings)
     start = int(history_share * len(timeline.users))
-    history = timeline.arrived[start - 1] if start else 0
+    require(start >= 1, "env.history_share", history_share, f"large enough to hold a rating of the {len(timeline.users)}")
+    history = timeline.arrived[start - 1]
     require(isinstance(num_actions, int) and 2 <= num_actions <= history, "env.num_actions", num_actions,
             f"an integer between 2 and the {history} movies rated in the history (env.history_share={history_share})")
     shape = (len(timeline.user_ids), len(timeline.movie_ids))

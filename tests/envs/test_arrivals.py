@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from src import data, experiment, metrics
-from src.envs import build_environment
+from src.envs import build_environment, movielens_per_arm
 from src.errors import UserError
 
 START, EVERY, BATCH, SIZE = 5, 3, 5, 4
@@ -69,6 +69,25 @@ def test_each_path_draws_a_uniform_subset_of_the_movies_arrived(arriving, steps)
     expected = draws * BATCH * SIZE / arrived
     spread = np.sqrt(expected * (1 - SIZE / arrived))
     assert np.abs(counts[:arrived] - expected).max() < 5 * spread
+
+
+def test_the_random_regret_is_averaged_over_the_arrival_period(arriving):
+    _, _, env = arriving()
+    model = env.reward_model
+    assert model.arrival_sizes[0] == START and model.arrival_sizes[-1] == 30 and len(model.arrival_sizes) > 8
+
+    def uniform_regret(pool: int) -> float:
+        rewards = np.sort(model.rewards[:, :pool], axis=1)
+        return float(np.mean(rewards @ movielens_per_arm.expected_top_weights(pool, SIZE, 1) - rewards.mean(axis=1)))
+
+    assert model.random_policy_regret == pytest.approx(np.mean([uniform_regret(n) for n in model.arrival_sizes]))
+    # The first catalogue's, by drawing: a uniform pick among SIZE of the first START movies.
+    rng = np.random.default_rng(0)
+    users = rng.integers(len(model.user_ids), size=20_000)
+    sets = np.argsort(rng.random((20_000, START)), axis=1)[:, :SIZE]
+    offered = model.rewards[users[:, None], sets]
+    regrets = offered.max(axis=1) - offered[:, 0]
+    assert abs(regrets.mean() - uniform_regret(START)) < 4 * regrets.std() / np.sqrt(len(regrets))
 
 
 def test_a_per_arm_agent_learns_movies_as_they_arrive(arriving):

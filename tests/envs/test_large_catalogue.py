@@ -90,8 +90,8 @@ def test_pairs_drawn_directly_follow_the_planted_tastes(monkeypatch):
     drawn_users, drawn_movies, drawn_stars = synthetic.planted_ratings(400, 300, rank=3, density=0.1, seed=5)
     pairs = drawn_users * 300 + drawn_movies
     assert len(np.unique(pairs)) == len(pairs) and set(drawn_users[drawn_movies == 0]) == set(range(400))
-    # With replacement, a pair is drawn at least once with chance 1 - exp(-density).
-    expected = 400 * 300 * (1 - np.exp(-0.1)) + 400 * np.exp(-0.1)
+    # Drawn with replacement as often as leaves each pair rated with chance 0.1, first movies added.
+    expected = 400 * 300 * 0.1 + 400 * 0.9
     assert abs(len(pairs) - expected) < 4 * np.sqrt(expected)
     # The same tastes and scale as the dense draw: each pair's stars agree where both drew it.
     rng = np.random.default_rng(5)
@@ -105,3 +105,17 @@ def test_pairs_drawn_directly_follow_the_planted_tastes(monkeypatch):
 def test_a_synthetic_size_that_would_exhaust_memory_is_refused():
     with pytest.raises(UserError, match="data.density.*at most 40,000,000 ratings"):
         synthetic.load(num_users=1_000_000, num_movies=100_000, rank=3, density=0.01, seed=0)
+
+
+def test_a_tracked_run_on_a_pool_too_large_for_a_table_finishes(make_config, monkeypatch):
+    """No step of a tracked run, its log lines included, reads the whole users x pool table."""
+    from src import data
+    from src.training import train
+
+    monkeypatch.setattr(movielens_env, "MOST_CELLS", 10)
+    monkeypatch.setattr(movielens_per_arm, "MOST_CELLS", 10)
+    cfg = make_config("env=movielens_per_arm", "env.num_actions=4", "agent=linucb")
+    final, _ = train(cfg)
+    assert final["train/cumulative_regret"] > 0
+    with pytest.raises(UserError, match="small enough for a dense rewards table"):
+        movielens_env.build_reward_model(data.load(cfg.data).ratings_matrix(), 10, 4, 4).rewards

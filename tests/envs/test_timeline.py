@@ -51,7 +51,7 @@ def test_users_arrive_in_time_order_among_the_movies_rated_by_then(shuffled):
     for step, (users, candidates, *_) in enumerate(replay(env, 30)):
         rows = start + step * BATCH + np.arange(BATCH)
         np.testing.assert_array_equal(users, timeline.users[rows])
-        assert candidates.max() < timeline.arrived[rows[0]] and all(len(set(row)) == 4 for row in candidates)
+        assert candidates.max() < timeline.arrived[rows[0] - 1] and all(len(set(row)) == 4 for row in candidates)
     # Movies are numbered in arrival order: each one's first rating comes after the one before's.
     first = [np.flatnonzero(timeline.movies == movie)[0] for movie in range(len(timeline.movie_ids))]
     assert (np.diff(first) > 0).all()
