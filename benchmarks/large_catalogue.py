@@ -27,7 +27,7 @@ from src import tf_runtime  # noqa: F401,I001  (first: a quiet TensorFlow start-
 
 import pandas as pd
 
-from benchmarks.throughput import timed
+from benchmarks.throughput import interleaved_rates
 from src import config, data
 from src.agents import build_agent
 from src.engine import Engine, configure_threads
@@ -87,13 +87,9 @@ def main() -> None:
                             cfg.training.steps_per_loop)
             list(engine.run(cfg.training.chunk_loops, cfg.training.chunk_loops))  # traces the compiled loop
             engines[pool] = engine
-        for round_ in range(args.rounds):
-            for pool, engine in engines.items():
-                _, seconds = timed(engine, args.loops, cfg.training.chunk_loops)
-                rows.append({"agent": agent, "pool": pool, "round": round_,
-                             "rate": args.loops * engine.interactions_per_loop / seconds})
-            log.info("%s: round %d of %d done", agent, round_ + 1, args.rounds)
-    table = pd.DataFrame(rows).groupby(["agent", "pool"], sort=False).rate.median().unstack("pool")
+        rates = interleaved_rates(engines, args.loops, args.rounds, cfg.training.chunk_loops, agent)
+        rows += [{"agent": agent, "pool": pool, "rate": rate} for pool, rate in rates.items()]
+    table = pd.DataFrame(rows).set_index(["agent", "pool"]).rate.unstack("pool").reindex(args.agents)
     table = table[[args.small_pool, len(large.movie_ids)]]
     table["ratio"] = table[len(large.movie_ids)] / table[args.small_pool]
 

@@ -80,6 +80,18 @@ def timed(engine, loops: int, chunk: int) -> tuple[list[np.ndarray], float]:
     return regret, seconds
 
 
+def interleaved_rates(engines: dict, loops: int, rounds: int, chunk: int, label: str) -> dict:
+    """Each engine's median interactions/s over `rounds` rounds, a round timing `loops` loops of
+    every engine in turn, so that a busy machine slows them alike."""
+    rates = {name: [] for name in engines}
+    for round_ in range(rounds):
+        for name, engine in engines.items():
+            _, seconds = timed(engine, loops, chunk)
+            rates[name].append(loops * engine.interactions_per_loop / seconds)
+        log.info("%s: round %d of %d done", label, round_ + 1, rounds)
+    return {name: float(np.median(values)) for name, values in rates.items()}
+
+
 def run_ours(cfg: DictConfig, dataset, loops: int) -> TimedRun:
     """`loops` timed loops after one warm-up chunk that traces the compiled loop."""
     engine, warm_up_regret = warmed_up(cfg, dataset)

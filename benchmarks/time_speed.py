@@ -20,11 +20,10 @@ from src import tf_runtime  # noqa: F401,I001  (first: a quiet TensorFlow start-
 
 import pandas as pd
 
-from benchmarks.throughput import timed, warmed_up
+from benchmarks.throughput import interleaved_rates, warmed_up
 from src import config, data
 from src.engine import configure_threads
 
-log = logging.getLogger("benchmarks.time_speed")
 
 SETTINGS = {
     "stationary": [],
@@ -61,13 +60,9 @@ def main() -> None:
         configure_threads(first.training.threads.intra_op, first.training.threads.inter_op)
         dataset = data.load(first.data)
         engines = {name: warmed_up(cfg, dataset)[0] for name, cfg in configs.items()}
-        for round_ in range(args.rounds):
-            for name, engine in engines.items():
-                _, seconds = timed(engine, args.loops, first.training.chunk_loops)
-                rows.append({"agent": agent, "setting": name, "round": round_,
-                             "rate": args.loops * engine.interactions_per_loop / seconds})
-            log.info("%s: round %d of %d done", agent, round_ + 1, args.rounds)
-    table = pd.DataFrame(rows).groupby(["agent", "setting"], sort=False).rate.median().reset_index()
+        rates = interleaved_rates(engines, args.loops, args.rounds, first.training.chunk_loops, agent)
+        rows += [{"agent": agent, "setting": name, "rate": rate} for name, rate in rates.items()]
+    table = pd.DataFrame(rows)
     table["environment"] = table.setting.map(lambda name: "per_arm" if name in PER_ARM else "movielens")
     table["ratio"] = table.rate / table.groupby(["agent", "environment"]).rate.transform("first")
     table = table.drop(columns="environment")
