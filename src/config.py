@@ -41,6 +41,12 @@ MOST_THREADS_PER_CORE = 4
 BYTES_PER_LOOP = 300
 BYTES_PER_LOGGED_INTERACTION = 200
 BYTES_PER_LOGGED_SLATE_COLUMN = 32
+# What runs side by side as replicas (training.replicas, src.replicas): the vectorised linear
+# agents, whose statistics take a replica axis, on the stationary environment of one movie per step.
+REPLICATED_AGENTS = ("linucb", "lints")
+REPLICATED_ENVIRONMENT = "src.envs.movielens.build"
+# A replica's float64 statistics per arm (A, A^-1, their scoring copies) in units of dim x dim.
+REPLICA_MATRICES_PER_ARM = 3
 
 # Lets configs place files at the project root whatever the cwd (`${project_root:}`).
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -226,6 +232,7 @@ def check_run(cfg: DictConfig) -> None:
             # 0 lets TensorFlow choose; a negative count aborts the process inside TensorFlow.
             require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
     check_sizes(cfg)
+    check_replicas(cfg)
     require(cfg.tracking.artifacts in ("full", "light"), "tracking.artifacts", cfg.tracking.artifacts,
             "full or light")
     log_every = cfg.tracking.log_every
@@ -312,6 +319,34 @@ def check_sizes(cfg: DictConfig) -> None:
     require(held <= memory / 2, "training.loops", training.loops,
             f"small enough for the run's history to fit in half of this machine's {memory / 2**30:.0f} GiB "
             f"(it would take about {held / 2**30:,.0f} GiB)")
+
+
+def check_replicas(cfg: DictConfig) -> None:
+    """`training.replicas` > 1 only where replicas are built (REPLICATED_AGENTS on a stationary
+    REPLICATED_ENVIRONMENT without delays), and only as many as half the machine's memory holds."""
+    import psutil
+
+    replicas = cfg.training.replicas
+    require(isinstance(replicas, int) and replicas >= 1, "training.replicas", replicas, "an integer >= 1")
+    if replicas == 1:
+        return
+    agent, env = cfg.agent, cfg.env
+    wanted = f"> 1 only for agent={' or agent='.join(REPLICATED_AGENTS)} on env=movielens without drift or delay"
+    require(agent.name in REPLICATED_AGENTS, "training.replicas", replicas, f"{wanted} (agent={agent.name})")
+    stationary = env.get("drift") == "none" and env.get("delay") == "none" and env.get("feedback_drop") == 0
+    require(env.get("_target_") == REPLICATED_ENVIRONMENT and stationary, "training.replicas", replicas,
+            f"{wanted} (env={env.name})")
+    for key in ("window", "log_epsilon", "propensity_draws"):
+        require(not agent.get(key), "training.replicas", replicas, f"1 with agent.{key}={agent.get(key)}")
+    require(not cfg.tracking.log_interactions, "training.replicas", replicas, "1 with tracking.log_interactions=true")
+    require(not is_offline(cfg), "training.replicas", replicas, f"1 for offline learning (objective={cfg.objective})")
+    dim = env.rank_k
+    per_replica = (env.num_movies * REPLICA_MATRICES_PER_ARM * dim * dim * 8
+                   + cfg.training.loops * BYTES_PER_LOOP)
+    memory = psutil.virtual_memory().total
+    require(replicas * per_replica <= memory / 2, "training.replicas", replicas,
+            f"small enough for the replicas' statistics and histories to fit in half of this machine's "
+            f"{memory / 2**30:.0f} GiB (they would take about {replicas * per_replica / 2**30:,.0f} GiB)")
 
 
 def check_tuned(cfg: DictConfig) -> None:

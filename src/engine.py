@@ -12,6 +12,10 @@ Where the environment delays its feedback (`feedback_delay`), each loop's transi
 pending ring of the last `longest + 1` loops with the loop their reward arrives at, and the
 agent trains each loop on the transitions arriving then, one step each; the regret is still
 charged as the movie is recommended.
+
+An environment and agent built with `replicas` (src.replicas) carry that many independent runs,
+each one's rows after the last one's in every batch; the engine sums each replica's metrics
+apart and `run_replicas` yields each one's.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ class Engine:
         self.environment = environment
         self.agent = agent
         self.steps_per_loop = steps_per_loop
-        self.interactions_per_loop = environment.batch_size * steps_per_loop
+        self.replicas = getattr(environment, "replicas", 1)
+        self.interactions_per_loop = environment.batch_size // self.replicas * steps_per_loop  # each replica's
         self.policy_columns = policy_columns
         self.traces = 0
         self._delay = environment.feedback_delay
@@ -98,11 +103,16 @@ class Engine:
         transition = trajectory.from_transition(time_step, action_step, next_time_step)
         # By reward, not by index: a movie tied with the best one is no wrong pick.
         suboptimal = tf.cast(reward < optimal_reward - TIE_TOLERANCE, tf.float64)
-        metrics = tf.stack([tf.reduce_sum(optimal_reward - reward), tf.reduce_sum(reward),
-                            tf.reduce_sum(suboptimal)])
+        metrics = tf.stack([self._per_replica(optimal_reward - reward), self._per_replica(reward),
+                            self._per_replica(suboptimal)], axis=1)
         if env.extra_metric_names:
-            metrics = tf.concat([metrics, tf.reduce_sum(env.extra_metrics(action_step.action), axis=0)], axis=0)
+            metrics = tf.concat([metrics, self._per_replica(env.extra_metrics(action_step.action))], axis=1)
         return transition, metrics, self._interactions(action_step)
+
+    def _per_replica(self, values: tf.Tensor) -> tf.Tensor:
+        """[replicas, ...] each replica's sum of values [batch, ...]."""
+        return tf.reduce_sum(tf.reshape(values, tf.concat([[self.replicas, -1], tf.shape(values)[1:]], axis=0)),
+                             axis=1)
 
     def _make_pending(self, delay, rows_per_loop: int) -> None:
         """The ring of the last `delay.longest + 1` loops' transitions, one step each (slot s holds
@@ -149,11 +159,12 @@ class Engine:
         experience = tf.nest.map_structure(lambda *steps: tf.stack(steps, axis=1), *transitions)
         experience = self.environment.training_experience(experience)
         if self._delay.active:
-            loss = self._train_on_arrivals(experience, delays)
+            loss = self._train_on_arrivals(experience, delays)[None]
         else:
-            loss = tf.reduce_mean(tf.cast(self.agent.train(experience).loss, tf.float64))
+            loss = tf.cast(self.agent.train(experience).loss, tf.float64)
+            loss = tf.reduce_mean(loss)[None] if self.replicas == 1 else loss  # a replicated agent's: [replicas]
         summed = tf.add_n(metrics)
-        return tf.concat([summed[:3], [loss], summed[3:]], axis=0), tf.concat(interactions, axis=0)
+        return tf.concat([summed[:, :3], loss[:, None], summed[:, 3:]], axis=1), tf.concat(interactions, axis=0)
 
     def _run_chunk(self, num_loops):
         self.traces += 1
@@ -168,7 +179,7 @@ class Engine:
             return i + 1, history.write(i, loop_metrics), interactions.write(i, loop_interactions)
 
         history = tf.TensorArray(tf.float64, size=num_loops,
-                                 element_shape=[4 + len(self.environment.extra_metric_names)])
+                                 element_shape=[self.replicas, 4 + len(self.environment.extra_metric_names)])
         interactions = tf.TensorArray(tf.float64, size=num_loops, element_shape=[recorded, None])
         _, history, interactions = tf.while_loop(
             lambda i, *_: i < num_loops, body, (0, history, interactions))
@@ -176,11 +187,17 @@ class Engine:
 
     def run(self, loops: int, chunk: int):
         """Yield `LoopMetrics` for each chunk of up to `chunk` loops until `loops` have run."""
+        for (chunk_metrics,) in self.run_replicas(loops, chunk):
+            yield chunk_metrics
+
+    def run_replicas(self, loops: int, chunk: int):
+        """Yield each replica's `LoopMetrics` for each chunk of up to `chunk` loops until `loops` have run."""
         done = 0
         while done < loops:
             size = min(chunk, loops - done)
             history, interactions = self.run_chunk(tf.constant(size, tf.int32))
             done += size
-            columns = history.numpy().T
-            yield LoopMetrics(*columns[:4], interactions=interactions.numpy() if self.record_interactions else None,
-                              extras=dict(zip(self.environment.extra_metric_names, columns[4:])))
+            history = history.numpy()
+            yield [LoopMetrics(*columns[:4], interactions=interactions.numpy() if self.record_interactions else None,
+                               extras=dict(zip(self.environment.extra_metric_names, columns[4:])))
+                   for columns in np.transpose(history, (1, 2, 0))]

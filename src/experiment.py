@@ -38,7 +38,8 @@ def assemble(cfg: DictConfig, data) -> Engine:
     if available is not None and asked > available:
         raise UserError(f"training.loops={cfg.training.loops} asks for {asked:,} interactions; env={cfg.env.name} "
                         f"replays {available:,}: at most {available // (asked // cfg.training.loops):,} loops")
-    agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed)
+    agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed,
+                        cfg.training.get("replicas", 1))
     if not cfg.tracking.log_interactions:
         return Engine(environment, agent, cfg.training.steps_per_loop)
     if environment.logged_round_kind is None:

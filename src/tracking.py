@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow import environment_variables
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
@@ -201,8 +201,7 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
     """An MLflow run holding the config; FAILED if the body raises, KILLED on Ctrl-C or when
     stopped on purpose (`RunStopped`)."""
     # MLflow adds the source's git commit, branch and repository itself (mlflow.source.git.*).
-    tags = dict(extra_tags)
-    tags.update({f"version.{name}": version(name) for name in PACKAGES})
+    tags = {**extra_tags, **version_tags()}
     sampling = cfg.tracking.system_metrics_every_s
     if sampling:
         mlflow.set_system_metrics_sampling_interval(sampling)
@@ -234,6 +233,48 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
     else:
         mlflow.end_run()
         log.info("Run %s finished: %s", run_name, where_to_see(active.info.run_id, experiment_id))
+
+
+def version_tags() -> dict[str, str]:
+    return {f"version.{name}": version(name) for name in PACKAGES}
+
+
+@contextlib.contextmanager
+def group_runs(cfgs: list[DictConfig], run_names: list[str], experiment_id: str, tags: list[dict[str, str]]):
+    """A run per config of a group trained together (src.replicas), each holding its config, as
+    `run` makes one; yields their ids. A run still RUNNING when the body raises is marked as
+    `run` would mark it; each is finished where its artifacts are logged (`finishing`). Without
+    system metrics: the machine's use is the group's, not a run's."""
+    client = mlflow.MlflowClient()
+    ids = []
+    try:
+        for cfg, name, extra in zip(cfgs, run_names, tags):
+            run_id = client.create_run(experiment_id, run_name=name, tags={**extra, **version_tags()}).info.run_id
+            ids.append(run_id)
+            params = [Param(key, value) for key, value in flatten(cfg).items()]
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
+                client.log_batch(run_id, params=params[start:start + 100], synchronous=True)
+            try:
+                client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            except (OSError, MlflowException) as error:
+                raise UserError(f"cannot write to the artifact store of run {run_id}: {one_line(error)}") from None
+        log.info("MLflow runs %s in %s", ", ".join(run_names), mlflow.get_tracking_uri())
+        yield ids
+    except BaseException as error:
+        status = RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, RunStopped)) else RunStatus.FAILED
+        for run_id in ids:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, RunStatus.to_string(status))
+        log.warning("Runs of the group still running marked %s", RunStatus.to_string(status))
+        raise
+
+
+@contextlib.contextmanager
+def finishing(run_id: str, run_name: str, experiment_id: str):
+    """Run `run_id` of `group_runs` as the active run, FINISHED when the body ends (FAILED if it raises)."""
+    with mlflow.start_run(run_id=run_id):
+        yield
+    log.info("Run %s finished: %s", run_name, where_to_see(run_id, experiment_id))
 
 
 def where_to_see(run_id: str, experiment_id: str) -> str:

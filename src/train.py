@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -30,9 +31,16 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> float:
     # Loaded here, after cli() has said so: TensorFlow, MLflow and Optuna take tens of seconds.
     from src.campaigns import trials
+    from src.replicas import train_group
     from src.training import train
 
     def run() -> float:
+        if cfg.training.replicas > 1:
+            if trials.trial_tags():
+                raise UserError("training.replicas > 1 in an Optuna sweep: a trial is one run (group seeds with "
+                                "a plain multirun, or ./multirun.sh grid)")
+            finals = train_group(cfg)
+            return float(np.mean([final[cfg.objective] for final, _ in finals]))  # over the seeds
         final, run_id = train(cfg, trials.trial_tags())
         trials.record_run(run_id)
         return final[cfg.objective]

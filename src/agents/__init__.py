@@ -51,10 +51,11 @@ def policy_seed(seed: int) -> int:
     return random.Random(seed).getrandbits(31)
 
 
-def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int):
+def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int, replicas: int = 1):
     """Call the builder the agent config names with its hyperparameters and the env's specs,
     and `seed` where the builder takes one (for a generator of the agent's own, so that what
-    ran before does not change its draws).
+    ran before does not change its draws); `replicas` > 1 for an agent that trains that many runs
+    side by side (config.REPLICATED_AGENTS).
 
     Called directly rather than through `hydra.utils.instantiate`, which would wrap a
     builder's `UserError` in its own exception and lose the one-line message.
@@ -73,6 +74,8 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int):
                         f"agents that can: {', '.join(per_arm_agents())}")
     if "seed" in inspect.signature(builder).parameters:
         hyperparameters["seed"] = seed
+    if replicas > 1:
+        hyperparameters["replicas"] = replicas
     with config.errors_name_source("agent", cfg.name):
         return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)
 

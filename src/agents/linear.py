@@ -31,7 +31,7 @@ from tf_agents.policies import utils as policy_utilities
 from tf_agents.trajectories import policy_step
 from tf_agents.utils import nest_utils
 
-from src.agents import has_per_arm_features, is_slate, monte_carlo, slates
+from src.agents import has_per_arm_features, is_slate, monte_carlo, policy_seed, slates
 from src.errors import require
 
 # What a model per arm is scored in; the statistics themselves stay float64 (see ArmStatistics).
@@ -78,29 +78,34 @@ class ArmStatistics(tf.Module):
     stored arms last and written at each update: scoring every arm is the one large product
     of a step, and in float32 it takes half the time (at 1,682 movies, most of a LinUCB
     step). One shared model (per-arm features) scores its few candidates in float64.
+
+    `replicas` independent runs (src.replicas) keep theirs side by side: replica r's arm a is
+    arm r x num_arms + a of the statistics, and each replica's scoring copies are a block of
+    their own, so that one batched product scores every replica's users against its own arms.
     """
 
     def __init__(self, num_arms: int, dim: int, tikhonov_weight: float, forgetting: Forgetting = Forgetting(),
-                 name: str | None = None):
+                 replicas: int = 1, name: str | None = None):
         super().__init__(name=name)
         self._forgetting = forgetting
+        self.replicas = replicas
         self._ridge = tikhonov_weight * tf.eye(dim, dtype=tf.float64)
-        identity = tf.eye(dim, batch_shape=[num_arms], dtype=tf.float64)
+        identity = tf.eye(dim, batch_shape=[replicas * num_arms], dtype=tf.float64)
         self.covariance = tf.Variable(tikhonov_weight * identity, name="covariance")
-        self.data_vector = tf.Variable(tf.zeros([num_arms, dim], tf.float64), name="data_vector")
+        self.data_vector = tf.Variable(tf.zeros([replicas * num_arms, dim], tf.float64), name="data_vector")
         self.covariance_inverse = tf.Variable(identity / tikhonov_weight, name="covariance_inverse")
-        self.theta = tf.Variable(tf.zeros([num_arms, dim], tf.float64), name="theta")
+        self.theta = tf.Variable(tf.zeros([replicas * num_arms, dim], tf.float64), name="theta")
         # A^-1 is symmetric: x'A^-1 x = sum over i <= j of w_ij x_i x_j A^-1_ij, with w_ij = 2 off
         # the diagonal. Its upper triangle, kept row by row beside A^-1, makes the widths of all
         # arms one matrix product of half the size.
         rows, columns = np.triu_indices(dim)
         self._upper = tf.constant(rows * dim + columns)
         self._upper_weights = tf.constant(np.where(rows == columns, 1.0, 2.0), SCORING_DTYPE)
-        # Stored arms last and flat (see every_arm, write_columns).
+        # Stored arms last and flat, a replica's block after another's (see every_arm, write_columns).
         self._num_arms = num_arms
-        self.scoring_theta = tf.Variable(tf.zeros([dim * num_arms], SCORING_DTYPE), name="scoring_theta")
-        self.packed_inverse = tf.Variable(tf.reshape(tf.transpose(self._pack(identity / tikhonov_weight)), [-1]),
-                                          name="packed_inverse")
+        self.scoring_theta = tf.Variable(tf.zeros([replicas * dim * num_arms], SCORING_DTYPE), name="scoring_theta")
+        packed = tf.reshape(self._pack(identity / tikhonov_weight), [replicas, num_arms, -1])
+        self.packed_inverse = tf.Variable(tf.reshape(tf.transpose(packed, [0, 2, 1]), [-1]), name="packed_inverse")
         if forgetting.window:  # the last `window` rows, a ring; `rows_seen` says which slots hold one
             self.window_rows = tf.Variable(tf.zeros([forgetting.window, dim], tf.float64), name="window_rows")
             self.window_arms = tf.Variable(tf.zeros([forgetting.window], tf.int32), name="window_arms")
@@ -128,7 +133,30 @@ class ArmStatistics(tf.Module):
         return mean, tf.maximum(variance, 0.0)
 
     def _arms_last(self, flat: tf.Variable) -> tf.Tensor:
-        return tf.reshape(flat.read_value_no_copy(), [-1, self._num_arms])
+        """[rows, arms], or [replicas, rows, arms]."""
+        shape = [-1, self._num_arms] if self.replicas == 1 else [self.replicas, -1, self._num_arms]
+        return tf.reshape(flat.read_value_no_copy(), shape)
+
+    def by_replica(self, rows: tf.Tensor) -> tf.Tensor:
+        """[batch, ...] rows, replica after replica, as [replicas, batch / replicas, ...]."""
+        return tf.reshape(rows, tf.concat([[self.replicas, -1], tf.shape(rows)[1:]], axis=0))
+
+    def global_arms(self, arm: tf.Tensor) -> tf.Tensor:
+        """The statistics' arms of zero-based `arm` [n], rows replica after replica."""
+        if self.replicas == 1:
+            return arm
+        rows = tf.shape(arm)[0]
+        return arm + self._num_arms * (tf.range(rows) // (rows // self.replicas))
+
+    def take_replica(self, group: ArmStatistics, replica: int) -> None:
+        """These (a single run's) statistics become `group`'s replica `replica`'s."""
+        arms = slice(replica * self._num_arms, (replica + 1) * self._num_arms)
+        for mine, theirs in ((self.covariance, group.covariance), (self.data_vector, group.data_vector),
+                             (self.covariance_inverse, group.covariance_inverse), (self.theta, group.theta)):
+            mine.assign(theirs[arms])
+        for mine, theirs in ((self.scoring_theta, group.scoring_theta), (self.packed_inverse, group.packed_inverse)):
+            block = mine.shape[0]
+            mine.assign(theirs[replica * block:(replica + 1) * block])
 
     def every_arm(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """x.theta_a and x'A_a^-1 x for each row of x [batch, dim] and each arm a: [batch, arms],
@@ -145,13 +173,23 @@ class ArmStatistics(tf.Module):
         # [batch, arms, dim, dim] took ~5x longer unpacked, ~10x packed, at 1,682 arms.
         outer = tf.reshape(x[..., :, None] * x[..., None, :], [-1, dim * dim])
         packed_outer = tf.gather(outer, self._upper, axis=1) * self._upper_weights
-        variance = tf.matmul(packed_outer, self._arms_last(self.packed_inverse))
-        mean = tf.matmul(x, self._arms_last(self.scoring_theta))
+        if self.replicas == 1:
+            variance = tf.matmul(packed_outer, self._arms_last(self.packed_inverse))
+            mean = tf.matmul(x, self._arms_last(self.scoring_theta))
+        else:
+            # Each replica's users against its own arms, a product per replica: a batched product
+            # rounds otherwise than the run alone's (Eigen, at rank < 10), and a tie between arms
+            # never tried, broken by that rounding, sends a replica another way than its run.
+            variance = tf.concat([tf.matmul(users, arms) for users, arms in
+                                  zip(tf.split(packed_outer, self.replicas), tf.unstack(self._arms_last(self.packed_inverse)))], 0)
+            mean = tf.concat([tf.matmul(users, arms) for users, arms in
+                              zip(tf.split(x, self.replicas), tf.unstack(self._arms_last(self.scoring_theta)))], 0)
         return mean, tf.maximum(variance, 0.0)
 
     def update(self, x: tf.Tensor, arm: tf.Tensor, reward: tf.Tensor) -> tf.Tensor:
-        """Add rows x [n, dim] with their zero-based arms and rewards [n] (forgetting as
-        `Forgetting` says); returns the mean squared error of the estimates before the update.
+        """Add rows x [n, dim] with their arms (`global_arms`) and rewards [n] (forgetting as
+        `Forgetting` says); returns the mean squared error of the estimates before the update,
+        each replica's [replicas].
 
         Only the arms chosen in these rows change, so only theirs are gathered, inverted and
         written back: a batch of 16 rows touches at most 16 arms. With the whole catalogue
@@ -166,11 +204,13 @@ class ArmStatistics(tf.Module):
             if self._forgetting.window:
                 x, arm, reward, weight = self._through_window(x, arm, reward)
             self._sparse_update(x, arm, reward, weight)
-        return tf.reduce_mean(tf.square(error))
+        if self.replicas == 1:
+            return tf.reduce_mean(tf.square(error))
+        return tf.reduce_mean(self.by_replica(tf.square(error)), axis=1)
 
     def _added(self, x, arm, reward, weight, arms: tf.Tensor, count) -> tuple[tf.Tensor, tf.Tensor]:
         """sum of weight x x' and of weight r x per arm, over `count` arms indexed by `arms` [n]."""
-        if self._num_arms == 1:
+        if self.replicas * self._num_arms == 1:
             # One shared model (per-arm features, slates): X'X as one product. The outer
             # products and their segment sum took a fifth of a slate loop (80 rows of 40).
             return tf.matmul(x * weight[:, None], x, transpose_a=True)[None], tf.matmul((weight * reward)[None], x)
@@ -186,8 +226,9 @@ class ArmStatistics(tf.Module):
     def _discounted_update(self, x, arm, reward) -> None:
         """Every arm's statistics decay by the discount, the ridge kept whole, then these rows add."""
         gamma = self._forgetting.discount
-        everyone = tf.range(self._num_arms)
-        added_covariance, added_data = self._added(x, arm, reward, tf.ones_like(reward), arm, self._num_arms)
+        everyone = tf.range(self.replicas * self._num_arms)
+        added_covariance, added_data = self._added(x, arm, reward, tf.ones_like(reward), arm,
+                                                   self.replicas * self._num_arms)
         self._write(everyone, self._ridge + gamma * (self.covariance - self._ridge) + added_covariance,
                     gamma * self.data_vector + added_data)
 
@@ -221,10 +262,13 @@ class ArmStatistics(tf.Module):
 
 def write_columns(flat: tf.Variable, num_columns: int, columns: tf.Tensor, values: tf.Tensor) -> None:
     """Writes values [n, rows] into the `columns` [n] of a [rows, num_columns] matrix kept flat
-    in `flat`. TensorFlow scatters slices only along a variable's first axis; into a flat one,
-    single elements took ~15 us a loop at 1,682 arms, scatter_nd's [row, column] pairs into a
-    matrix ~130 us."""
-    positions = tf.range(tf.shape(values)[1], dtype=columns.dtype)[:, None] * num_columns + columns[None, :]
+    in `flat`, or of block `column // num_columns` of [blocks, rows, num_columns] (replicas).
+    TensorFlow scatters slices only along a variable's first axis; into a flat one, single
+    elements took ~15 us a loop at 1,682 arms, scatter_nd's [row, column] pairs into a matrix
+    ~130 us."""
+    rows = tf.shape(values, out_type=columns.dtype)[1]
+    block, column = columns // num_columns, columns % num_columns
+    positions = (tf.range(rows)[:, None] + (block * rows)[None, :]) * num_columns + column[None, :]
     flat.scatter_update(tf.IndexedSlices(tf.reshape(tf.transpose(values), [-1]), tf.reshape(positions, [-1])))
 
 
@@ -233,11 +277,25 @@ def optimistic(mean: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
     return mean + width
 
 
-def sampled(mean: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+class Sampled(tf.Module):
     """Linear Thompson sampling: x.theta_a for theta_a ~ N(A_a^-1 b_a, alpha^2 A_a^-1), drawn
     for each user and arm. That is N(x.theta_a, alpha^2 x'A_a^-1 x), so one normal per
-    pair replaces a Cholesky factor per arm; TF-Agents' agent draws the same way."""
-    return mean + width * tf.random.normal(tf.shape(mean), dtype=mean.dtype)
+    pair replaces a Cholesky factor per arm; TF-Agents' agent draws the same way.
+
+    Drawn from a generator of each run's own (seeded from its seed), so that a replica of a
+    group (src.replicas) draws what the run alone would."""
+
+    def __init__(self, seeds: list[int]):
+        super().__init__(name="sampled")
+        self.generators = [tf.random.Generator.from_seed(policy_seed(seed)) for seed in seeds]
+
+    def __call__(self, mean: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+        if len(self.generators) == 1:
+            return mean + width * self.generators[0].normal(tf.shape(mean), dtype=mean.dtype)
+        # [replicas x users, arms]: each replica's users draw from its generator
+        shape = tf.concat([[tf.shape(mean)[0] // len(self.generators)], tf.shape(mean)[1:]], axis=0)
+        noise = tf.concat([generator.normal(shape, dtype=mean.dtype) for generator in self.generators], axis=0)
+        return mean + width * noise
 
 
 class VectorizedLinearPolicy(tf_policy.TFPolicy):
@@ -374,15 +432,18 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
 
     def __init__(self, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
                  exploration: Exploration, collect_epsilon: float = 0.0, propensity_draws: int = 0,
-                 forgetting: Forgetting = Forgetting(), name: str | None = None):
+                 forgetting: Forgetting = Forgetting(), replicas: int = 1, name: str | None = None):
         """`collect_epsilon`: the collect policy's share of uniformly drawn arms (the saved,
         greedy policy has none); `propensity_draws`: Monte-Carlo draws by which the collect policy
         of a sampling agent estimates each pick's propensity; `forgetting`: how the statistics
-        forget (never, by default)."""
+        forget (never, by default); `replicas`: independent runs trained side by side, their
+        users' rows one replica's after another's in every batch (src.replicas)."""
         check_hyperparameters(alpha, tikhonov_weight)
         tf.Module.__init__(self, name=name)
         models = 1 if has_per_arm_features(time_step_spec) else num_actions(action_spec)
-        self.statistics = ArmStatistics(models, context_dim(time_step_spec.observation), tikhonov_weight, forgetting)
+        self.statistics = ArmStatistics(models, context_dim(time_step_spec.observation), tikhonov_weight, forgetting,
+                                        replicas)
+        self.exploration = exploration
         policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration)
         collect_policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration,
                                                 collect_epsilon, propensity_draws) \
@@ -392,6 +453,14 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
     def _initialize(self):
         pass
 
+    def take_replica(self, group: VectorizedLinearAgent, replica: int) -> None:
+        """This agent, of a single run, becomes `group`'s replica `replica`: its statistics and,
+        for a sampling agent, its generator's state, as the run alone would have left them."""
+        self.statistics.take_replica(group.statistics, replica)
+        for mine, theirs in zip(getattr(self.exploration, "generators", []),
+                                getattr(group.exploration, "generators", [])[replica:]):
+            mine.reset(theirs.state)
+
     def _train(self, experience, weights=None):
         if is_slate(self._action_spec):
             observation, arm, reward = self._slotted_rows(experience)
@@ -399,7 +468,7 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
             observation, arm, reward = flat_experience(experience, self._time_step_spec, self._action_spec)
             if has_per_arm_features(self._time_step_spec):
                 observation = candidate_features(observation)[:, 0, :]
-        loss = self.statistics.update(observation, arm, reward)
+        loss = self.statistics.update(observation, self.statistics.global_arms(arm), reward)
         self.train_step_counter.assign_add(1)
         return tf_agent.LossInfo(loss=tf.cast(loss, tf.float32), extra=())
 

@@ -20,17 +20,20 @@ class VectorizedLinTSAgent(linear.VectorizedLinearAgent):
     """LinTS on batched statistics: greedy in a reward sampled from each arm's posterior."""
 
     def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
-                 propensity_draws: int = 0, forgetting: linear.Forgetting = linear.Forgetting(),
-                 name: str | None = None):
-        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.sampled,
-                         propensity_draws=propensity_draws, forgetting=forgetting, name=name)
+                 propensity_draws: int = 0, forgetting: linear.Forgetting = linear.Forgetting(), seed: int = 0,
+                 replicas: int = 1, name: str | None = None):
+        """`seed`: the run's (replica r of a group: the run of seed + r)."""
+        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight,
+                         linear.Sampled([seed + replica for replica in range(replicas)]),
+                         propensity_draws=propensity_draws, forgetting=forgetting, replicas=replicas, name=name)
 
 
-def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, propensity_draws: int = 0,
-               discount: float = 1.0, window: int | None = None, name: str = "lints"):
+def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, seed: int,
+               propensity_draws: int = 0, discount: float = 1.0, window: int | None = None, replicas: int = 1,
+               name: str = "lints"):
     monte_carlo.check_draws(propensity_draws, action_spec)
     return VectorizedLinTSAgent(time_step_spec, action_spec, alpha, tikhonov_weight, propensity_draws,
-                                linear.Forgetting(discount, window), name)
+                                linear.Forgetting(discount, window), seed, replicas, name)
 
 
 def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,

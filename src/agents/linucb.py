@@ -21,18 +21,18 @@ class VectorizedLinUCBAgent(linear.VectorizedLinearAgent):
 
     def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
                  log_epsilon: float = 0.0, forgetting: linear.Forgetting = linear.Forgetting(),
-                 name: str | None = None):
+                 replicas: int = 1, name: str | None = None):
         super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, log_epsilon,
-                         forgetting=forgetting, name=name)
+                         forgetting=forgetting, replicas=replicas, name=name)
 
 
 def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, log_epsilon: float = 0.0,
-               discount: float = 1.0, window: int | None = None, name: str = "linucb"):
+               discount: float = 1.0, window: int | None = None, replicas: int = 1, name: str = "linucb"):
     require(0 <= log_epsilon <= 1, "agent.log_epsilon", log_epsilon, "in [0, 1]")
     require(not (log_epsilon and is_slate(action_spec)), "agent.log_epsilon", log_epsilon,
             "0 with slates (it explores single movies)")
     return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, log_epsilon,
-                                 linear.Forgetting(discount, window), name)
+                                 linear.Forgetting(discount, window), replicas, name)
 
 
 def exposes_propensities(log_epsilon: float = 0.0, **_) -> bool:

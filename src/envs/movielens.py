@@ -148,14 +148,19 @@ def build_reward_model(
 
 
 class MovieLensEnvironment(InGraphBandit):
-    """Each step samples `batch_size` distinct users; the reward is the reconstructed rating."""
+    """Each step samples `batch_size` distinct users; the reward is the reconstructed rating.
+
+    With `replicas`, it is that many environments side by side (src.replicas): replica r draws
+    its `batch_size` users from the generator of the run of seed + r, and a step's batch holds
+    each replica's users after the last one's."""
 
     logged_round_kind = "movie"
 
-    def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens"):
+    def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens", replicas: int = 1):
         num_users, rank_k = model.user_features.shape
         require(1 <= batch_size <= num_users, "training.batch_size", batch_size,
                 f"between 1 and the {num_users} users in the environment")
+        self.replicas = replicas
         self.reward_model = model
         observation_spec = tf.TensorSpec([rank_k], tf.float32, name="observation")
         action_spec = tensor_spec.BoundedTensorSpec(
@@ -164,9 +169,10 @@ class MovieLensEnvironment(InGraphBandit):
         self._features = tf.constant(model.user_features, tf.float32)
         self._rewards = tf.constant(model.rewards, tf.float64)
         self._optimal_reward = tf.constant(model.optimal_reward, tf.float64)
-        self._rng = tf.random.Generator.from_seed(seed)
-        self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False, name="users")
-        super().__init__(ts.time_step_spec(observation_spec), action_spec, batch_size, name)
+        self._generators = [tf.random.Generator.from_seed(seed + replica) for replica in range(replicas)]
+        self._users_drawn = batch_size
+        self._users = tf.Variable(tf.zeros([replicas * batch_size], tf.int32), trainable=False, name="users")
+        super().__init__(ts.time_step_spec(observation_spec), action_spec, replicas * batch_size, name)
 
     @property
     def users(self) -> tf.Variable:
@@ -175,7 +181,11 @@ class MovieLensEnvironment(InGraphBandit):
 
     def _observe(self) -> tf.Tensor:
         # Distinct users within a batch, like TF-Agents' `random.sample`.
-        users = tf.math.top_k(self._rng.uniform([self._num_users]), k=self.batch_size).indices
+        if self.replicas == 1:
+            users = tf.math.top_k(self._generators[0].uniform([self._num_users]), k=self._users_drawn).indices
+        else:
+            keys = tf.stack([generator.uniform([self._num_users]) for generator in self._generators])
+            users = tf.reshape(tf.math.top_k(keys, k=self._users_drawn).indices, [-1])
         self._users.assign(users)
         return tf.gather(self._features, users)
 
@@ -320,13 +330,14 @@ def check_drift(drift: str, period: int | None, batch_size: int) -> None:
 def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
           reward_rank: int | None = None, movie_selection: str = "first", drift: str = "none",
           drift_period: int | None = None, delay: str = "none", delay_loops: int = 0, delay_longest: int | None = None,
-          feedback_drop: float = 0.0, name: str = "movielens") -> MovieLensEnvironment:
-    """The environment the `env` config group describes, over parsed MovieLens `data`."""
+          feedback_drop: float = 0.0, name: str = "movielens", replicas: int = 1) -> MovieLensEnvironment:
+    """The environment the `env` config group describes, over parsed MovieLens `data` (`replicas`:
+    side by side, without drift)."""
     feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
     check_drift(drift, drift_period, batch_size)
     model = build_reward_model(data.ratings_matrix(), num_movies, rank_k, reward_rank, movie_selection)
     if drift == "none":
-        environment = MovieLensEnvironment(model, batch_size, seed, name)
+        environment = MovieLensEnvironment(model, batch_size, seed, name, replicas)
     else:
         environment = DriftingMovieLensEnvironment(DriftingRewardModel(**fields_of(model), drift=drift, period=drift_period),
                                                    batch_size, seed, name)

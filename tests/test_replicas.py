@@ -1,0 +1,148 @@
+"""Replica groups (src.replicas): R runs trained side by side equal the runs alone, to the digit,
+and are tracked as R ordinary MLflow runs; what they cannot carry is refused in one line."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from src import config, data, experiment, metrics, replicas
+from src.engine import Engine
+from src.errors import UserError
+
+
+def histories(cfg) -> list[pd.DataFrame]:
+    """Each replica's per-loop metrics (one frame for a run alone)."""
+    engine = experiment.assemble(cfg, data.load(cfg.data))
+    kept = [metrics.RegretHistory(engine.interactions_per_loop) for _ in range(engine.replicas)]
+    for chunks in engine.run_replicas(cfg.training.loops, cfg.training.chunk_loops):
+        for history, chunk in zip(kept, chunks):
+            history.add(chunk)
+    return [history.frame() for history in kept]
+
+
+@pytest.mark.parametrize("overrides", [["agent=linucb"], ["agent=lints"], ["agent=linucb", "agent.discount=0.9"],
+                                       ["agent=lints", "env.movie_selection=most_rated", "training.batch_size=3"]])
+def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides):
+    group = histories(make_config(*overrides, "training.replicas=3", "training.seed=4"))
+    for replica, replica_history in enumerate(group):
+        alone = histories(make_config(*overrides, f"training.seed={4 + replica}"))[0]
+        pd.testing.assert_frame_equal(replica_history, alone, check_exact=True)
+    # Replicas are independent runs, not copies of one.
+    assert group[0][metrics.CUMULATIVE_REGRET].iloc[-1] != group[1][metrics.CUMULATIVE_REGRET].iloc[-1]
+
+
+@pytest.mark.parametrize("agent", ["linucb", "lints"])
+def test_a_replicas_policy_is_the_one_its_run_alone_leaves(make_config, agent):
+    cfg = make_config(f"agent={agent}", "training.replicas=2", "training.seed=1")
+    group = experiment.assemble(cfg, data.load(cfg.data))
+    for _ in group.run_replicas(cfg.training.loops, cfg.training.chunk_loops):
+        pass
+    alone_cfg = make_config(f"agent={agent}", "training.seed=2")
+    alone = experiment.assemble(alone_cfg, data.load(alone_cfg.data))
+    for _ in alone.run(alone_cfg.training.loops, alone_cfg.training.chunk_loops):
+        pass
+    policy = replicas.replica_policy(replicas.member_config(cfg, 1), group, 1)
+    time_step = alone.environment.reset()
+    ours, theirs = policy.action(time_step), alone.agent.policy.action(time_step)
+    np.testing.assert_array_equal(ours.action.numpy(), theirs.action.numpy())
+    np.testing.assert_array_equal(ours.info.predicted_rewards_mean.numpy(), theirs.info.predicted_rewards_mean.numpy())
+    other = replicas.replica_policy(replicas.member_config(cfg, 0), group, 0)
+    assert not np.array_equal(other.action(time_step).info.predicted_rewards_mean.numpy(),
+                              theirs.info.predicted_rewards_mean.numpy())
+
+
+def group_runs(tracking_uri: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs(experiment_names=["movielens-bandits"], order_by=["params.`training.seed`"])
+
+
+def test_a_group_is_tracked_as_ordinary_runs_one_per_seed(make_config, tracking_uri):
+    cfg = make_config("training.replicas=3", "training.seed=2", "tracking.log_every=1")
+    finals = replicas.train_group(cfg)
+    found = group_runs(tracking_uri)
+    assert list(found["status"]) == ["FINISHED"] * 3
+    assert list(found["params.training.seed"]) == ["2", "3", "4"]
+    assert set(found["params.training.replicas"]) == {"1"}  # each run's config reproduces it alone
+    assert found["tags.bandits.replica_group"].nunique() == 1
+    assert list(found["tags.bandits.replica"]) == ["0/3", "1/3", "2/3"]
+    assert [name.split("·")[-1] for name in found["tags.mlflow.runName"]] == ["s2", "s3", "s4"]
+    client = mlflow.MlflowClient()
+    for (final, run_id), (_, run) in zip(finals, found.iterrows()):
+        assert run_id == run.run_id
+        assert run[f"metrics.{metrics.CUMULATIVE_REGRET}"] == pytest.approx(final[metrics.CUMULATIVE_REGRET])
+        assert len(client.get_metric_history(run_id, metrics.CUMULATIVE_REGRET)) == cfg.training.loops
+        assert {"config.yaml", "metrics.csv", "regret.png"} <= {item.path for item in client.list_artifacts(run_id)}
+    # The run alone of the middle seed ends where its replica did.
+    alone = histories(make_config("training.seed=3"))[0]
+    assert alone[metrics.CUMULATIVE_REGRET].iloc[-1] == pytest.approx(finals[1][0][metrics.CUMULATIVE_REGRET])
+
+
+@pytest.mark.parametrize("interruption, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_group_that_breaks_marks_every_run_and_keeps_what_they_logged(make_config, tracking_uri, monkeypatch,
+                                                                        interruption, status):
+    real_run = Engine.run_replicas
+
+    def breaks_after_first_chunk(self, loops, chunk):
+        runner = real_run(self, loops, chunk)
+        yield next(runner)
+        raise interruption
+
+    monkeypatch.setattr(Engine, "run_replicas", breaks_after_first_chunk)
+    with pytest.raises(type(interruption)):
+        replicas.train_group(make_config("training.replicas=2", "tracking.log_every=1"))
+    found = group_runs(tracking_uri)
+    assert list(found["status"]) == [status] * 2
+    client = mlflow.MlflowClient()
+    for run_id in found.run_id:
+        assert len(client.get_metric_history(run_id, metrics.CUMULATIVE_REGRET)) == 20  # the first chunk
+        assert "metrics.csv" in {item.path for item in client.list_artifacts(run_id)}
+
+
+@pytest.mark.parametrize("override, message", [
+    (["training.replicas=0"], "an integer >= 1"),
+    (["training.replicas=2", "agent=epsilon_greedy"], "agent=epsilon_greedy"),
+    (["training.replicas=2", "env=movielens_per_arm"], "env=movielens_per_arm"),
+    (["training.replicas=2", "env=movielens_switch"], "env=movielens_switch"),
+    (["training.replicas=2", "env.delay=fixed", "env.delay_loops=2"], "without drift or delay"),
+    (["training.replicas=2", "agent.window=50"], "agent.window=50"),
+    (["training.replicas=2", "tracking.log_interactions=true"], "tracking.log_interactions"),
+    (["training.replicas=100000", "env.num_movies=1682", "env.rank_k=100"], "half of this machine's"),
+])
+def test_what_replicas_cannot_carry_is_refused_in_one_line(override, message):
+    with pytest.raises(UserError, match="training.replicas") as error:
+        config.check_run(config.compose(override))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_replicas_on_the_command_line_are_refused_before_tensorflow_loads(run_cli, data_overrides, tracking_uri):
+    result = run_cli("src.train", *data_overrides, f"tracking.uri={tracking_uri}", "training.replicas=2",
+                     "agent=neural_boltzmann")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "training.replicas" in result.stderr and "Loading TensorFlow" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_cli_trains_a_group(run_cli, data_overrides, tracking_uri):
+    from tests.conftest import SMALL
+
+    result = run_cli("src.train", *data_overrides, *SMALL, f"tracking.uri={tracking_uri}", "training.replicas=2",
+                     "agent=lints", "tracking.save_policy=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Training 2 replicas of lints" in result.stderr and result.stderr.count("finished: run") == 2
+    assert list(group_runs(tracking_uri)["status"]) == ["FINISHED"] * 2
+
+
+def test_a_replicated_statistics_scores_each_replicas_users_against_its_own_arms():
+    from src.agents.linear import ArmStatistics
+
+    group = ArmStatistics(num_arms=3, dim=2, tikhonov_weight=1.0, replicas=2)
+    rows = tf.constant([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]], tf.float64)
+    # Replica 0 rewards arm 1 (rows 0-1), replica 1 arm 2 (rows 2-3).
+    group.update(rows, group.global_arms(tf.constant([1, 1, 2, 2])), tf.constant([1.0, 1.0, 3.0, 3.0], tf.float64))
+    mean, _ = group.every_arm(tf.constant([[1.0, 1.0], [1.0, 1.0]], tf.float32))
+    best = np.argmax(mean.numpy(), axis=1)
+    assert list(best) == [1, 2]
