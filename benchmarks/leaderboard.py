@@ -8,7 +8,9 @@ example size on both environments, into one MLflow experiment, then ranked by fi
 
 Each run is `src.training.train` on the config `python -m src.train agent=<agent> env=<env>
 training.seed=<seed>` would compose, with the line-up's overrides, tagged `leaderboard.entry`
-with its row's label, `--workers` runs at a time (default 2, in processes of their own). A run of the same entry and configuration (seed included; where it is
+with its row's label, `--workers` runs at a time (default 2, in processes of their own); an
+entry's seeds train as one replica group where replicas are built (src.replicas: LinUCB and
+LinTS on movielens), each still a run of its own. A run of the same entry and configuration (seed included; where it is
 stored aside) that already FINISHED in the experiment is not trained again: an interrupted
 leaderboard resumes. The tables take exactly the runs of the line-up the command describes,
 so a cheap run (`--loops 500`) and the full one may share an experiment.
@@ -59,31 +61,63 @@ def finished(experiment_id: str) -> set[Identity]:
     return set(identities(runs).dropna())
 
 
+def in_groups(todo: list[Job]) -> list[Job]:
+    """`todo` with each entry's runs of consecutive seeds as one replica group (training.replicas)
+    where config.check_replicas allows it."""
+    grouped: list[Job] = []
+    for job in todo:
+        last = grouped[-1] if grouped else None
+        if last is not None and last.label == job.label and same_but_seed(last.cfg, job.cfg):
+            group = OmegaConf.merge(last.cfg, {"training": {"replicas": last.cfg.training.replicas + 1}})
+            try:
+                config.check_replicas(group)
+            except UserError:
+                pass
+            else:
+                grouped[-1] = Job(last.label, group)
+                continue
+        grouped.append(job)
+    return grouped
+
+
+def same_but_seed(group: DictConfig, run: DictConfig) -> bool:
+    """Whether `run` is the run of the seed after `group`'s last, in the same configuration."""
+    def rest(cfg):
+        return {key: value for key, value in tracking.flatten(cfg).items()
+                if key not in ("training.seed", "training.replicas")}
+
+    return run.training.seed == group.training.seed + group.training.replicas and rest(group) == rest(run)
+
+
 def train_all(todo: list[Job], workers: int) -> int:
-    """Train `todo`, `workers` runs at a time, each in a process of its own; return how many
-    failed (a diverged agent fails alone). A run takes about one core (training.threads), so
-    two workers on two cores take about half the wall time of one."""
+    """Train `todo`, `workers` jobs (runs, or replica groups) at a time, each in a process of its
+    own; return how many runs failed (a diverged agent fails alone). A job takes about one core
+    (training.threads), so two workers on two cores take about half the wall time of one."""
     if not todo:
         return 0
     from src import training  # TensorFlow loads here: --tables-only and a finished line-up do without it
 
     for job in todo:  # a wrong value fails now, not after an hour of training
         config.check_run(job.cfg)
+    runs = len(todo)
+    todo = in_groups(todo)
     started = time.perf_counter()
     failures = 0
     # Spawned, not forked: TensorFlow's threads do not survive a fork.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=quiet_worker) as pool:
         running = {pool.submit(train_one, job): job for job in todo}
-        for number, done in enumerate(concurrent.futures.as_completed(running), 1):
-            job, (final, error) = running[done], done.result()
+        done_runs = 0
+        for done in concurrent.futures.as_completed(running):
+            job, (finals, error) = running[done], done.result()
+            done_runs += job.cfg.training.replicas
             if error:
-                failures += 1
-                log.warning("Run %d of %d (%s) failed, the others go on: %s", number, len(todo), job, error)
+                failures += job.cfg.training.replicas
+                log.warning("Runs up to %d of %d (%s) failed, the others go on: %s", done_runs, runs, job, error)
                 continue
             elapsed = time.perf_counter() - started
-            log.info("Run %d of %d done: %s, cumulative regret %.1f; about %.0f min left", number, len(todo), job,
-                     final, elapsed / number * (len(todo) - number) / 60)
+            log.info("Runs up to %d of %d done: %s, cumulative regret %s; about %.0f min left", done_runs, runs, job,
+                     ", ".join(f"{final:.1f}" for final in finals), elapsed / done_runs * (runs - done_runs) / 60)
     return failures
 
 
@@ -93,15 +127,17 @@ def quiet_worker() -> None:
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
 
 
-def train_one(job: Job) -> tuple[float | None, str | None]:
-    """(final cumulative regret, None), or (None, the one-line reason it failed)."""
-    from src import training
+def train_one(job: Job) -> tuple[list[float] | None, str | None]:
+    """(each run's final cumulative regret, None), or (None, the one-line reason it failed)."""
+    from src import replicas, training
 
     try:
+        if job.cfg.training.replicas > 1:
+            return [final[METRIC] for final, _ in replicas.train_group(job.cfg, {ENTRY_TAG: job.label})], None
         final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
     except UserError as error:
         return None, str(error)
-    return final[METRIC], None
+    return [final[METRIC]], None
 
 
 def duration(seconds: float) -> str:

@@ -59,7 +59,9 @@ class Job:
         return identity(self.label, tracking.flatten(self.cfg))
 
     def __str__(self) -> str:
-        return f"{self.label} on {self.cfg.env.name}, seed {self.cfg.training.seed}"
+        first, replicas = self.cfg.training.seed, self.cfg.training.get("replicas", 1)
+        seeds = f"seed {first}" if replicas == 1 else f"seeds {first}-{first + replicas - 1}"
+        return f"{self.label} on {self.cfg.env.name}, {seeds}"
 
 
 def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, seeds: int,

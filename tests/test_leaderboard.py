@@ -11,7 +11,7 @@ from mlflow.entities import Metric, Param
 from omegaconf import OmegaConf
 from scipy import stats
 
-from src import comparison, config, leaderboard, metrics, plots
+from src import comparison, config, leaderboard, metrics, plots, replicas
 from src.campaigns import tuned
 from src.errors import UserError
 from tests.conftest import SMALL
@@ -253,6 +253,11 @@ def test_a_tiny_leaderboard_trains_tracks_ranks_and_finds_its_runs_again(run_cli
     runs = client.search_runs([client.get_experiment_by_name("leaderboard").experiment_id])
     entries = sorted(run.data.tags[leaderboard.ENTRY_TAG] for run in runs if leaderboard.ENTRY_TAG in run.data.tags)
     assert entries == ["linucb", "linucb", "random", "random"]
+    # LinUCB's two seeds trained as one replica group (src.replicas), random's one by one.
+    trained = sorted((run for run in runs if leaderboard.ENTRY_TAG in run.data.tags),
+                     key=lambda run: run.data.tags[leaderboard.ENTRY_TAG])
+    groups = [run.data.tags.get(replicas.GROUP_TAG) for run in trained]
+    assert groups[0] == groups[1] is not None and groups[2] is None and groups[3] is None
 
     # The same line-up finds its runs again by their configurations: it would resume from them.
     planned = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb", "random"], ["movielens"], 2,
@@ -263,3 +268,16 @@ def test_a_tiny_leaderboard_trains_tracks_ranks_and_finds_its_runs_again(run_cli
     found = set(leaderboard.identities(client_runs(tracking_uri, experiment_id)).dropna())
     # (linucb's tuned entry, rank 19, does not fit this data's 10 movies: its runs fail alone.)
     assert found == {job.identity() for job in planned if job.label in ("linucb", "random")}
+
+
+def test_an_entrys_consecutive_seeds_left_to_train_go_as_replica_groups(data_overrides):
+    from benchmarks.leaderboard import in_groups
+
+    planned = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb", "random"], ["movielens"], 4,
+                               [*data_overrides, *SMALL])
+    todo = [job for job in planned if not (job.label == "linucb" and job.cfg.training.seed == 1)]
+    grouped = [str(job) for job in in_groups(todo)]
+    assert grouped[:2] == ["linucb on movielens, seed 0", "linucb on movielens, seeds 2-3"]
+    assert "linucb (tuned) on movielens, seeds 0-3" in grouped
+    assert [job for job in grouped if job.startswith("random")] == [f"random on movielens, seed {seed}"
+                                                                    for seed in range(4)]
