@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A campaign on N worker processes sharing one Optuna study (src.sweep work).
 #
-#   ./multirun.sh SWEEP [--workers N] [--trials N] [--storage URL] [Hydra overrides...]
+#   ./multirun.sh SWEEP [--workers N] [--trials N] [--storage URL] [--ray ADDRESS] [Hydra overrides...]
 #   ./multirun.sh all   [same options]          # every conf/hparams_search/*.yaml in turn
 #
 # SWEEP is a conf/hparams_search/*.yaml (an agent's search, or `grid` for agents x seeds).
@@ -11,7 +11,9 @@
 # Worker output goes to logs/sweeps/<study>/<time>-worker-<i>.log (under $SWEEP_LOG_DIR if
 # set), and a line per trial as it starts and ends to the console; the script waits for its
 # workers, reports the best trial, and exits 0 when the study holds its trials (saying which
-# workers stopped early and why), 1 when it does not.
+# workers stopped early and why), 1 when it does not. With --ray ADDRESS the workers are tasks of
+# the Ray cluster there (./ray_cluster.sh, docs/campaigns.md), one CPU each, placed by Ray: their
+# lines come to this console, their logs stay in Ray's session logs on their nodes.
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -19,12 +21,13 @@ usage() { sed -n '4,5p' "$0" | sed 's/^# *//' >&2; exit 2; }
 value_of() { [ $# -ge 2 ] && [[ $2 != --* ]] || { echo "error: $1 needs a value" >&2; exit 2; }; }
 [ $# -ge 1 ] || usage
 agent=$1; shift
-workers=1; trials=""; storage=""; overrides=()
+workers=1; trials=""; storage=""; ray=""; overrides=()
 while [ $# -gt 0 ]; do
   case $1 in
     --workers) value_of "$@"; workers=$2; shift 2 ;;
     --trials) value_of "$@"; trials=$2; shift 2 ;;
     --storage) value_of "$@"; storage=$2; shift 2 ;;
+    --ray) value_of "$@"; ray=$2; shift 2 ;;
     -h|--help) usage ;;
     *) overrides+=("$1"); shift ;;
   esac
@@ -45,6 +48,7 @@ if [ "$agent" = all ]; then
     args=(--workers "$workers")
     [ -n "$storage" ] && args+=(--storage "$storage")
     [ -n "$trials" ] && args+=(--trials "$trials")
+    [ -n "$ray" ] && args+=(--ray "$ray")
     "$0" "$name" "${args[@]}" "${overrides[@]}" || failed=$((failed + 1))
   done
   [ "$failed" -eq 0 ] || { echo "error: $failed sweep(s) failed" >&2; exit 1; }
@@ -61,6 +65,7 @@ sweep=("hparams_search=$agent" "${overrides[@]}")
 [ -n "$storage" ] && sweep+=("hydra.sweeper.storage=$storage")
 [ -n "$trials" ] && sweep+=("hydra.sweeper.n_trials=$trials")
 
+if [ -n "$ray" ]; then uv run --no-sync python -m src.sweep check-ray "$ray" || exit 2; fi
 # Creates or resumes the study and its MLflow parent run; checks storage and direction.
 echo "Preparing the study (loading MLflow and Optuna)..."
 state_file=$(mktemp)
@@ -70,6 +75,15 @@ IFS= read -r study <"$state_file"  # a name prepare has checked: letters, digits
 stamp=$(date +%Y%m%d-%H%M%S)
 logs="${SWEEP_LOG_DIR:-logs/sweeps}/$study"
 mkdir -p "$logs"
+
+if [ -n "$ray" ]; then
+  echo "Study '$study' on $workers worker(s) as tasks of the Ray cluster at $ray"
+  uv run --no-sync python -m src.sweep ray "$ray" "$workers" "${sweep[@]}"
+  status=$?
+  [ "$status" -eq 2 ] && exit 2  # the cluster cannot be reached: said in one line
+  if uv run --no-sync python -m src.sweep summarise "${sweep[@]}"; then exit 0; fi
+  exit 1
+fi
 
 pids=()
 stop() {

@@ -5,6 +5,7 @@ example size on both environments, into one MLflow experiment, then ranked by fi
     uv run python -m benchmarks.leaderboard --data-dir /path/to/ml-100k --seeds 2 --loops 500 --out /tmp/lb
     uv run python -m benchmarks.leaderboard --tables-only   # rebuild the tables from the tracked runs
     uv run python -m benchmarks.leaderboard --lineup conf/lineups/environments.yaml --data-dir /path/to/ml-100k
+    uv run python -m benchmarks.leaderboard --data-dir /path/to/ml-100k --ray 127.0.0.1:6379   # on a Ray cluster
 
 Each run is `src.training.train` on the config `python -m src.train agent=<agent> env=<env>
 training.seed=<seed>` would compose, with the line-up's overrides, tagged `leaderboard.entry`
@@ -89,10 +90,11 @@ def same_but_seed(group: DictConfig, run: DictConfig) -> bool:
     return run.training.seed == group.training.seed + group.training.replicas and rest(group) == rest(run)
 
 
-def train_all(todo: list[Job], workers: int) -> int:
+def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> int:
     """Train `todo`, `workers` jobs (runs, or replica groups) at a time, each in a process of its
-    own; return how many runs failed (a diverged agent fails alone). A job takes about one core
-    (training.threads), so two workers on two cores take about half the wall time of one."""
+    own, or with `ray_address` as tasks of that Ray cluster, one CPU each; return how many runs
+    failed (a diverged agent fails alone). A job takes about one core (training.threads), so two
+    workers on two cores take about half the wall time of one."""
     if not todo:
         return 0
     from src import training  # TensorFlow loads here: --tables-only and a finished line-up do without it
@@ -101,6 +103,13 @@ def train_all(todo: list[Job], workers: int) -> int:
         config.check_run(job.cfg)
     runs = len(todo)
     todo = in_groups(todo)
+    if ray_address:
+        from src.campaigns import ray_cluster
+
+        outcomes = ray_cluster.run_tasks(ray_address, train_one, [(job,) for job in todo],
+                                         describe=lambda args: str(args[0]))
+        return sum(job.cfg.training.replicas for job, (finals, error) in zip(todo, outcomes)
+                   if error or finals is None)
     started = time.perf_counter()
     failures = 0
     # Spawned, not forked: TensorFlow's threads do not survive a fork.
@@ -162,6 +171,8 @@ def parser(lineup: DictConfig) -> argparse.ArgumentParser:
                        help="runs trained at a time, each in its own process (default: %(default)s)")
     names.add_argument("--out", type=Path, default=Path(lineup.get("out", "docs/leaderboard")), help="default: %(default)s")
     names.add_argument("--tables-only", action="store_true", help="rebuild the outputs from the runs already tracked")
+    names.add_argument("--ray", metavar="ADDRESS", help="train the runs as tasks of the Ray cluster at ADDRESS "
+                       "(host:port; ./ray_cluster.sh), one CPU each, instead of --workers processes here")
     names.add_argument("overrides", nargs="*", help="more config overrides for every run, e.g. env.rank_k=10")
     return names
 
@@ -188,6 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         require(args.seeds >= 1, "--seeds", args.seeds, "an integer >= 1")
         require(args.loops is None or args.loops >= 1, "--loops", args.loops, "an integer >= 1")
         require(args.workers >= 1, "--workers", args.workers, "an integer >= 1")
+        if args.ray:
+            from src.campaigns import ray_cluster
+
+            ray_cluster.check_address(args.ray)  # before any run or experiment is made
         overrides = [*([f"data.dir={args.data_dir}"] if args.data_dir else []),
                      *([f"training.loops={args.loops}"] if args.loops else []),
                      *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []),
@@ -205,11 +220,13 @@ def main(argv: list[str] | None = None) -> None:
             todo = [job for job in planned if job.identity() not in done]
             log.info("%d runs in the line-up, %d already finished in experiment '%s'; training %d",
                      len(planned), len(planned) - len(todo), args.experiment, len(todo))
-            failures = train_all(todo, args.workers)
+            failures = train_all(todo, args.workers, args.ray)
             report = standings(experiment_id, {job.identity() for job in planned})
             seconds = time.perf_counter() - started
             trained_by = command
-            wall = (f"wall time {duration(seconds)} on {os.cpu_count()} CPU cores, {args.workers} runs at a time, "
+            placed = f"on the Ray cluster at {args.ray}" if args.ray else \
+                f"on {os.cpu_count()} CPU cores, {args.workers} runs at a time"
+            wall = (f"wall time {duration(seconds)} {placed}, "
                     f"{datetime.now(timezone.utc):%Y-%m-%d}, for {len(todo)} runs trained ({failures} failed) "
                     f"beside {len(planned) - len(todo)} already tracked, and the tables")
             client = mlflow.MlflowClient()

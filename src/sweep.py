@@ -3,8 +3,10 @@
     uv run python -m src.sweep work hparams_search=linucb [overrides]   # one worker; start many
     uv run python -m src.sweep prepare hparams_search=linucb            # what multirun.sh calls first
     uv run python -m src.sweep summarise hparams_search=linucb          # exit 0 once the study is complete
+    uv run python -m src.sweep ray 127.0.0.1:6379 4 hparams_search=linucb   # 4 workers as Ray tasks
 
-`multirun.sh` starts N workers on one machine; a worker started by hand on another machine,
+`multirun.sh` starts N workers on one machine, or with `--ray` as tasks on a Ray cluster
+(src.campaigns.ray_cluster); a worker started by hand on another machine,
 with the same overrides and `hydra.sweeper.storage` (or `$OPTUNA_STORAGE`) pointing at the
 shared database, joins the same study under the same MLflow parent run.
 
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 # Where `prepare` writes the study's name for multirun.sh.
 STATE_FILE = "SWEEP_STATE_FILE"
 
-USAGE = "usage: python -m src.sweep {prepare|work|summarise} hparams_search=NAME [overrides...]"
+USAGE = ("usage: python -m src.sweep {prepare|work|summarise} hparams_search=NAME [overrides...]\n"
+         "       python -m src.sweep ray ADDRESS WORKERS hparams_search=NAME [overrides...]")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 class SweepTracking(Callback):
@@ -56,12 +60,33 @@ class SweepTracking(Callback):
         summary.summarise(config, failed=True)
 
 
+def work_on_ray(address: str, workers: str, overrides: list[str]) -> None:
+    """Run `workers` campaign workers as tasks of the Ray cluster at `address`; one fails alone."""
+    from src.campaigns import ray_cluster
+
+    if not workers.isdigit() or int(workers) < 1:
+        raise UserError(f"ray: WORKERS must be a positive integer, got '{workers}'")
+    outcomes = ray_cluster.run_tasks(address, worker.as_ray_task, [(overrides, index) for index in range(int(workers))],
+                                     describe=lambda args: f"worker {args[1]}")
+    for index, (done, error) in enumerate(outcomes):
+        log.info(done or f"worker {index} stopped: {error}")
+
+
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("prepare", "work", "summarise"):
+    if (not argv or argv[0] not in ("prepare", "work", "summarise", "ray", "check-ray")
+            or len(argv) < {"ray": 3, "check-ray": 2}.get(argv[0], 1)):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     command, overrides = argv[0], argv[1:]
+    if command == "check-ray":  # multirun.sh --ray, before the study and its parent run are made
+        from src.campaigns import ray_cluster
+
+        with exit_on_user_error():
+            ray_cluster.check_address(overrides[0])
+        return
+    if command == "ray":
+        (address, workers), overrides = overrides[:2], overrides[2:]
     with exit_on_user_error():
         cfg = study.compose_sweep(overrides)
         if "study_name" not in cfg.hydra.sweeper:
@@ -75,6 +100,9 @@ def main(argv: list[str]) -> None:
         elif command == "work":
             stop_on_termination_signals()
             worker.work(overrides, worker=int(os.environ.get("SWEEP_WORKER", "0")))
+        elif command == "ray":
+            stop_on_termination_signals()
+            work_on_ray(address, workers, overrides)
         else:
             summarised = study.load_study(cfg)
             best = summary.summarise_if_done(cfg, summarised)

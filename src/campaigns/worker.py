@@ -75,6 +75,17 @@ def work(overrides: list[str], worker: int = 0) -> None:
     summarise_if_done(cfg, study)
 
 
+def as_ray_task(overrides: list[str], index: int) -> str:
+    """`work` as a Ray task (src.campaigns.ray_cluster), on whichever node the cluster gives it;
+    what it did."""
+    # Ray passes a task's lines on to the driver's console: the worker's own (a trial's start and
+    # end) and any warning, as multirun.sh shows from its local workers' logs.
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    log.setLevel(logging.INFO)
+    work(overrides, worker=index)
+    return f"worker {index} on {socket.gethostname()} (pid {os.getpid()}) found nothing left to do"
+
+
 def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str]) -> bool:
     """Run one trial, or wait while others run; False once there is nothing left to do."""
     goal = target(cfg, study)

@@ -1,0 +1,124 @@
+"""Campaigns on a real Ray cluster, started from the repo's script on this machine as a head and a
+worker node: a leaderboard and a sweep placed by Ray's scheduler, the study in PostgreSQL and the
+runs on the MLflow server, and a worker node killed mid-sweep."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from src.paths import PROJECT_ROOT
+from tests.campaigns.conftest import overrides_for, runs_of, states
+from tests.conftest import SMALL, free_port, wait_until
+
+SCRIPT = str(PROJECT_ROOT / "ray_cluster.sh")
+
+
+class Cluster:
+    """Ray nodes started with `ray_cluster.sh ... --block`, each in a session of its own, so that
+    killing its process group takes its raylet and its workers down as a machine's end would."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.nodes = logs, []
+        self.address = f"127.0.0.1:{free_port()}"
+
+    def start(self, *command: str) -> subprocess.Popen:
+        log = open(self.logs / f"node-{len(self.nodes)}.log", "w")
+        node = subprocess.Popen([SCRIPT, *command, "--cpus", "1", "--block"], cwd=PROJECT_ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append(node)
+        wait_until(lambda: self.alive_nodes() >= len(self.nodes), 180, f"Ray node {len(self.nodes)} to join")
+        return node
+
+    def alive_nodes(self) -> int:
+        status = subprocess.run([SCRIPT, "status", self.address], capture_output=True, text=True, timeout=60)
+        active = status.stdout.split("Active:")[-1].split("Pending:")[0] if status.returncode == 0 else ""
+        return len(re.findall(r"\bnode_[0-9a-f]+", active))
+
+    @staticmethod
+    def kill(node: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=60)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            self.kill(node)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    ray = Cluster(tmp_path)
+    try:
+        ray.start("up", "--port", ray.address.rsplit(":", 1)[1])
+        yield ray
+    finally:
+        ray.stop()
+
+
+def test_an_address_where_no_cluster_answers_is_one_line_before_anything_is_made(tmp_path, data_overrides):
+    nowhere = f"127.0.0.1:{free_port()}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sweep = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), "linucb", "--ray", nowhere, "--storage", storage,
+                            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *data_overrides],
+                           capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+    assert sweep.returncode == 2, sweep.stderr[-2000:]
+    assert f"--ray {nowhere}: no Ray cluster answers there" in sweep.stderr and "Traceback" not in sweep.stderr
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+    board = subprocess.run(["uv", "run", "--no-sync", "python", "-m", "benchmarks.leaderboard", "--ray", "nowhere",
+                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                           capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+    assert board.returncode == 2 and "--ray nowhere: not a Ray cluster address" in board.stderr, board.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_two_node_ray_cluster_survives_a_killed_node_with_exact_counts(cluster, stack, data_overrides,
+                                                                                   tmp_path):
+    # The leaderboard first, on the healthy cluster: its runs placed by Ray, tracked as ever.
+    board = subprocess.run(["uv", "run", "--no-sync", "python", "-m", "benchmarks.leaderboard", "--ray",
+                            cluster.address, "--agents", "linucb,random", "--envs", "movielens", "--seeds", "2",
+                            "--loops", "60", "--out", str(tmp_path / "board"), "--tracking-uri",
+                            stack["MLFLOW_TRACKING_URI"], "--experiment", f"board-{uuid.uuid4().hex[:8]}",
+                            *data_overrides, *[o for o in SMALL if not o.startswith("training.loops=")]],
+                           capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
+    assert board.returncode == 0, board.stderr[-3000:]
+    assert f"on the Ray cluster at {cluster.address}" in (tmp_path / "board" / "leaderboard.md").read_text()
+
+    doomed = cluster.start("join", cluster.address)
+    study_name = f"ray-{uuid.uuid4().hex[:8]}"
+    storage, tracking_uri = stack["OPTUNA_STORAGE"], stack["MLFLOW_TRACKING_URI"]
+    overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "training.loops=3000",
+                              "sweep.heartbeat_s=1", "sweep.grace_s=5")[1:]
+    out = tmp_path / "multirun.out"
+    sweep = subprocess.Popen([str(PROJECT_ROOT / "multirun.sh"), "linucb", "--workers", "2", "--trials", "6",
+                              "--storage", storage, "--ray", cluster.address, *overrides], cwd=PROJECT_ROOT,
+                             stdout=open(out, "w"), stderr=subprocess.STDOUT)
+    # Each node has one CPU: once two trials run, one runs on the node about to die.
+    wait_until(lambda: len(re.findall(r"Trial \d+ started", out.read_text())) >= 2, 300, "two trials to start")
+    time.sleep(1)  # into the trials' training
+    cluster.kill(doomed)
+    assert sweep.wait(timeout=600) == 0, out.read_text()[-3000:]
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    counts = states(study)
+    assert counts["COMPLETE"] == 6 and counts["FAIL"] == 1 and counts["RUNNING"] == 0, counts
+    found = runs_of(tracking_uri, study_name)
+    by_status = collections.Counter(run.info.status for run in found if run.data.tags.get("sweep.role") != "parent")
+    assert by_status == {"FINISHED": 6, "FAILED": 1}, by_status
+    (dead,) = [run for run in found if run.info.status == "FAILED"]
+    assert "worker died" in dead.data.tags["bandits.ended_by"]
+    assert [run.info.status for run in found if run.data.tags.get("sweep.role") == "parent"] == ["FINISHED"]
+    assert "RUNNING" not in {run.info.status for run in mlflow.MlflowClient(tracking_uri).search_runs(
+        [mlflow.MlflowClient(tracking_uri).get_experiment_by_name(study_name).experiment_id])}
