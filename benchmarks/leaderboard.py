@@ -64,17 +64,14 @@ def finished(experiment_id: str) -> set[Identity]:
 
 def in_groups(todo: list[Job]) -> list[Job]:
     """`todo` with each entry's runs of consecutive seeds as one replica group (training.replicas)
-    where config.check_replicas allows it."""
+    where the replicas share one compiled loop (config.shares_ops): elsewhere a group would only
+    train them in turn, and a seed that diverges would stop its group."""
     grouped: list[Job] = []
     for job in todo:
         last = grouped[-1] if grouped else None
         if last is not None and last.label == job.label and same_but_seed(last.cfg, job.cfg):
             group = OmegaConf.merge(last.cfg, {"training": {"replicas": last.cfg.training.replicas + 1}})
-            try:
-                config.check_replicas(group)
-            except UserError:
-                pass
-            else:
+            if config.shares_ops(group):
                 grouped[-1] = Job(last.label, group)
                 continue
         grouped.append(job)

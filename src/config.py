@@ -41,8 +41,9 @@ MOST_THREADS_PER_CORE = 4
 BYTES_PER_LOOP = 300
 BYTES_PER_LOGGED_INTERACTION = 200
 BYTES_PER_LOGGED_SLATE_COLUMN = 32
-# What runs side by side as replicas (training.replicas, src.replicas): the vectorised linear
-# agents, whose statistics take a replica axis, on the stationary environment of one movie per step.
+# Replicas (training.replicas, src.replicas) that share one compiled loop's ops: the vectorised
+# linear agents, whose statistics take a replica axis, on the stationary environment of one movie
+# per step. Others train in turn in one process.
 REPLICATED_AGENTS = ("linucb", "lints")
 REPLICATED_ENVIRONMENT = "src.envs.movielens.build"
 # A replica's float64 statistics per arm (A, A^-1, their scoring copies) in units of dim x dim.
@@ -321,27 +322,30 @@ def check_sizes(cfg: DictConfig) -> None:
             f"(it would take about {held / 2**30:,.0f} GiB)")
 
 
+def shares_ops(cfg: DictConfig) -> bool:
+    """Whether the replicas of `cfg` share one compiled loop's ops (src.replicas): REPLICATED_AGENTS,
+    without a window or logging propensities, on a stationary REPLICATED_ENVIRONMENT without delays."""
+    agent, env = cfg.agent, cfg.env
+    stationary = env.get("drift") == "none" and env.get("delay") == "none" and env.get("feedback_drop") == 0
+    return (cfg.training.get("replicas", 1) > 1 and agent.name in REPLICATED_AGENTS
+            and env.get("_target_") == REPLICATED_ENVIRONMENT and stationary
+            and not any(agent.get(key) for key in ("window", "log_epsilon", "propensity_draws")))
+
+
 def check_replicas(cfg: DictConfig) -> None:
-    """`training.replicas` > 1 only where replicas are built (REPLICATED_AGENTS on a stationary
-    REPLICATED_ENVIRONMENT without delays), and only as many as half the machine's memory holds."""
+    """`training.replicas`: a positive integer, without what a group does not log (interactions,
+    offline learning), and only as many as half the machine's memory holds."""
     import psutil
 
     replicas = cfg.training.replicas
     require(isinstance(replicas, int) and replicas >= 1, "training.replicas", replicas, "an integer >= 1")
     if replicas == 1:
         return
-    agent, env = cfg.agent, cfg.env
-    wanted = f"> 1 only for agent={' or agent='.join(REPLICATED_AGENTS)} on env=movielens without drift or delay"
-    require(agent.name in REPLICATED_AGENTS, "training.replicas", replicas, f"{wanted} (agent={agent.name})")
-    stationary = env.get("drift") == "none" and env.get("delay") == "none" and env.get("feedback_drop") == 0
-    require(env.get("_target_") == REPLICATED_ENVIRONMENT and stationary, "training.replicas", replicas,
-            f"{wanted} (env={env.name})")
-    for key in ("window", "log_epsilon", "propensity_draws"):
-        require(not agent.get(key), "training.replicas", replicas, f"1 with agent.{key}={agent.get(key)}")
     require(not cfg.tracking.log_interactions, "training.replicas", replicas, "1 with tracking.log_interactions=true")
     require(not is_offline(cfg), "training.replicas", replicas, f"1 for offline learning (objective={cfg.objective})")
-    dim = env.rank_k
-    per_replica = (env.num_movies * REPLICA_MATRICES_PER_ARM * dim * dim * 8
+    env = cfg.env
+    dim = env.get("rank_k", 1)
+    per_replica = (env.get("num_movies", 1) * REPLICA_MATRICES_PER_ARM * dim * dim * 8
                    + cfg.training.loops * BYTES_PER_LOOP)
     memory = psutil.virtual_memory().total
     require(replicas * per_replica <= memory / 2, "training.replicas", replicas,

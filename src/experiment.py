@@ -11,6 +11,7 @@ from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start
 import tensorflow as tf
 from omegaconf import DictConfig
 
+from src import config
 from src.agents import build_agent, logged_policy
 from src.engine import Engine
 from src.envs import build_environment
@@ -39,7 +40,7 @@ def assemble(cfg: DictConfig, data) -> Engine:
         raise UserError(f"training.loops={cfg.training.loops} asks for {asked:,} interactions; env={cfg.env.name} "
                         f"replays {available:,}: at most {available // (asked // cfg.training.loops):,} loops")
     agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed,
-                        cfg.training.get("replicas", 1))
+                        cfg.training.replicas if config.shares_ops(cfg) else 1)
     if not cfg.tracking.log_interactions:
         return Engine(environment, agent, cfg.training.steps_per_loop)
     if environment.logged_round_kind is None:

@@ -1,12 +1,14 @@
 """Replica groups: `training.replicas=R` trains R runs of one config, seeds seed .. seed + R - 1,
-side by side in one compiled loop, and records each as an ordinary MLflow run.
+in one process, and records each as an ordinary MLflow run.
 
 A run's cost at MovieLens' default size is mostly the dispatch of a loop's ~190 small ops, not
-their arithmetic; replicas share each op (the linear agents' statistics and the environment
-carry a replica axis, src.agents.linear, src.envs.movielens), so R runs cost far less than R
-loops. Each replica draws from the generators its run alone would (environment and agent
-seeded from its own seed), so its metrics equal that run's (tests/test_replicas.py); its MLflow
-run holds what a run of its own holds, with the config that reproduces it alone
+their arithmetic. Where replicas can share each op (`config.shares_ops`: the linear agents'
+statistics and the environment carry a replica axis, src.agents.linear, src.envs.movielens),
+they train side by side in one compiled loop (`SharedOps`); any other agent or environment
+trains its replicas' engines a chunk each in turn (`InTurn`), sharing the process's start-up,
+data and tracking but not the ops. Either way each replica draws from the generators its run
+alone would (seeded from its own seed), so its metrics equal that run's (tests/test_replicas.py);
+its MLflow run holds what a run of its own holds, with the config that reproduces it alone
 (`training.replicas=1`), tagged with its group.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -42,12 +45,54 @@ def member_config(cfg: DictConfig, replica: int) -> DictConfig:
     return member
 
 
-def replica_policy(cfg: DictConfig, engine, replica: int):
-    """Replica `replica`'s greedy policy as a single run's agent holds it, to save and serve."""
-    environment = engine.environment
-    alone = agents.build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed)
-    alone.take_replica(engine.agent, replica)
-    return alone.policy
+class SharedOps:
+    """Replicas in one compiled loop: an engine whose environment and agent carry them."""
+
+    def __init__(self, cfg: DictConfig, dataset):
+        self.engine = experiment.assemble(cfg, dataset)
+        self.replicas, self.interactions_per_loop = self.engine.replicas, self.engine.interactions_per_loop
+
+    def run_replicas(self, loops: int, chunk: int):
+        return self.engine.run_replicas(loops, chunk)
+
+    def reward_model(self, replica: int):
+        return self.engine.environment.reward_model
+
+    def policy(self, member: DictConfig, replica: int):
+        """The replica's greedy policy as a single run's agent holds it, to save and serve."""
+        environment = self.engine.environment
+        alone = agents.build_agent(member.agent, environment.time_step_spec(), environment.action_spec(),
+                                   member.training.seed)
+        alone.take_replica(self.engine.agent, replica)
+        return alone.policy
+
+
+class InTurn:
+    """Replicas of any agent and environment: each member's engine, assembled and traced under its
+    own seed as its run alone is, trains a chunk in turn."""
+
+    def __init__(self, members: list[DictConfig], dataset):
+        self.engines = []
+        for member in members:
+            engine = experiment.assemble(member, dataset)
+            # Traced now, while TensorFlow's global seed is the member's: the op seeds of its
+            # random ops are then those of its run alone.
+            engine.run_chunk.get_concrete_function(tf.TensorSpec([], tf.int32))
+            self.engines.append(engine)
+        self.replicas, self.interactions_per_loop = len(members), self.engines[0].interactions_per_loop
+
+    def run_replicas(self, loops: int, chunk: int):
+        return map(list, zip(*(engine.run(loops, chunk) for engine in self.engines)))
+
+    def reward_model(self, replica: int):
+        return self.engines[replica].environment.reward_model
+
+    def policy(self, member: DictConfig, replica: int):
+        return self.engines[replica].agent.policy
+
+
+def replica_group(cfg: DictConfig, members: list[DictConfig], dataset) -> SharedOps | InTurn:
+    return SharedOps(cfg, dataset) if config.shares_ops(cfg) else InTurn(members, dataset)
 
 
 def train_group(cfg: DictConfig, tags: dict[str, str] | None = None) -> list[tuple[dict[str, float], str]]:
@@ -57,48 +102,50 @@ def train_group(cfg: DictConfig, tags: dict[str, str] | None = None) -> list[tup
     configure_threads(cfg.training.threads.intra_op, cfg.training.threads.inter_op)
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     dataset = data.load(cfg.data)
-    engine = experiment.assemble(cfg, dataset)
-    reward_model = engine.environment.reward_model
-    members = [member_config(cfg, replica) for replica in range(engine.replicas)]
-    group = uuid.uuid4().hex
-    member_tags = [{**(tags or {}), training.LONG_NAME_TAG: training.long_name(member, {}), GROUP_TAG: group,
-                    REPLICA_TAG: f"{replica}/{engine.replicas}",
-                    metrics.RANDOM_REGRET_TAG: str(metrics.rounded(reward_model.random_policy_regret))}
+    members = [member_config(cfg, replica) for replica in range(cfg.training.replicas)]
+    group = replica_group(cfg, members, dataset)
+    random_regrets = [group.reward_model(replica).random_policy_regret for replica in range(group.replicas)]
+    group_id = uuid.uuid4().hex
+    member_tags = [{**(tags or {}), training.LONG_NAME_TAG: training.long_name(member, {}), GROUP_TAG: group_id,
+                    REPLICA_TAG: f"{replica}/{group.replicas}",
+                    metrics.RANDOM_REGRET_TAG: str(metrics.rounded(random_regrets[replica]))}
                    for replica, member in enumerate(members)]
     names = [training.run_name(member, {}) for member in members]
-    histories = [metrics.RegretHistory(engine.interactions_per_loop) for _ in members]
+    histories = [metrics.RegretHistory(group.interactions_per_loop) for _ in members]
+    reward_model = group.reward_model(0)
     with interrupts_handled() as interrupts, tracking.group_runs(members, names, experiment_id, member_tags) as ids:
-        log.info("Training %d replicas of %s on %s (%s data), seeds %d-%d: %d users, %d movies, rank %d; "
-                 "%d loops x %d interactions each", engine.replicas, cfg.agent.name, cfg.env.name, cfg.data.name,
-                 members[0].training.seed, members[-1].training.seed, len(reward_model.user_ids),
-                 len(reward_model.movie_ids), reward_model.user_features.shape[1], cfg.training.loops,
-                 engine.interactions_per_loop)
+        log.info("Training %d replicas of %s on %s (%s data), seeds %d-%d, %s: %d users, %d movies, rank %d; "
+                 "%d loops x %d interactions each", group.replicas, cfg.agent.name, cfg.env.name, cfg.data.name,
+                 members[0].training.seed, members[-1].training.seed,
+                 "in one compiled loop" if isinstance(group, SharedOps) else "a chunk each in turn",
+                 len(reward_model.user_ids), len(reward_model.movie_ids), reward_model.user_features.shape[1],
+                 cfg.training.loops, group.interactions_per_loop)
         try:
-            seconds = run_loops(cfg, engine, histories, ids, interrupts)
+            seconds = run_loops(cfg, group, histories, ids, interrupts)
         except BaseException:
-            for run_id, member, history in zip(ids, members, histories):
+            for run_id, member, history, random_regret in zip(ids, members, histories, random_regrets):
                 if history.loops_done:  # a stopped or diverged group keeps each run's table and plot so far
                     with tempfile.TemporaryDirectory() as scratch:
-                        training.write_tables(member, history, reward_model.random_policy_regret, Path(scratch))
+                        training.write_tables(member, history, random_regret, Path(scratch))
                         mlflow.MlflowClient().log_artifacts(run_id, scratch)
             raise
-        rate = cfg.training.loops * engine.interactions_per_loop / seconds
+        rate = cfg.training.loops * group.interactions_per_loop / seconds
         for replica, (run_id, name, member, history) in enumerate(zip(ids, names, members, histories)):
             with tracking.finishing(run_id, name, experiment_id):
                 training.log_ratings(member, dataset)
                 # A replica's own rate: the group's interactions per second over its replicas.
                 mlflow.log_metrics({metrics.INTERACTIONS_PER_S: metrics.rounded(rate),
                                     metrics.SECONDS: metrics.rounded(seconds)})
-                training.log_tables(member, history, reward_model.random_policy_regret)
+                training.log_tables(member, history, random_regrets[replica])
                 if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
-                    catalogue = serving.Catalogue.of(reward_model, dataset.movies, member.env)
-                    serving.log_policy(replica_policy(member, engine, replica), catalogue)
-    log.info("Done in %.1f s (%.0f interactions/s in all): cumulative regret %s", seconds, rate * engine.replicas,
+                    catalogue = serving.Catalogue.of(group.reward_model(replica), dataset.movies, member.env)
+                    serving.log_policy(group.policy(member, replica), catalogue)
+    log.info("Done in %.1f s (%.0f interactions/s in all): cumulative regret %s", seconds, rate * group.replicas,
              ", ".join(f"{history.final()[metrics.CUMULATIVE_REGRET]:.1f}" for history in histories))
     return [(history.final(), run_id) for history, run_id in zip(histories, ids)]
 
 
-def run_loops(cfg: DictConfig, engine, histories: list[metrics.RegretHistory], run_ids: list[str],
+def run_loops(cfg: DictConfig, group: SharedOps | InTurn, histories: list[metrics.RegretHistory], run_ids: list[str],
               interrupts) -> float:
     """Train the group, logging each replica's metrics to its run as they come, stopping between
     chunks when interrupted or when a replica diverges; the seconds it took."""
@@ -111,7 +158,7 @@ def run_loops(cfg: DictConfig, engine, histories: list[metrics.RegretHistory], r
           tqdm(total=loops, unit="loop", desc=f"training {len(histories)} replicas", dynamic_ncols=True,
                disable=None) as bar):
         loggers = [stack.enter_context(tracking.HistoryLogger(run_id)) for run_id in run_ids]
-        for chunks in engine.run_replicas(loops, cfg.training.chunk_loops):
+        for chunks in group.run_replicas(loops, cfg.training.chunk_loops):
             bar.update(len(chunks[0].regret))
             interrupts.check(urgent_only=True)
             for chunk, history, downsampler, logger in zip(chunks, histories, downsamplers, loggers):

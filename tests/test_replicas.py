@@ -1,5 +1,5 @@
-"""Replica groups (src.replicas): R runs trained side by side equal the runs alone, to the digit,
-and are tracked as R ordinary MLflow runs; what they cannot carry is refused in one line."""
+"""Replica groups (src.replicas): R runs trained side by side (or in turn) equal the runs alone, to
+the digit, and are tracked as R ordinary MLflow runs; what they cannot carry is refused in one line."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from src.errors import UserError
 
 def histories(cfg) -> list[pd.DataFrame]:
     """Each replica's per-loop metrics (one frame for a run alone)."""
-    engine = experiment.assemble(cfg, data.load(cfg.data))
+    dataset = data.load(cfg.data)
+    members = [replicas.member_config(cfg, replica) for replica in range(cfg.training.replicas)]
+    engine = replicas.replica_group(cfg, members, dataset)
     kept = [metrics.RegretHistory(engine.interactions_per_loop) for _ in range(engine.replicas)]
     for chunks in engine.run_replicas(cfg.training.loops, cfg.training.chunk_loops):
         for history, chunk in zip(kept, chunks):
@@ -27,7 +29,9 @@ def histories(cfg) -> list[pd.DataFrame]:
 @pytest.mark.parametrize("overrides", [["agent=linucb"], ["agent=lints"], ["agent=linucb", "agent.discount=0.9"],
                                        ["agent=lints", "env.movie_selection=most_rated", "training.batch_size=3"]])
 def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides):
-    group = histories(make_config(*overrides, "training.replicas=3", "training.seed=4"))
+    cfg = make_config(*overrides, "training.replicas=3", "training.seed=4")
+    assert config.shares_ops(cfg)  # one compiled loop
+    group = histories(cfg)
     for replica, replica_history in enumerate(group):
         alone = histories(make_config(*overrides, f"training.seed={4 + replica}"))[0]
         pd.testing.assert_frame_equal(replica_history, alone, check_exact=True)
@@ -35,22 +39,35 @@ def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides):
     assert group[0][metrics.CUMULATIVE_REGRET].iloc[-1] != group[1][metrics.CUMULATIVE_REGRET].iloc[-1]
 
 
+@pytest.mark.parametrize("overrides", [["agent=epsilon_greedy"], ["agent=dropout_ts"], ["agent=random"],
+                                       ["env=movielens_per_arm", "env.num_actions=5", "agent=lints"], ["env=movielens_switch"],
+                                       ["env.delay=geometric", "env.delay_loops=2"], ["agent.window=40"]])
+def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(make_config, overrides):
+    cfg = make_config(*overrides, "training.replicas=2", "training.seed=7")
+    assert not config.shares_ops(cfg)
+    group = histories(cfg)
+    for replica, replica_history in enumerate(group):
+        alone = histories(make_config(*overrides, f"training.seed={7 + replica}"))[0]
+        pd.testing.assert_frame_equal(replica_history, alone, check_exact=True)
+    assert not group[0].equals(group[1])
+
+
 @pytest.mark.parametrize("agent", ["linucb", "lints"])
 def test_a_replicas_policy_is_the_one_its_run_alone_leaves(make_config, agent):
     cfg = make_config(f"agent={agent}", "training.replicas=2", "training.seed=1")
-    group = experiment.assemble(cfg, data.load(cfg.data))
+    group = replicas.SharedOps(cfg, data.load(cfg.data))
     for _ in group.run_replicas(cfg.training.loops, cfg.training.chunk_loops):
         pass
     alone_cfg = make_config(f"agent={agent}", "training.seed=2")
     alone = experiment.assemble(alone_cfg, data.load(alone_cfg.data))
     for _ in alone.run(alone_cfg.training.loops, alone_cfg.training.chunk_loops):
         pass
-    policy = replicas.replica_policy(replicas.member_config(cfg, 1), group, 1)
+    policy = group.policy(replicas.member_config(cfg, 1), 1)
     time_step = alone.environment.reset()
     ours, theirs = policy.action(time_step), alone.agent.policy.action(time_step)
     np.testing.assert_array_equal(ours.action.numpy(), theirs.action.numpy())
     np.testing.assert_array_equal(ours.info.predicted_rewards_mean.numpy(), theirs.info.predicted_rewards_mean.numpy())
-    other = replicas.replica_policy(replicas.member_config(cfg, 0), group, 0)
+    other = group.policy(replicas.member_config(cfg, 0), 0)
     assert not np.array_equal(other.action(time_step).info.predicted_rewards_mean.numpy(),
                               theirs.info.predicted_rewards_mean.numpy())
 
@@ -104,12 +121,9 @@ def test_a_group_that_breaks_marks_every_run_and_keeps_what_they_logged(make_con
 
 @pytest.mark.parametrize("override, message", [
     (["training.replicas=0"], "an integer >= 1"),
-    (["training.replicas=2", "agent=epsilon_greedy"], "agent=epsilon_greedy"),
-    (["training.replicas=2", "env=movielens_per_arm"], "env=movielens_per_arm"),
-    (["training.replicas=2", "env=movielens_switch"], "env=movielens_switch"),
-    (["training.replicas=2", "env.delay=fixed", "env.delay_loops=2"], "without drift or delay"),
-    (["training.replicas=2", "agent.window=50"], "agent.window=50"),
+    (["training.replicas=-3"], "an integer >= 1"),
     (["training.replicas=2", "tracking.log_interactions=true"], "tracking.log_interactions"),
+    (["training.replicas=2", "objective=ope/dr", "offline.logs_run_id=abc"], "offline learning"),
     (["training.replicas=100000", "env.num_movies=1682", "env.rank_k=100"], "half of this machine's"),
 ])
 def test_what_replicas_cannot_carry_is_refused_in_one_line(override, message):
@@ -120,7 +134,7 @@ def test_what_replicas_cannot_carry_is_refused_in_one_line(override, message):
 
 def test_replicas_on_the_command_line_are_refused_before_tensorflow_loads(run_cli, data_overrides, tracking_uri):
     result = run_cli("src.train", *data_overrides, f"tracking.uri={tracking_uri}", "training.replicas=2",
-                     "agent=neural_boltzmann")
+                     "tracking.log_interactions=true")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "training.replicas" in result.stderr and "Loading TensorFlow" not in result.stderr
     assert "Traceback" not in result.stderr
@@ -130,10 +144,13 @@ def test_the_cli_trains_a_group(run_cli, data_overrides, tracking_uri):
     from tests.conftest import SMALL
 
     result = run_cli("src.train", *data_overrides, *SMALL, f"tracking.uri={tracking_uri}", "training.replicas=2",
-                     "agent=lints", "tracking.save_policy=false")
+                     "agent=epsilon_greedy", "tracking.save_policy=true")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Training 2 replicas of lints" in result.stderr and result.stderr.count("finished: run") == 2
-    assert list(group_runs(tracking_uri)["status"]) == ["FINISHED"] * 2
+    assert "Training 2 replicas of epsilon_greedy" in result.stderr and result.stderr.count("finished: run") == 2
+    found = group_runs(tracking_uri)
+    assert list(found["status"]) == ["FINISHED"] * 2
+    for run_id in found.run_id:  # each replica's own policy, as a run alone saves it
+        assert "policy" in {item.path for item in mlflow.MlflowClient().list_artifacts(run_id)}
 
 
 def test_a_replicated_statistics_scores_each_replicas_users_against_its_own_arms():

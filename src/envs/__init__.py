@@ -26,7 +26,7 @@ def build_environment(cfg: DictConfig, data):
     builder = get_object(params.pop("_target_"))
     # Factorising the ratings takes seconds, minutes for the per-arm pools on a busy machine.
     log.info("Building env=%s over %s data", cfg.env.name, cfg.data.name)
-    if cfg.training.get("replicas", 1) > 1:  # only the environment config.check_replicas allows takes them
+    if config.shares_ops(cfg):
         params["replicas"] = cfg.training.replicas
     with config.errors_name_source("env", cfg.env.name):
         return builder(data, batch_size=cfg.training.batch_size, seed=cfg.training.seed, **params)
