@@ -81,18 +81,19 @@ def example_size_memory(agent: str, data_dir: Path, replicas: int) -> tuple[floa
     return seconds, peak_rss_mb()
 
 
-def cli_wall_times(data_dir: Path, replicas: int) -> tuple[float, float]:
-    """Wall seconds of `replicas` tracked `src.train` runs (default size) one after another, and of
-    one `src.train training.replicas=<replicas>`, each on a store of its own."""
+def cli_wall_times(agent: str, data_dir: Path, replicas: int) -> tuple[float, float]:
+    """Wall seconds of `replicas` tracked `src.train agent=<agent>` runs (default size) one after
+    another, and of one `src.train training.replicas=<replicas>`, each on a store of its own."""
     def train(store: Path, *overrides: str) -> float:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "src.train", f"data.dir={data_dir}", f"tracking.uri=sqlite:///{store}",
+        subprocess.run([sys.executable, "-m", "src.train", f"agent={agent}", f"data.dir={data_dir}",
+                        f"tracking.uri=sqlite:///{store}",
                         f"hydra.run.dir={store.parent / 'hydra'}", *overrides], check=True, cwd=PROJECT_ROOT,
                        capture_output=True, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
         return time.perf_counter() - started
 
     with tempfile.TemporaryDirectory() as scratch:
-        log.info("%d src.train runs one after another", replicas)
+        log.info("%d src.train agent=%s runs one after another", replicas, agent)
         one_by_one = sum(train(Path(scratch) / "alone.db", f"training.seed={seed}") for seed in range(replicas))
         log.info("one src.train training.replicas=%d", replicas)
         grouped = train(Path(scratch) / "group.db", f"training.replicas={replicas}")
@@ -106,7 +107,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=10)
     parser.add_argument("--loops", type=int, default=1000, help="loops timed per run and round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cli", action="store_true", help="also time the commands end to end (a few minutes)")
+    parser.add_argument("--cli", nargs="*", metavar="AGENT",
+                        help="also time the commands end to end for these agents (default: linucb epsilon_greedy; "
+                             "a few minutes each)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     data_dir = args.data_dir.resolve()
@@ -126,11 +129,13 @@ def main() -> None:
                                  "ratio": "{:.2f}x".format}))
     print(f"\nA group of {args.replicas} LinUCB runs x 320,000 interactions: {seconds:.1f} s of training, "
           f"peak RSS {peak:,.0f} MB (target <= 2,048)")
-    if args.cli:
-        one_by_one, grouped = cli_wall_times(data_dir, args.replicas)
-        print(f"\n{args.replicas} tracked `src.train agent=linucb` runs (default size, policies saved): "
-              f"{one_by_one:.0f} s one after another, {grouped:.0f} s as one `training.replicas={args.replicas}` "
-              f"({one_by_one / grouped:.1f}x)")
+    if args.cli is not None:
+        print()
+        for agent in args.cli or ["linucb", "epsilon_greedy"]:
+            one_by_one, grouped = cli_wall_times(agent, data_dir, args.replicas)
+            print(f"{args.replicas} tracked `src.train agent={agent}` runs (default size, policies saved): "
+                  f"{one_by_one:.0f} s one after another, {grouped:.0f} s as one "
+                  f"`training.replicas={args.replicas}` ({one_by_one / grouped:.1f}x)")
     print("\nThe tables above are the result (nothing is kept); rerun to reproduce.")
 
 
