@@ -30,7 +30,8 @@ SWEEP = "sweep"  # in a group's key: the study whose trials it gathers
 # Where results are stored, how the work is spread over threads and what a sweeper
 # optimises: none of these changes what an agent learns, so they never split a group.
 NOT_CONFIG = re.compile(
-    r"training\.seed|training\.chunk_loops|tracking\..*|sweep\..*|data\.(dir|cache_dir)|training\.threads\..*|objective")
+    r"training\.seed|training\.chunk_loops|training\.replicas|tracking\..*|sweep\..*|data\.(dir|cache_dir)|"
+    r"training\.threads\..*|objective")
 # Legend labels' short names for the longer keys.
 ABBREVIATIONS = {"epsilon": "eps", "learning_rate": "lr", "tikhonov_weight": "tikhonov", "num_movies": "movies",
                  "num_actions": "actions", "encoding_network_num_train_steps": "encoder_steps"}

@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 Identity = tuple[str, tuple[tuple[str, str], ...]]
 
 
+def training_rate(runs: pd.DataFrame) -> pd.Series:
+    """Each run's interactions per second: a replica's group's (src.replicas), what the machine gave
+    the group's training, else its own."""
+    own = comparison.column(runs, f"metrics.{metrics.INTERACTIONS_PER_S}")
+    return comparison.column(runs, f"metrics.{metrics.GROUP_INTERACTIONS_PER_S}").fillna(own)
+
+
 def identity(label: str, params: dict[str, str]) -> Identity:
     """What makes two runs the same leaderboard run: the entry, and every config parameter, the
     seed included, but where the run is stored and how it spreads over threads (src.comparison's
@@ -133,7 +140,7 @@ def standings(experiment_id: str, planned: set[Identity] | None = None) -> compa
         rows.append({"environment": environment, "entry": label, "agent": params[comparison.AGENT].iloc[0],
                      "n": len(members), "mean": final["mean"], "ci_low": final["low"], "ci_high": final["high"],
                      "interactions": int(final["step"]),
-                     "interactions_per_s": comparison.column(members, f"metrics.{metrics.INTERACTIONS_PER_S}").mean(),
+                     "interactions_per_s": training_rate(members).mean(),
                      "seeds": ",".join(members[f"params.{comparison.SEED}"]),
                      "hyperparameters": hyperparameters(params.iloc[0]),
                      "versions": versions(members)})
@@ -191,7 +198,8 @@ def markdown(table: pd.DataFrame, command: str, wall: str, title: str = "Leaderb
              f"Made by `{public(command)}`; {wall}. Rank by final cumulative regret (lower is better): the mean "
              f"over seeds with the {CONFIDENCE:.0%} Student t-interval of the mean (clipped at 0); "
              "interactions/s is the mean of the runs' `train/interactions_per_s` (tracked training, "
-             "first loop to last). The same command with `--tables-only` rebuilds this page from the "
+             "first loop to last; for runs trained as a replica group, the group's, "
+             "`train/group_interactions_per_s`). The same command with `--tables-only` rebuilds this page from the "
              "tracked runs.", "", *([about.strip(), ""] if about.strip() else [])]
     for environment, rows in table.groupby("environment", sort=True):
         interactions = rows["interactions"].iloc[0]

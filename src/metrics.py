@@ -43,6 +43,9 @@ CATALOGUE_SIZE = "train/catalogue_size"
 # the cumulative regret should be the first chart a person sees.
 INTERACTIONS_PER_S = "train/interactions_per_s"
 SECONDS = "train/seconds"
+# A replica's (src.replicas): its whole group's interactions per second, what the machine gave the
+# group; the run's own rate above is its share of it.
+GROUP_INTERACTIONS_PER_S = "train/group_interactions_per_s"
 # Expected regret per interaction of a uniform-random policy, the dashed line in regret.png; a
 # constant of the environment, so a run's tag rather than one more metric chart.
 RANDOM_REGRET_TAG = "bandits.random_policy_regret"

@@ -2,9 +2,10 @@
 in one process, and records each as an ordinary MLflow run.
 
 A run's cost at MovieLens' default size is mostly the dispatch of a loop's ~190 small ops, not
-their arithmetic. Where replicas can share each op (`config.shares_ops`: the linear agents'
+their arithmetic. Where replicas can share the ops (`config.shares_ops`: the linear agents'
 statistics and the environment carry a replica axis, src.agents.linear, src.envs.movielens),
-they train side by side in one compiled loop (`SharedOps`); any other agent or environment
+they train side by side in one compiled loop (`SharedOps`), all but a few per-replica ones (the
+generators' draws, the scoring products) serving every replica; any other agent or environment
 trains its replicas' engines a chunk each in turn (`InTurn`), sharing the process's start-up,
 data and tracking but not the ops. Either way each replica draws from the generators its run
 alone would (seeded from its own seed), so its metrics equal that run's (tests/test_replicas.py);
@@ -24,12 +25,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from src import agents, config, data, experiment, metrics, serving, tracking, training
 from src.cli import interrupts_handled
 from src.engine import configure_threads
+from src.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -124,25 +127,53 @@ def train_group(cfg: DictConfig, tags: dict[str, str] | None = None) -> list[tup
             seconds = run_loops(cfg, group, histories, ids, interrupts)
         except BaseException:
             for run_id, member, history, random_regret in zip(ids, members, histories, random_regrets):
-                if history.loops_done:  # a stopped or diverged group keeps each run's table and plot so far
-                    with tempfile.TemporaryDirectory() as scratch:
+                # A stopped or diverged group keeps each run's table and plot so far; a store that
+                # refuses them too is not what stopped it.
+                if history.loops_done:
+                    with tempfile.TemporaryDirectory() as scratch, contextlib.suppress(OSError, MlflowException):
                         training.write_tables(member, history, random_regret, Path(scratch))
                         mlflow.MlflowClient().log_artifacts(run_id, scratch)
             raise
         rate = cfg.training.loops * group.interactions_per_loop / seconds
+        unlogged = []
         for replica, (run_id, name, member, history) in enumerate(zip(ids, names, members, histories)):
-            with tracking.finishing(run_id, name, experiment_id):
-                training.log_ratings(member, dataset)
-                # A replica's own rate: the group's interactions per second over its replicas.
-                mlflow.log_metrics({metrics.INTERACTIONS_PER_S: metrics.rounded(rate),
-                                    metrics.SECONDS: metrics.rounded(seconds)})
-                training.log_tables(member, history, random_regrets[replica])
-                if cfg.tracking.artifacts == "full" and cfg.tracking.save_policy:
-                    catalogue = serving.Catalogue.of(group.reward_model(replica), dataset.movies, member.env)
-                    serving.log_policy(group.policy(member, replica), catalogue)
+            try:
+                with tracking.finishing(run_id, name, experiment_id):
+                    training.log_ratings(member, dataset)
+                    # A replica's own rate is its share of the group's.
+                    mlflow.log_metrics({metrics.INTERACTIONS_PER_S: metrics.rounded(rate),
+                                        metrics.GROUP_INTERACTIONS_PER_S: metrics.rounded(rate * group.replicas),
+                                        metrics.SECONDS: metrics.rounded(seconds)})
+                    log_artifacts(member, group, replica, history, random_regrets[replica], dataset)
+            except (OSError, MlflowException) as error:  # the run is FAILED; the others are logged still
+                kept = keep_unlogged(member, group, replica, history, random_regrets[replica], run_id)
+                unlogged.append(f"run {run_id}: {one_line(error)}; kept in {kept}")
+        if unlogged:
+            raise UserError(f"{len(unlogged)} of the group's runs could not write their artifacts to the artifact "
+                            f"store ({'; '.join(unlogged)})")
     log.info("Done in %.1f s (%.0f interactions/s in all): cumulative regret %s", seconds, rate * group.replicas,
              ", ".join(f"{history.final()[metrics.CUMULATIVE_REGRET]:.1f}" for history in histories))
     return [(history.final(), run_id) for history, run_id in zip(histories, ids)]
+
+
+def log_artifacts(member: DictConfig, group: SharedOps | InTurn, replica: int, history: metrics.RegretHistory,
+                  random_regret: float, dataset) -> None:
+    """The replica's tables, plot and, with full artifacts, its policy, into its active run."""
+    training.log_tables(member, history, random_regret)
+    if member.tracking.artifacts == "full" and member.tracking.save_policy:
+        catalogue = serving.Catalogue.of(group.reward_model(replica), dataset.movies, member.env)
+        serving.log_policy(group.policy(member, replica), catalogue)
+
+
+def keep_unlogged(member: DictConfig, group: SharedOps | InTurn, replica: int, history: metrics.RegretHistory,
+                  random_regret: float, run_id: str) -> Path:
+    """What the artifact store refused of a replica, on disk as a run alone keeps it (training.UNLOGGED)."""
+    kept = training.UNLOGGED / run_id
+    kept.mkdir(parents=True, exist_ok=True)
+    training.write_tables(member, history, random_regret, kept)
+    if member.tracking.artifacts == "full" and member.tracking.save_policy:
+        serving.save_policy(group.policy(member, replica), kept / "policy")
+    return kept
 
 
 def run_loops(cfg: DictConfig, group: SharedOps | InTurn, histories: list[metrics.RegretHistory], run_ids: list[str],
@@ -151,13 +182,15 @@ def run_loops(cfg: DictConfig, group: SharedOps | InTurn, histories: list[metric
     chunks when interrupted or when a replica diverges; the seconds it took."""
     loops = cfg.training.loops
     downsamplers = [metrics.Downsampler(training.loops_per_point(cfg)) for _ in histories]
+    writer = tracking.history_writer()  # one write at a time for the whole group
     started = time.perf_counter()
     tenths_logged = 0
     # A bar on a terminal only; in a log file, a line per tenth of the run.
     with (contextlib.ExitStack() as stack,
           tqdm(total=loops, unit="loop", desc=f"training {len(histories)} replicas", dynamic_ncols=True,
                disable=None) as bar):
-        loggers = [stack.enter_context(tracking.HistoryLogger(run_id)) for run_id in run_ids]
+        stack.callback(writer.shutdown)
+        loggers = [stack.enter_context(tracking.HistoryLogger(run_id, writer=writer)) for run_id in run_ids]
         for chunks in group.run_replicas(loops, cfg.training.chunk_loops):
             bar.update(len(chunks[0].regret))
             interrupts.check(urgent_only=True)

@@ -19,6 +19,7 @@ import pandas as pd
 from mlflow import environment_variables
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.context import registry as context_registry
 from omegaconf import DictConfig, OmegaConf
 
 from src.errors import UserError, one_line
@@ -249,7 +250,9 @@ def group_runs(cfgs: list[DictConfig], run_names: list[str], experiment_id: str,
     ids = []
     try:
         for cfg, name, extra in zip(cfgs, run_names, tags):
-            run_id = client.create_run(experiment_id, run_name=name, tags={**extra, **version_tags()}).info.run_id
+            # What `mlflow.start_run` adds itself: the source, its git commit, the user.
+            run_tags = context_registry.resolve_tags({**extra, **version_tags()})
+            run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
             ids.append(run_id)
             params = [Param(key, value) for key, value in flatten(cfg).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
@@ -261,11 +264,13 @@ def group_runs(cfgs: list[DictConfig], run_names: list[str], experiment_id: str,
         log.info("MLflow runs %s in %s", ", ".join(run_names), mlflow.get_tracking_uri())
         yield ids
     except BaseException as error:
-        status = RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, RunStopped)) else RunStatus.FAILED
-        for run_id in ids:
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, RunStatus.to_string(status))
-        log.warning("Runs of the group still running marked %s", RunStatus.to_string(status))
+        status = RunStatus.to_string(
+            RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, RunStopped)) else RunStatus.FAILED)
+        running = [run_id for run_id in ids if client.get_run(run_id).info.status == "RUNNING"]
+        for run_id in running:
+            client.set_terminated(run_id, status)
+        if running:
+            log.warning("%d run(s) of the group marked %s: %s", len(running), status, ", ".join(running))
         raise
 
 
@@ -331,10 +336,14 @@ class HistoryLogger:
     raises the store's own exception at the next write or at the end. The last rows are always
     written, even when the run stops for another reason, so nothing already logged is lost."""
 
-    def __init__(self, run_id: str, every_s: float = 1.0):
+    def __init__(self, run_id: str, every_s: float = 1.0, writer: ThreadPoolExecutor | None = None):
+        """`writer`: a one-thread executor shared by the loggers of a group's runs (src.replicas), so
+        that one write at a time reaches the store whatever their number (MLflow's SQL store holds
+        15 connections); None: one of its own."""
         self.run_id = run_id
         self.every_s = every_s
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metric-history")
+        self._own_writer = writer is None
+        self._writer = writer or history_writer()
         self._in_flight: Future | None = None
         self._waiting: list[pd.DataFrame] = []
         self._last_write = -math.inf
@@ -370,4 +379,9 @@ class HistoryLogger:
                 with contextlib.suppress(Exception):  # the error already stopping the run says more
                     self.wait()
         finally:
-            self._writer.shutdown()
+            if self._own_writer:
+                self._writer.shutdown()
+
+
+def history_writer() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="metric-history")

@@ -37,8 +37,7 @@ def main(cfg: DictConfig) -> float:
     def run() -> float:
         if cfg.training.replicas > 1:
             if trials.trial_tags():
-                raise UserError("training.replicas > 1 in an Optuna sweep: a trial is one run (group seeds with "
-                                "a plain multirun, or ./multirun.sh grid)")
+                raise UserError("training.replicas must be 1 in a campaign: a trial is one run (train the seeds of one configuration as a group with python -m src.train training.replicas=R)")
             finals = train_group(cfg)
             return float(np.mean([final[cfg.objective] for final, _ in finals]))  # over the seeds
         final, run_id = train(cfg, trials.trial_tags())

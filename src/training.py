@@ -79,6 +79,9 @@ class Fitting:
 
     @classmethod
     def of(cls, cfg: DictConfig, dataset) -> Fitting:
+        if cfg.training.get("replicas", 1) != 1:
+            raise UserError("training.replicas > 1 trains a group of runs: src.replicas.train_group, as "
+                            "python -m src.train does")
         engine = experiment.assemble(cfg, dataset)
         logs = offline.logged_feedback(cfg, engine.environment.reward_model) if config.is_offline(cfg) else None
         return cls(cfg, engine, metrics.RegretHistory(engine.interactions_per_loop), logs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import matplotlib
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param
 from omegaconf import OmegaConf
@@ -281,3 +282,11 @@ def test_an_entrys_consecutive_seeds_left_to_train_go_as_replica_groups(data_ove
     assert "linucb (tuned) on movielens, seeds 0-3" in grouped
     assert [job for job in grouped if job.startswith("random")] == [f"random on movielens, seed {seed}"
                                                                     for seed in range(4)]
+
+
+def test_a_replicas_speed_on_the_board_is_its_groups():
+    runs = pd.DataFrame({f"metrics.{metrics.INTERACTIONS_PER_S}": [1000.0, 100.0],
+                         f"metrics.{metrics.GROUP_INTERACTIONS_PER_S}": [np.nan, 1000.0]})
+    assert list(leaderboard.training_rate(runs)) == [1000.0, 1000.0]
+    alone = runs.drop(columns=f"metrics.{metrics.GROUP_INTERACTIONS_PER_S}")  # no group in the experiment
+    assert list(leaderboard.training_rate(alone)) == [1000.0, 100.0]

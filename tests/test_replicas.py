@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from omegaconf import OmegaConf
 
 from src import config, data, experiment, metrics, replicas
 from src.engine import Engine
@@ -163,3 +164,60 @@ def test_a_replicated_statistics_scores_each_replicas_users_against_its_own_arms
     mean, _ = group.every_arm(tf.constant([[1.0, 1.0], [1.0, 1.0]], tf.float32))
     best = np.argmax(mean.numpy(), axis=1)
     assert list(best) == [1, 2]
+
+
+def test_a_large_group_writes_its_histories_one_at_a_time_and_finishes(make_config, tracking_uri):
+    # 20 runs logging every loop: a writer each would hold more connections than MLflow's pool has.
+    replicas.train_group(make_config("training.replicas=20", "tracking.log_every=1", "training.loops=40"))
+    found = group_runs(tracking_uri)
+    assert list(found["status"]) == ["FINISHED"] * 20
+    client = mlflow.MlflowClient()
+    assert all(len(client.get_metric_history(run_id, metrics.CUMULATIVE_REGRET)) == 40 for run_id in found.run_id)
+    # Where it came from, as a run of its own says it; and the group's rate beside its own share.
+    assert set(found["tags.mlflow.source.name"].dropna()) and set(found["tags.mlflow.user"].dropna())
+    rates = found[f"metrics.{metrics.GROUP_INTERACTIONS_PER_S}"] / found[f"metrics.{metrics.INTERACTIONS_PER_S}"]
+    assert np.allclose(rates, 20, rtol=1e-4)
+
+
+def test_a_replica_whose_artifacts_the_store_refuses_fails_alone_and_keeps_them_on_disk(
+        make_config, tracking_uri, monkeypatch, tmp_path):
+    real_log_tables, calls = replicas.training.log_tables, []
+
+    def refuses_the_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_log_tables(*args)
+
+    monkeypatch.setattr(replicas.training, "log_tables", refuses_the_second)
+    monkeypatch.setattr(replicas.training, "UNLOGGED", tmp_path / "unlogged")
+    with pytest.raises(UserError, match="1 of the group's runs could not write") as error:
+        replicas.train_group(make_config("training.replicas=3"))
+    found = group_runs(tracking_uri)
+    assert list(found["status"]) == ["FINISHED", "FAILED", "FINISHED"]
+    assert str(tmp_path / "unlogged" / found.run_id.iloc[1]) in str(error.value)
+    assert (tmp_path / "unlogged" / found.run_id.iloc[1] / "metrics.csv").is_file()
+    assert "metrics.csv" in {item.path for item in mlflow.MlflowClient().list_artifacts(found.run_id.iloc[2])}
+
+
+def test_a_config_logged_before_replicas_still_passes_the_checks():
+    cfg = config.compose([])
+    OmegaConf.set_struct(cfg, False)
+    del cfg.training["replicas"]
+    config.check_run(cfg)
+
+
+def test_the_last_replicas_seed_must_be_a_seed():
+    with pytest.raises(UserError, match="last replica's seed"):
+        config.check_run(config.compose(["training.seed=2147483647", "training.replicas=2"]))
+
+
+def test_a_campaign_refuses_replicas_before_its_study_is_made(data_overrides, tmp_path):
+    from src.campaigns import study
+
+    cfg = study.compose_sweep(["hparams_search=linucb", *data_overrides, "training.replicas=2",
+                               f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+                               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(UserError, match="training.replicas must be 1 in a campaign"):
+        study.prepare(cfg)
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()

@@ -81,7 +81,7 @@ class ArmStatistics(tf.Module):
 
     `replicas` independent runs (src.replicas) keep theirs side by side: replica r's arm a is
     arm r x num_arms + a of the statistics, and each replica's scoring copies are a block of
-    their own, so that one batched product scores every replica's users against its own arms.
+    their own, which scores that replica's users against its own arms.
     """
 
     def __init__(self, num_arms: int, dim: int, tikhonov_weight: float, forgetting: Forgetting = Forgetting(),

@@ -56,6 +56,8 @@ def directions(cfg: DictConfig) -> list[str]:
 
 def check_sweeper(cfg: DictConfig) -> None:
     sweeper = cfg.hydra.sweeper
+    if cfg.training.replicas != 1:
+        raise UserError("training.replicas must be 1 in a campaign: a trial is one run (train the seeds of one configuration as a group with python -m src.train training.replicas=R)")
     wanted = metrics.OBJECTIVES.get(cfg.objective)
     if wanted and directions(cfg) != [wanted]:
         raise UserError(f"hydra.sweeper.direction is {sweeper.direction}, but objective={cfg.objective} "
