@@ -45,8 +45,8 @@ from omegaconf import DictConfig, OmegaConf
 from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError, require
-from src.leaderboard import (ENTRY_TAG, LINEUP, METRIC, Identity, Job, identities, jobs, markdown, standings,
-                             write)
+from src.leaderboard import (ENTRY_TAG, LINEUP, METRIC, Identity, Job, identities, in_groups, jobs, markdown,
+                             standings, write)
 
 log = logging.getLogger("benchmarks.leaderboard")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -60,31 +60,6 @@ def finished(experiment_id: str) -> set[Identity]:
     """The identities of the leaderboard runs already FINISHED in the experiment."""
     runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
     return set(identities(runs).dropna())
-
-
-def in_groups(todo: list[Job]) -> list[Job]:
-    """`todo` with each entry's runs of consecutive seeds as one replica group (training.replicas)
-    where the replicas share one compiled loop (config.shares_ops): elsewhere a group would only
-    train them in turn, and a seed that diverges would stop its group."""
-    grouped: list[Job] = []
-    for job in todo:
-        last = grouped[-1] if grouped else None
-        if last is not None and last.label == job.label and same_but_seed(last.cfg, job.cfg):
-            group = OmegaConf.merge(last.cfg, {"training": {"replicas": last.cfg.training.replicas + 1}})
-            if config.shares_ops(group):
-                grouped[-1] = Job(last.label, group)
-                continue
-        grouped.append(job)
-    return grouped
-
-
-def same_but_seed(group: DictConfig, run: DictConfig) -> bool:
-    """Whether `run` is the run of the seed after `group`'s last, in the same configuration."""
-    def rest(cfg):
-        return {key: value for key, value in tracking.flatten(cfg).items()
-                if key not in ("training.seed", "training.replicas")}
-
-    return run.training.seed == group.training.seed + group.training.replicas and rest(group) == rest(run)
 
 
 def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> int:

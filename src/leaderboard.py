@@ -103,6 +103,31 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
     return found
 
 
+def in_groups(todo: list[Job]) -> list[Job]:
+    """`todo` with each entry's runs of consecutive seeds as one replica group (training.replicas)
+    where the replicas share one compiled loop (config.shares_ops): elsewhere a group would only
+    train them in turn, and a seed that diverges would stop its group."""
+    grouped: list[Job] = []
+    for job in todo:
+        last = grouped[-1] if grouped else None
+        if last is not None and last.label == job.label and same_but_seed(last.cfg, job.cfg):
+            group = OmegaConf.merge(last.cfg, {"training": {"replicas": last.cfg.training.replicas + 1}})
+            if config.shares_ops(group):
+                grouped[-1] = Job(last.label, group)
+                continue
+        grouped.append(job)
+    return grouped
+
+
+def same_but_seed(group: DictConfig, run: DictConfig) -> bool:
+    """Whether `run` is the run of the seed after `group`'s last, in the same configuration."""
+    def rest(cfg):
+        return {key: value for key, value in tracking.flatten(cfg).items()
+                if key not in ("training.seed", "training.replicas")}
+
+    return run.training.seed == group.training.seed + group.training.replicas and rest(group) == rest(run)
+
+
 def runs_on(agent: str, env: str, lineup: DictConfig) -> bool:
     """Whether the agent's YAML says it can take the environment: what the line-up `requires`
     there (per_arm: per-arm features, slate: slates)."""

@@ -272,12 +272,10 @@ def test_a_tiny_leaderboard_trains_tracks_ranks_and_finds_its_runs_again(run_cli
 
 
 def test_an_entrys_consecutive_seeds_left_to_train_go_as_replica_groups(data_overrides):
-    from benchmarks.leaderboard import in_groups
-
     planned = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb", "random"], ["movielens"], 4,
                                [*data_overrides, *SMALL])
     todo = [job for job in planned if not (job.label == "linucb" and job.cfg.training.seed == 1)]
-    grouped = [str(job) for job in in_groups(todo)]
+    grouped = [str(job) for job in leaderboard.in_groups(todo)]
     assert grouped[:2] == ["linucb on movielens, seed 0", "linucb on movielens, seeds 2-3"]
     assert "linucb (tuned) on movielens, seeds 0-3" in grouped
     assert [job for job in grouped if job.startswith("random")] == [f"random on movielens, seed {seed}"
