@@ -159,6 +159,17 @@ def stack(tmp_path_factory):
     return dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines())
 
 
+def breaking_after_first_chunk(run, interruption: BaseException):
+    """An engine's `run` or `run_replicas` that yields its first chunk, then raises `interruption`."""
+
+    def breaks(self, loops, chunk):
+        runner = run(self, loops, chunk)
+        yield next(runner)
+        raise interruption
+
+    return breaks
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

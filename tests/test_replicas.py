@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from src import config, data, experiment, metrics, replicas
 from src.engine import Engine
 from src.errors import UserError
+from tests.conftest import breaking_after_first_chunk
 
 
 def histories(cfg) -> list[pd.DataFrame]:
@@ -102,14 +103,7 @@ def test_a_group_is_tracked_as_ordinary_runs_one_per_seed(make_config, tracking_
 @pytest.mark.parametrize("interruption, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_a_group_that_breaks_marks_every_run_and_keeps_what_they_logged(make_config, tracking_uri, monkeypatch,
                                                                         interruption, status):
-    real_run = Engine.run_replicas
-
-    def breaks_after_first_chunk(self, loops, chunk):
-        runner = real_run(self, loops, chunk)
-        yield next(runner)
-        raise interruption
-
-    monkeypatch.setattr(Engine, "run_replicas", breaks_after_first_chunk)
+    monkeypatch.setattr(Engine, "run_replicas", breaking_after_first_chunk(Engine.run_replicas, interruption))
     with pytest.raises(type(interruption)):
         replicas.train_group(make_config("training.replicas=2", "tracking.log_every=1"))
     found = group_runs(tracking_uri)

@@ -27,7 +27,7 @@ from src.engine import Engine
 from src.envs import build_environment
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
-from tests.conftest import SMALL
+from tests.conftest import SMALL, breaking_after_first_chunk
 
 METRICS = [metrics.REGRET, metrics.CUMULATIVE_REGRET, metrics.REWARD, metrics.SUBOPTIMAL_ARM_RATE]
 
@@ -223,14 +223,7 @@ def test_corrupt_data_file_fails_before_any_run(make_config, movielens_dir, tmp_
 
 @pytest.mark.parametrize("interruption, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_a_run_that_breaks_keeps_what_it_logged(make_config, tracking_uri, monkeypatch, interruption, status):
-    real_run = Engine.run
-
-    def breaks_after_first_chunk(self, loops, chunk):
-        runner = real_run(self, loops, chunk)
-        yield next(runner)
-        raise interruption
-
-    monkeypatch.setattr(Engine, "run", breaks_after_first_chunk)
+    monkeypatch.setattr(Engine, "run", breaking_after_first_chunk(Engine.run, interruption))
     with pytest.raises(type(interruption)):
         training.train(make_config("tracking.log_every=1"))
     client, found = runs(tracking_uri)
