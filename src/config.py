@@ -5,10 +5,12 @@ the checks on what a user chose (group options, value types), each error naming 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import hydra
 from hydra.errors import HydraException
@@ -76,9 +78,21 @@ def compose_command(overrides: list[str], config_name: str, usage: str) -> DictC
         raise UserError(f"{str(error).splitlines()[0]} ({usage})") from None
 
 
+def conf_file(path: Path) -> DictConfig:
+    """A YAML file of conf/, parsed once a process (runs name and check themselves against these
+    files, and a sweep's worker runs many): a copy, the caller's to change."""
+    return copy.deepcopy(_parsed(path))
+
+
+@functools.cache
+def _parsed(path: Path) -> DictConfig:
+    return OmegaConf.load(path)
+
+
+@functools.cache
 def default_option(group: str) -> str:
     """The option conf/config.yaml's defaults list chooses for `group` (`env` -> `movielens`)."""
-    defaults = OmegaConf.load(CONFIG_DIR / "config.yaml").defaults
+    defaults = _parsed(CONFIG_DIR / "config.yaml").defaults
     return next(entry[group] for entry in defaults if isinstance(entry, DictConfig) and group in entry)
 
 
@@ -112,7 +126,7 @@ def option_file(group: str, option: str) -> DictConfig | None:
     path = CONFIG_DIR / group / f"{option}.yaml"
     if not path.is_file():
         return None
-    own = OmegaConf.load(path)
+    own = conf_file(path)
     bases = [option_file(group, entry) for entry in own.pop("defaults", []) if entry != "_self_"]
     return OmegaConf.merge(*bases, own) if bases else own
 
@@ -286,11 +300,11 @@ def check_types(cfg: DictConfig) -> None:
             values = OmegaConf.to_container(cfg[group], resolve=True)
             with errors_name_source(group, option):
                 _require_types_of(values, defaults, group)
-    top = OmegaConf.load(CONFIG_DIR / "config.yaml")
+    top = conf_file(CONFIG_DIR / "config.yaml")
     for entry in top.defaults:
         if isinstance(entry, str) and "@" in entry:  # a file of its own placed in a section (estimator_params)
             name, package = entry.split("@")
-            OmegaConf.update(top, package, OmegaConf.load(CONFIG_DIR / f"{name}.yaml"))
+            OmegaConf.update(top, package, conf_file(CONFIG_DIR / f"{name}.yaml"))
     own = {key: default for key, default in OmegaConf.to_container(top, resolve=False).items()
            if key not in ("defaults", "hydra")}
     values = OmegaConf.to_container(cfg, resolve=True)

@@ -1,11 +1,15 @@
-"""src.tracking: how patient a campaign's requests are, and what an outage is called."""
+"""src.tracking: how patient a campaign's requests are, what an outage is called, what a dataset's
+schema says."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.types.utils import _infer_schema
 
 from src import tracking
 
@@ -33,3 +37,15 @@ def test_more_retries_asked_for_are_kept(monkeypatch):
 ])
 def test_an_outage_is_named_by_its_cause(message, said):
     assert said in tracking.why_unreachable(MlflowException(message))
+
+
+@pytest.mark.parametrize("frame", [
+    pd.DataFrame({"user_id": [1, 2], "rating": [4.0, 5.0]}),
+    pd.DataFrame({"user_id": [1, 2], "rating": [4.0, np.nan]}),  # same types, a value missing: not required
+    pd.DataFrame({"user_id": [1, 2], "rating": [4, 5]}),
+    pd.DataFrame({"user_id": [1, 2], "title": ["Heat", None]}),  # not numeric: MLflow's own inference
+])
+def test_a_datasets_schema_is_mlflows_whatever_was_logged_before(frame):
+    for earlier in (pd.DataFrame({"user_id": [3, 4], "rating": [1.0, 2.0]}), frame):
+        tracking.as_dataset(earlier, "ratings")
+    assert tracking.as_dataset(frame, "ratings").schema == _infer_schema(frame)
