@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -48,6 +49,9 @@ BYTES_PER_LOGGED_SLATE_COLUMN = 32
 # per step. Others train in turn in one process.
 REPLICATED_AGENTS = ("linucb", "lints")
 REPLICATED_ENVIRONMENT = "src.envs.movielens.build"
+# What replicas sharing a loop may set apart, each keeping its own (a sweep's trials batched,
+# sweep.batch): agent hyperparameters that leave every tensor's shape as it is.
+PER_REPLICA_HYPERPARAMETERS = ("alpha", "tikhonov_weight")
 # What a replica holds per arm and cell of a dim x dim matrix, measured (LinUCB at 1,682 movies,
 # rank 40: 96 MB a replica; 122 MB with a discount, whose update makes every arm's matrices anew):
 # A, A^-1, their float32 scoring copies and an update's temporaries.
@@ -339,13 +343,41 @@ def check_sizes(cfg: DictConfig) -> None:
 
 
 def shares_ops(cfg: DictConfig) -> bool:
-    """Whether the replicas of `cfg` share one compiled loop's ops (src.replicas): REPLICATED_AGENTS,
-    without a window or logging propensities, on a stationary REPLICATED_ENVIRONMENT without delays."""
+    """Whether the replicas of `cfg` share one compiled loop's ops (src.replicas)."""
+    return cfg.training.get("replicas", 1) > 1 and can_share_ops(cfg)
+
+
+def can_share_ops(cfg: DictConfig) -> bool:
+    """Whether runs of `cfg` can train side by side in one compiled loop: REPLICATED_AGENTS, without a
+    window or logging propensities, on a stationary REPLICATED_ENVIRONMENT without delays."""
     agent, env = cfg.agent, cfg.env
     stationary = env.get("drift") == "none" and env.get("delay") == "none" and env.get("feedback_drop") == 0
-    return (cfg.training.get("replicas", 1) > 1 and agent.name in REPLICATED_AGENTS
-            and env.get("_target_") == REPLICATED_ENVIRONMENT and stationary
+    return (agent.name in REPLICATED_AGENTS and env.get("_target_") == REPLICATED_ENVIRONMENT and stationary
             and not any(agent.get(key) for key in ("window", "log_epsilon", "propensity_draws")))
+
+
+def sharing_key(cfg: DictConfig) -> str | None:
+    """What runs must have alike to train side by side in one loop (all but their seeds, their
+    PER_REPLICA_HYPERPARAMETERS and how they are tracked); None for a run that cannot."""
+    if not can_share_ops(cfg):
+        return None
+    alike = OmegaConf.to_container(cfg, resolve=True)
+    del alike["training"]["seed"], alike["tracking"]
+    alike["training"].pop("replicas", None)
+    for key in PER_REPLICA_HYPERPARAMETERS:
+        alike["agent"].pop(key)
+    return json.dumps(alike, sort_keys=True, default=str)
+
+
+def members(cfg: DictConfig) -> list[DictConfig]:
+    """The runs of `cfg.training.replicas` replicas, each as a run of its own: seed + r, no replicas."""
+    runs = []
+    for replica in range(cfg.training.get("replicas", 1)):
+        member = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        member.training.seed = cfg.training.seed + replica
+        member.training.replicas = 1
+        runs.append(member)
+    return runs
 
 
 def check_replicas(cfg: DictConfig) -> None:

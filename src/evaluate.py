@@ -187,7 +187,7 @@ def evaluate_slates(cfg: DictConfig, logs_cfg: DictConfig, frame: pd.DataFrame) 
         raise UserError(f"the logs of run {logs_run_id} are slates: give the policy to score as target_run_id= or "
                         f"target_model_uri= (an agent is trained offline from logged movies only)")
     require(cfg.interval in intervals.ASYMPTOTIC, "interval", cfg.interval,
-            f"t or bootstrap on logged slates (a slate's weight has no useful range known beforehand)")
+            "t or bootstrap on logged slates (a slate's weight has no useful range known beforehand)")
     log.info("Reading MovieLens and building the logs' environment")
     dataset = data.load(logs_cfg.data)
     reward_model = build_environment(logs_cfg, dataset).reward_model

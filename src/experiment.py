@@ -4,6 +4,7 @@ seed, then environment, then agent, then the engine that runs them."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,11 +26,16 @@ def seed_everything(seed: int) -> None:
     tf.random.set_seed(seed)
 
 
-def assemble(cfg: DictConfig, data) -> Engine:
+def assemble(cfg: DictConfig, data, members: Sequence[DictConfig] = ()) -> Engine:
     """The engine for `cfg` over parsed MovieLens `data`, seeded with `cfg.training.seed`;
-    `engine.environment` and `engine.agent` are the built pieces."""
+    `engine.environment` and `engine.agent` are the built pieces. With `members`, runs alike
+    but for what config.sharing_key leaves out, one engine training them side by side (so does a
+    `cfg` whose replicas share ops: config.members)."""
+    if not members and config.shares_ops(cfg):
+        members = config.members(cfg)
     seed_everything(cfg.training.seed)
-    environment = build_environment(cfg, data)
+    seeds = [member.training.seed for member in members] if len(members) > 1 else []
+    environment = build_environment(cfg, data, seeds)
     delay = environment.feedback_delay
     if delay.loops > cfg.training.loops:
         raise UserError(f"env.delay_loops={delay.loops} is longer than the run's training.loops={cfg.training.loops}: "
@@ -40,7 +46,7 @@ def assemble(cfg: DictConfig, data) -> Engine:
         raise UserError(f"training.loops={cfg.training.loops} asks for {asked:,} interactions; env={cfg.env.name} "
                         f"replays {available:,}: at most {available // (asked // cfg.training.loops):,} loops")
     agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed,
-                        cfg.training.replicas if config.shares_ops(cfg) else 1)
+                        seeds, seeds and replica_values(members))
     if not cfg.tracking.log_interactions:
         return Engine(environment, agent, cfg.training.steps_per_loop)
     if environment.logged_round_kind is None:
@@ -49,3 +55,9 @@ def assemble(cfg: DictConfig, data) -> Engine:
                         f"env={cfg.env.name} offers a candidate set for one pick, which it does not keep")
     return Engine(environment, agent, cfg.training.steps_per_loop,
                   policy_columns=logged_policy(cfg.agent, environment.action_spec()))
+
+
+def replica_values(members: Sequence[DictConfig]) -> dict[str, list]:
+    """Each member's value of the config.PER_REPLICA_HYPERPARAMETERS that differ between them."""
+    values = {key: [member.agent[key] for member in members] for key in config.PER_REPLICA_HYPERPARAMETERS}
+    return {key: each for key, each in values.items() if len(set(each)) > 1}

@@ -1,16 +1,17 @@
-"""Replica groups: `training.replicas=R` trains R runs of one config, seeds seed .. seed + R - 1,
-in one process, and records each as an ordinary MLflow run.
+"""Runs trained together in one process, each recorded as an ordinary MLflow run:
+`training.replicas=R` trains R seeds of one config (seed .. seed + R - 1); a sweep's worker trains
+a batch of trials (`sweep.batch`, src.campaigns.worker).
 
 A run's cost at MovieLens' default size is mostly the dispatch of a loop's ~190 small ops, not
-their arithmetic. Where replicas can share the ops (`config.shares_ops`: the linear agents'
-statistics and the environment carry a replica axis, src.agents.linear, src.envs.movielens),
-they train side by side in one compiled loop (`SharedOps`), all but a few per-replica ones (the
-generators' draws, the scoring products) serving every replica; any other agent or environment
-trains its replicas' engines a chunk each in turn (`InTurn`), sharing the process's start-up,
-data and tracking but not the ops. Either way each replica draws from the generators its run
-alone would (seeded from its own seed), so its metrics equal that run's (tests/test_replicas.py);
-its MLflow run holds what a run of its own holds, with the config that reproduces it alone
-(`training.replicas=1`), tagged with its group.
+their arithmetic. Runs that can share the ops (`config.sharing_key`: the linear agents on the
+stationary environment, alike but for their seeds, alpha and ridge; their statistics and the
+environment carry a replica axis, src.agents.linear, src.envs.movielens) train side by side in
+one compiled loop (`SharedOps`), all but a few per-replica ops (the generators' draws, the scoring
+products) serving every run; any other run trains its own engine a chunk in turn (`Alone`),
+sharing the process's start-up, data and tracking but not the ops. Either way each run draws from
+the generators its run alone would (seeded from its own seed), so its metrics equal that run's
+(tests/test_replicas.py); its MLflow run holds what a run of its own holds, with the config that
+reproduces it alone (`training.replicas=1`), tagged with its group.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import logging
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from src import agents, config, data, experiment, metrics, serving, tracking, training
@@ -40,171 +43,262 @@ GROUP_TAG = "bandits.replica_group"  # the same for every run trained in one gro
 REPLICA_TAG = "bandits.replica"  # "r/R": the run's place in its group
 
 
-def member_config(cfg: DictConfig, replica: int) -> DictConfig:
-    """The config of a group's replica `replica` as a run of its own: its seed, no replicas."""
-    member = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    member.training.seed = cfg.training.seed + replica
-    member.training.replicas = 1
-    return member
-
-
 class SharedOps:
-    """Replicas in one compiled loop: an engine whose environment and agent carry them."""
+    """Members alike but for their seeds and config.PER_REPLICA_HYPERPARAMETERS (config.sharing_key)
+    in one compiled loop: an engine whose environment and agent carry them."""
 
-    def __init__(self, cfg: DictConfig, dataset):
-        self.engine = experiment.assemble(cfg, dataset)
-        self.replicas, self.interactions_per_loop = self.engine.replicas, self.engine.interactions_per_loop
+    def __init__(self, members: list[DictConfig], dataset):
+        self.members = members
+        self.engine = experiment.assemble(members[0], dataset, members)
+        self.interactions_per_loop = self.engine.interactions_per_loop
 
-    def run_replicas(self, loops: int, chunk: int):
+    def run(self, loops: int, chunk: int):
         return self.engine.run_replicas(loops, chunk)
 
-    def reward_model(self, replica: int):
+    def reward_model(self, place: int):
         return self.engine.environment.reward_model
 
-    def policy(self, member: DictConfig, replica: int):
-        """The replica's greedy policy as a single run's agent holds it, to save and serve."""
-        environment = self.engine.environment
+    def policy(self, place: int):
+        """The member's greedy policy as its run alone's agent holds it, to save and serve."""
+        member, environment = self.members[place], self.engine.environment
         alone = agents.build_agent(member.agent, environment.time_step_spec(), environment.action_spec(),
                                    member.training.seed)
-        alone.take_replica(self.engine.agent, replica)
+        alone.take_replica(self.engine.agent, place)
         return alone.policy
 
 
-class InTurn:
-    """Replicas of any agent and environment: each member's engine, assembled and traced under its
-    own seed as its run alone is, trains a chunk in turn."""
+class Alone:
+    """A member that shares no ops: its engine, assembled and traced under its own seed as its
+    run alone's is, so that the op seeds of its random ops are that run's."""
+
+    def __init__(self, member: DictConfig, dataset):
+        self.members = [member]
+        self.engine = experiment.assemble(member, dataset)
+        self.engine.run_chunk.get_concrete_function(tf.TensorSpec([], tf.int32))
+        self.interactions_per_loop = self.engine.interactions_per_loop
+
+    def run(self, loops: int, chunk: int):
+        return self.engine.run_replicas(loops, chunk)
+
+    def reward_model(self, place: int):
+        return self.engine.environment.reward_model
+
+    def policy(self, place: int):
+        return self.engine.agent.policy
+
+
+class Group:
+    """Runs trained together: those that can share ops (config.sharing_key) in one compiled loop
+    each, the others alone, every part a chunk in turn."""
 
     def __init__(self, members: list[DictConfig], dataset):
-        self.engines = []
-        for member in members:
-            engine = experiment.assemble(member, dataset)
-            # Traced now, while TensorFlow's global seed is the member's: the op seeds of its
-            # random ops are then those of its run alone.
-            engine.run_chunk.get_concrete_function(tf.TensorSpec([], tf.int32))
-            self.engines.append(engine)
-        self.replicas, self.interactions_per_loop = len(members), self.engines[0].interactions_per_loop
+        alike: dict[object, list[int]] = {}
+        for index, member in enumerate(members):
+            alike.setdefault(config.sharing_key(member) or index, []).append(index)
+        self.parts, self._places = [], {}
+        for indices in alike.values():
+            part = (SharedOps([members[index] for index in indices], dataset) if len(indices) > 1
+                    else Alone(members[indices[0]], dataset))
+            self.parts.append((part, indices))
+            self._places.update({index: (part, place) for place, index in enumerate(indices)})
+        self.size = len(members)
+        self.stopped: set[int] = set()
 
-    def run_replicas(self, loops: int, chunk: int):
-        return map(list, zip(*(engine.run(loops, chunk) for engine in self.engines)))
+    def describe(self) -> str:
+        shared = [len(indices) for part, indices in self.parts if isinstance(part, SharedOps)]
+        alone = sum(isinstance(part, Alone) for part, _ in self.parts)
+        return ", ".join([*(f"{size} in one compiled loop" for size in shared), *([f"{alone} a chunk each in turn"]
+                                                                                  if alone else [])])
 
-    def reward_model(self, replica: int):
-        return self.engines[replica].environment.reward_model
+    def interactions_per_loop(self, index: int) -> int:
+        return self._places[index][0].interactions_per_loop
 
-    def policy(self, member: DictConfig, replica: int):
-        return self.engines[replica].agent.policy
+    def reward_model(self, index: int):
+        part, place = self._places[index]
+        return part.reward_model(place)
+
+    def policy(self, index: int):
+        part, place = self._places[index]
+        return part.policy(place)
+
+    def run(self):
+        """Each round of chunks: {member index: its chunk's metrics} of the members not `stopped`,
+        each part training its members' `training.loops`; a part whose members have all stopped
+        trains no further."""
+        running = [(iter(part.run(part.members[0].training.loops, part.members[0].training.chunk_loops)), indices)
+                   for part, indices in self.parts]
+        while running:
+            running = [(chunks, indices) for chunks, indices in running if not self.stopped.issuperset(indices)]
+            round_ = {}
+            for chunks, indices in running:
+                round_.update({index: chunk for index, chunk in zip(indices, next(chunks, ())) if index not in self.stopped})
+            if not round_:
+                return
+            yield round_
 
 
-def replica_group(cfg: DictConfig, members: list[DictConfig], dataset) -> SharedOps | InTurn:
-    return SharedOps(cfg, dataset) if config.shares_ops(cfg) else InTurn(members, dataset)
+@dataclass
+class Trained:
+    """A member's end: its final metrics and run, or what stopped it (a pruner, a divergence)."""
+
+    final: dict[str, float]
+    run_id: str
+    stopped: Exception | None = None
 
 
 def train_group(cfg: DictConfig, tags: dict[str, str] | None = None) -> list[tuple[dict[str, float], str]]:
-    """Train the `cfg.training.replicas` runs of `cfg` together, each tracked as its own MLflow
-    run; return each one's final metrics and run id."""
+    """Train the `cfg.training.replicas` runs of `cfg` (seeds seed .. seed + R - 1) together, each
+    tracked as its own MLflow run; return each one's final metrics and run id."""
     config.check_run(cfg)
-    configure_threads(cfg.training.threads.intra_op, cfg.training.threads.inter_op)
-    experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
-    dataset = data.load(cfg.data)
-    members = [member_config(cfg, replica) for replica in range(cfg.training.replicas)]
-    group = replica_group(cfg, members, dataset)
-    random_regrets = [group.reward_model(replica).random_policy_regret for replica in range(group.replicas)]
+    members = config.members(cfg)
+    trained = train_members(members, [tags or {}] * len(members))
+    stopped = [f"run {each.run_id} (seed {member.training.seed}): {one_line(each.stopped)}"
+               for each, member in zip(trained, members) if each.stopped is not None]
+    if stopped:
+        raise UserError(f"{len(stopped)} of the group's runs stopped, the others finished: {'; '.join(stopped)}")
+    return [(each.final, each.run_id) for each in trained]
+
+
+def train_members(members: list[DictConfig], tags: list[dict[str, str]],
+                  reporters: list[training.Reporter | None] | None = None) -> list[Trained]:
+    """Train `members` (runs of one machine's threads and data; any agents, environments, seeds)
+    together, each tracked as its own MLflow run with its `tags`, and told to its reporter as a run
+    alone would tell it. A member that a reporter stops or that diverges ends alone (KILLED,
+    FAILED), the others train on; what stops the whole group (Ctrl-C, an error) marks every run."""
+    for member in members:
+        config.check_run(member)
+    first = members[0]
+    configure_threads(first.training.threads.intra_op, first.training.threads.inter_op)
+    experiment_id = tracking.connect(first.tracking.uri, first.tracking.experiment)
+    dataset = data.load(first.data)
+    group = Group(members, dataset)
+    random_regrets = [group.reward_model(index).random_policy_regret for index in range(group.size)]
     group_id = uuid.uuid4().hex
-    member_tags = [{**(tags or {}), training.LONG_NAME_TAG: training.long_name(member, {}), GROUP_TAG: group_id,
-                    REPLICA_TAG: f"{replica}/{group.replicas}",
-                    metrics.RANDOM_REGRET_TAG: str(metrics.rounded(random_regrets[replica]))}
-                   for replica, member in enumerate(members)]
-    names = [training.run_name(member, {}) for member in members]
-    histories = [metrics.RegretHistory(group.interactions_per_loop) for _ in members]
+    member_tags = [{**extra, training.LONG_NAME_TAG: training.long_name(member, extra), GROUP_TAG: group_id,
+                    REPLICA_TAG: f"{index}/{group.size}",
+                    metrics.RANDOM_REGRET_TAG: str(metrics.rounded(random_regrets[index]))}
+                   for index, (member, extra) in enumerate(zip(members, tags))]
+    names = [training.run_name(member, extra) for member, extra in zip(members, tags)]
+    histories = [metrics.RegretHistory(group.interactions_per_loop(index)) for index in range(group.size)]
     reward_model = group.reward_model(0)
     with interrupts_handled() as interrupts, tracking.group_runs(members, names, experiment_id, member_tags) as ids:
-        log.info("Training %d replicas of %s on %s (%s data), seeds %d-%d, %s: %d users, %d movies, rank %d; "
-                 "%d loops x %d interactions each", group.replicas, cfg.agent.name, cfg.env.name, cfg.data.name,
-                 members[0].training.seed, members[-1].training.seed,
-                 "in one compiled loop" if isinstance(group, SharedOps) else "a chunk each in turn",
-                 len(reward_model.user_ids), len(reward_model.movie_ids), reward_model.user_features.shape[1],
-                 cfg.training.loops, group.interactions_per_loop)
+        log.info("Training %d runs together (%s), %s on %s (%s data), %d users, %d movies; %d loops x %d "
+                 "interactions each", group.size, group.describe(), "/".join(sorted({m.agent.name for m in members})),
+                 first.env.name, first.data.name, len(reward_model.user_ids), len(reward_model.movie_ids),
+                 first.training.loops, group.interactions_per_loop(0))
+        stopped: dict[int, Exception] = {}
         try:
-            seconds = run_loops(cfg, group, histories, ids, interrupts)
+            seconds = run_loops(members, group, histories, ids, random_regrets, interrupts,
+                                reporters or [None] * group.size, stopped)
         except BaseException:
-            for run_id, member, history, random_regret in zip(ids, members, histories, random_regrets):
-                # A stopped or diverged group keeps each run's table and plot so far; a store that
-                # refuses them too is not what stopped it.
-                if history.loops_done:
-                    with tempfile.TemporaryDirectory() as scratch, contextlib.suppress(OSError, MlflowException):
-                        training.write_tables(member, history, random_regret, Path(scratch))
-                        mlflow.MlflowClient().log_artifacts(run_id, scratch)
+            for index in set(range(group.size)) - set(stopped):
+                keep_tables(members[index], histories[index], random_regrets[index], ids[index])
             raise
-        rate = cfg.training.loops * group.interactions_per_loop / seconds
+        # A run's own rate is its share of the group's.
+        rate = sum(history.loops_done * group.interactions_per_loop(index)
+                   for index, history in enumerate(histories)) / seconds / group.size
         unlogged = []
-        for replica, (run_id, name, member, history) in enumerate(zip(ids, names, members, histories)):
+        for index, (run_id, name, member, history) in enumerate(zip(ids, names, members, histories)):
+            if index in stopped:
+                continue
             try:
                 with tracking.finishing(run_id, name, experiment_id):
                     training.log_ratings(member, dataset)
-                    # A replica's own rate is its share of the group's.
                     mlflow.log_metrics({metrics.INTERACTIONS_PER_S: metrics.rounded(rate),
-                                        metrics.GROUP_INTERACTIONS_PER_S: metrics.rounded(rate * group.replicas),
+                                        metrics.GROUP_INTERACTIONS_PER_S: metrics.rounded(rate * group.size),
                                         metrics.SECONDS: metrics.rounded(seconds)})
-                    log_artifacts(member, group, replica, history, random_regrets[replica], dataset)
+                    log_artifacts(member, group, index, history, random_regrets[index], dataset)
             except (OSError, MlflowException) as error:  # the run is FAILED; the others are logged still
-                kept = keep_unlogged(member, group, replica, history, random_regrets[replica], run_id)
+                kept = keep_unlogged(member, group, index, history, random_regrets[index], run_id)
                 unlogged.append(f"run {run_id}: {one_line(error)}; kept in {kept}")
         if unlogged:
             raise UserError(f"{len(unlogged)} of the group's runs could not write their artifacts to the artifact "
                             f"store ({'; '.join(unlogged)})")
-    log.info("Done in %.1f s (%.0f interactions/s in all): cumulative regret %s", seconds, rate * group.replicas,
+    log.info("Done in %.1f s (%.0f interactions/s in all): cumulative regret %s", seconds, rate * group.size,
              ", ".join(f"{history.final()[metrics.CUMULATIVE_REGRET]:.1f}" for history in histories))
-    return [(history.final(), run_id) for history, run_id in zip(histories, ids)]
+    return [Trained(history.final(), run_id, stopped.get(index))
+            for index, (history, run_id) in enumerate(zip(histories, ids))]
 
 
-def log_artifacts(member: DictConfig, group: SharedOps | InTurn, replica: int, history: metrics.RegretHistory,
+def keep_tables(member: DictConfig, history: metrics.RegretHistory, random_regret: float, run_id: str) -> None:
+    """A stopped run keeps its table and plot so far; a store that refuses them too is not what
+    stopped it."""
+    if history.loops_done:
+        with tempfile.TemporaryDirectory() as scratch, contextlib.suppress(OSError, MlflowException):
+            training.write_tables(member, history, random_regret, Path(scratch))
+            mlflow.MlflowClient().log_artifacts(run_id, scratch)
+
+
+def log_artifacts(member: DictConfig, group: Group, index: int, history: metrics.RegretHistory,
                   random_regret: float, dataset) -> None:
-    """The replica's tables, plot and, with full artifacts, its policy, into its active run."""
+    """The member's tables, plot and, with full artifacts, its policy, into its active run."""
     training.log_tables(member, history, random_regret)
     if member.tracking.artifacts == "full" and member.tracking.save_policy:
-        catalogue = serving.Catalogue.of(group.reward_model(replica), dataset.movies, member.env)
-        serving.log_policy(group.policy(member, replica), catalogue)
+        catalogue = serving.Catalogue.of(group.reward_model(index), dataset.movies, member.env)
+        serving.log_policy(group.policy(index), catalogue)
 
 
-def keep_unlogged(member: DictConfig, group: SharedOps | InTurn, replica: int, history: metrics.RegretHistory,
+def keep_unlogged(member: DictConfig, group: Group, index: int, history: metrics.RegretHistory,
                   random_regret: float, run_id: str) -> Path:
-    """What the artifact store refused of a replica, on disk as a run alone keeps it (training.UNLOGGED)."""
+    """What the artifact store refused of a member, on disk as a run alone keeps it (training.UNLOGGED)."""
     kept = training.UNLOGGED / run_id
     kept.mkdir(parents=True, exist_ok=True)
     training.write_tables(member, history, random_regret, kept)
     if member.tracking.artifacts == "full" and member.tracking.save_policy:
-        serving.save_policy(group.policy(member, replica), kept / "policy")
+        serving.save_policy(group.policy(index), kept / "policy")
     return kept
 
 
-def run_loops(cfg: DictConfig, group: SharedOps | InTurn, histories: list[metrics.RegretHistory], run_ids: list[str],
-              interrupts) -> float:
-    """Train the group, logging each replica's metrics to its run as they come, stopping between
-    chunks when interrupted or when a replica diverges; the seconds it took."""
-    loops = cfg.training.loops
-    downsamplers = [metrics.Downsampler(training.loops_per_point(cfg)) for _ in histories]
+def run_loops(members: list[DictConfig], group: Group, histories: list[metrics.RegretHistory], run_ids: list[str],
+              random_regrets: list[float], interrupts, reporters: list[training.Reporter | None],
+              stopped: dict[int, Exception]) -> float:
+    """Train the group, logging each member's metrics to its run and telling its reporter as they
+    come; a member its reporter stops (`tracking.RunStopped`) or that diverges ends there, noted in
+    `stopped`; the whole group stops between chunks when interrupted. The seconds it took."""
+    downsamplers = [metrics.Downsampler(training.loops_per_point(member)) for member in members]
     writer = tracking.history_writer()  # one write at a time for the whole group
     started = time.perf_counter()
+    most = max(member.training.loops for member in members)
     tenths_logged = 0
     # A bar on a terminal only; in a log file, a line per tenth of the run.
     with (contextlib.ExitStack() as stack,
-          tqdm(total=loops, unit="loop", desc=f"training {len(histories)} replicas", dynamic_ncols=True,
-               disable=None) as bar):
+          tqdm(total=most, unit="loop", desc=f"training {group.size} runs", dynamic_ncols=True, disable=None) as bar):
         stack.callback(writer.shutdown)
         loggers = [stack.enter_context(tracking.HistoryLogger(run_id, writer=writer)) for run_id in run_ids]
-        for chunks in group.run_replicas(loops, cfg.training.chunk_loops):
-            bar.update(len(chunks[0].regret))
+        for chunks in group.run():
             interrupts.check(urgent_only=True)
-            for chunk, history, downsampler, logger in zip(chunks, histories, downsamplers, loggers):
-                rows = history.add(chunk)
-                loss = rows[metrics.LOSS].to_numpy()
-                ending = history.loops_done == loops or not np.isfinite(loss).all()
-                window_rows = downsampler.push(rows, last=ending)
-                if len(window_rows):
-                    logger.log(window_rows)
-                training.check_finite(rows, loss)
-            if bar.disable and (tenths := 10 * histories[0].loops_done // loops) > tenths_logged:
+            for index, chunk in chunks.items():
+                member, history, run_id = members[index], histories[index], run_ids[index]
+                try:
+                    rows = history.add(chunk)
+                    loss = rows[metrics.LOSS].to_numpy()
+                    ending = history.loops_done == member.training.loops or not np.isfinite(loss).all()
+                    window_rows = downsamplers[index].push(rows, last=ending)
+                    if len(window_rows):
+                        loggers[index].log(window_rows)
+                    training.check_finite(rows, loss)
+                    if reporters[index]:
+                        reporters[index](int(rows["step"].iloc[-1]), float(rows[member.objective].iloc[-1]), run_id)
+                except (tracking.RunStopped, UserError) as stop:
+                    stopped[index] = stop
+                    group.stopped.add(index)
+                    end_stopped(member, history, random_regrets[index], run_id, stop)
+            bar.update(max(history.loops_done for history in histories) - bar.n)
+            if bar.disable and (tenths := 10 * bar.n // most) > tenths_logged:
                 tenths_logged = tenths
-                log.info("Loop %d of %d: cumulative regret %s", histories[0].loops_done, loops,
+                log.info("Loop %d of %d: cumulative regret %s", bar.n, most,
                          ", ".join(f"{history.final()[metrics.CUMULATIVE_REGRET]:.1f}" for history in histories))
             interrupts.check()
     return time.perf_counter() - started
+
+
+def end_stopped(member: DictConfig, history: metrics.RegretHistory, random_regret: float, run_id: str,
+                stop: Exception) -> None:
+    """A member stopped on purpose (KILLED) or diverged (FAILED) keeps its table so far and ends
+    alone, as its run alone would."""
+    keep_tables(member, history, random_regret, run_id)
+    on_purpose = isinstance(stop, tracking.RunStopped)
+    status = RunStatus.KILLED if on_purpose else RunStatus.FAILED
+    mlflow.MlflowClient().set_terminated(run_id, RunStatus.to_string(status))
+    log.log(logging.INFO if on_purpose else logging.WARNING, "Run %s stopped and marked %s: %s", run_id,
+            RunStatus.to_string(status), one_line(stop))

@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 # Where a run's artifacts go when its artifact store refuses them after training.
 UNLOGGED = PROJECT_ROOT / "outputs" / "unlogged"
 
-# Called after each chunk of loops with (interactions so far, the objective's value so far); it
-# may stop the run by raising `tracking.RunStopped` (a sweep's pruner does).
-Reporter = Callable[[int, float], None]
+# Called after each chunk of loops with (interactions so far, the objective's value so far, the
+# run's id); it may stop the run by raising `tracking.RunStopped` (a sweep's pruner does).
+Reporter = Callable[[int, float, str], None]
 LONG_NAME_TAG = "bandits.long_name"
 SKIPPED_USERS_TAG = "bandits.skipped_users"
 # MLflow's run charts draw at most 320 points of a metric's history: more are not seen, and
@@ -251,7 +251,7 @@ def run_loops(fitting: Fitting, logged: interactions.InteractionLog | None, inte
             check_finite(rows, loss)
             interrupts.check()
             if report:
-                report(int(rows["step"].iloc[-1]), float(rows[cfg.objective].iloc[-1]))
+                report(int(rows["step"].iloc[-1]), float(rows[cfg.objective].iloc[-1]), run_id)
             bar.set_postfix(regret=f"{chunk.regret.mean() / engine.interactions_per_loop:.3f}")
 
         fitting.run(watch)

@@ -141,7 +141,7 @@ def test_an_artifact_store_that_cannot_be_written_is_refused_before_training(mak
 def test_artifacts_refused_after_training_are_kept_on_local_disk(make_config, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "UNLOGGED", tmp_path / "unlogged")
 
-    def break_the_store(step: int, value: float) -> None:  # its artifact folder becomes a file mid-run
+    def break_the_store(step: int, value: float, run_id: str) -> None:  # its artifact folder becomes a file mid-run
         artifacts = Path(urlparse(mlflow.get_artifact_uri()).path)
         if artifacts.is_dir():
             shutil.rmtree(artifacts)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from src import config, data, experiment, metrics, replicas
+from src import config, data, experiment, metrics, replicas, tracking, training
 from src.engine import Engine
 from src.errors import UserError
 from tests.conftest import breaking_after_first_chunk
@@ -18,13 +18,16 @@ from tests.conftest import breaking_after_first_chunk
 
 def histories(cfg) -> list[pd.DataFrame]:
     """Each replica's per-loop metrics (one frame for a run alone)."""
-    dataset = data.load(cfg.data)
-    members = [replicas.member_config(cfg, replica) for replica in range(cfg.training.replicas)]
-    engine = replicas.replica_group(cfg, members, dataset)
-    kept = [metrics.RegretHistory(engine.interactions_per_loop) for _ in range(engine.replicas)]
-    for chunks in engine.run_replicas(cfg.training.loops, cfg.training.chunk_loops):
-        for history, chunk in zip(kept, chunks):
-            history.add(chunk)
+    return group_histories(config.members(cfg))
+
+
+def group_histories(members) -> list[pd.DataFrame]:
+    """Each member's per-loop metrics, trained as one group."""
+    group = replicas.Group(members, data.load(members[0].data))
+    kept = [metrics.RegretHistory(group.interactions_per_loop(index)) for index in range(group.size)]
+    for chunks in group.run():
+        for index, chunk in chunks.items():
+            kept[index].add(chunk)
     return [history.frame() for history in kept]
 
 
@@ -55,21 +58,74 @@ def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(ma
 
 
 @pytest.mark.parametrize("agent", ["linucb", "lints"])
+def test_runs_of_other_seeds_alphas_and_ridges_share_one_loop_each_equal_to_its_run_alone(make_config, agent):
+    runs = [[f"agent={agent}", "training.seed=0", "agent.alpha=0.5"],
+            [f"agent={agent}", "training.seed=0", "agent.alpha=4.0", "agent.tikhonov_weight=0.1"],
+            [f"agent={agent}", "training.seed=9", "agent.alpha=0.5"],
+            [f"agent={agent}", "training.seed=0", "env.rank_k=3"]]  # another shape: trained alone
+    members = [make_config(*run) for run in runs]
+    group = replicas.Group(members, data.load(members[0].data))
+    assert [len(indices) for _, indices in group.parts] == [3, 1]
+    together = group_histories(members)
+    for run, history in zip(runs, together):
+        pd.testing.assert_frame_equal(history, histories(make_config(*run))[0], check_exact=True)
+    assert not together[0].equals(together[1])
+
+
+def diverging_at_call(monkeypatch, call: int) -> None:
+    """The `call`-th chunk checked (members in turn, round after round) diverges."""
+    real_check, calls = training.check_finite, iter(range(1, 10**6))
+    monkeypatch.setattr(training, "check_finite",
+                        lambda rows, loss: real_check(rows, loss * np.nan if next(calls) == call else loss))
+
+
+def test_a_member_that_diverges_or_is_stopped_ends_alone_the_others_finish(make_config, tracking_uri, monkeypatch):
+    members = [make_config(f"training.seed={seed}") for seed in range(3)]
+    training_cfg = members[0].training
+    chunk_interactions = training_cfg.chunk_loops * training_cfg.batch_size * training_cfg.steps_per_loop
+
+    def stop_after_two_chunks(step, value, run_id):
+        if step >= 2 * chunk_interactions:
+            raise tracking.RunStopped(f"stopped at {step}")
+
+    diverging_at_call(monkeypatch, 3)  # the third member's first chunk
+    trained = replicas.train_members(members, [{}] * 3, [None, stop_after_two_chunks, None])
+    found = group_runs(tracking_uri)
+    assert list(found["status"]) == ["FINISHED", "KILLED", "FAILED"]
+    assert trained[0].stopped is None and isinstance(trained[1].stopped, tracking.RunStopped)
+    assert "diverged" in str(trained[2].stopped)
+    client = mlflow.MlflowClient()
+    logged = [len(client.get_metric_history(run_id, metrics.CUMULATIVE_REGRET)) for run_id in found.run_id]
+    assert logged == [members[0].training.loops, 2 * members[0].training.chunk_loops, members[0].training.chunk_loops]
+    assert all("metrics.csv" in {item.path for item in client.list_artifacts(run_id)} for run_id in found.run_id)
+    # The one that finished is its run alone.
+    alone = histories(make_config("training.seed=0"))[0]
+    assert trained[0].final[metrics.CUMULATIVE_REGRET] == alone[metrics.CUMULATIVE_REGRET].iloc[-1]
+
+
+def test_a_replica_that_diverges_fails_the_command_after_the_others_finish(make_config, tracking_uri, monkeypatch):
+    diverging_at_call(monkeypatch, 2)
+    with pytest.raises(UserError, match=r"1 of the group's runs stopped, the others finished: run \w+ \(seed 1\)"):
+        replicas.train_group(make_config("training.replicas=2"))
+    assert list(group_runs(tracking_uri)["status"]) == ["FINISHED", "FAILED"]
+
+
+@pytest.mark.parametrize("agent", ["linucb", "lints"])
 def test_a_replicas_policy_is_the_one_its_run_alone_leaves(make_config, agent):
     cfg = make_config(f"agent={agent}", "training.replicas=2", "training.seed=1")
-    group = replicas.SharedOps(cfg, data.load(cfg.data))
-    for _ in group.run_replicas(cfg.training.loops, cfg.training.chunk_loops):
+    group = replicas.SharedOps(config.members(cfg), data.load(cfg.data))
+    for _ in group.run(cfg.training.loops, cfg.training.chunk_loops):
         pass
     alone_cfg = make_config(f"agent={agent}", "training.seed=2")
     alone = experiment.assemble(alone_cfg, data.load(alone_cfg.data))
     for _ in alone.run(alone_cfg.training.loops, alone_cfg.training.chunk_loops):
         pass
-    policy = group.policy(replicas.member_config(cfg, 1), 1)
+    policy = group.policy(1)
     time_step = alone.environment.reset()
     ours, theirs = policy.action(time_step), alone.agent.policy.action(time_step)
     np.testing.assert_array_equal(ours.action.numpy(), theirs.action.numpy())
     np.testing.assert_array_equal(ours.info.predicted_rewards_mean.numpy(), theirs.info.predicted_rewards_mean.numpy())
-    other = group.policy(replicas.member_config(cfg, 0), 0)
+    other = group.policy(0)
     assert not np.array_equal(other.action(time_step).info.predicted_rewards_mean.numpy(),
                               theirs.info.predicted_rewards_mean.numpy())
 
@@ -141,7 +197,7 @@ def test_the_cli_trains_a_group(run_cli, data_overrides, tracking_uri):
     result = run_cli("src.train", *data_overrides, *SMALL, f"tracking.uri={tracking_uri}", "training.replicas=2",
                      "agent=epsilon_greedy", "tracking.save_policy=true")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Training 2 replicas of epsilon_greedy" in result.stderr and result.stderr.count("finished: run") == 2
+    assert "Training 2 runs together (2 a chunk each in turn), epsilon_greedy" in result.stderr and result.stderr.count("finished: run") == 2
     found = group_runs(tracking_uri)
     assert list(found["status"]) == ["FINISHED"] * 2
     for run_id in found.run_id:  # each replica's own policy, as a run alone saves it

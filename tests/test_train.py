@@ -246,7 +246,7 @@ def test_a_diverging_agent_fails_its_run_with_one_line(make_config, tracking_uri
 
 
 def test_sigterm_marks_the_run_killed_keeps_its_history_and_exits_143(make_config, tracking_uri):
-    def terminate(step: int, value: float) -> None:  # as a scheduler would, mid-run
+    def terminate(step: int, value: float, run_id: str) -> None:  # as a scheduler would, mid-run
         os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(SystemExit) as exit, exit_on_user_error():

@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import random
+from collections.abc import Mapping, Sequence
 
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 import numpy as np
@@ -51,11 +52,13 @@ def policy_seed(seed: int) -> int:
     return random.Random(seed).getrandbits(31)
 
 
-def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int, replicas: int = 1):
+def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int, replica_seeds: Sequence[int] = (),
+                replica_values: Mapping[str, list] | None = None):
     """Call the builder the agent config names with its hyperparameters and the env's specs,
     and `seed` where the builder takes one (for a generator of the agent's own, so that what
-    ran before does not change its draws); `replicas` > 1 for an agent that trains that many runs
-    side by side (config.REPLICATED_AGENTS).
+    ran before does not change its draws). With `replica_seeds`, an agent that trains a run of
+    each seed side by side (config.shares_ops), `replica_values` giving each replica's own value
+    of a hyperparameter that differs between them (config.PER_REPLICA_HYPERPARAMETERS).
 
     Called directly rather than through `hydra.utils.instantiate`, which would wrap a
     builder's `UserError` in its own exception and lose the one-line message.
@@ -74,8 +77,9 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int, replica
                         f"agents that can: {', '.join(per_arm_agents())}")
     if "seed" in inspect.signature(builder).parameters:
         hyperparameters["seed"] = seed
-    if replicas > 1:
-        hyperparameters["replicas"] = replicas
+    if replica_seeds:
+        hyperparameters["replica_seeds"] = list(replica_seeds)
+        hyperparameters.update(replica_values or {})
     with config.errors_name_source("agent", cfg.name):
         return builder(time_step_spec=time_step_spec, action_spec=action_spec, **hyperparameters)
 

@@ -18,7 +18,7 @@ is shared by all candidates, over each candidate's features beside its user's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +40,8 @@ SCORING_DTYPE = tf.float32
 # (mean, width) -> the score each arm is ranked by, width already scaled by alpha: [batch, arms]
 # (or [batch, candidates] for one shared model).
 Exploration = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+# A hyperparameter's value, or with replicas (src.replicas) one value per replica.
+PerReplica = float | Sequence[float]
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,25 @@ class Forgetting:
                 "null with agent.discount < 1 (forget by one or the other)")
 
 
-def check_hyperparameters(alpha: float, tikhonov_weight: float) -> None:
-    require(alpha > 0, "agent.alpha", alpha, "> 0")
+def check_hyperparameters(alpha: PerReplica, tikhonov_weight: PerReplica) -> None:
+    for value in each_value(alpha):
+        require(value > 0, "agent.alpha", value, "> 0")
     # A zero ridge leaves A singular before an arm is tried: LinUCB then always picks
     # action 0 (tensorflow/agents#698).
-    require(tikhonov_weight > 0, "agent.tikhonov_weight", tikhonov_weight, "> 0")
+    for value in each_value(tikhonov_weight):
+        require(value > 0, "agent.tikhonov_weight", value, "> 0")
+
+
+def each_value(values: PerReplica) -> Sequence[float]:
+    return values if isinstance(values, Sequence) else [values]
+
+
+def per_replica(values: PerReplica, repeats, dtype) -> tf.Tensor | float:
+    """A hyperparameter as a column of rows, each replica's value on its `repeats` rows, where
+    replicas differ; else the one value."""
+    if isinstance(values, int | float):
+        return values
+    return tf.repeat(tf.constant(values, dtype), repeats)[:, None]
 
 
 def num_actions(action_spec) -> int:
@@ -81,14 +97,18 @@ class ArmStatistics(tf.Module):
 
     `replicas` independent runs (src.replicas) keep theirs side by side: replica r's arm a is
     arm r x num_arms + a of the statistics, and each replica's scoring copies are a block of
-    their own, which scores that replica's users against its own arms.
+    their own, which scores that replica's users against its own arms. Each may have a ridge of
+    its own (`tikhonov_weight`, one per replica).
     """
 
-    def __init__(self, num_arms: int, dim: int, tikhonov_weight: float, forgetting: Forgetting = Forgetting(),
+    def __init__(self, num_arms: int, dim: int, tikhonov_weight: PerReplica, forgetting: Forgetting = Forgetting(),
                  replicas: int = 1, name: str | None = None):
         super().__init__(name=name)
         self._forgetting = forgetting
         self.replicas = replicas
+        tikhonov_weight = per_replica(tikhonov_weight, num_arms, tf.float64)
+        if not isinstance(tikhonov_weight, float | int):
+            tikhonov_weight = tikhonov_weight[:, :, None]  # [arms, 1, 1], over each arm's matrix
         self._ridge = tikhonov_weight * tf.eye(dim, dtype=tf.float64)
         identity = tf.eye(dim, batch_shape=[replicas * num_arms], dtype=tf.float64)
         self.covariance = tf.Variable(tikhonov_weight * identity, name="covariance")
@@ -301,7 +321,7 @@ class Sampled(tf.Module):
 class VectorizedLinearPolicy(tf_policy.TFPolicy):
     """Picks the arm with the best `exploration` score; reads the statistics, owns none."""
 
-    def __init__(self, time_step_spec, action_spec, statistics: ArmStatistics, alpha: float,
+    def __init__(self, time_step_spec, action_spec, statistics: ArmStatistics, alpha: PerReplica,
                  exploration: Exploration, epsilon: float = 0.0, propensity_draws: int = 0, name=None):
         self._statistics = statistics
         self._alpha = alpha
@@ -324,7 +344,9 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
                                      slates.slate_size(self.action_spec))
             info = policy_utilities.PolicyInfo(predicted_rewards_mean=tf.cast(mean, tf.float32))
             return policy_step.PolicyStep(tfp.distributions.Deterministic(slate), policy_state, info)
-        arm, mean, scores, width = choose(self._statistics, features, self._alpha, self._exploration)
+        rows_per_replica = tf.shape(features)[0] // self._statistics.replicas
+        alpha = per_replica(self._alpha, rows_per_replica, SCORING_DTYPE)
+        arm, mean, scores, width = choose(self._statistics, features, alpha, self._exploration)
         if self._propensity_draws:
             return deterministic_step(arm, mean, self.action_spec, policy_state, observation,
                                       log_probability=self._drawn_log_probability(arm, mean, width))
@@ -430,14 +452,15 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
     """One linear model per arm over the observation (one shared model with per-arm features),
     exploring by `exploration`."""
 
-    def __init__(self, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
+    def __init__(self, time_step_spec, action_spec, alpha: PerReplica, tikhonov_weight: PerReplica,
                  exploration: Exploration, collect_epsilon: float = 0.0, propensity_draws: int = 0,
                  forgetting: Forgetting = Forgetting(), replicas: int = 1, name: str | None = None):
         """`collect_epsilon`: the collect policy's share of uniformly drawn arms (the saved,
         greedy policy has none); `propensity_draws`: Monte-Carlo draws by which the collect policy
         of a sampling agent estimates each pick's propensity; `forgetting`: how the statistics
         forget (never, by default); `replicas`: independent runs trained side by side, their
-        users' rows one replica's after another's in every batch (src.replicas)."""
+        users' rows one replica's after another's in every batch (src.replicas), alpha and
+        tikhonov_weight then a value each or one for all."""
         check_hyperparameters(alpha, tikhonov_weight)
         tf.Module.__init__(self, name=name)
         models = 1 if has_per_arm_features(time_step_spec) else num_actions(action_spec)

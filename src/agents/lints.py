@@ -9,7 +9,8 @@ reference it is tested against.
 
 from __future__ import annotations
 
-import tensorflow as tf
+from collections.abc import Sequence
+
 from tf_agents.bandits.agents import linear_thompson_sampling_agent
 
 from src.agents import linear, monte_carlo
@@ -19,21 +20,23 @@ from src.agents.monte_carlo import action_probabilities, exposes_propensities  #
 class VectorizedLinTSAgent(linear.VectorizedLinearAgent):
     """LinTS on batched statistics: greedy in a reward sampled from each arm's posterior."""
 
-    def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
-                 propensity_draws: int = 0, forgetting: linear.Forgetting = linear.Forgetting(), seed: int = 0,
-                 replicas: int = 1, name: str | None = None):
-        """`seed`: the run's (replica r of a group: the run of seed + r)."""
-        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight,
-                         linear.Sampled([seed + replica for replica in range(replicas)]),
-                         propensity_draws=propensity_draws, forgetting=forgetting, replicas=replicas, name=name)
+    def __init__(self, time_step_spec, action_spec, alpha: linear.PerReplica = 1.0,
+                 tikhonov_weight: linear.PerReplica = 1.0, propensity_draws: int = 0,
+                 forgetting: linear.Forgetting = linear.Forgetting(), seeds: Sequence[int] = (0,),
+                 name: str | None = None):
+        """`seeds`: the run's, or each replica's of a group trained side by side."""
+        super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.Sampled(list(seeds)),
+                         propensity_draws=propensity_draws, forgetting=forgetting, replicas=len(seeds), name=name)
 
 
-def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, seed: int,
-               propensity_draws: int = 0, discount: float = 1.0, window: int | None = None, replicas: int = 1,
-               name: str = "lints"):
+def vectorized(time_step_spec, action_spec, alpha: linear.PerReplica, tikhonov_weight: linear.PerReplica, seed: int,
+               propensity_draws: int = 0, discount: float = 1.0, window: int | None = None,
+               replica_seeds: Sequence[int] = (), name: str = "lints"):
+    """`replica_seeds`: the runs trained side by side (src.replicas), one per seed; alpha and the
+    ridge may then be a value per replica."""
     monte_carlo.check_draws(propensity_draws, action_spec)
     return VectorizedLinTSAgent(time_step_spec, action_spec, alpha, tikhonov_weight, propensity_draws,
-                                linear.Forgetting(discount, window), seed, replicas, name)
+                                linear.Forgetting(discount, window), replica_seeds or [seed], name)
 
 
 def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,

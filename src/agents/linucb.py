@@ -9,6 +9,8 @@ argmax_a x.theta_a + alpha sqrt(x'A_a^-1 x).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import tensorflow as tf
 from tf_agents.bandits.agents import lin_ucb_agent
 
@@ -19,20 +21,23 @@ from src.errors import require
 class VectorizedLinUCBAgent(linear.VectorizedLinearAgent):
     """LinUCB on batched statistics: greedy in the upper confidence bound."""
 
-    def __init__(self, time_step_spec, action_spec, alpha: float = 1.0, tikhonov_weight: float = 1.0,
-                 log_epsilon: float = 0.0, forgetting: linear.Forgetting = linear.Forgetting(),
-                 replicas: int = 1, name: str | None = None):
+    def __init__(self, time_step_spec, action_spec, alpha: linear.PerReplica = 1.0,
+                 tikhonov_weight: linear.PerReplica = 1.0, log_epsilon: float = 0.0,
+                 forgetting: linear.Forgetting = linear.Forgetting(), replicas: int = 1, name: str | None = None):
         super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, log_epsilon,
                          forgetting=forgetting, replicas=replicas, name=name)
 
 
-def vectorized(time_step_spec, action_spec, alpha: float, tikhonov_weight: float, log_epsilon: float = 0.0,
-               discount: float = 1.0, window: int | None = None, replicas: int = 1, name: str = "linucb"):
+def vectorized(time_step_spec, action_spec, alpha: linear.PerReplica, tikhonov_weight: linear.PerReplica,
+               log_epsilon: float = 0.0, discount: float = 1.0, window: int | None = None,
+               replica_seeds: Sequence[int] = (), name: str = "linucb"):
+    """`replica_seeds`: the runs trained side by side (src.replicas), one per seed; alpha and the
+    ridge may then be a value per replica."""
     require(0 <= log_epsilon <= 1, "agent.log_epsilon", log_epsilon, "in [0, 1]")
     require(not (log_epsilon and is_slate(action_spec)), "agent.log_epsilon", log_epsilon,
             "0 with slates (it explores single movies)")
     return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, log_epsilon,
-                                 linear.Forgetting(discount, window), replicas, name)
+                                 linear.Forgetting(discount, window), max(1, len(replica_seeds)), name)
 
 
 def exposes_propensities(log_epsilon: float = 0.0, **_) -> bool:

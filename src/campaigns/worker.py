@@ -213,10 +213,10 @@ def _composed(overrides: tuple[str, ...]) -> DictConfig:
 def pruning_reporter(trial: optuna.Trial, objective_name: str):
     """Tells the trial's pruner each chunk's objective; stops the run when it says so."""
 
-    def report(step: int, value: float) -> None:
+    def report(step: int, value: float, run_id: str) -> None:
         trial.report(value, step)
         if trial.should_prune():
-            mlflow.set_tag("sweep.pruned", f"at {step} interactions")
+            mlflow.MlflowClient().set_tag(run_id, "sweep.pruned", f"at {step} interactions")
             raise Pruned(f"pruned at {step} interactions ({objective_name} = {value:.4g})")
 
     return report

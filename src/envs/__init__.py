@@ -9,6 +9,7 @@ and shows a tiny environment written from scratch and trained.
 """
 
 import logging
+from collections.abc import Sequence
 
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 from hydra.utils import get_object
@@ -19,14 +20,15 @@ from src import config
 log = logging.getLogger(__name__)
 
 
-def build_environment(cfg: DictConfig, data):
+def build_environment(cfg: DictConfig, data, replica_seeds: Sequence[int] = ()):
     """The environment `cfg.env` describes over parsed MovieLens `data`, sampling
-    `cfg.training.batch_size` users a step from its own generator seeded with the run's seed."""
+    `cfg.training.batch_size` users a step from its own generator seeded with the run's seed
+    (with `replica_seeds`, a replica's with each: config.shares_ops)."""
     params = OmegaConf.to_container(cfg.env, resolve=True)
     builder = get_object(params.pop("_target_"))
     # Factorising the ratings takes seconds, minutes for the per-arm pools on a busy machine.
     log.info("Building env=%s over %s data", cfg.env.name, cfg.data.name)
-    if config.shares_ops(cfg):
-        params["replicas"] = cfg.training.replicas
+    if replica_seeds:
+        params["replica_seeds"] = list(replica_seeds)
     with config.errors_name_source("env", cfg.env.name):
         return builder(data, batch_size=cfg.training.batch_size, seed=cfg.training.seed, **params)

@@ -12,6 +12,7 @@ into one graph; the sampler is this instance's own seeded generator, not the glo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import ClassVar
@@ -150,17 +151,19 @@ def build_reward_model(
 class MovieLensEnvironment(InGraphBandit):
     """Each step samples `batch_size` distinct users; the reward is the reconstructed rating.
 
-    With `replicas`, it is that many environments side by side (src.replicas): replica r draws
-    its `batch_size` users from the generator of the run of seed + r, and a step's batch holds
-    each replica's users after the last one's."""
+    With `replica_seeds`, it is that many environments side by side (src.replicas): replica r
+    draws its `batch_size` users from the generator of the run of seed replica_seeds[r], and a
+    step's batch holds each replica's users after the last one's."""
 
     logged_round_kind = "movie"
 
-    def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens", replicas: int = 1):
+    def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens",
+                 replica_seeds: Sequence[int] = ()):
         num_users, rank_k = model.user_features.shape
         require(1 <= batch_size <= num_users, "training.batch_size", batch_size,
                 f"between 1 and the {num_users} users in the environment")
-        self.replicas = replicas
+        seeds = list(replica_seeds) or [seed]
+        self.replicas = replicas = len(seeds)
         self.reward_model = model
         observation_spec = tf.TensorSpec([rank_k], tf.float32, name="observation")
         action_spec = tensor_spec.BoundedTensorSpec(
@@ -169,7 +172,7 @@ class MovieLensEnvironment(InGraphBandit):
         self._features = tf.constant(model.user_features, tf.float32)
         self._rewards = tf.constant(model.rewards, tf.float64)
         self._optimal_reward = tf.constant(model.optimal_reward, tf.float64)
-        self._generators = [tf.random.Generator.from_seed(seed + replica) for replica in range(replicas)]
+        self._generators = [tf.random.Generator.from_seed(each) for each in seeds]
         self._users_drawn = batch_size
         self._users = tf.Variable(tf.zeros([replicas * batch_size], tf.int32), trainable=False, name="users")
         super().__init__(ts.time_step_spec(observation_spec), action_spec, replicas * batch_size, name)
@@ -330,14 +333,15 @@ def check_drift(drift: str, period: int | None, batch_size: int) -> None:
 def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
           reward_rank: int | None = None, movie_selection: str = "first", drift: str = "none",
           drift_period: int | None = None, delay: str = "none", delay_loops: int = 0, delay_longest: int | None = None,
-          feedback_drop: float = 0.0, name: str = "movielens", replicas: int = 1) -> MovieLensEnvironment:
-    """The environment the `env` config group describes, over parsed MovieLens `data` (`replicas`:
-    side by side, without drift)."""
+          feedback_drop: float = 0.0, name: str = "movielens",
+          replica_seeds: Sequence[int] = ()) -> MovieLensEnvironment:
+    """The environment the `env` config group describes, over parsed MovieLens `data` (replicas
+    of these seeds side by side, without drift)."""
     feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
     check_drift(drift, drift_period, batch_size)
     model = build_reward_model(data.ratings_matrix(), num_movies, rank_k, reward_rank, movie_selection)
     if drift == "none":
-        environment = MovieLensEnvironment(model, batch_size, seed, name, replicas)
+        environment = MovieLensEnvironment(model, batch_size, seed, name, replica_seeds)
     else:
         environment = DriftingMovieLensEnvironment(DriftingRewardModel(**fields_of(model), drift=drift, period=drift_period),
                                                    batch_size, seed, name)
