@@ -67,7 +67,7 @@ class SharedOps:
         return alone.policy
 
 
-class Alone:
+class Alone(SharedOps):
     """A member that shares no ops: its engine, assembled and traced under its own seed as its
     run alone's is, so that the op seeds of its random ops are that run's."""
 
@@ -76,12 +76,6 @@ class Alone:
         self.engine = experiment.assemble(member, dataset)
         self.engine.run_chunk.get_concrete_function(tf.TensorSpec([], tf.int32))
         self.interactions_per_loop = self.engine.interactions_per_loop
-
-    def run(self, loops: int, chunk: int):
-        return self.engine.run_replicas(loops, chunk)
-
-    def reward_model(self, place: int):
-        return self.engine.environment.reward_model
 
     def policy(self, place: int):
         return self.engine.agent.policy
@@ -105,7 +99,7 @@ class Group:
         self.stopped: set[int] = set()
 
     def describe(self) -> str:
-        shared = [len(indices) for part, indices in self.parts if isinstance(part, SharedOps)]
+        shared = [len(indices) for part, indices in self.parts if not isinstance(part, Alone)]
         alone = sum(isinstance(part, Alone) for part, _ in self.parts)
         return ", ".join([*(f"{size} in one compiled loop" for size in shared), *([f"{alone} a chunk each in turn"]
                                                                                   if alone else [])])
