@@ -383,8 +383,6 @@ def members(cfg: DictConfig) -> list[DictConfig]:
 def check_replicas(cfg: DictConfig) -> None:
     """`training.replicas`: a positive integer, without what a group does not log (interactions,
     offline learning), and only as many as half the machine's memory holds."""
-    import psutil
-
     replicas = cfg.training.get("replicas", 1)  # a run logged before replicas has none
     require(isinstance(replicas, int) and replicas >= 1, "training.replicas", replicas, "an integer >= 1")
     if replicas == 1:
@@ -395,13 +393,21 @@ def check_replicas(cfg: DictConfig) -> None:
             f"{LARGEST_INTEGER}")
     require(not cfg.tracking.log_interactions, "training.replicas", replicas, "1 with tracking.log_interactions=true")
     require(not is_offline(cfg), "training.replicas", replicas, f"1 for offline learning (objective={cfg.objective})")
-    env = cfg.env
-    dim = env.get("rank_k", 1)
-    per_replica = env.get("num_movies", 1) * dim * dim * REPLICA_BYTES_PER_ARM_CELL + cfg.training.loops * BYTES_PER_LOOP
+    check_group_fits(replicas, cfg, "training.replicas")
+
+
+def check_group_fits(runs: int, cfg: DictConfig, key: str) -> None:
+    """Refuse (naming `key`) a group of `runs` runs of `cfg` whose statistics and histories would
+    take more than half of this machine's memory."""
+    import psutil
+
+    dim = cfg.env.get("rank_k", 1)
+    needed = runs * (cfg.env.get("num_movies", 1) * dim * dim * REPLICA_BYTES_PER_ARM_CELL
+                     + cfg.training.loops * BYTES_PER_LOOP)
     memory = psutil.virtual_memory().total
-    require(replicas * per_replica <= memory / 2, "training.replicas", replicas,
-            f"small enough for the replicas' statistics and histories to fit in half of this machine's "
-            f"{memory / 2**30:.0f} GiB (they would take about {replicas * per_replica / 2**30:,.0f} GiB)")
+    require(needed <= memory / 2, key, runs, f"small enough for the runs' statistics and histories to fit in half "
+                                            f"of this machine's {memory / 2**30:.0f} GiB (they would take about "
+                                            f"{needed / 2**30:,.0f} GiB)")
 
 
 def check_tuned(cfg: DictConfig) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from src import agents, config, data, experiment, metrics, serving, tracking, training
@@ -85,14 +85,20 @@ class Group:
     """Runs trained together: those that can share ops (config.sharing_key) in one compiled loop
     each, the others alone, every part a chunk in turn."""
 
-    def __init__(self, members: list[DictConfig], dataset):
+    def __init__(self, members: list[DictConfig], datasets: list):
         alike: dict[object, list[int]] = {}
         for index, member in enumerate(members):
             alike.setdefault(config.sharing_key(member) or index, []).append(index)
         self.parts, self._places = [], {}
+        self.refused: dict[int, UserError] = {}  # members whose environment or agent refused their config
         for indices in alike.values():
-            part = (SharedOps([members[index] for index in indices], dataset) if len(indices) > 1
-                    else Alone(members[indices[0]], dataset))
+            try:
+                # Members alike share their data too (it is part of the sharing key).
+                part = (SharedOps([members[index] for index in indices], datasets[indices[0]]) if len(indices) > 1
+                        else Alone(members[indices[0]], datasets[indices[0]]))
+            except UserError as refusal:
+                self.refused.update(dict.fromkeys(indices, refusal))
+                continue
             self.parts.append((part, indices))
             self._places.update({index: (part, place) for place, index in enumerate(indices)})
         self.size = len(members)
@@ -133,10 +139,11 @@ class Group:
 
 @dataclass
 class Trained:
-    """A member's end: its final metrics and run, or what stopped it (a pruner, a divergence)."""
+    """A member's end: its final metrics and run, or what stopped it (a pruner, a divergence, or
+    its config refused, which starts no run)."""
 
     final: dict[str, float]
-    run_id: str
+    run_id: str | None
     stopped: Exception | None = None
 
 
@@ -146,6 +153,8 @@ def train_group(cfg: DictConfig, tags: dict[str, str] | None = None) -> list[tup
     config.check_run(cfg)
     members = config.members(cfg)
     trained = train_members(members, [tags or {}] * len(members))
+    if trained[0].run_id is None:  # refused: the same config refused every member
+        raise trained[0].stopped
     stopped = [f"run {each.run_id} (seed {member.training.seed}): {one_line(each.stopped)}"
                for each, member in zip(trained, members) if each.stopped is not None]
     if stopped:
@@ -155,17 +164,25 @@ def train_group(cfg: DictConfig, tags: dict[str, str] | None = None) -> list[tup
 
 def train_members(members: list[DictConfig], tags: list[dict[str, str]],
                   reporters: list[training.Reporter | None] | None = None) -> list[Trained]:
-    """Train `members` (runs of one machine's threads and data; any agents, environments, seeds)
+    """Train `members` (runs of one machine's threads and tracking store; any agents, environments, data, seeds)
     together, each tracked as its own MLflow run with its `tags`, and told to its reporter as a run
     alone would tell it. A member that a reporter stops or that diverges ends alone (KILLED,
-    FAILED), the others train on; what stops the whole group (Ctrl-C, an error) marks every run."""
+    FAILED), the others train on; what stops the whole group (Ctrl-C, an error) marks every run.
+    A member whose environment or agent refuses its config starts no run, as a run alone would not."""
     for member in members:
         config.check_run(member)
     first = members[0]
     configure_threads(first.training.threads.intra_op, first.training.threads.inter_op)
     experiment_id = tracking.connect(first.tracking.uri, first.tracking.experiment)
-    dataset = data.load(first.data)
-    group = Group(members, dataset)
+    datasets = each_dataset(members)
+    group = Group(members, datasets)
+    if group.refused:
+        # The others train as a group of their own (built anew: rare, and simpler than renumbering).
+        kept = [index for index in range(len(members)) if index not in group.refused]
+        others = iter(train_members([members[index] for index in kept], [tags[index] for index in kept],
+                                    [(reporters or [None] * len(members))[index] for index in kept]) if kept else [])
+        return [Trained({}, None, group.refused[index]) if index in group.refused else next(others)
+                for index in range(len(members))]
     random_regrets = [group.reward_model(index).random_policy_regret for index in range(group.size)]
     group_id = uuid.uuid4().hex
     member_tags = [{**extra, training.LONG_NAME_TAG: training.long_name(member, extra), GROUP_TAG: group_id,
@@ -176,8 +193,8 @@ def train_members(members: list[DictConfig], tags: list[dict[str, str]],
     histories = [metrics.RegretHistory(group.interactions_per_loop(index)) for index in range(group.size)]
     reward_model = group.reward_model(0)
     with interrupts_handled() as interrupts, tracking.group_runs(members, names, experiment_id, member_tags) as ids:
-        log.info("Training %d runs together (%s), %s on %s (%s data), %d users, %d movies; %d loops x %d "
-                 "interactions each", group.size, group.describe(), "/".join(sorted({m.agent.name for m in members})),
+        log.info("Training %s (%s), %s on %s (%s data), %d users, %d movies; %d loops x %d interactions each",
+                 f"{group.size} runs together" if group.size > 1 else "1 run", group.describe(), "/".join(sorted({m.agent.name for m in members})),
                  first.env.name, first.data.name, len(reward_model.user_ids), len(reward_model.movie_ids),
                  first.training.loops, group.interactions_per_loop(0))
         stopped: dict[int, Exception] = {}
@@ -197,11 +214,11 @@ def train_members(members: list[DictConfig], tags: list[dict[str, str]],
                 continue
             try:
                 with tracking.finishing(run_id, name, experiment_id):
-                    training.log_ratings(member, dataset)
+                    training.log_ratings(member, datasets[index])
                     mlflow.log_metrics({metrics.INTERACTIONS_PER_S: metrics.rounded(rate),
                                         metrics.GROUP_INTERACTIONS_PER_S: metrics.rounded(rate * group.size),
                                         metrics.SECONDS: metrics.rounded(seconds)})
-                    log_artifacts(member, group, index, history, random_regrets[index], dataset)
+                    log_artifacts(member, group, index, history, random_regrets[index], datasets[index])
             except (OSError, MlflowException) as error:  # the run is FAILED; the others are logged still
                 kept = keep_unlogged(member, group, index, history, random_regrets[index], run_id)
                 unlogged.append(f"run {run_id}: {one_line(error)}; kept in {kept}")
@@ -212,6 +229,16 @@ def train_members(members: list[DictConfig], tags: list[dict[str, str]],
              ", ".join(f"{history.final()[metrics.CUMULATIVE_REGRET]:.1f}" for history in histories))
     return [Trained(history.final(), run_id, stopped.get(index))
             for index, (history, run_id) in enumerate(zip(histories, ids))]
+
+
+def each_dataset(members: list[DictConfig]) -> list:
+    """Each member's data, every distinct dataset loaded once."""
+    loaded = {}
+    for member in members:
+        key = OmegaConf.to_yaml(member.data)
+        if key not in loaded:
+            loaded[key] = data.load(member.data)
+    return [loaded[OmegaConf.to_yaml(member.data)] for member in members]
 
 
 def keep_tables(member: DictConfig, history: metrics.RegretHistory, random_regret: float, run_id: str) -> None:

@@ -45,6 +45,9 @@ class SweepTracking(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         with exit_on_user_error():
+            if config.sweep.batch != 1:
+                raise UserError(f"sweep.batch={config.sweep.batch} batches the trials of ./multirun.sh's workers; "
+                                "python -m src.train -m runs one trial at a time (sweep.batch=1)")
             study.prepare(config)
         # Hydra skips on_multirun_end when the sweep raises (every trial failed, Ctrl-C);
         # the parent run must still end, as FAILED.

@@ -23,7 +23,7 @@ def histories(cfg) -> list[pd.DataFrame]:
 
 def group_histories(members) -> list[pd.DataFrame]:
     """Each member's per-loop metrics, trained as one group."""
-    group = replicas.Group(members, data.load(members[0].data))
+    group = replicas.Group(members, replicas.each_dataset(members))
     kept = [metrics.RegretHistory(group.interactions_per_loop(index)) for index in range(group.size)]
     for chunks in group.run():
         for index, chunk in chunks.items():
@@ -64,7 +64,7 @@ def test_runs_of_other_seeds_alphas_and_ridges_share_one_loop_each_equal_to_its_
             [f"agent={agent}", "training.seed=9", "agent.alpha=0.5"],
             [f"agent={agent}", "training.seed=0", "env.rank_k=3"]]  # another shape: trained alone
     members = [make_config(*run) for run in runs]
-    group = replicas.Group(members, data.load(members[0].data))
+    group = replicas.Group(members, replicas.each_dataset(members))
     assert [len(indices) for _, indices in group.parts] == [3, 1]
     together = group_histories(members)
     for run, history in zip(runs, together):

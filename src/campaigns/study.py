@@ -22,7 +22,7 @@ from src import config, metrics, tracking
 from src.campaigns.repair import RetryDeadWorkersTrial, end_orphaned_runs
 from src.campaigns.storage import POLL_SECONDS, open_storage, reaching_storage, shown_storage
 from src.campaigns.trials import COMPLETE, FAIL, PARENT_RUN_ATTR
-from src.errors import UserError
+from src.errors import UserError, require
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,14 @@ def directions(cfg: DictConfig) -> list[str]:
 def check_sweeper(cfg: DictConfig) -> None:
     sweeper = cfg.hydra.sweeper
     if cfg.training.replicas != 1:
-        raise UserError("training.replicas must be 1 in a campaign: a trial is one run (train the seeds of one configuration as a group with python -m src.train training.replicas=R)")
+        raise UserError("training.replicas must be 1 in a campaign: a trial is one run (a worker trains sweep.batch "
+                        "trials as a group)")
+    batch = cfg.sweep.batch
+    require(isinstance(batch, int) and batch >= 1, "sweep.batch", batch, "an integer >= 1")
+    if batch > 1:
+        require(not cfg.tracking.log_interactions, "sweep.batch", batch, "1 with tracking.log_interactions=true")
+        require(not config.is_offline(cfg), "sweep.batch", batch, f"1 for offline learning (objective={cfg.objective})")
+        config.check_group_fits(min(batch, sweeper.n_trials), cfg, "sweep.batch")
     wanted = metrics.OBJECTIVES.get(cfg.objective)
     if wanted and directions(cfg) != [wanted]:
         raise UserError(f"hydra.sweeper.direction is {sweeper.direction}, but objective={cfg.objective} "

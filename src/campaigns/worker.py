@@ -4,6 +4,7 @@ study's parent run, and summarises the study if it ends the last trial."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -18,6 +19,7 @@ import numpy as np
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from optuna.storages._heartbeat import get_heartbeat_thread
 
 from src import config, tracking
 from src.campaigns.repair import RetryDeadWorkersTrial
@@ -29,8 +31,11 @@ from src.campaigns.trials import COMPLETE, ERROR_ATTR, FAIL, PARENT_RUN_ATTR, PR
 from src.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
+BATCH_ATTR = "batched_with"  # an enqueued trial's: the trial whose shape-changing values it shares
 # Hydra's sampler config still sets TPE options Optuna 4 deprecated (at their defaults).
 warnings.filterwarnings("ignore", message=r".*has been deprecated in v4\.", category=FutureWarning)
+# Optuna warns that heartbeats are meant for `study.optimize`; a batch's trials beat as its do (run_batch).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 class TrackingServerLost(UserError):
@@ -108,6 +113,17 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
         time.sleep(POLL_SECONDS)  # the last trials run elsewhere; take over if their worker dies
         optuna.storages.fail_stale_trials(study)
         return True
+    if cfg.sweep.batch > 1:
+        slots = waiting if GRID_ATTR in study.user_attrs else max(goal - complete - running, 1)
+        try:
+            run_batch(cfg, study, space, overrides, goal, min(cfg.sweep.batch, slots))
+        except (TrackingServerLost, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            lost = in_chain(error, StorageLost)
+            if lost is not None:
+                raise lost from None
+        return True
     try:
         # Optuna fails the trial (and records why) before re-raising.
         study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1,
@@ -146,22 +162,13 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
     """Train the trial's configuration; its MLflow run is a child of the study's parent run."""
     from src.training import train  # TensorFlow loads where trials run, not to prepare or summarise
 
-    study = trial.study
-    trials = study.get_trials(deepcopy=False)
-    if sum(t.number < trial.number and t.state in (COMPLETE, RUNNING) for t in trials) >= goal:
-        # Another worker took the last place a moment before this one.
-        trial.set_user_attr("surplus", True)
+    if surplus(trial.study, trial, goal):
         raise optuna.TrialPruned(f"surplus: the study already has its {goal} trials")
     try:
         values = suggest(trial, space)
         trial_cfg = trial_config(overrides, values)
-        tags = {"sweep.study": study.study_name, "sweep.trial": str(trial.number),
-                "mlflow.parentRunId": study.user_attrs[PARENT_RUN_ATTR]}
-        retry_of = RetryDeadWorkersTrial.retried_trial_number(next(t for t in trials if t.number == trial.number))
-        if retry_of is not None:
-            tags["sweep.retry_of"] = str(retry_of)
         log.info("Trial %d started: %s", trial.number, shown_params(values))
-        final, run_id = train(trial_cfg, tags, pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None)
+        final, run_id = train(trial_cfg, trial_tags(trial.study, trial), pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None)
     except StorageLost:
         raise
     except Exception as error:
@@ -176,6 +183,122 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
         raise
     trial.set_user_attr(RUN_ATTR, run_id)
     return final[trial_cfg.objective]
+
+
+# Values the trials of a batch may hold apart and still share one compiled loop (src.replicas).
+PER_REPLICA_DIMENSIONS = ("training.seed", *(f"agent.{name}" for name in config.PER_REPLICA_HYPERPARAMETERS))
+
+
+def run_batch(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str], goal: int, size: int) -> None:
+    """Ask for `size` trials and train them together (src.replicas.train_members), each its own
+    run, reported to its pruner and told to Optuna on its own; a trial whose config is refused
+    fails alone. Ask-and-tell does what `study.optimize` does for one trial: stale trials failed
+    first, a heartbeat per trial while it runs, every trial left untold FAIL if the batch dies."""
+    from src.replicas import train_members
+
+    optuna.storages.fail_stale_trials(study)
+    untold: dict[int, optuna.Trial] = {}
+    with contextlib.ExitStack() as heartbeats:
+        try:
+            batch = ask_batch(cfg, study, space, overrides, size, untold, heartbeats)
+            runnable = [(trial, values, trial_cfg) for trial, values, trial_cfg in batch
+                        if not refused(cfg, study, trial, trial_cfg, goal, untold)]
+            if not runnable:
+                return
+            for trial, values, _ in runnable:
+                log.info("Trial %d started: %s", trial.number, shown_params(values))
+            reporters = [pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None for trial, _, _ in runnable]
+            trained = train_members([trial_cfg for _, _, trial_cfg in runnable],
+                                    [trial_tags(study, trial) for trial, _, _ in runnable], reporters)
+        except StorageLost:
+            raise
+        except BaseException as error:
+            if not tracking.is_unreachable(error):
+                for trial in list(untold.values()):
+                    tell(cfg, study, untold, trial, FAIL, error=one_line(error))
+                raise
+            lost = TrackingServerLost(
+                f"the MLflow tracking server at {mlflow.get_tracking_uri()} stopped answering during trials "
+                f"{', '.join(str(number) for number in untold)} for {cfg.sweep.storage_patience_s:.0f} s "
+                f"({tracking.why_unreachable(error)}); the trials failed, and a worker started when the server "
+                f"is back ends their runs")
+            for trial in list(untold.values()):
+                tell(cfg, study, untold, trial, FAIL, error=str(lost))
+            raise lost from None
+        for (trial, _, trial_cfg), result in zip(runnable, trained):
+            if result.stopped is None:
+                trial.set_user_attr(RUN_ATTR, result.run_id)
+                tell(cfg, study, untold, trial, COMPLETE, value=result.final[trial_cfg.objective])
+            elif isinstance(result.stopped, optuna.TrialPruned):
+                tell(cfg, study, untold, trial, PRUNED)
+            else:
+                tell(cfg, study, untold, trial, FAIL, error=one_line(result.stopped))
+
+
+def ask_batch(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str], size: int,
+              untold: dict[int, optuna.Trial], heartbeats: contextlib.ExitStack) -> list:
+    """`size` trials with their values and configs, each beating from when it is asked. When the
+    first's agent can share its loop and the search holds per-replica values, the others are
+    enqueued with its other values (Optuna samples the rest), so that the batch trains as one loop;
+    a grid's trials are its points, never enqueued."""
+    batch = []
+    for _ in range(size):
+        trial = study.ask()
+        untold[trial.number] = trial
+        heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+        values = suggest(trial, space)
+        batch.append((trial, values, trial_config(overrides, values)))
+        if len(batch) == 1 and size > 1 and GRID_ATTR not in study.user_attrs and config.can_share_ops(batch[0][2]):
+            shared = {name: value for name, value in values.items() if name not in PER_REPLICA_DIMENSIONS}
+            if len(shared) < len(values):
+                for _ in range(size - 1):
+                    study.enqueue_trial(shared, user_attrs={BATCH_ATTR: trial.number})
+    return batch
+
+
+def refused(cfg: DictConfig, study: optuna.Study, trial: optuna.Trial, trial_cfg: DictConfig, goal: int,
+            untold: dict[int, optuna.Trial]) -> bool:
+    """Whether the trial ends before training, told: surplus to the study, or its config refused."""
+    if surplus(study, trial, goal):
+        tell(cfg, study, untold, trial, PRUNED)
+        return True
+    try:
+        config.check_run(trial_cfg)
+    except UserError as error:
+        tell(cfg, study, untold, trial, FAIL, error=str(error))
+        return True
+    return False
+
+
+def tell(cfg: DictConfig, study: optuna.Study, untold: dict[int, optuna.Trial], trial: optuna.Trial,
+         state: optuna.trial.TrialState, value: float | None = None, error: str | None = None) -> None:
+    """End a trial of a batch, with a line as `study.optimize` writes (announce, or why it failed)."""
+    if error is not None:
+        trial.set_user_attr(ERROR_ATTR, error)
+        log.warning("Trial %d failed: %s", trial.number, error)
+    del untold[trial.number]
+    announce(cfg.objective, study, study.tell(trial, value, state=state))
+
+
+def surplus(study: optuna.Study, trial: optuna.Trial, goal: int) -> bool:
+    """Whether the study already has its `goal` trials without this one (another worker took the
+    last place a moment before), which then ends PRUNED, marked surplus."""
+    trials = study.get_trials(deepcopy=False)
+    if sum(t.number < trial.number and t.state in (COMPLETE, RUNNING) for t in trials) < goal:
+        return False
+    trial.set_user_attr("surplus", True)
+    return True
+
+
+def trial_tags(study: optuna.Study, trial: optuna.Trial) -> dict[str, str]:
+    """The MLflow tags of a trial's run: its study, its number, the parent run and what it retries."""
+    tags = {"sweep.study": study.study_name, "sweep.trial": str(trial.number),
+            "mlflow.parentRunId": study.user_attrs[PARENT_RUN_ATTR]}
+    frozen = study._storage.get_trial(trial._trial_id)
+    retry_of = RetryDeadWorkersTrial.retried_trial_number(frozen)
+    if retry_of is not None:
+        tags["sweep.retry_of"] = str(retry_of)
+    return tags
 
 
 def suggest(trial: optuna.Trial, space: dict) -> dict:

@@ -4,6 +4,8 @@ does not depend on the trials the worker ran before them."""
 from __future__ import annotations
 
 import collections
+import logging
+import re
 import subprocess
 import sys
 
@@ -11,12 +13,14 @@ import numpy as np
 import optuna
 import pytest
 
-from src import data, experiment
+from src import data, experiment, replicas
 from src.campaigns import summary, worker
-from src.campaigns.study import compose_sweep
+from src.campaigns.trials import COMPLETE, ERROR_ATTR, FAIL
+from src.campaigns.study import compose_sweep, prepare
 from src.campaigns.worker import sampler_seed, work
 from src.errors import UserError
 from src.paths import PROJECT_ROOT
+from src.sweep import SweepTracking
 from src.training import train
 from tests.campaigns.conftest import overrides_for, runs_of, states
 
@@ -66,6 +70,81 @@ def test_a_grid_of_agents_and_seeds_runs_each_point_once(data_overrides, tmp_pat
     assert sorted((t.params["agent"], t.params["training.seed"]) for t in study.trials) == [
         ("linucb", 0), ("linucb", 1), ("random", 0), ("random", 1)]
     assert states(study) == {"COMPLETE": 4}
+
+
+def test_a_batch_of_trials_shares_one_loop_and_each_trial_is_told_and_pruned_alone(make_config, data_overrides,
+                                                                                    tmp_path, monkeypatch):
+    monkeypatch.setattr(worker, "sampler_seed", lambda base, number, trials: base + number + trials)
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [o for o in overrides_for(data_overrides, "batched", storage, tracking_uri, "hydra.sweeper.n_trials=12",
+                                          "training.loops=60", "sweep.pruner=median", "sweep.batch=3",
+                                          "env.rank_k=choice(2, 3)") if o != "env.rank_k=3"]
+    work(overrides)
+    study = optuna.load_study(study_name="batched", storage=storage)
+    counts = states(study)
+    assert counts["COMPLETE"] == 12 and counts["PRUNED"] >= 1 and set(counts) == {"COMPLETE", "PRUNED"}, counts
+    runs = {int(run.data.tags["sweep.trial"]): run for run in runs_of(tracking_uri, "batched")
+            if "sweep.trial" in run.data.tags}
+    batches = collections.defaultdict(list)
+    for trial in study.trials:
+        batches[runs[trial.number].data.tags[replicas.GROUP_TAG]].append(trial)
+    # A batch is one loop: its trials share the first's rank and sample their own alpha and ridge.
+    assert sorted(len(trials) for trials in batches.values())[-1] == 3
+    for trials in batches.values():
+        assert len({trial.params["env.rank_k"] for trial in trials}) == 1
+        assert len({trial.params["agent.alpha"] for trial in trials}) == len(trials)
+    pruned = [run for run in runs.values() if "sweep.pruned" in run.data.tags]
+    assert len(pruned) == counts["PRUNED"] and all(run.info.status == "KILLED" for run in pruned)
+    # A batched trial's value is the value of its configuration trained alone.
+    batched = next(trial for trial in study.get_trials(states=(COMPLETE,)) if worker.BATCH_ATTR in trial.user_attrs)
+    params = [f"{name}={value}" for name, value in batched.params.items()]
+    final, _ = train(make_config("agent=linucb", "env.reward_rank=4", "training.loops=60", *params))
+    assert final["train/cumulative_regret"] == batched.value
+
+
+def test_a_batch_of_grid_points_trains_alike_seeds_in_one_loop_and_a_refused_point_fails_alone(data_overrides,
+                                                                                                tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="src.replicas")
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [o.replace("hparams_search=linucb", "hparams_search=grid") for o in overrides_for(
+        data_overrides, "grid", storage, tracking_uri, "training.loops=20", "sweep.batch=4",
+        "agent=choice(linucb, random)", "training.seed=choice(0, 1)", "env.rank_k=choice(3, 50)") if o != "env.rank_k=3"]
+    work(overrides)
+    study = optuna.load_study(study_name="grid", storage=storage)
+    assert states(study) == {"COMPLETE": 4, "FAIL": 4}
+    assert {trial.params["env.rank_k"] for trial in study.get_trials(states=(FAIL,))} == {50}
+    assert all("env.rank_k must be" in trial.user_attrs[ERROR_ATTR] for trial in study.get_trials(states=(FAIL,)))
+    runs = runs_of(tracking_uri, "grid")
+    assert len(runs) == 5  # the parent and the 4 points that ran: a refused config starts no run
+    tags = {int(run.data.tags["sweep.trial"]): run.data.tags for run in runs if "sweep.trial" in run.data.tags}
+    by_point = {(trial.params["agent"], trial.params["training.seed"]): tags[trial.number]
+                for trial in study.get_trials(states=(COMPLETE,))}
+    assert by_point[("linucb", 0)][replicas.GROUP_TAG] == by_point[("linucb", 1)][replicas.GROUP_TAG]
+    assert "(2 in one compiled loop)" in caplog.text and "(2 a chunk each in turn)" in caplog.text
+
+
+@pytest.mark.parametrize("settings, refusal", [
+    (["sweep.batch=0"], "sweep.batch must be an integer >= 1, got 0"),
+    (["sweep.batch=2", "tracking.log_interactions=true"], "sweep.batch must be 1 with tracking.log_interactions=true"),
+    (["sweep.batch=100000", "hydra.sweeper.n_trials=100000", "env.rank_k=20"],
+     "sweep.batch must be small enough for the runs' statistics and histories to fit in half"),
+])
+def test_a_batch_that_cannot_run_is_refused_before_its_study_is_made(data_overrides, tmp_path, settings, refusal):
+    cfg = compose_sweep(["hparams_search=linucb", *data_overrides, *settings,
+                         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+                         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(UserError, match=re.escape(refusal)):
+        prepare(cfg)
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_single_process_sweep_refuses_a_batch_in_one_line(data_overrides, tmp_path, caplog):
+    cfg = compose_sweep(["hparams_search=linucb", *data_overrides, "sweep.batch=2",
+                         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}"])
+    with pytest.raises(SystemExit) as exit_:
+        SweepTracking().on_multirun_start(cfg)
+    assert exit_.value.code == 2 and "sweep.batch=2 batches the trials of ./multirun.sh's workers" in caplog.text
+    assert not (tmp_path / "optuna.db").exists()
 
 
 # Each source of randomness once: sampled actions, network weights, dropout, posterior draws,
