@@ -113,21 +113,14 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
         time.sleep(POLL_SECONDS)  # the last trials run elsewhere; take over if their worker dies
         optuna.storages.fail_stale_trials(study)
         return True
-    if cfg.sweep.batch > 1:
-        slots = waiting if GRID_ATTR in study.user_attrs else max(goal - complete - running, 1)
-        try:
-            run_batch(cfg, study, space, overrides, goal, min(cfg.sweep.batch, slots))
-        except (TrackingServerLost, KeyboardInterrupt):
-            raise
-        except Exception as error:
-            lost = in_chain(error, StorageLost)
-            if lost is not None:
-                raise lost from None
-        return True
     try:
-        # Optuna fails the trial (and records why) before re-raising.
-        study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1,
-                       callbacks=[functools.partial(announce, cfg.objective)])
+        if cfg.sweep.batch > 1:
+            slots = waiting if GRID_ATTR in study.user_attrs else max(goal - complete - running, 1)
+            run_batch(cfg, study, space, overrides, goal, min(cfg.sweep.batch, slots))
+        else:
+            # Optuna fails the trial (and records why) before re-raising.
+            study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1,
+                           callbacks=[functools.partial(announce, cfg.objective)])
     except TrackingServerLost:
         raise
     except Exception as error:
@@ -240,7 +233,7 @@ def ask_batch(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list
     """`size` trials with their values and configs, each beating from when it is asked. When the
     first's agent can share its loop and the search holds per-replica values, the others are
     enqueued with its other values (Optuna samples the rest), so that the batch trains as one loop;
-    a grid's trials are its points, never enqueued."""
+    a grid's trials are its points, and retried trials waiting are taken first: neither is enqueued."""
     batch = []
     for _ in range(size):
         trial = study.ask()
@@ -248,7 +241,8 @@ def ask_batch(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list
         heartbeats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
         values = suggest(trial, space)
         batch.append((trial, values, trial_config(overrides, values)))
-        if len(batch) == 1 and size > 1 and GRID_ATTR not in study.user_attrs and config.can_share_ops(batch[0][2]):
+        if (len(batch) == 1 and size > 1 and GRID_ATTR not in study.user_attrs and config.can_share_ops(batch[0][2])
+                and not study.get_trials(deepcopy=False, states=(WAITING,))):  # retries, taken first as they are
             shared = {name: value for name, value in values.items() if name not in PER_REPLICA_DIMENSIONS}
             if len(shared) < len(values):
                 for _ in range(size - 1):
