@@ -33,6 +33,7 @@ import pandas as pd
 from benchmarks.throughput import peak_rss_mb
 from src import config, data, experiment
 from src.engine import configure_threads
+from src.replicas import Alone, Group, each_dataset
 from src.paths import PROJECT_ROOT
 
 log = logging.getLogger("benchmarks.replicas")
@@ -50,25 +51,35 @@ def cumulative(engine, loops: int, chunk: int, totals: np.ndarray) -> float:
 
 def measure(agent: str, catalogue: list[str], data_dir: Path, replicas: int, loops: int, rounds: int) -> dict:
     base = [f"agent={agent}", f"data.dir={data_dir}", *catalogue]
-    group_cfg = config.compose([*base, f"training.replicas={replicas}"])
-    dataset = data.load(group_cfg.data)
-    chunk = group_cfg.training.chunk_loops
-    group = experiment.assemble(group_cfg, dataset)
-    alone = [experiment.assemble(config.compose([*base, f"training.seed={seed}"]), dataset) for seed in range(replicas)]
+    chunk = config.compose(base).training.chunk_loops
+    members = [config.compose([*base, f"training.seed={seed}", f"training.loops={chunk + rounds * loops}"])
+               for seed in range(replicas)]
+    datasets = each_dataset(members)
+    group = Group(members, datasets)
+    group_rounds = group.run()
+    alone = [Alone(member, datasets[0]).engine for member in members]  # traced under its seed, as a run alone
     group_regret, alone_regret = np.zeros(replicas), np.zeros(replicas)
-    cumulative(group, chunk, chunk, group_regret)  # the warm-up: tracing
+
+    def grouped(chunks: int) -> float:
+        started = time.perf_counter()
+        for _ in range(chunks):
+            for index, chunk_metrics in next(group_rounds).items():
+                group_regret[index] += chunk_metrics.regret.sum()
+        return time.perf_counter() - started
+
+    grouped(1)  # the warm-up: tracing
     for seed, engine in enumerate(alone):
         cumulative(engine, chunk, chunk, alone_regret[seed:seed + 1])
-    sequential, grouped = [], []
-    interactions = replicas * loops * group.interactions_per_loop
+    sequential, together = [], []
+    interactions = replicas * loops * group.interactions_per_loop(0)
     for round_ in range(rounds):
         seconds = sum(cumulative(engine, loops, chunk, alone_regret[seed:seed + 1])
                       for seed, engine in enumerate(alone))
         sequential.append(interactions / seconds)
-        grouped.append(interactions / cumulative(group, loops, chunk, group_regret))
-        log.info("%s, %s: round %d of %d: sequential %.0f/s, grouped %.0f/s", agent, catalogue or "20 movies",
-                 round_ + 1, rounds, sequential[-1], grouped[-1])
-    return {"sequential": float(np.median(sequential)), "grouped": float(np.median(grouped)),
+        together.append(interactions / grouped(loops // chunk))
+        log.info("%s, %s: round %d of %d: sequential %.0f/s, grouped (%s) %.0f/s", agent, catalogue or "20 movies",
+                 round_ + 1, rounds, sequential[-1], group.describe(), together[-1])
+    return {"sequential": float(np.median(sequential)), "grouped": float(np.median(together)),
             "exact": bool(np.array_equal(group_regret, alone_regret))}
 
 
@@ -103,7 +114,9 @@ def cli_wall_times(agent: str, data_dir: Path, replicas: int) -> tuple[float, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="MovieLens 100K directory")
-    parser.add_argument("--agents", nargs="+", default=list(config.REPLICATED_AGENTS))
+    parser.add_argument("--agents", nargs="+", default=list(config.REPLICATED_AGENTS),
+                        help="agents to time (others than LinUCB and LinTS train a chunk each in turn, in threads)")
+    parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES), choices=list(CATALOGUES))
     parser.add_argument("--replicas", type=int, default=10)
     parser.add_argument("--loops", type=int, default=1000, help="loops timed per run and round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -114,12 +127,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     data_dir = args.data_dir.resolve()
     first = config.compose([f"data.dir={data_dir}"])
+    if args.loops % first.training.chunk_loops:
+        parser.error(f"--loops must be a multiple of training.chunk_loops={first.training.chunk_loops}")
     configure_threads(first.training.threads.intra_op, first.training.threads.inter_op)
     log.info("A group of %d LinUCB runs at TF-Agents' example size, first, for its peak memory", args.replicas)
     seconds, peak = example_size_memory("linucb", data_dir, args.replicas)
     rows = [{"agent": agent, "catalogue": name,
              **measure(agent, overrides, data_dir, args.replicas, args.loops, args.rounds)}
-            for agent in args.agents for name, overrides in CATALOGUES.items()]
+            for agent in args.agents for name, overrides in CATALOGUES.items() if name in args.catalogues]
     table = pd.DataFrame(rows)
     table["ratio"] = table.grouped / table.sequential
     print(f"\nAggregate interactions/s of {args.replicas} runs, one after another and as one group: median of "

@@ -46,7 +46,7 @@ BYTES_PER_LOGGED_INTERACTION = 200
 BYTES_PER_LOGGED_SLATE_COLUMN = 32
 # Replicas (training.replicas, src.replicas) that share one compiled loop's ops: the vectorised
 # linear agents, whose statistics take a replica axis, on the stationary environment of one movie
-# per step. Others train in turn in one process.
+# per step. Others train beside them in one process, each its own engine.
 REPLICATED_AGENTS = ("linucb", "lints")
 REPLICATED_ENVIRONMENT = "src.envs.movielens.build"
 # What replicas sharing a loop may set apart, each keeping its own (a sweep's trials batched,

@@ -7,8 +7,8 @@ their arithmetic. Runs that can share the ops (`config.sharing_key`: the linear 
 stationary environment, alike but for their seeds, alpha and ridge; their statistics and the
 environment carry a replica axis, src.agents.linear, src.envs.movielens) train side by side in
 one compiled loop (`SharedOps`), all but a few per-replica ops (the generators' draws, the scoring
-products) serving every run; any other run trains its own engine a chunk in turn (`Alone`),
-sharing the process's start-up, data and tracking but not the ops. Either way each run draws from
+products) serving every run; any other run trains its own engine (`Alone`) beside them, the parts'
+chunks in threads, sharing the process's start-up, data, tracking and cores but not the ops. Either way each run draws from
 the generators its run alone would (seeded from its own seed), so its metrics equal that run's
 (tests/test_replicas.py); its MLflow run holds what a run of its own holds, with the config that
 reproduces it alone (`training.replicas=1`), tagged with its group.
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,16 +84,22 @@ class Alone(SharedOps):
 
 
 class Group:
-    """Runs trained together: those that can share ops (config.sharing_key) in one compiled loop
-    each, the others alone, every part a chunk in turn."""
+    """Runs trained together: those that can share ops (config.sharing_key) in compiled loops of
+    several, one per of the `cores` (default: this process's), the others alone; every part
+    trains a chunk a round, the parts in threads."""
 
-    def __init__(self, members: list[DictConfig], datasets: list):
+    def __init__(self, members: list[DictConfig], datasets: list, cores: int | None = None):
         alike: dict[object, list[int]] = {}
         for index, member in enumerate(members):
             alike.setdefault(config.sharing_key(member) or index, []).append(index)
         self.parts, self._places = [], {}
         self.refused: dict[int, UserError] = {}  # members whose environment or agent refused their config
-        for indices in alike.values():
+        # Members alike train in a compiled loop per core (`run` trains the parts in threads): on 2
+        # cores 10 LinUCB runs as two loops of 5 go 3.1x the runs one after another, as one loop 1.8x.
+        self.cores = cores or len(os.sched_getaffinity(0))
+        pieces = [[int(index) for index in piece] for indices in alike.values()
+                  for piece in np.array_split(indices, min(self.cores, len(indices)))]
+        for indices in pieces:
             try:
                 # Members alike share their data too (it is part of the sharing key).
                 part = (SharedOps([members[index] for index in indices], datasets[indices[0]]) if len(indices) > 1
@@ -107,7 +115,7 @@ class Group:
     def describe(self) -> str:
         shared = [len(indices) for part, indices in self.parts if not isinstance(part, Alone)]
         alone = sum(isinstance(part, Alone) for part, _ in self.parts)
-        return ", ".join([*(f"{size} in one compiled loop" for size in shared), *([f"{alone} a chunk each in turn"]
+        return ", ".join([*(f"{size} in one compiled loop" for size in shared), *([f"{alone} on engines of their own"]
                                                                                   if alone else [])])
 
     def interactions_per_loop(self, index: int) -> int:
@@ -124,17 +132,21 @@ class Group:
     def run(self):
         """Each round of chunks: {member index: its chunk's metrics} of the members not `stopped`,
         each part training its members' `training.loops`; a part whose members have all stopped
-        trains no further."""
+        trains no further. The parts train their chunks of a round at once, a thread per core:
+        a compiled call lets go of the GIL, and a small agent's ops keep one core busy at most
+        (two epsilon-greedy runs in turn 1.4-1.5x faster on 2 cores, neural LinUCB 2x). Each
+        part's draws are its own generators', so the order the threads run in changes nothing."""
         running = [(iter(part.run(part.members[0].training.loops, part.members[0].training.chunk_loops)), indices)
                    for part, indices in self.parts]
-        while running:
-            running = [(chunks, indices) for chunks, indices in running if not self.stopped.issuperset(indices)]
-            round_ = {}
-            for chunks, indices in running:
-                round_.update({index: chunk for index, chunk in zip(indices, next(chunks, ())) if index not in self.stopped})
-            if not round_:
-                return
-            yield round_
+        with ThreadPoolExecutor(max_workers=max(1, min(len(running), self.cores))) as threads:
+            while running:
+                running = [(chunks, indices) for chunks, indices in running if not self.stopped.issuperset(indices)]
+                round_ = {}
+                for (_, indices), chunk in zip(running, threads.map(lambda part: next(part[0], ()), running)):
+                    round_.update({index: each for index, each in zip(indices, chunk) if index not in self.stopped})
+                if not round_:
+                    return
+                yield round_
 
 
 @dataclass

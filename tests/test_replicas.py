@@ -16,14 +16,14 @@ from src.errors import UserError
 from tests.conftest import breaking_after_first_chunk
 
 
-def histories(cfg) -> list[pd.DataFrame]:
-    """Each replica's per-loop metrics (one frame for a run alone)."""
-    return group_histories(config.members(cfg))
+def histories(cfg, cores: int = 1) -> list[pd.DataFrame]:
+    """Each replica's per-loop metrics (one frame for a run alone), alike replicas in `cores` loops."""
+    return group_histories(config.members(cfg), cores)
 
 
-def group_histories(members) -> list[pd.DataFrame]:
+def group_histories(members, cores: int = 1) -> list[pd.DataFrame]:
     """Each member's per-loop metrics, trained as one group."""
-    group = replicas.Group(members, replicas.each_dataset(members))
+    group = replicas.Group(members, replicas.each_dataset(members), cores)
     kept = [metrics.RegretHistory(group.interactions_per_loop(index)) for index in range(group.size)]
     for chunks in group.run():
         for index, chunk in chunks.items():
@@ -33,10 +33,12 @@ def group_histories(members) -> list[pd.DataFrame]:
 
 @pytest.mark.parametrize("overrides", [["agent=linucb"], ["agent=lints"], ["agent=linucb", "agent.discount=0.9"],
                                        ["agent=lints", "env.movie_selection=most_rated", "training.batch_size=3"]])
-def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides):
+@pytest.mark.parametrize("cores", [1, 2])
+def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides, cores):
+    """In one compiled loop, or (2 cores) a loop of 2 and a run alone in threads side by side."""
     cfg = make_config(*overrides, "training.replicas=3", "training.seed=4")
-    assert config.shares_ops(cfg)  # one compiled loop
-    group = histories(cfg)
+    assert config.shares_ops(cfg)
+    group = histories(cfg, cores)
     for replica, replica_history in enumerate(group):
         alone = histories(make_config(*overrides, f"training.seed={4 + replica}"))[0]
         pd.testing.assert_frame_equal(replica_history, alone, check_exact=True)
@@ -50,7 +52,7 @@ def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides):
 def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(make_config, overrides):
     cfg = make_config(*overrides, "training.replicas=2", "training.seed=7")
     assert not config.shares_ops(cfg)
-    group = histories(cfg)
+    group = histories(cfg, cores=2)  # in threads side by side
     for replica, replica_history in enumerate(group):
         alone = histories(make_config(*overrides, f"training.seed={7 + replica}"))[0]
         pd.testing.assert_frame_equal(replica_history, alone, check_exact=True)
@@ -64,7 +66,7 @@ def test_runs_of_other_seeds_alphas_and_ridges_share_one_loop_each_equal_to_its_
             [f"agent={agent}", "training.seed=9", "agent.alpha=0.5"],
             [f"agent={agent}", "training.seed=0", "env.rank_k=3"]]  # another shape: trained alone
     members = [make_config(*run) for run in runs]
-    group = replicas.Group(members, replicas.each_dataset(members))
+    group = replicas.Group(members, replicas.each_dataset(members), cores=1)
     assert [len(indices) for _, indices in group.parts] == [3, 1]
     together = group_histories(members)
     for run, history in zip(runs, together):
@@ -197,7 +199,7 @@ def test_the_cli_trains_a_group(run_cli, data_overrides, tracking_uri):
     result = run_cli("src.train", *data_overrides, *SMALL, f"tracking.uri={tracking_uri}", "training.replicas=2",
                      "agent=epsilon_greedy", "tracking.save_policy=true")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Training 2 runs together (2 a chunk each in turn), epsilon_greedy" in result.stderr and result.stderr.count("finished: run") == 2
+    assert "Training 2 runs together (2 on engines of their own), epsilon_greedy" in result.stderr and result.stderr.count("finished: run") == 2
     found = group_runs(tracking_uri)
     assert list(found["status"]) == ["FINISHED"] * 2
     for run_id in found.run_id:  # each replica's own policy, as a run alone saves it
