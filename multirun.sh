@@ -95,7 +95,7 @@ echo "Study '$study' on $workers worker(s); logs in $logs/"
 worker_logs=()
 for ((i = 0; i < workers; i++)); do
   # Each worker samples with its own seed, or they would propose identical first trials.
-  SWEEP_WORKER=$i uv run --no-sync python -m src.sweep work "${sweep[@]}" \
+  SWEEP_WORKER=$i SWEEP_WORKERS=$workers uv run --no-sync python -m src.sweep work "${sweep[@]}" \
     >"$logs/$stamp-worker-$i.log" 2>&1 &
   pids+=($!)
   worker_logs+=("$logs/$stamp-worker-$i.log")

@@ -175,24 +175,26 @@ def train_group(cfg: DictConfig, tags: dict[str, str] | None = None) -> list[tup
 
 
 def train_members(members: list[DictConfig], tags: list[dict[str, str]],
-                  reporters: list[training.Reporter | None] | None = None) -> list[Trained]:
+                  reporters: list[training.Reporter | None] | None = None, cores: int | None = None) -> list[Trained]:
     """Train `members` (runs of one machine's threads and tracking store; any agents, environments, data, seeds)
     together, each tracked as its own MLflow run with its `tags`, and told to its reporter as a run
     alone would tell it. A member that a reporter stops or that diverges ends alone (KILLED,
     FAILED), the others train on; what stops the whole group (Ctrl-C, an error) marks every run.
-    A member whose environment or agent refuses its config starts no run, as a run alone would not."""
+    A member whose environment or agent refuses its config starts no run, as a run alone would not.
+    The group trains on `cores` threads (default: this process's cores)."""
     for member in members:
         config.check_run(member)
     first = members[0]
     configure_threads(first.training.threads.intra_op, first.training.threads.inter_op)
     experiment_id = tracking.connect(first.tracking.uri, first.tracking.experiment)
     datasets = each_dataset(members)
-    group = Group(members, datasets)
+    group = Group(members, datasets, cores)
     if group.refused:
         # The others train as a group of their own (built anew: rare, and simpler than renumbering).
         kept = [index for index in range(len(members)) if index not in group.refused]
         others = iter(train_members([members[index] for index in kept], [tags[index] for index in kept],
-                                    [(reporters or [None] * len(members))[index] for index in kept]) if kept else [])
+                                    [(reporters or [None] * len(members))[index] for index in kept], cores)
+                      if kept else [])
         return [Trained({}, None, group.refused[index]) if index in group.refused else next(others)
                 for index in range(len(members))]
     random_regrets = [group.reward_model(index).random_policy_regret for index in range(group.size)]

@@ -55,9 +55,12 @@ def sampler_seed(base: int, worker: int, trials: int) -> int:
                                        zlib.crc32(socket.gethostname().encode())]).generate_state(1)[0])
 
 
-def work(overrides: list[str], worker: int = 0) -> None:
+def work(overrides: list[str], worker: int = 0, cores: int | None = None) -> None:
     """Run trials of the study `overrides` configure until it holds its `n_trials` COMPLETE
-    trials (or too many have failed); then summarise it if no other worker is still busy."""
+    trials (or too many have failed); then summarise it if no other worker is still busy. A batch
+    of trials (sweep.batch) trains on `cores` threads: by default this machine's cores shared among
+    the workers multirun.sh started on it (SWEEP_WORKERS)."""
+    cores = cores or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("SWEEP_WORKERS", "1")))
     fixed, _ = split_overrides(overrides)
     cfg = config.compose(fixed, with_hydra=True)
     tracking.be_patient(cfg.sweep.storage_patience_s)
@@ -70,7 +73,7 @@ def work(overrides: list[str], worker: int = 0) -> None:
     log.info("Worker %d: loading TensorFlow for its trials...", worker)
     from src import training  # noqa: F401  (here, where the line above says what the wait is)
     try:
-        while run_next(cfg, study, space, trials):
+        while run_next(cfg, study, space, trials, cores):
             pass
     except (TrackingServerLost, StorageLost):
         raise  # nothing more can reach MLflow, or the study
@@ -87,11 +90,11 @@ def as_ray_task(overrides: list[str], index: int) -> str:
     # end) and any warning, as multirun.sh shows from its local workers' logs.
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     log.setLevel(logging.INFO)
-    work(overrides, worker=index)
+    work(overrides, worker=index, cores=1)  # the task holds one CPU
     return f"worker {index} on {socket.gethostname()} (pid {os.getpid()}) found nothing left to do"
 
 
-def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str]) -> bool:
+def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str], cores: int = 1) -> bool:
     """Run one trial, or wait while others run; False once there is nothing left to do."""
     goal = target(cfg, study)
     complete = len(study.get_trials(states=(COMPLETE,)))
@@ -116,7 +119,7 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
     try:
         if cfg.sweep.batch > 1:
             slots = waiting if GRID_ATTR in study.user_attrs else max(goal - complete - running, 1)
-            run_batch(cfg, study, space, overrides, goal, min(cfg.sweep.batch, slots))
+            run_batch(cfg, study, space, overrides, goal, min(cfg.sweep.batch, slots), cores)
         else:
             # Optuna fails the trial (and records why) before re-raising.
             study.optimize(lambda trial: objective(cfg, trial, space, overrides, goal), n_trials=1,
@@ -182,7 +185,8 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
 PER_REPLICA_DIMENSIONS = ("training.seed", *(f"agent.{name}" for name in config.PER_REPLICA_HYPERPARAMETERS))
 
 
-def run_batch(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str], goal: int, size: int) -> None:
+def run_batch(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str], goal: int, size: int,
+              cores: int) -> None:
     """Ask for `size` trials and train them together (src.replicas.train_members), each its own
     run, reported to its pruner and told to Optuna on its own; a trial whose config is refused
     fails alone. Ask-and-tell does what `study.optimize` does for one trial: stale trials failed
@@ -202,7 +206,7 @@ def run_batch(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list
                 log.info("Trial %d started: %s", trial.number, shown_params(values))
             reporters = [pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None for trial, _, _ in runnable]
             trained = train_members([trial_cfg for _, _, trial_cfg in runnable],
-                                    [trial_tags(study, trial) for trial, _, _ in runnable], reporters)
+                                    [trial_tags(study, trial) for trial, _, _ in runnable], reporters, cores)
         except StorageLost:
             raise
         except BaseException as error:
