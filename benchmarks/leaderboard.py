@@ -78,7 +78,7 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
     if ray_address:
         from src.campaigns import ray_cluster
 
-        outcomes = ray_cluster.run_tasks(ray_address, train_one, [(job,) for job in todo],
+        outcomes = ray_cluster.run_tasks(ray_address, train_one, [(job, 1) for job in todo],
                                          describe=lambda args: str(args[0]))
         return sum(job.cfg.training.replicas for job, (finals, error) in zip(todo, outcomes)
                    if error or finals is None)
@@ -87,7 +87,8 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
     # Spawned, not forked: TensorFlow's threads do not survive a fork.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=quiet_worker) as pool:
-        running = {pool.submit(train_one, job): job for job in todo}
+        cores = max(1, len(os.sched_getaffinity(0)) // workers)  # a group's threads, beside the other workers
+        running = {pool.submit(train_one, job, cores): job for job in todo}
         done_runs = 0
         for done in concurrent.futures.as_completed(running):
             job, (finals, error) = running[done], done.result()
@@ -108,13 +109,14 @@ def quiet_worker() -> None:
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
 
 
-def train_one(job: Job) -> tuple[list[float] | None, str | None]:
-    """(each run's final cumulative regret, None), or (None, the one-line reason it failed)."""
+def train_one(job: Job, cores: int) -> tuple[list[float] | None, str | None]:
+    """(each run's final cumulative regret, None), or (None, the one-line reason it failed); a
+    replica group trains on `cores` threads."""
     from src import replicas, training
 
     try:
         if job.cfg.training.replicas > 1:
-            return [final[METRIC] for final, _ in replicas.train_group(job.cfg, {ENTRY_TAG: job.label})], None
+            return [final[METRIC] for final, _ in replicas.train_group(job.cfg, {ENTRY_TAG: job.label}, cores)], None
         final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
     except UserError as error:
         return None, str(error)

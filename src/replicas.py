@@ -159,12 +159,14 @@ class Trained:
     stopped: Exception | None = None
 
 
-def train_group(cfg: DictConfig, tags: dict[str, str] | None = None) -> list[tuple[dict[str, float], str]]:
-    """Train the `cfg.training.replicas` runs of `cfg` (seeds seed .. seed + R - 1) together, each
-    tracked as its own MLflow run; return each one's final metrics and run id."""
+def train_group(cfg: DictConfig, tags: dict[str, str] | None = None,
+                cores: int | None = None) -> list[tuple[dict[str, float], str]]:
+    """Train the `cfg.training.replicas` runs of `cfg` (seeds seed .. seed + R - 1) together on
+    `cores` threads (default: this process's cores), each tracked as its own MLflow run; return
+    each one's final metrics and run id."""
     config.check_run(cfg)
     members = config.members(cfg)
-    trained = train_members(members, [tags or {}] * len(members))
+    trained = train_members(members, [tags or {}] * len(members), cores=cores)
     if trained[0].run_id is None:  # refused: the same config refused every member
         raise trained[0].stopped
     stopped = [f"run {each.run_id} (seed {member.training.seed}): {one_line(each.stopped)}"
