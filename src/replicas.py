@@ -7,9 +7,10 @@ their arithmetic. Runs that can share the ops (`config.sharing_key`: the linear 
 stationary environment, alike but for their seeds, alpha and ridge; their statistics and the
 environment carry a replica axis, src.agents.linear, src.envs.movielens) train side by side in
 one compiled loop (`SharedOps`), all but a few per-replica ops (the generators' draws, the scoring
-products) serving every run; any other run trains its own engine (`Alone`) beside them, the parts'
-chunks in threads, sharing the process's start-up, data, tracking and cores but not the ops. Either way each run draws from
-the generators its run alone would (seeded from its own seed), so its metrics equal that run's
+products) serving every run; any other run trains its own engine (`Alone`) beside them, the
+parts' chunks in threads, sharing the process's start-up, data, tracking and cores but not the
+ops. Either way each run draws from the generators its run alone would (seeded from its own
+seed), so its metrics equal that run's
 (tests/test_replicas.py); its MLflow run holds what a run of its own holds, with the config that
 reproduces it alone (`training.replicas=1`), tagged with its group.
 """
@@ -84,9 +85,9 @@ class Alone(SharedOps):
 
 
 class Group:
-    """Runs trained together: those that can share ops (config.sharing_key) in compiled loops of
-    several, one per of the `cores` (default: this process's), the others alone; every part
-    trains a chunk a round, the parts in threads."""
+    """Runs trained together: those that can share ops (config.sharing_key) in as many compiled
+    loops as `cores` (default: this process's), the others alone; every part trains a chunk a
+    round, the parts in threads."""
 
     def __init__(self, members: list[DictConfig], datasets: list, cores: int | None = None):
         alike: dict[object, list[int]] = {}
@@ -178,10 +179,11 @@ def train_group(cfg: DictConfig, tags: dict[str, str] | None = None,
 
 def train_members(members: list[DictConfig], tags: list[dict[str, str]],
                   reporters: list[training.Reporter | None] | None = None, cores: int | None = None) -> list[Trained]:
-    """Train `members` (runs of one machine's threads and tracking store; any agents, environments, data, seeds)
-    together, each tracked as its own MLflow run with its `tags`, and told to its reporter as a run
-    alone would tell it. A member that a reporter stops or that diverges ends alone (KILLED,
-    FAILED), the others train on; what stops the whole group (Ctrl-C, an error) marks every run.
+    """Train `members` (runs of one machine's threads and tracking store; any agents,
+    environments, data, seeds) together, each tracked as its own MLflow run with its `tags`, and
+    told to its reporter as a run alone would tell it. A member that a reporter stops or that
+    diverges ends alone (KILLED, FAILED), the others train on; what stops the whole group (Ctrl-C,
+    an error) marks every run.
     A member whose environment or agent refuses its config starts no run, as a run alone would not.
     The group trains on `cores` threads (default: this process's cores)."""
     for member in members:
@@ -210,7 +212,8 @@ def train_members(members: list[DictConfig], tags: list[dict[str, str]],
     reward_model = group.reward_model(0)
     with interrupts_handled() as interrupts, tracking.group_runs(members, names, experiment_id, member_tags) as ids:
         log.info("Training %s (%s), %s on %s (%s data), %d users, %d movies; %d loops x %d interactions each",
-                 f"{group.size} runs together" if group.size > 1 else "1 run", group.describe(), "/".join(sorted({m.agent.name for m in members})),
+                 f"{group.size} runs together" if group.size > 1 else "1 run", group.describe(),
+                 "/".join(sorted({member.agent.name for member in members})),
                  first.env.name, first.data.name, len(reward_model.user_ids), len(reward_model.movie_ids),
                  first.training.loops, group.interactions_per_loop(0))
         stopped: dict[int, Exception] = {}

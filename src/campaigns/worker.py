@@ -164,7 +164,8 @@ def objective(cfg: DictConfig, trial: optuna.Trial, space: dict, overrides: list
         values = suggest(trial, space)
         trial_cfg = trial_config(overrides, values)
         log.info("Trial %d started: %s", trial.number, shown_params(values))
-        final, run_id = train(trial_cfg, trial_tags(trial.study, trial), pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None)
+        reporter = pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None
+        final, run_id = train(trial_cfg, trial_tags(trial.study, trial), reporter)
     except StorageLost:
         raise
     except Exception as error:
@@ -204,7 +205,8 @@ def run_batch(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list
                 return
             for trial, values, _ in runnable:
                 log.info("Trial %d started: %s", trial.number, shown_params(values))
-            reporters = [pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None for trial, _, _ in runnable]
+            reporters = [pruning_reporter(trial, cfg.objective) if cfg.sweep.pruner else None
+                         for trial, _, _ in runnable]
             trained = train_members([trial_cfg for _, _, trial_cfg in runnable],
                                     [trial_tags(study, trial) for trial, _, _ in runnable], reporters, cores)
         except StorageLost:
