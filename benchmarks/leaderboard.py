@@ -87,8 +87,7 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
     # Spawned, not forked: TensorFlow's threads do not survive a fork.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=quiet_worker) as pool:
-        cores = max(1, len(os.sched_getaffinity(0)) // workers)  # a group's threads, beside the other workers
-        running = {pool.submit(train_one, job, cores): job for job in todo}
+        running = {pool.submit(train_one, job, config.cores_share(workers)): job for job in todo}
         done_runs = 0
         for done in concurrent.futures.as_completed(running):
             job, (finals, error) = running[done], done.result()

@@ -396,6 +396,12 @@ def check_replicas(cfg: DictConfig) -> None:
     check_group_fits(replicas, cfg, "training.replicas")
 
 
+def cores_share(processes: int = 1) -> int:
+    """The cores of this process's machine (those it may run on) each of `processes` processes
+    sharing them gets, at least one: how many threads a group of runs trains on."""
+    return max(1, len(os.sched_getaffinity(0)) // processes)
+
+
 def check_group_fits(runs: int, cfg: DictConfig, key: str) -> None:
     """Refuse (naming `key`) a group of `runs` runs of `cfg` whose statistics and histories would
     take more than half of this machine's memory."""

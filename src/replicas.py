@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 import time
 import uuid
@@ -97,7 +96,7 @@ class Group:
         self.refused: dict[int, UserError] = {}  # members whose environment or agent refused their config
         # Members alike train in a compiled loop per core (`run` trains the parts in threads): on 2
         # cores 10 LinUCB runs as two loops of 5 go 3.1x the runs one after another, as one loop 1.8x.
-        self.cores = cores or len(os.sched_getaffinity(0))
+        self.cores = cores or config.cores_share()
         pieces = [[int(index) for index in piece] for indices in alike.values()
                   for piece in np.array_split(indices, min(self.cores, len(indices)))]
         for indices in pieces:

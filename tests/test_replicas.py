@@ -68,6 +68,9 @@ def test_runs_of_other_seeds_alphas_and_ridges_share_one_loop_each_equal_to_its_
     members = [make_config(*run) for run in runs]
     group = replicas.Group(members, replicas.each_dataset(members), cores=1)
     assert [len(indices) for _, indices in group.parts] == [3, 1]
+    # On 2 cores the 3 alike members are a loop of 2 and a run alone, each part in its thread.
+    on_two = replicas.Group(members, replicas.each_dataset(members), cores=2)
+    assert [len(indices) for _, indices in on_two.parts] == [2, 1, 1]
     together = group_histories(members)
     for run, history in zip(runs, together):
         pd.testing.assert_frame_equal(history, histories(make_config(*run))[0], check_exact=True)

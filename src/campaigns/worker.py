@@ -60,7 +60,7 @@ def work(overrides: list[str], worker: int = 0, cores: int | None = None) -> Non
     trials (or too many have failed); then summarise it if no other worker is still busy. A batch
     of trials (sweep.batch) trains on `cores` threads: by default this machine's cores shared among
     the workers multirun.sh started on it (SWEEP_WORKERS)."""
-    cores = cores or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("SWEEP_WORKERS", "1")))
+    cores = cores or config.cores_share(int(os.environ.get("SWEEP_WORKERS", "1")))
     fixed, _ = split_overrides(overrides)
     cfg = config.compose(fixed, with_hydra=True)
     tracking.be_patient(cfg.sweep.storage_patience_s)
@@ -94,7 +94,7 @@ def as_ray_task(overrides: list[str], index: int) -> str:
     return f"worker {index} on {socket.gethostname()} (pid {os.getpid()}) found nothing left to do"
 
 
-def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str], cores: int = 1) -> bool:
+def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[str], cores: int) -> bool:
     """Run one trial, or wait while others run; False once there is nothing left to do."""
     goal = target(cfg, study)
     complete = len(study.get_trials(states=(COMPLETE,)))
