@@ -75,7 +75,6 @@ def main() -> None:
 
 def study(args) -> None:
     import pandas as pd
-    from matplotlib.figure import Figure
 
     from src import config
     from src.data import obd

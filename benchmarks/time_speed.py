@@ -3,7 +3,7 @@ movies on, against the stationary environment, in interleaved rounds of one proc
 
     uv run python -m benchmarks.time_speed --data-dir /path/to/ml-100k
 
-Each setting is `env=movielens` (20 movies) with overrides, or `env=movielens_per_arm` (20
+Each setting is `env=movielens` (20 movies) with overrides (arrivals: an action mask), or `env=movielens_per_arm` (20
 candidates from 1,682 movies) with and without arrivals; each agent is built from its YAML.
 After a warm-up chunk (tracing), every round times `--loops` loops of every setting in turn, so
 a busy machine slows them alike; the table gives the median rate over rounds and its ratio to
@@ -29,6 +29,7 @@ SETTINGS = {
     "stationary": [],
     "drift=switch": ["env.drift=switch", "env.drift_period=20000"],
     "drift=rotate": ["env.drift=rotate", "env.drift_period=80000"],
+    "arrivals": ["env.arrivals=first_rating"],  # from 5 movies, one more every 2,000 interactions: a mask
     "delay geometric 3": ["env.delay=geometric", "env.delay_loops=3"],
     "switch + delay + drop": ["env.drift=switch", "env.drift_period=20000", "env.delay=geometric",
                               "env.delay_loops=3", "env.feedback_drop=0.1"],

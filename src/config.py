@@ -349,9 +349,10 @@ def shares_ops(cfg: DictConfig) -> bool:
 
 def can_share_ops(cfg: DictConfig) -> bool:
     """Whether runs of `cfg` can train side by side in one compiled loop: REPLICATED_AGENTS, without a
-    window or logging propensities, on a stationary REPLICATED_ENVIRONMENT without delays."""
+    window or logging propensities, on a REPLICATED_ENVIRONMENT without drift, arrivals or delays."""
     agent, env = cfg.agent, cfg.env
-    stationary = env.get("drift") == "none" and env.get("delay") == "none" and env.get("feedback_drop") == 0
+    stationary = (env.get("drift") == "none" and env.get("delay") == "none" and env.get("feedback_drop") == 0
+                  and env.get("arrivals", "none") == "none")
     return (agent.name in REPLICATED_AGENTS and env.get("_target_") == REPLICATED_ENVIRONMENT and stationary
             and not any(agent.get(key) for key in ("window", "log_epsilon", "propensity_draws")))
 

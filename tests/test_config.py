@@ -53,7 +53,7 @@ def test_known_options_keys_and_hydras_own_groups_pass_the_choice_check():
     ("training.seed=4294967296", "training.seed must be an integer of at most 2147483647 in size, got 4294967296"),
     ("agent.layers=3", "agent.layers must be a list, got 3 (conf/agent/epsilon_greedy.yaml)"),
     ("data.sha256=null", "data.sha256 must be a mapping, got None (conf/data/movielens.yaml)"),
-    ("+agent.alpah=3", "agent.alpah is not a setting here; the settings are: name, per_arm, slate, alpha"),
+    ("+agent.alpah=3", "agent.alpah is not a setting here; the settings are: name, per_arm, slate, action_mask, alpha"),
     ("+foo=1", "foo is not a setting here; the settings are: tracking, sweep, objective, offline"),
     ("+tracking.uri_=x", "tracking.uri_ is not a setting here; the settings are: uri, experiment"),
     ("agent.alpha=1e-300", "agent.alpha must be 0 or at least 1.18e-38 in size (the agents compute in float32)"),

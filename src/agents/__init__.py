@@ -1,9 +1,11 @@
 """Agent builders. Each `conf/agent/*.yaml` names its builder in `_target_`.
 
 An agent YAML's `per_arm: true` says its builder picks one movie from observations with
-per-arm features (`env=movielens_per_arm`), and `slate: true` that it can recommend slates
-(`env=movielens_ranking`, whose observations have per-arm features too); the lists of such
-agents are read from those files.
+per-arm features (`env=movielens_per_arm`), `slate: true` that it can recommend slates
+(`env=movielens_ranking`, whose observations have per-arm features too), and `action_mask: true`
+that it takes observations carrying an action mask (`env.arrivals` on `env=movielens`: the movies
+arrived) through an `observation_and_action_constraint_splitter`, as TF-Agents' agents do; the
+lists of such agents are read from those files.
 """
 
 from __future__ import annotations
@@ -30,6 +32,22 @@ AGENT_CONFIGS = config.CONFIG_DIR / "agent"
 def has_per_arm_features(time_step_spec) -> bool:
     observation = time_step_spec.observation
     return isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation
+
+
+def has_action_mask(time_step_spec) -> bool:
+    """Whether observations are (features, action mask), TF-Agents' convention for masked agents."""
+    return isinstance(time_step_spec.observation, tuple)
+
+
+def split_action_mask(observation) -> tuple:
+    """(features, mask [batch, actions]: 1 where the action may be taken) of an observation with
+    an action mask, the `observation_and_action_constraint_splitter` every masked agent is given."""
+    return observation[0], observation[1]
+
+
+def features_spec(time_step_spec):
+    """The spec of what an agent's model reads of an observation: all of it but an action mask."""
+    return time_step_spec.observation[0] if has_action_mask(time_step_spec) else time_step_spec.observation
 
 
 def agents_that(can: str) -> list[str]:
@@ -66,6 +84,11 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int, replica
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     builder = get_object(hyperparameters.pop("_target_"))
     accepts_per_arm, recommends_slates = hyperparameters.pop("per_arm", False), hyperparameters.pop("slate", False)
+    if hyperparameters.pop("action_mask", False) and has_action_mask(time_step_spec):
+        hyperparameters["observation_and_action_constraint_splitter"] = split_action_mask
+    elif has_action_mask(time_step_spec):
+        raise UserError(f"agent={cfg.name} cannot take an action mask (env.arrivals: movies that have not arrived); "
+                        f"agents that can: {', '.join(agents_that('action_mask'))}")
     # A slate's observations carry per-arm features too; `slate: true` covers them.
     if is_slate(action_spec):
         if not recommends_slates:

@@ -21,13 +21,14 @@ from src.errors import require
 
 
 def build(time_step_spec, action_spec, learning_rate: float, layers: list[int],
-          dropout_offset: float, min_dropout_rate: float, propensity_draws: int = 0, name: str = "dropout_ts"):
+          dropout_offset: float, min_dropout_rate: float, propensity_draws: int = 0,
+          observation_and_action_constraint_splitter=None, name: str = "dropout_ts"):
     require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
     # 1 / offset is the first loop's rate, which Keras needs below 1.
     require(dropout_offset > 1, "agent.dropout_offset", dropout_offset, "> 1")
     require(0 < min_dropout_rate < 1, "agent.min_dropout_rate", min_dropout_rate, "in (0, 1)")
     check_layers(layers)
-    monte_carlo.check_draws(propensity_draws, action_spec)
+    monte_carlo.check_draws(propensity_draws, action_spec, masked=observation_and_action_constraint_splitter is not None)
     train_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="train_step")
 
     def dropout_rate():
@@ -37,7 +38,8 @@ def build(time_step_spec, action_spec, learning_rate: float, layers: list[int],
     agent = dropout_thompson_sampling_agent.DropoutThompsonSamplingAgent(
         time_step_spec, action_spec, optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),
         dropout_rate=dropout_rate, network_layers=tuple(layers),
-        emit_policy_info=("predicted_rewards_mean",), train_step_counter=train_step, name=name)
+        emit_policy_info=("predicted_rewards_mean",), train_step_counter=train_step,
+        observation_and_action_constraint_splitter=observation_and_action_constraint_splitter, name=name)
     # The policy's dropout reads the counter; PolicySaver only saves variables the policy
     # tracks (TF-Agents' Boltzmann example does the same for its temperature schedule).
     agent.policy.dropout_train_step = train_step

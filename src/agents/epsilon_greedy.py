@@ -15,7 +15,8 @@ from src.evaluation import slates as slate_estimators
 
 
 def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
-          layers: list[int], seed: int, name: str = "epsilon_greedy"):
+          layers: list[int], seed: int, observation_and_action_constraint_splitter=None,
+          name: str = "epsilon_greedy"):
     """TF-Agents' agent, or over slates ours; `seed` seeds only the slate agent's exploration
     (TF-Agents' draws with TensorFlow's global seed)."""
     require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
@@ -28,7 +29,8 @@ def build(time_step_spec, action_spec, learning_rate: float, epsilon: float,
         optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),
         epsilon=epsilon, emit_policy_info=("predicted_rewards_mean",),
         info_fields_to_inherit_from_greedy=["predicted_rewards_mean"],
-        accepts_per_arm_features=has_per_arm_features(time_step_spec), name=name)
+        accepts_per_arm_features=has_per_arm_features(time_step_spec),
+        observation_and_action_constraint_splitter=observation_and_action_constraint_splitter, name=name)
 
 
 def action_probabilities(action_step, num_actions: int, epsilon: float, **_) -> tf.Tensor:

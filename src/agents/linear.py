@@ -31,7 +31,7 @@ from tf_agents.policies import utils as policy_utilities
 from tf_agents.trajectories import policy_step
 from tf_agents.utils import nest_utils
 
-from src.agents import has_per_arm_features, is_slate, monte_carlo, policy_seed, slates
+from src.agents import features_spec, has_action_mask, has_per_arm_features, is_slate, monte_carlo, policy_seed, slates
 from src.errors import require
 
 # What a model per arm is scored in; the statistics themselves stay float64 (see ArmStatistics).
@@ -322,7 +322,8 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
     """Picks the arm with the best `exploration` score; reads the statistics, owns none."""
 
     def __init__(self, time_step_spec, action_spec, statistics: ArmStatistics, alpha: PerReplica,
-                 exploration: Exploration, epsilon: float = 0.0, propensity_draws: int = 0, name=None):
+                 exploration: Exploration, epsilon: float = 0.0, propensity_draws: int = 0,
+                 observation_and_action_constraint_splitter=None, name=None):
         self._statistics = statistics
         self._alpha = alpha
         self._exploration = exploration
@@ -330,13 +331,17 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
         self._propensity_draws = propensity_draws
         super().__init__(time_step_spec, action_spec,
                          info_spec=mean_info_spec(action_spec, time_step_spec, optimistic=epsilon > 0,
-                                                  log_probability=propensity_draws > 0), name=name)
+                                                  log_probability=propensity_draws > 0),
+                         observation_and_action_constraint_splitter=observation_and_action_constraint_splitter,
+                         name=name)
 
     def _variables(self):
         return self._statistics.policy_variables()
 
     def _distribution(self, time_step, policy_state):
-        observation = time_step.observation
+        observation, mask = time_step.observation, None
+        if self.observation_and_action_constraint_splitter is not None:
+            observation, mask = self.observation_and_action_constraint_splitter(observation)
         features = candidate_features(observation) if has_per_arm_features(self.time_step_spec) else observation
         if is_slate(self.action_spec):  # the best-scoring candidates, best first
             mean, variance = self._statistics.shared_model(features)
@@ -346,7 +351,7 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
             return policy_step.PolicyStep(tfp.distributions.Deterministic(slate), policy_state, info)
         rows_per_replica = tf.shape(features)[0] // self._statistics.replicas
         alpha = per_replica(self._alpha, rows_per_replica, SCORING_DTYPE)
-        arm, mean, scores, width = choose(self._statistics, features, alpha, self._exploration)
+        arm, mean, scores, width = choose(self._statistics, features, alpha, self._exploration, mask)
         if self._propensity_draws:
             return deterministic_step(arm, mean, self.action_spec, policy_state, observation,
                                       log_probability=self._drawn_log_probability(arm, mean, width))
@@ -372,14 +377,16 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
         return monte_carlo.log_share_won(wins, draws)
 
 
-def choose(statistics: ArmStatistics, x: tf.Tensor, alpha: float, exploration: Exploration):
-    """The best-scoring zero-based arm [batch]; every arm's mean estimate, score and width (alpha
-    x its standard deviation) [batch, arms], for x [batch, dim] and a model per arm, or
-    x [batch, candidates, dim] and one shared model."""
+def choose(statistics: ArmStatistics, x: tf.Tensor, alpha: float, exploration: Exploration,
+           mask: tf.Tensor | None = None):
+    """The best-scoring zero-based arm [batch] (among those `mask` [batch, arms] allows); every
+    arm's mean estimate, score and width (alpha x its standard deviation) [batch, arms], for
+    x [batch, dim] and a model per arm, or x [batch, candidates, dim] and one shared model."""
     mean, variance = statistics.shared_model(x) if len(x.shape) == 3 else statistics.every_arm(x)
     width = alpha * tf.sqrt(variance)
     scores = exploration(mean, width)
-    return tf.argmax(scores, axis=-1, output_type=tf.int32), mean, scores, width
+    allowed = scores if mask is None else tf.where(tf.cast(mask, tf.bool), scores, -np.inf)
+    return tf.argmax(allowed, axis=-1, output_type=tf.int32), mean, scores, width
 
 
 def candidate_features(observation) -> tf.Tensor:
@@ -431,6 +438,8 @@ def flat_experience(experience, time_step_spec, action_spec):
         return nest_utils.flatten_multi_batched_nested_tensors(tensors, spec)[0]
 
     observation = flat(experience.observation, time_step_spec.observation)
+    if has_action_mask(time_step_spec):  # the mask said what could be picked; the model learns from the rest
+        observation = observation[0]
     reward = flat(experience.reward, time_step_spec.reward)
     if has_per_arm_features(time_step_spec):
         chosen_spec = policy_utilities.create_chosen_arm_features_info_spec(time_step_spec.observation)
@@ -454,20 +463,28 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
 
     def __init__(self, time_step_spec, action_spec, alpha: PerReplica, tikhonov_weight: PerReplica,
                  exploration: Exploration, collect_epsilon: float = 0.0, propensity_draws: int = 0,
-                 forgetting: Forgetting = Forgetting(), replicas: int = 1, name: str | None = None):
+                 forgetting: Forgetting = Forgetting(), replicas: int = 1,
+                 observation_and_action_constraint_splitter=None, name: str | None = None):
         """`collect_epsilon`: the collect policy's share of uniformly drawn arms (the saved,
         greedy policy has none); `propensity_draws`: Monte-Carlo draws by which the collect policy
         of a sampling agent estimates each pick's propensity; `forgetting`: how the statistics
         forget (never, by default); `replicas`: independent runs trained side by side, their
         users' rows one replica's after another's in every batch (src.replicas), alpha and
-        tikhonov_weight then a value each or one for all."""
+        tikhonov_weight then a value each or one for all; `observation_and_action_constraint_splitter`:
+        (features, action mask) of an observation, where the environment masks actions (a movie
+        never allowed keeps its prior: the ridge, a mean of 0 and the widest bound)."""
         check_hyperparameters(alpha, tikhonov_weight)
+        require(not (observation_and_action_constraint_splitter and (collect_epsilon or propensity_draws)),
+                "agent.log_epsilon" if collect_epsilon else "agent.propensity_draws", collect_epsilon or propensity_draws,
+                "0 with an action mask (env.arrivals): logged propensities would need the catalogue of their time")
         tf.Module.__init__(self, name=name)
         models = 1 if has_per_arm_features(time_step_spec) else num_actions(action_spec)
-        self.statistics = ArmStatistics(models, context_dim(time_step_spec.observation), tikhonov_weight, forgetting,
-                                        replicas)
+        self.statistics = ArmStatistics(models, context_dim(features_spec(time_step_spec)), tikhonov_weight,
+                                        forgetting, replicas)
         self.exploration = exploration
-        policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration)
+        policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration,
+                                        observation_and_action_constraint_splitter=
+                                        observation_and_action_constraint_splitter)
         collect_policy = VectorizedLinearPolicy(time_step_spec, action_spec, self.statistics, alpha, exploration,
                                                 collect_epsilon, propensity_draws) \
             if collect_epsilon or propensity_draws else policy
@@ -507,7 +524,7 @@ class VectorizedLinearAgent(tf_agent.TFAgent):
 
 
 def tf_agents_linear(agent_class, time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
-                     use_eigendecomp: bool, name: str):
+                     use_eigendecomp: bool, name: str, observation_and_action_constraint_splitter=None):
     """TF-Agents' `LinearUCBAgent` or `LinearThompsonSamplingAgent` (same arguments). The
     eigendecomposition replaces a conjugate-gradient solve per arm and step with one batched
     decomposition: the same estimates, ~7x faster for LinUCB and ~27x for LinTS."""
@@ -515,6 +532,7 @@ def tf_agents_linear(agent_class, time_step_spec, action_spec, alpha: float, tik
     return agent_class(
         time_step_spec, action_spec, alpha=alpha, tikhonov_weight=tikhonov_weight,
         use_eigendecomp=use_eigendecomp, emit_policy_info=("predicted_rewards_mean",),
-        accepts_per_arm_features=has_per_arm_features(time_step_spec), dtype=tf.float32, name=name)
+        accepts_per_arm_features=has_per_arm_features(time_step_spec), dtype=tf.float32,
+        observation_and_action_constraint_splitter=observation_and_action_constraint_splitter, name=name)
 
 

@@ -23,21 +23,26 @@ class VectorizedLinUCBAgent(linear.VectorizedLinearAgent):
 
     def __init__(self, time_step_spec, action_spec, alpha: linear.PerReplica = 1.0,
                  tikhonov_weight: linear.PerReplica = 1.0, log_epsilon: float = 0.0,
-                 forgetting: linear.Forgetting = linear.Forgetting(), replicas: int = 1, name: str | None = None):
+                 forgetting: linear.Forgetting = linear.Forgetting(), replicas: int = 1,
+                 observation_and_action_constraint_splitter=None, name: str | None = None):
         super().__init__(time_step_spec, action_spec, alpha, tikhonov_weight, linear.optimistic, log_epsilon,
-                         forgetting=forgetting, replicas=replicas, name=name)
+                         forgetting=forgetting, replicas=replicas,
+                         observation_and_action_constraint_splitter=observation_and_action_constraint_splitter,
+                         name=name)
 
 
 def vectorized(time_step_spec, action_spec, alpha: linear.PerReplica, tikhonov_weight: linear.PerReplica,
                log_epsilon: float = 0.0, discount: float = 1.0, window: int | None = None,
-               replica_seeds: Sequence[int] = (), name: str = "linucb"):
+               replica_seeds: Sequence[int] = (), observation_and_action_constraint_splitter=None,
+               name: str = "linucb"):
     """`replica_seeds`: the runs trained side by side (src.replicas), one per seed; alpha and the
     ridge may then be a value per replica."""
     require(0 <= log_epsilon <= 1, "agent.log_epsilon", log_epsilon, "in [0, 1]")
     require(not (log_epsilon and is_slate(action_spec)), "agent.log_epsilon", log_epsilon,
             "0 with slates (it explores single movies)")
     return VectorizedLinUCBAgent(time_step_spec, action_spec, alpha, tikhonov_weight, log_epsilon,
-                                 linear.Forgetting(discount, window), max(1, len(replica_seeds)), name)
+                                 linear.Forgetting(discount, window), max(1, len(replica_seeds)),
+                                 observation_and_action_constraint_splitter, name)
 
 
 def exposes_propensities(log_epsilon: float = 0.0, **_) -> bool:
@@ -54,7 +59,8 @@ def action_probabilities(action_step, num_actions: int, log_epsilon: float, **_)
 
 
 def tf_agents_reference(time_step_spec, action_spec, alpha: float, tikhonov_weight: float,
-                        use_eigendecomp: bool = True, name: str = "linucb_tf_agents"):
+                        use_eigendecomp: bool = True, observation_and_action_constraint_splitter=None,
+                        name: str = "linucb_tf_agents"):
     """TF-Agents' own `LinearUCBAgent`."""
     return linear.tf_agents_linear(lin_ucb_agent.LinearUCBAgent, time_step_spec, action_spec, alpha,
-                                   tikhonov_weight, use_eigendecomp, name)
+                                   tikhonov_weight, use_eigendecomp, name, observation_and_action_constraint_splitter)

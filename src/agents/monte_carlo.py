@@ -20,11 +20,13 @@ from src.errors import require
 MAX_PROPENSITY_DRAWS = 1000
 
 
-def check_draws(propensity_draws, action_spec) -> None:
+def check_draws(propensity_draws, action_spec, masked: bool = False) -> None:
     require(isinstance(propensity_draws, int) and 0 <= propensity_draws <= MAX_PROPENSITY_DRAWS,
             "agent.propensity_draws", propensity_draws, f"an integer in [0, {MAX_PROPENSITY_DRAWS}]")
     require(not (propensity_draws and is_slate(action_spec)), "agent.propensity_draws", propensity_draws,
             "0 with slates (it estimates single movies' propensities)")
+    require(not (propensity_draws and masked), "agent.propensity_draws", propensity_draws,
+            "0 with an action mask (env.arrivals): logged propensities would need the catalogue of their time")
 
 
 def exposes_propensities(propensity_draws: int = 0, **_) -> bool:

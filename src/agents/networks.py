@@ -5,7 +5,7 @@ from __future__ import annotations
 from tf_agents.bandits.networks import global_and_arm_feature_network
 from tf_agents.networks import q_network
 
-from src.agents import has_per_arm_features
+from src.agents import features_spec, has_per_arm_features
 from src.errors import require
 
 
@@ -16,8 +16,9 @@ def check_layers(layers) -> None:
 
 def reward_network(time_step_spec, action_spec, layers):
     """One output per movie from the user features, or, with per-arm features, the dot
-    product of a user tower and a movie tower (TF-Agents' per-arm MovieLens example)."""
-    observation_spec = time_step_spec.observation
+    product of a user tower and a movie tower (TF-Agents' per-arm MovieLens example); never of
+    an action mask."""
+    observation_spec = features_spec(time_step_spec)
     if has_per_arm_features(time_step_spec):
         return global_and_arm_feature_network.create_feed_forward_dot_product_network(
             observation_spec, global_layers=tuple(layers), arm_layers=tuple(layers))

@@ -14,7 +14,7 @@ from src.errors import require
 
 
 def build(time_step_spec, action_spec, learning_rate: float, temperature: float,
-          layers: list[int], name: str = "neural_boltzmann"):
+          layers: list[int], observation_and_action_constraint_splitter=None, name: str = "neural_boltzmann"):
     require(learning_rate > 0, "agent.learning_rate", learning_rate, "> 0")
     require(temperature > 0, "agent.temperature", temperature, "> 0")
     check_layers(layers)
@@ -22,7 +22,8 @@ def build(time_step_spec, action_spec, learning_rate: float, temperature: float,
         time_step_spec, action_spec, reward_network=reward_network(time_step_spec, action_spec, layers),
         optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),
         temperature=temperature, emit_policy_info=("predicted_rewards_mean",),
-        accepts_per_arm_features=has_per_arm_features(time_step_spec), name=name)
+        accepts_per_arm_features=has_per_arm_features(time_step_spec),
+        observation_and_action_constraint_splitter=observation_and_action_constraint_splitter, name=name)
 
 
 def action_probabilities(action_step, num_actions: int, temperature: float, **_) -> tf.Tensor:

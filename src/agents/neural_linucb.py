@@ -14,6 +14,7 @@ unit and one LinUCB model serve them all. TF-Agents' agent stays available as
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 from tf_agents.agents import tf_agent
 from tf_agents.bandits.agents import neural_linucb_agent
@@ -21,7 +22,7 @@ from tf_agents.bandits.networks import global_and_arm_feature_network
 from tf_agents.networks import encoding_network
 from tf_agents.policies import tf_policy
 
-from src.agents import has_per_arm_features, linear
+from src.agents import features_spec, has_per_arm_features, linear
 from src.agents.networks import check_layers
 from src.errors import require
 
@@ -33,7 +34,8 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
     """Epsilon-greedy on the reward layer while `uses_reward_layer`, then LinUCB on the encoding."""
 
     def __init__(self, time_step_spec, action_spec, encoder, reward_layer, statistics: linear.ArmStatistics,
-                 uses_reward_layer: tf.Variable, alpha: float, epsilon: float, name=None):
+                 uses_reward_layer: tf.Variable, alpha: float, epsilon: float,
+                 observation_and_action_constraint_splitter=None, name=None):
         self._encoder = encoder
         self._reward_layer = reward_layer
         self._statistics = statistics
@@ -41,6 +43,7 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
         self._alpha = alpha
         self._epsilon = epsilon
         super().__init__(time_step_spec, action_spec, info_spec=linear.mean_info_spec(action_spec, time_step_spec),
+                         observation_and_action_constraint_splitter=observation_and_action_constraint_splitter,
                          name=name)
 
     def _variables(self):
@@ -48,18 +51,28 @@ class VectorizedNeuralLinUCBPolicy(tf_policy.TFPolicy):
                 *self._reward_layer.variables]
 
     def _distribution(self, time_step, policy_state):
-        encoding, _ = self._encoder(time_step.observation)
+        observation, mask = time_step.observation, None
+        if self.observation_and_action_constraint_splitter is not None:
+            observation, mask = self.observation_and_action_constraint_splitter(observation)
+        encoding, _ = self._encoder(observation)
 
         def epsilon_greedy():
             arms = linear.num_actions(self.action_spec)
             mean = tf.reshape(self._reward_layer(encoding), [-1, arms])  # per-arm: [batch, candidates, 1]
             batch = tf.shape(mean)[0]
             explores = tf.random.uniform([batch]) < self._epsilon
-            uniform = tf.random.uniform([batch], maxval=arms, dtype=tf.int32)
-            return tf.where(explores, uniform, tf.argmax(mean, axis=-1, output_type=tf.int32)), mean
+            if mask is None:
+                uniform = tf.random.uniform([batch], maxval=arms, dtype=tf.int32)
+                greedy = tf.argmax(mean, axis=-1, output_type=tf.int32)
+            else:
+                allowed = tf.cast(mask, tf.bool)
+                uniform = tf.argmax(tf.where(allowed, tf.random.uniform(tf.shape(mean)), -1.0), axis=-1,
+                                    output_type=tf.int32)
+                greedy = tf.argmax(tf.where(allowed, mean, -np.inf), axis=-1, output_type=tf.int32)
+            return tf.where(explores, uniform, greedy), mean
 
         def linucb():
-            arm, mean, *_ = linear.choose(self._statistics, encoding, self._alpha, linear.optimistic)
+            arm, mean, *_ = linear.choose(self._statistics, encoding, self._alpha, linear.optimistic, mask)
             return arm, tf.cast(mean, tf.float32)
 
         arm, mean = tf.cond(self._uses_reward_layer, epsilon_greedy, linucb)
@@ -71,7 +84,7 @@ class VectorizedNeuralLinUCBAgent(tf_agent.TFAgent):
 
     def __init__(self, time_step_spec, action_spec, encoder, encoding_dim: int,
                  encoding_network_num_train_steps: int, optimizer, alpha: float, epsilon: float,
-                 name: str | None = None):
+                 observation_and_action_constraint_splitter=None, name: str | None = None):
         tf.Module.__init__(self, name=name)
         models = 1 if has_per_arm_features(time_step_spec) else linear.num_actions(action_spec)
         encoder.create_variables()
@@ -86,7 +99,8 @@ class VectorizedNeuralLinUCBAgent(tf_agent.TFAgent):
         self.statistics = linear.ArmStatistics(models, encoding_dim, TIKHONOV_WEIGHT)
         self.uses_reward_layer = tf.Variable(True, name="uses_reward_layer")
         policy = VectorizedNeuralLinUCBPolicy(time_step_spec, action_spec, encoder, self.reward_layer,
-                                              self.statistics, self.uses_reward_layer, alpha, epsilon)
+                                              self.statistics, self.uses_reward_layer, alpha, epsilon,
+                                              observation_and_action_constraint_splitter)
         # Its own counter: TF-Agents' default, the process-wide global step, would carry the
         # train steps of every earlier agent in the process into the phase switch.
         super().__init__(time_step_spec, action_spec, policy, policy, train_sequence_length=None,
@@ -122,17 +136,17 @@ class VectorizedNeuralLinUCBAgent(tf_agent.TFAgent):
 
 def vectorized(time_step_spec, action_spec, learning_rate: float, alpha: float, epsilon: float,
                layers: list[int], encoding_dim: int, encoding_network_num_train_steps: int,
-               name: str = "neural_linucb"):
+               observation_and_action_constraint_splitter=None, name: str = "neural_linucb"):
     check_hyperparameters(learning_rate, alpha, epsilon, layers, encoding_dim, encoding_network_num_train_steps)
     return VectorizedNeuralLinUCBAgent(
         time_step_spec, action_spec, _encoder(time_step_spec, layers, encoding_dim), encoding_dim,
         encoding_network_num_train_steps, tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate),
-        alpha, epsilon, name=name)
+        alpha, epsilon, observation_and_action_constraint_splitter, name=name)
 
 
 def tf_agents_reference(time_step_spec, action_spec, learning_rate: float, alpha: float, epsilon: float,
                         layers: list[int], encoding_dim: int, encoding_network_num_train_steps: int,
-                        name: str = "neural_linucb_tf_agents"):
+                        observation_and_action_constraint_splitter=None, name: str = "neural_linucb_tf_agents"):
     """TF-Agents' own `NeuralLinUCBAgent`."""
     check_hyperparameters(learning_rate, alpha, epsilon, layers, encoding_dim, encoding_network_num_train_steps)
     # The agent counts its train steps on the process-wide global step whatever it is given;
@@ -143,7 +157,8 @@ def tf_agents_reference(time_step_spec, action_spec, learning_rate: float, alpha
         encoding_network_num_train_steps=encoding_network_num_train_steps, encoding_dim=encoding_dim,
         optimizer=tf.compat.v1.train.AdamOptimizer(learning_rate=learning_rate), alpha=alpha,
         epsilon_greedy=epsilon, accepts_per_arm_features=has_per_arm_features(time_step_spec),
-        emit_policy_info=("predicted_rewards_mean",), name=name)
+        emit_policy_info=("predicted_rewards_mean",),
+        observation_and_action_constraint_splitter=observation_and_action_constraint_splitter, name=name)
 
 
 def check_hyperparameters(learning_rate, alpha, epsilon, layers, encoding_dim, encoding_network_num_train_steps):
@@ -165,4 +180,4 @@ def _encoder(time_step_spec, layers, encoding_dim):
         return global_and_arm_feature_network.create_feed_forward_common_tower_network(
             time_step_spec.observation, global_layers=tuple(layers), arm_layers=tuple(layers),
             common_layers=tuple(layers), output_dim=encoding_dim)
-    return encoding_network.EncodingNetwork(time_step_spec.observation, fc_layer_params=(*layers, encoding_dim))
+    return encoding_network.EncodingNetwork(features_spec(time_step_spec), fc_layer_params=(*layers, encoding_dim))

@@ -18,8 +18,9 @@ class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
     with TensorFlow's op-level seeds, and in a process that had run other jobs its picks
     came out different for the same seed."""
 
-    def __init__(self, time_step_spec, action_spec, seed: int):
-        super().__init__(time_step_spec, action_spec)
+    def __init__(self, time_step_spec, action_spec, seed: int, observation_and_action_constraint_splitter=None):
+        super().__init__(time_step_spec, action_spec,
+                         observation_and_action_constraint_splitter=observation_and_action_constraint_splitter)
         self._generator = tf.random.Generator.from_seed(seed)
 
     def _action(self, time_step, policy_state, seed):
@@ -27,6 +28,10 @@ class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
         batch_size = tf.shape(time_step.step_type)[0]
         if is_slate(spec):  # distinct movies, unlike TF-Agents' draw per slot
             action = slates.uniform_slate(self._generator, batch_size, int(spec.maximum) + 1, slates.slate_size(spec))
+        elif self.observation_and_action_constraint_splitter is not None:  # the top of uniform keys on the allowed
+            _, mask = self.observation_and_action_constraint_splitter(time_step.observation)
+            keys = tf.where(tf.cast(mask, tf.bool), self._generator.uniform(tf.shape(mask)), -1.0)
+            action = tf.argmax(keys, axis=-1, output_type=spec.dtype) + int(spec.minimum)
         else:
             action = self._generator.uniform([batch_size], minval=int(spec.minimum), maxval=int(spec.maximum) + 1,
                                              dtype=spec.dtype)
@@ -34,9 +39,11 @@ class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
 
 
 class UniformRandomAgent(tf_agent.TFAgent):
-    def __init__(self, time_step_spec, action_spec, seed: int, name: str | None = None):
+    def __init__(self, time_step_spec, action_spec, seed: int, observation_and_action_constraint_splitter=None,
+                 name: str | None = None):
         tf.Module.__init__(self, name=name)
-        policy = SeededUniformPolicy(time_step_spec, action_spec, seed=policy_seed(seed))
+        policy = SeededUniformPolicy(time_step_spec, action_spec, policy_seed(seed),
+                                     observation_and_action_constraint_splitter)
         super().__init__(time_step_spec, action_spec, policy, policy, train_sequence_length=None)
 
     def _initialize(self):
@@ -55,5 +62,6 @@ def slate_probabilities(num_candidates: int, slate_size: int, **_):
     return lambda scores, shown: slate_estimators.uniform(num_candidates, shown)
 
 
-def build(time_step_spec, action_spec, seed: int, name: str = "random") -> UniformRandomAgent:
-    return UniformRandomAgent(time_step_spec, action_spec, seed, name)
+def build(time_step_spec, action_spec, seed: int, observation_and_action_constraint_splitter=None,
+          name: str = "random") -> UniformRandomAgent:
+    return UniformRandomAgent(time_step_spec, action_spec, seed, observation_and_action_constraint_splitter, name)

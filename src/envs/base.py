@@ -25,6 +25,9 @@ DELAYS = ("none", "fixed", "geometric", "heavy")
 HEAVY_SHARE, HEAVY_SCALE = 0.1, 10
 # A geometric delay waits over this many times its mean with chance about e^-LONGEST_MEANS.
 LONGEST_MEANS = 10
+ARRIVAL_ORDERS = ("none", "first_rating")
+# Catalogue sizes over the arrival period at which a uniform pick's regret is averaged.
+ARRIVAL_SAMPLES = 16
 
 
 @runtime_checkable
@@ -108,6 +111,48 @@ class FeedbackDelay:
         return tf.where(lost, tf.constant(-1, tf.int64), delays)
 
 
+@dataclass(frozen=True)
+class Arrivals:
+    """Movies joining the catalogue over time: with `order=first_rating` the movies arrive in the
+    order of their first rating in the data, `start` of them at first, then one every `every`
+    interactions. An environment keeps its movies in arrival order, so that the movies arrived
+    are its first columns."""
+
+    order: str = "none"
+    start: int | None = None
+    every: int | None = None
+
+    def check(self, fewest: int, fewest_meaning: str, movies: int, movies_meaning: str) -> None:
+        require(self.order in ARRIVAL_ORDERS, "env.arrivals", self.order, f"one of {', '.join(ARRIVAL_ORDERS)}")
+        if not self.active:
+            return
+        require(isinstance(self.start, int) and fewest <= self.start <= movies, "env.arrivals_start", self.start,
+                f"an integer between {fewest_meaning} and {movies_meaning}")
+        require(isinstance(self.every, int) and self.every >= 1, "env.arrivals_every", self.every,
+                "an integer >= 1 (interactions between two arrivals)")
+
+    @property
+    def active(self) -> bool:
+        return self.order != "none"
+
+    def arrived(self, interactions: tf.Tensor, movies: int) -> tf.Tensor:
+        """int32, the movies arrived after `interactions` (int64)."""
+        return tf.cast(tf.minimum(self.start + interactions // self.every, movies), tf.int32)
+
+    def sizes(self, movies: int) -> tuple[int, ...]:
+        """ARRIVAL_SAMPLES catalogue sizes equally spaced in time from the first catalogue to all `movies`."""
+        return tuple(np.unique(np.linspace(self.start, movies, ARRIVAL_SAMPLES).round().astype(int)).tolist())
+
+
+def first_rating_order(ratings, movie_ids: np.ndarray) -> np.ndarray:
+    """The positions of `movie_ids` (ascending) in the order of their first rating in `ratings`
+    (user_id, item_id, rating, timestamp), ties by id."""
+    require(ratings.timestamp.nunique() >= 2, "env.arrivals", "first_rating",
+            "none on data without timestamps (all ratings have one time): movies arrive by their first rating")
+    first_rated = ratings.groupby("item_id").timestamp.min().reindex(movie_ids).to_numpy()
+    return np.argsort(first_rated, kind="stable")
+
+
 class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
     """What the engine (src.engine) calls, each step: `reset()`, which draws the step's users and
     returns their observations; `outcome(action)`, the reward earned and the best there was;
@@ -124,6 +169,8 @@ class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
     #   "slate"  its user, the candidates offered, the slate shown and each slot's reward;
     #   None     nothing: a round the log cannot describe (a candidate set with one pick).
     logged_round_kind: str | None = None
+    # Where `logged_round_kind` is None, what a round holds that the log does not keep.
+    unlogged_because: str = "a round offers a candidate set for one pick, which it does not keep"
     # Names of the per-interaction metrics `extra_metrics` returns, e.g. a slate's NDCG.
     extra_metric_names: tuple[str, ...] = ()
     # When rewards reach the agent (the engine keeps the rest pending).

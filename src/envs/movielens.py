@@ -25,7 +25,7 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
 from src import metrics
-from src.envs.base import FeedbackDelay, InGraphBandit
+from src.envs.base import Arrivals, FeedbackDelay, InGraphBandit, first_rating_order
 from src.errors import require
 
 MOVIE_SELECTIONS = ("first", "most_rated")
@@ -39,6 +39,8 @@ DENSE_SVD_CELLS = 4_000_000
 MOST_CELLS = 200_000_000
 # Angles over a rotation's cycle at which its uniform-random regret is averaged.
 ROTATION_SAMPLES = 64
+UNLOGGED_IN_TIME = ("a round happens at a time (tastes that drift, movies that arrive) that off-policy evaluation, "
+                    "replaying it against the reward model, would need and the log does not keep")
 
 
 @dataclass(frozen=True)
@@ -153,21 +155,36 @@ class MovieLensEnvironment(InGraphBandit):
 
     With `replica_seeds`, it is that many environments side by side (src.replicas): replica r
     draws its `batch_size` users from the generator of the run of seed replica_seeds[r], and a
-    step's batch holds each replica's users after the last one's."""
+    step's batch holds each replica's users after the last one's.
+
+    With `arrivals` (the model's movies in arrival order) the catalogue grows: an observation is
+    (user features, action mask) as TF-Agents' masked agents take it, the mask 1 on the movies
+    arrived, and the best movie, which regret is measured against, is the best arrived."""
 
     logged_round_kind = "movie"
+    # Whether the environment's state changes with time (drift, arrivals): it then counts its steps.
+    drifts = False
 
     def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens",
-                 replica_seeds: Sequence[int] = ()):
+                 replica_seeds: Sequence[int] = (), arrivals: Arrivals = Arrivals()):
         num_users, rank_k = model.user_features.shape
         require(1 <= batch_size <= num_users, "training.batch_size", batch_size,
                 f"between 1 and the {num_users} users in the environment")
         seeds = list(replica_seeds) or [seed]
         self.replicas = replicas = len(seeds)
         self.reward_model = model
+        num_movies = len(model.movie_ids)
         observation_spec = tf.TensorSpec([rank_k], tf.float32, name="observation")
-        action_spec = tensor_spec.BoundedTensorSpec(
-            (), tf.int32, minimum=0, maximum=len(model.movie_ids) - 1, name="action")
+        self._arrivals = arrivals
+        if arrivals.active:
+            self.logged_round_kind = None
+            self.unlogged_because = UNLOGGED_IN_TIME
+            self.extra_metric_names = (metrics.CATALOGUE_SIZE,)
+            mask_spec = tensor_spec.BoundedTensorSpec([num_movies], tf.int32, minimum=0, maximum=1, name="mask")
+            observation_spec = (observation_spec, mask_spec)
+            self._arrived = tf.Variable(tf.constant(arrivals.start, tf.int32), trainable=False, name="arrived")
+        self._steps = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="steps")
+        action_spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=num_movies - 1, name="action")
         self._num_users = num_users
         self._features = tf.constant(model.user_features, tf.float32)
         self._rewards = tf.constant(model.rewards, tf.float64)
@@ -190,7 +207,27 @@ class MovieLensEnvironment(InGraphBandit):
             keys = tf.stack([generator.uniform([self._num_users]) for generator in self._generators])
             users = tf.reshape(tf.math.top_k(keys, k=self._users_drawn).indices, [-1])
         self._users.assign(users)
-        return tf.gather(self._features, users)
+        features = tf.gather(self._features, users)
+        if not (self.drifts or self._arrivals.active):
+            return features
+        interactions = self._steps * self._users_drawn  # each replica's, before this step
+        self._steps.assign_add(1)
+        self._at_time(interactions)
+        if not self._arrivals.active:
+            return features
+        mask = tf.cast(tf.range(len(self.reward_model.movie_ids)) < self._arrived, tf.int32)
+        return features, tf.broadcast_to(mask, [self.batch_size, tf.size(mask)])
+
+    def _at_time(self, interactions: tf.Tensor) -> None:
+        """Bring the environment to its state after `interactions` (int64), for the step's users."""
+        if self._arrivals.active:
+            self._arrived.assign(self._arrivals.arrived(interactions, len(self.reward_model.movie_ids)))
+
+    def _best(self, rewards: tf.Tensor) -> tf.Tensor:
+        """[batch] the best of each row of `rewards` [batch, movies] among the movies arrived."""
+        if self._arrivals.active:
+            rewards = rewards[:, :self._arrived]
+        return tf.reduce_max(rewards, axis=1)
 
     def _apply_action(self, action: tf.Tensor) -> tf.Tensor:
         return tf.cast(self._rewards_of(action), tf.float32)
@@ -206,12 +243,18 @@ class MovieLensEnvironment(InGraphBandit):
         which is what a regret metric needs (TF-Agents' own metric reads the previous
         users through a `py_function` that a compiled graph does not order).
         """
+        if self._arrivals.active:
+            return self._rewards_of(action), self._best(tf.gather(self._rewards, self._users))
         return self._rewards_of(action), tf.gather(self._optimal_reward, self._users)
+
+    def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
+        """[batch, 1] the catalogue's size (movies arrived) at each interaction."""
+        return tf.fill([self.batch_size, 1], tf.cast(self._arrived, tf.float64))
 
 
 def rotation(drift: str, rank: int, interactions: float, period: int, switched: np.ndarray) -> np.ndarray:
     """[rank, rank] the rotation of the users' observed tastes after `interactions` (NumPy, for
-    the tests and the random policy's regret; `DriftingMovieLensEnvironment._observe` in-graph)."""
+    the tests and the random policy's regret; `DriftingMovieLensEnvironment._at_time` in-graph)."""
     if drift == "switch":
         return switched if (interactions // period) % 2 else np.eye(rank)
     angle = 2 * np.pi * interactions / period
@@ -240,18 +283,25 @@ def random_rotation(rank: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class DriftingRewardModel(RewardModel):
-    """The reward model without drift, and the drift: user u's taste x_u (its first rank_k
-    factors, what the agent observes) is x_u R_t at time t, so the reward of movie m is
-    rewards[u, m] + x_u (R_t - I) m_k. The agent keeps observing x_u: the mapping from what it
-    sees to what it earns changes. `rewards` stay the stationary ones (what nothing but the
-    training loop reads)."""
+class TimedRewardModel(RewardModel):
+    """The reward model without drift or arrivals, and what time changes.
+
+    Drift: user u's taste x_u (its first rank_k factors, what the agent observes) is x_u R_t at
+    time t, so the reward of movie m is rewards[u, m] + x_u (R_t - I) m_k. The agent keeps
+    observing x_u: the mapping from what it sees to what it earns changes. `rewards` stay the
+    stationary ones (what nothing but the training loop reads).
+
+    Arrivals: the movies are in arrival order, the catalogue growing through `arrival_sizes`
+    (equally spaced in time; empty: every movie throughout)."""
 
     drift: str = "none"
     period: int = 1  # interactions per rotation (rotate) or between switches (switch)
+    arrival_sizes: tuple[int, ...] = ()
 
     def rewards_at(self, interactions: float) -> np.ndarray:
         """[users, movies] the rewards after `interactions`."""
+        if self.drift == "none":
+            return self.rewards
         rank = self.user_features.shape[1]
         turned = rotation(self.drift, rank, interactions, self.period,
                           random_rotation(rank) if self.drift == "switch" else None)
@@ -261,25 +311,34 @@ class DriftingRewardModel(RewardModel):
     @property
     def random_policy_regret(self) -> float:
         """A uniform pick's expected regret against the best movie at the time, averaged over the
-        drift's cycle (its two regimes, or ROTATION_SAMPLES angles of a rotation)."""
+        drift's cycle (its two regimes, or ROTATION_SAMPLES angles of a rotation) and over the
+        arrival period's catalogues (exact for each alone; with both, the two averaged as if
+        independent, an approximation for the plot's reference line)."""
         if self.drift == "switch":
             times = [0, self.period]
-        else:
+        elif self.drift == "rotate":
             times = np.arange(ROTATION_SAMPLES) * self.period / ROTATION_SAMPLES
-        regrets = [np.mean(rewards.max(axis=1) - rewards.mean(axis=1)) for rewards in map(self.rewards_at, times)]
+        else:
+            times = [0]
+        sizes = self.arrival_sizes or (len(self.movie_ids),)
+        regrets = [np.mean(rewards[:, :size].max(axis=1) - rewards[:, :size].mean(axis=1))
+                   for rewards in map(self.rewards_at, times) for size in sizes]
         return float(np.mean(regrets))
 
 
 class DriftingMovieLensEnvironment(MovieLensEnvironment):
-    """`MovieLensEnvironment` whose users' tastes drift (`DriftingRewardModel`); each step's
+    """`MovieLensEnvironment` whose users' tastes drift (`TimedRewardModel`); each step's
     rewards are those of its time, its regret dynamic regret. The drift is a function of the
     interactions so far, counted from the environment's own steps."""
 
-    logged_round_kind = None  # a logged round would need its time to be replayed: not kept
-    extra_metric_names = (metrics.BEST_MOVIE_MOVED,)
+    logged_round_kind = None
+    unlogged_because = UNLOGGED_IN_TIME
+    drifts = True
 
-    def __init__(self, model: DriftingRewardModel, batch_size: int, seed: int, name: str = "movielens"):
-        super().__init__(model, batch_size, seed, name)
+    def __init__(self, model: TimedRewardModel, batch_size: int, seed: int, name: str = "movielens",
+                 arrivals: Arrivals = Arrivals()):
+        super().__init__(model, batch_size, seed, name, arrivals=arrivals)
+        self.extra_metric_names = (*self.extra_metric_names, metrics.BEST_MOVIE_MOVED)
         self._drift, self._period = model.drift, model.period
         rank = model.user_features.shape[1]
         if model.drift == "switch":  # two regimes: both reward tables at hand, a step reads one
@@ -289,16 +348,14 @@ class DriftingMovieLensEnvironment(MovieLensEnvironment):
             self._movie_factors = tf.constant(model.movie_features, tf.float64)
             paired, turn = rotation_parts(rank)
             self._paired, self._turn = tf.constant(paired), tf.constant(turn)
-        self._steps = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="steps")
         self._stationary_best = tf.constant(np.argmax(model.rewards, axis=1), tf.int32)
         # The step's users' rewards at its time, computed once as they are drawn: the outcome and
         # the metrics read them (each of a step's ops costs ~1 us, a loop at 20 movies ~250 us).
         self._now = tf.Variable(tf.zeros([batch_size, len(model.movie_ids)], tf.float64), trainable=False, name="now")
 
-    def _observe(self) -> tf.Tensor:
-        observation = super()._observe()
-        interactions = tf.cast(self._steps * self.batch_size, tf.float64)
-        self._steps.assign_add(1)
+    def _at_time(self, interactions: tf.Tensor) -> None:
+        super()._at_time(interactions)
+        interactions = tf.cast(interactions, tf.float64)
         if self._drift == "switch":
             regime = tf.cast(tf.math.floormod(tf.math.floordiv(interactions, self._period), 2.0), tf.int32)
             rows = tf.stack([tf.fill([self.batch_size], regime), self._users], axis=1)
@@ -309,19 +366,27 @@ class DriftingMovieLensEnvironment(MovieLensEnvironment):
             tastes = tf.gather(self._user_factors, self._users)
             shift = tf.matmul(tf.matmul(tastes, turned), self._movie_factors, transpose_b=True)
             self._now.assign(tf.gather(self._rewards, self._users) + shift)
-        return observation
 
     def _rewards_of(self, action: tf.Tensor) -> tf.Tensor:
         return tf.gather(self._now, tf.cast(action, tf.int32), batch_dims=1)
 
     def outcome(self, action: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         rewards = self._now.read_value()
-        return tf.gather(rewards, tf.cast(action, tf.int32), batch_dims=1), tf.reduce_max(rewards, axis=1)
+        return tf.gather(rewards, tf.cast(action, tf.int32), batch_dims=1), self._best(rewards)
 
     def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
-        """[batch, 1] whether the user's best movie now is not their best without drift."""
-        best = tf.argmax(self._now, axis=1, output_type=tf.int32)
-        return tf.cast(best != tf.gather(self._stationary_best, self._users), tf.float64)[:, None]
+        """[batch, 1] whether the user's best movie now is not their best without drift (among the
+        movies arrived), after the catalogue's size with arrivals."""
+        now = self._now.read_value()
+        if self._arrivals.active:
+            stationary = tf.argmax(tf.gather(self._rewards, self._users)[:, :self._arrived], axis=1, output_type=tf.int32)
+            now = now[:, :self._arrived]
+        else:
+            stationary = tf.gather(self._stationary_best, self._users)
+        moved = tf.cast(tf.argmax(now, axis=1, output_type=tf.int32) != stationary, tf.float64)[:, None]
+        if self._arrivals.active:
+            return tf.concat([super().extra_metrics(action), moved], axis=1)
+        return moved
 
 
 def check_drift(drift: str, period: int | None, batch_size: int) -> None:
@@ -333,17 +398,28 @@ def check_drift(drift: str, period: int | None, batch_size: int) -> None:
 def build(data, batch_size: int, seed: int, num_movies: int, rank_k: int,
           reward_rank: int | None = None, movie_selection: str = "first", drift: str = "none",
           drift_period: int | None = None, delay: str = "none", delay_loops: int = 0, delay_longest: int | None = None,
-          feedback_drop: float = 0.0, name: str = "movielens",
+          feedback_drop: float = 0.0, arrivals: str = "none", arrivals_start: int | None = None,
+          arrivals_every: int | None = None, name: str = "movielens",
           replica_seeds: Sequence[int] = ()) -> MovieLensEnvironment:
     """The environment the `env` config group describes, over parsed MovieLens `data` (replicas
-    of these seeds side by side, without drift)."""
+    of these seeds side by side, stationary)."""
     feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
     check_drift(drift, drift_period, batch_size)
+    schedule = Arrivals(arrivals, arrivals_start, arrivals_every)
+    schedule.check(1, "1 (a catalogue with a movie to recommend)", num_movies, f"env.num_movies={num_movies}")
     model = build_reward_model(data.ratings_matrix(), num_movies, rank_k, reward_rank, movie_selection)
-    if drift == "none":
+    if drift == "none" and not schedule.active:
         environment = MovieLensEnvironment(model, batch_size, seed, name, replica_seeds)
     else:
-        environment = DriftingMovieLensEnvironment(DriftingRewardModel(**fields_of(model), drift=drift, period=drift_period),
-                                                   batch_size, seed, name)
+        parts = fields_of(model)
+        if schedule.active:  # in arrival order: the movies arrived are the first columns
+            order = first_rating_order(data.ratings, model.movie_ids)
+            parts.update(movie_ids=model.movie_ids[order], movie_factors=model.movie_factors[order],
+                         arrival_sizes=schedule.sizes(num_movies))
+        timed = TimedRewardModel(**parts, drift=drift, period=drift_period or 1)
+        if drift == "none":
+            environment = MovieLensEnvironment(timed, batch_size, seed, name, replica_seeds, schedule)
+        else:
+            environment = DriftingMovieLensEnvironment(timed, batch_size, seed, name, schedule)
     environment.feedback_delay = feedback_delay
     return environment

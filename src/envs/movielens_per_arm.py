@@ -21,7 +21,7 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
 from src import metrics
-from src.envs.base import FeedbackDelay, InGraphBandit
+from src.envs.base import Arrivals, FeedbackDelay, InGraphBandit, first_rating_order
 from src.envs.movielens import (MOST_CELLS, RewardModel, build_reward_model, check_drift, fields_of, random_rotation,
                                rotation_parts)
 from src.errors import require
@@ -32,35 +32,6 @@ from src.errors import require
 ARM_FEATURES = ("embedding", "interaction")
 # Users a large pool's uniform-random regret is estimated from (`sorted_reward_rows`).
 REGRET_USERS = 1_000
-ARRIVAL_ORDERS = ("none", "first_rating")
-# Catalogue sizes over the arrival period at which a uniform pick's regret is averaged.
-ARRIVAL_SAMPLES = 16
-
-
-@dataclass(frozen=True)
-class Arrivals:
-    """Movies joining the pool over time: with `order=first_rating` the pool's movies arrive in
-    the order of their first rating in the data, `start` of them at first, then one every `every`
-    interactions; candidates are drawn from the movies arrived."""
-
-    order: str = "none"
-    start: int | None = None
-    every: int | None = None
-
-    def check(self, num_actions: int, pool: int) -> None:
-        require(self.order in ARRIVAL_ORDERS, "env.arrivals", self.order, f"one of {', '.join(ARRIVAL_ORDERS)}")
-        if not self.active:
-            return
-        require(isinstance(self.start, int) and num_actions <= self.start <= pool, "env.arrivals_start", self.start,
-                f"an integer between env.num_actions={num_actions} (a full candidate set) and the pool's {pool} movies")
-        require(isinstance(self.every, int) and self.every >= 1, "env.arrivals_every", self.every,
-                "an integer >= 1 (interactions between two arrivals)")
-
-    @property
-    def active(self) -> bool:
-        return self.order != "none"
-
-
 def expected_top_weights(pool: int, size: int, top: int) -> np.ndarray:
     """P(the m-th smallest of `pool` sorted values is among the `top` largest of a uniform
     `size`-subset), for m = 1..pool: it is drawn (size / pool), and fewer than `top` of the
@@ -180,8 +151,7 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         if not self._arrivals.active:
             return self._uniform_subsets(size, self._num_movies)
         interactions = self._steps * self.batch_size  # before this step
-        arrived = tf.cast(tf.minimum(self._arrivals.start + interactions // self._arrivals.every, self._num_movies),
-                          tf.int32)
+        arrived = self._arrivals.arrived(interactions, self._num_movies)
         self._arrived.assign(arrived)
         return tf.cond(size * size > arrived, lambda: self._top_keys(size, arrived),
                        lambda: self._drawn_without_repeats(size, arrived))
@@ -251,7 +221,7 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         return rewards + self._drift_shift(users, movies)
 
     def _drift_shift(self, users: tf.Tensor, movies: tf.Tensor) -> tf.Tensor:
-        """x_u (R_t - I) m_k: what drift adds to each candidate's reward (`DriftingRewardModel`)."""
+        """x_u (R_t - I) m_k: what drift adds to each candidate's reward (`TimedRewardModel`)."""
         rank_k = self.reward_model.rank_k
         return tf.einsum("bk,kl,bcl->bc", users[:, :rank_k], self._turned, movies[:, :, :rank_k])
 
@@ -283,15 +253,13 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
     require(isinstance(num_actions, int) and 2 <= num_actions <= pool, "env.num_actions", num_actions,
             f"an integer between 2 and env.num_movies={pool}")
     schedule = Arrivals(arrivals, arrivals_start, arrivals_every)
-    schedule.check(num_actions, pool)
+    schedule.check(num_actions, f"env.num_actions={num_actions} (a full candidate set)", pool, f"the pool's {pool} movies")
     model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
     parts = fields_of(model)
     if schedule.active:  # the pool in arrival order: the first n columns are the movies arrived
-        first_rated = data.ratings.groupby("item_id").timestamp.min().reindex(model.movie_ids).to_numpy()
-        order = np.argsort(first_rated, kind="stable")
+        order = first_rating_order(data.ratings, model.movie_ids)
         parts.update(movie_ids=model.movie_ids[order], movie_factors=model.movie_factors[order],
-                     arrival_sizes=tuple(np.unique(np.linspace(arrivals_start, pool, ARRIVAL_SAMPLES).round()
-                                                   .astype(int)).tolist()))
+                     arrival_sizes=schedule.sizes(pool))
     model = CandidateSetRewardModel(**parts, num_actions=num_actions)
     environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name, schedule, drift, drift_period)
     environment.feedback_delay = feedback_delay

@@ -1,6 +1,8 @@
 """A policy saved by TF-Agents' `PolicySaver`, loaded for inference: its action for each user
 observation and, where it reports them, every movie's predicted reward (and a slate policy's
-ranked slate)."""
+ranked slate). A policy trained while movies arrived (`env.arrivals`) takes an action mask beside
+each observation: here every movie of its catalogue is allowed, the catalogue served being the
+one of the end of training or later."""
 
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ class Policy:
         self._policy = py_tf_eager_policy.SavedModelPyTFEagerPolicy(
             str(path), load_specs_from_pbtxt=True, batch_time_steps=False)
         observation = self._policy.time_step_spec.observation
+        self.masked = isinstance(observation, tuple)
+        if self.masked:
+            observation, mask = observation
+            self._movies = int(mask.shape[0])
         self.per_arm = isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation
         action = self._policy.action_spec
         # A slate policy (env=movielens_ranking) recommends this many movies, best first.
@@ -50,7 +56,10 @@ class Policy:
         if self.per_arm:
             scores = np.stack([self._score_catalogue(user, catalogue) for user in observations])
             return scores.argmax(axis=1), scores
-        step = self._policy.action(self._first_step(observations, len(observations)))
+        batch = len(observations)
+        if self.masked:
+            observations = observations, np.ones((batch, self._movies), np.int32)
+        step = self._policy.action(self._first_step(observations, batch))
         scores = getattr(step.info, "predicted_rewards_mean", None)
         return np.asarray(step.action), None if scores is None else np.asarray(scores)
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from src import data, experiment, metrics
 from src.envs import build_environment
-from src.envs.movielens import ROTATION_SAMPLES, DriftingRewardModel, random_rotation, rotation
+from src.envs.movielens import ROTATION_SAMPLES, TimedRewardModel, random_rotation, rotation
 from src.errors import UserError
 
 
@@ -23,7 +23,7 @@ def drifting(make_config, drift: str, period: int):
 def test_each_step_earns_the_rewards_of_its_time(make_config, drift):
     environment = drifting(make_config, drift, 24)  # 3 steps of 8 users a regime or a turn
     model = environment.reward_model
-    assert isinstance(model, DriftingRewardModel)
+    assert isinstance(model, TimedRewardModel)
     for step in range(7):
         environment.reset()
         users = environment.users.numpy()
@@ -87,12 +87,12 @@ def test_bad_drift_is_refused_in_one_line(make_config, overrides, message):
 @pytest.mark.parametrize("drift", ["rotate", "switch"])
 def test_per_arm_candidates_earn_the_rewards_of_their_time(make_config, drift):
     """env=movielens_per_arm: each candidate's reward from the factors with the users' observed
-    tastes turned, as `DriftingRewardModel.rewards_at` has it over the whole pool."""
+    tastes turned, as `TimedRewardModel.rewards_at` has it over the whole pool."""
     cfg = make_config("env=movielens_per_arm", "env.num_actions=4", f"env.drift={drift}", "env.drift_period=24",
                       "training.batch_size=8")
     environment = build_environment(cfg, data.load(cfg.data))
     model = environment.reward_model
-    drifting_model = DriftingRewardModel(user_ids=model.user_ids, movie_ids=model.movie_ids, user_factors=model.user_factors,
+    drifting_model = TimedRewardModel(user_ids=model.user_ids, movie_ids=model.movie_ids, user_factors=model.user_factors,
                                          movie_factors=model.movie_factors, rank_k=model.rank_k, drift=drift, period=24)
     assert environment.extra_metric_names == (metrics.BEST_MOVIE_MOVED,)
     moved_any = False
