@@ -28,6 +28,7 @@ import numpy as np
 
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
 import tensorflow as tf
+from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories.policy_step import PolicyStep
 from tf_agents.trajectories import trajectory
@@ -119,13 +120,19 @@ class Engine:
         rows s x rows_per_loop onwards), and the loop each one's reward arrives at (-1: never);
         its own generator draws the delays."""
         rows = (delay.longest + 1) * rows_per_loop
-        spec = self.agent.collect_policy.trajectory_spec
         self._pending = [tf.Variable(tf.zeros([rows, 1, *leaf.shape], leaf.dtype), trainable=False)
-                         for leaf in tf.nest.flatten(spec)]
+                         for leaf in tf.nest.flatten(self._training_spec())]
         self._arrives = tf.Variable(tf.fill([rows], tf.constant(-1, tf.int64)), trainable=False)
         self._rows_per_loop = rows_per_loop
         self._loop = tf.Variable(tf.constant(0, tf.int64), trainable=False)
         self._delays = tf.random.Generator.from_seed(DELAY_SEED)
+
+    def _training_spec(self):
+        """The spec of one transition as the agent trains on it: the collect policy's trajectory as
+        the environment's `training_experience` turns it (a slate's, into its slotted movies)."""
+        one = tensor_spec.zero_spec_nest(self.agent.collect_policy.trajectory_spec, outer_dims=(1, 1))
+        return tf.nest.map_structure(lambda leaf: tf.TensorSpec(leaf.shape[2:], leaf.dtype),
+                                     self.environment.training_experience(one))
 
     def _train_on_arrivals(self, experience, delays):
         """File the loop's transitions as pending, their rewards due `delays` [rows] loops from now

@@ -26,7 +26,8 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import trajectory
 
 from src import metrics
-from src.envs.movielens import build_reward_model, fields_of
+from src.envs.base import FeedbackDelay
+from src.envs.movielens import UNLOGGED_IN_TIME, build_reward_model, check_drift, fields_of
 from src.envs.movielens_per_arm import (CandidateSetRewardModel, MovieLensPerArmEnvironment, expected_top_weights,
                                         sorted_reward_rows)
 from src.errors import require
@@ -63,13 +64,18 @@ class MovieLensRankingEnvironment(MovieLensPerArmEnvironment):
 
     def __init__(self, model: SlateRewardModel, batch_size: int, seed: int, arm_features: str = "embedding",
                  feedback: str = "cascade", click_threshold: float = 3.0, position_bias: float = 1.0,
-                 name: str = "movielens_ranking"):
+                 name: str = "movielens_ranking", drift: str = "none", drift_period: int | None = None):
         require(feedback in FEEDBACKS, "env.feedback", feedback, f"one of {', '.join(FEEDBACKS)}")
         require(position_bias >= 0, "env.position_bias", position_bias, ">= 0 (0: every position is looked at)")
         self._slate_size = model.slate_size
         self._cascade = feedback == "cascade"
         self._click_threshold = float(click_threshold)
-        super().__init__(model, batch_size, seed, arm_features, name)
+        super().__init__(model, batch_size, seed, arm_features, name, drift=drift, drift_period=drift_period)
+        # The slate's own metrics, and with drift whether the best candidate moved (dynamic regret).
+        self.extra_metric_names = (metrics.NDCG, metrics.PRECISION, metrics.CLICK_THROUGH_RATE,
+                                   *(metrics.BEST_MOVIE_MOVED,) * (drift != "none"))
+        if drift != "none":
+            self.logged_round_kind, self.unlogged_because = None, UNLOGGED_IN_TIME
         self._looks = tf.constant((np.arange(model.slate_size) + 1.0) ** -position_bias)
         # Drawn with the visit, so that the feedback and the click-through rate see the same clicks.
         self._looked_at = tf.Variable(tf.zeros([batch_size, model.slate_size], tf.bool), trainable=False,
@@ -132,13 +138,17 @@ class MovieLensRankingEnvironment(MovieLensPerArmEnvironment):
                           tf.cast(slate, tf.float64), slot_rewards], axis=1)
 
     def extra_metrics(self, action: tf.Tensor) -> tf.Tensor:
-        """[batch, 3] NDCG@k, precision@k and whether the user clicked."""
+        """[batch, 3] NDCG@k, precision@k and whether the user clicked (against the ratings of the
+        time, with drift; then also whether the best candidate is not the best without drift)."""
         ratings = self._slate_rewards(action)
         ideal = discounted_gains(tf.maximum(tf.math.top_k(self._candidate_rewards(), k=self._slate_size).values, 0.0))
         ndcg = tf.math.divide_no_nan(discounted_gains(tf.maximum(ratings, 0.0)), ideal)
         precision = tf.reduce_mean(tf.cast(ratings >= self._click_threshold, tf.float64), axis=1)
         clicked = tf.cast(self._clicked_position(action) < self._slate_size, tf.float64)
-        return tf.stack([ndcg, precision, clicked], axis=1)
+        slate_metrics = tf.stack([ndcg, precision, clicked], axis=1)
+        if self._drift == "none":
+            return slate_metrics
+        return tf.concat([slate_metrics, super().extra_metrics(action)], axis=1)
 
     def training_experience(self, experience):
         """As TF-Agents' ranking example trains: the observation holds the slate's movies, in
@@ -155,8 +165,12 @@ class MovieLensRankingEnvironment(MovieLensPerArmEnvironment):
 def build(data, batch_size: int, seed: int, num_actions: int, slate_size: int, rank_k: int,
           num_movies: int | None = None, reward_rank: int | None = None, movie_selection: str = "first",
           arm_features: str = "embedding", feedback: str = "cascade", click_threshold: float = 3.0,
-          position_bias: float = 1.0, name: str = "movielens_ranking") -> MovieLensRankingEnvironment:
+          position_bias: float = 1.0, drift: str = "none", drift_period: int | None = None, delay: str = "none",
+          delay_loops: int = 0, delay_longest: int | None = None, feedback_drop: float = 0.0,
+          name: str = "movielens_ranking") -> MovieLensRankingEnvironment:
     """The environment `conf/env/movielens_ranking.yaml` describes, over MovieLens `data`."""
+    feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
+    check_drift(drift, drift_period, batch_size)
     ratings = data.ratings_matrix()
     pool = ratings.shape[1] if num_movies is None else num_movies
     model = build_reward_model(ratings, pool, rank_k, reward_rank, movie_selection)
@@ -165,5 +179,7 @@ def build(data, batch_size: int, seed: int, num_actions: int, slate_size: int, r
     require(isinstance(slate_size, int) and 1 <= slate_size <= num_actions, "env.slate_size", slate_size,
             f"an integer between 1 and the {num_actions} candidates offered (env.num_actions)")
     model = SlateRewardModel(**fields_of(model), num_actions=num_actions, slate_size=slate_size)
-    return MovieLensRankingEnvironment(model, batch_size, seed, arm_features, feedback, click_threshold,
-                                       position_bias, name)
+    environment = MovieLensRankingEnvironment(model, batch_size, seed, arm_features, feedback, click_threshold,
+                                              position_bias, name, drift, drift_period)
+    environment.feedback_delay = feedback_delay
+    return environment

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import sparse
 
+from src.envs.base import FeedbackDelay
 from src.envs.movielens import MOST_CELLS, MOVIE_SELECTIONS, factorise, select_movies
 from src.envs.movielens_per_arm import MovieLensPerArmEnvironment, expected_top_weights
 from src.errors import UserError, require
@@ -162,10 +163,15 @@ class MovieLensRatingsEnvironment(MovieLensPerArmEnvironment):
 def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int, feature_share: float,
           split_seed: int, reward: str = "rating", liked_threshold: float = 4, num_movies: int | None = None,
           movie_selection: str = "first", arm_features: str = "interaction", reward_rank: int | None = None,
+          delay: str = "none", delay_loops: int = 0, delay_longest: int | None = None, feedback_drop: float = 0.0,
           name: str = "movielens_ratings") -> MovieLensRatingsEnvironment:
     """The environment `conf/env/movielens_ratings.yaml` describes, over MovieLens `data`.
     `reward_rank`, which searches set to fix a simulator's ground truth, has no meaning here:
-    the rewards are real ratings, the same for every rank_k."""
+    the rewards are real ratings, the same for every rank_k. Tastes cannot drift here: real
+    ratings have no model to turn."""
+    feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
     model = build_rated_candidates_model(data.ratings_matrix(), num_actions, rank_k, feature_share, split_seed,
                                          reward, liked_threshold, num_movies, movie_selection)
-    return MovieLensRatingsEnvironment(model, batch_size, seed, arm_features, name)
+    environment = MovieLensRatingsEnvironment(model, batch_size, seed, arm_features, name)
+    environment.feedback_delay = feedback_delay
+    return environment

@@ -93,7 +93,7 @@ def test_per_arm_candidates_earn_the_rewards_of_their_time(make_config, drift):
     environment = build_environment(cfg, data.load(cfg.data))
     model = environment.reward_model
     drifting_model = TimedRewardModel(user_ids=model.user_ids, movie_ids=model.movie_ids, user_factors=model.user_factors,
-                                         movie_factors=model.movie_factors, rank_k=model.rank_k, drift=drift, period=24)
+                                      movie_factors=model.movie_factors, rank_k=model.rank_k, drift=drift, period=24)
     assert environment.extra_metric_names == (metrics.BEST_MOVIE_MOVED,)
     moved_any = False
     for step in range(7):
@@ -109,6 +109,38 @@ def test_per_arm_candidates_earn_the_rewards_of_their_time(make_config, drift):
         np.testing.assert_array_equal(moved, truth.argmax(axis=1) != stationary.argmax(axis=1))
         moved_any |= moved.any()
     assert moved_any  # the drift does change which candidate is best: the checks above can fail
+
+
+def test_slates_earn_the_ratings_of_their_time(make_config):
+    """env=movielens_ranking: a slate is worth its movies' ratings of the time, the best slate is the
+    top of the candidates then, NDCG is against that, and the best candidate's moves are logged."""
+    cfg = make_config("env=movielens_ranking", "env.num_actions=4", "env.slate_size=2", "env.drift=switch",
+                      "env.drift_period=24", "training.batch_size=8")
+    environment = build_environment(cfg, data.load(cfg.data))
+    model = environment.reward_model
+    drifting_model = TimedRewardModel(user_ids=model.user_ids, movie_ids=model.movie_ids, user_factors=model.user_factors,
+                                      movie_factors=model.movie_factors, rank_k=model.rank_k, drift="switch", period=24)
+    assert environment.extra_metric_names == (metrics.NDCG, metrics.PRECISION, metrics.CLICK_THROUGH_RATE,
+                                              metrics.BEST_MOVIE_MOVED)
+    assert environment.logged_round_kind is None
+    slate = tf.constant(np.tile([0, 1], (8, 1)), tf.int32)
+    moved_any = False
+    for step in range(7):
+        environment.reset()
+        users, candidates = environment._users.numpy(), environment._candidates.numpy()
+        truth = np.take_along_axis(drifting_model.rewards_at(step * 8)[users], candidates, axis=1)
+        stationary = np.take_along_axis(model.rewards[users], candidates, axis=1)
+        worth, best = environment.outcome(slate)
+        np.testing.assert_allclose(worth.numpy(), truth[:, :2].sum(axis=1), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(best.numpy(), np.sort(truth, axis=1)[:, -2:].sum(axis=1), rtol=1e-12, atol=1e-12)
+        ndcg, *_, moved = environment.extra_metrics(slate).numpy().T
+        discounts = 1 / np.log2([2, 3])
+        ideal = np.maximum(-np.sort(-truth, axis=1)[:, :2], 0) @ discounts
+        gained = np.maximum(truth[:, :2], 0) @ discounts
+        np.testing.assert_allclose(ndcg, np.divide(gained, ideal, out=np.zeros(8), where=ideal > 0), rtol=1e-9)
+        np.testing.assert_array_equal(moved, truth.argmax(axis=1) != stationary.argmax(axis=1))
+        moved_any |= moved.any()
+    assert moved_any
 
 
 def test_per_arm_drift_with_arrivals_logs_both_metrics_and_a_bad_period_is_refused(make_config):
