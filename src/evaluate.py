@@ -30,7 +30,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from src import artifacts, config, data, plots, serving, tracking, training
-from src.cli import exit_on_user_error
+from src.cli import exit_on_user_error, run_and_exit
 from src.envs import build_environment
 from src.errors import UserError, require
 from src.evaluation import estimators, interactions, intervals, offline, real_logs, slates
@@ -307,4 +307,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_and_exit(lambda: main(sys.argv[1:]))

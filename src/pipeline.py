@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from src import config
-from src.cli import exit_on_user_error, writable_folder
+from src.cli import exit_on_user_error, run_and_exit, writable_folder
 from src.errors import UserError, require
 from src.paths import PROJECT_ROOT
 
@@ -193,4 +193,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_and_exit(lambda: main(sys.argv[1:]))

@@ -23,7 +23,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from src import artifacts, config, data, serving, tracking
-from src.cli import exit_on_user_error
+from src.cli import exit_on_user_error, run_and_exit
 from src.envs import build_environment
 from src.errors import UserError, require
 
@@ -183,4 +183,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_and_exit(lambda: main(sys.argv[1:]))

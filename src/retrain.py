@@ -31,7 +31,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from src import config
-from src.cli import exit_on_user_error
+from src.cli import exit_on_user_error, run_and_exit
 from src.errors import UserError, one_line, require
 from src.evaluation import estimators, gate
 
@@ -450,4 +450,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_and_exit(lambda: main(sys.argv[1:]))

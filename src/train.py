@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from src import config
-from src.cli import exit_on_user_error, stop_on_termination_signals, writable_folder
+from src.cli import exit_on_user_error, run_and_exit, stop_on_termination_signals, writable_folder
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -84,4 +84,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    run_and_exit(cli)

@@ -108,6 +108,26 @@ def test_a_config_error_is_refused_before_tensorflow_loads(run_cli, movielens_di
     assert "Loading TensorFlow" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command, status, said", [
+    ("pass", 0, ""),
+    ("sys.exit(3)", 3, ""),
+    ("sys.exit('one line')", 1, "one line"),
+])
+def test_a_command_exits_with_its_status_after_its_exit_handlers(tmp_path, command, status, said):
+    """`src.cli.run_and_exit` skips the interpreter's teardown, not what exit handlers write."""
+    marker = tmp_path / "handled"
+    script = ("import atexit, sys; from pathlib import Path; from src.cli import run_and_exit\n"
+              f"atexit.register(lambda: Path({str(marker)!r}).write_text('flushed'))\n"
+              "def command():\n"
+              "    print('working', flush=False)\n"
+              f"    {command}\n"
+              "run_and_exit(command)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == status and result.stdout == "working\n" and result.stderr.strip() == said
+    assert marker.read_text() == "flushed"
+
+
 @pytest.mark.parametrize("overrides, name", [
     ([], "linucb·s0"),
     (["training=quick"], "linucb·quick·s0"),
