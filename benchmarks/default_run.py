@@ -41,7 +41,8 @@ def timed_run(data_dir: Path, overrides: list[str]) -> dict[str, float]:
         result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
         ended = time.time()
     if result.returncode:
-        sys.exit(f"the run failed ({result.returncode}): {result.stderr.strip().splitlines()[-1]}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        sys.exit(f"the run failed ({result.returncode}): {last}")
     marks, previous = {}, started
     for phase, text in MARKS.items():
         line = next(line for line in result.stderr.splitlines() if text in line)

@@ -25,7 +25,7 @@ METRIC = metrics.CUMULATIVE_REGRET
 CONFIDENCE = 0.95
 VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
 # Agent parameters that name or wire the agent rather than set how it learns.
-NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm", "agent.slate")
+NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm", "agent.slate", "agent.action_mask")
 # Environment parameters the searches tune beside the agent's (conf/hparams_search/).
 TUNED_ENV_KEYS = ("env.rank_k",)
 # The entry every figure draws as the line to beat, not as a contender.
@@ -52,8 +52,9 @@ def training_rate(runs: pd.DataFrame) -> pd.Series:
 def identity(label: str, params: dict[str, str]) -> Identity:
     """What makes two runs the same leaderboard run: the entry, and every config parameter, the
     seed included, but where the run is stored and how it spreads over threads (src.comparison's
-    NOT_CONFIG)."""
-    return label, tuple(sorted((key, value) for key, value in params.items()
+    NOT_CONFIG), each setting the run's options gained since it was made at its default
+    (`with_new_defaults`)."""
+    return label, tuple(sorted((key, value) for key, value in with_new_defaults(params).items()
                                if key == comparison.SEED or not comparison.NOT_CONFIG.fullmatch(key)))
 
 
@@ -141,6 +142,21 @@ def identities(runs: pd.DataFrame) -> pd.Series:
     params = runs.filter(regex=r"^params\.").rename(columns=lambda name: name.removeprefix("params."))
     return pd.Series([identity(entry, values.dropna().to_dict()) if isinstance(entry, str) else None
                       for entry, (_, values) in zip(entries, params.iterrows())], index=runs.index, dtype=object)
+
+
+def with_new_defaults(params: dict[str, str]) -> dict[str, str]:
+    """A run's params, and each setting its agent's or environment's option gained since the run
+    was made (agent.action_mask, env.arrivals) at its default, which is what the run had: a
+    leaderboard made before keeps its runs."""
+    filled = dict(params)
+    for group in ("agent", "env"):
+        option = config.option_file(group, params.get(f"{group}.name", ""))
+        if option is None:
+            continue
+        for key, value in OmegaConf.to_container(option, resolve=False).items():
+            if not isinstance(value, dict | list) and not str(value).startswith("${"):
+                filled.setdefault(f"{group}.{key}", str(value))
+    return filled
 
 
 def standings(experiment_id: str, planned: set[Identity] | None = None) -> comparison.Report:

@@ -60,6 +60,9 @@ class SharedOps:
     def reward_model(self, place: int):
         return self.engine.environment.reward_model
 
+    def movies_arrived(self, place: int) -> int | None:
+        return self.engine.environment.movies_arrived
+
     def policy(self, place: int):
         """The member's greedy policy as its run alone's agent holds it, to save and serve."""
         member, environment = self.members[place], self.engine.environment
@@ -124,6 +127,10 @@ class Group:
     def reward_model(self, index: int):
         part, place = self._places[index]
         return part.reward_model(place)
+
+    def movies_arrived(self, index: int) -> int | None:
+        part, place = self._places[index]
+        return part.movies_arrived(place)
 
     def policy(self, index: int):
         part, place = self._places[index]
@@ -274,7 +281,7 @@ def log_artifacts(member: DictConfig, group: Group, index: int, history: metrics
     training.log_tables(member, history, random_regret)
     if member.tracking.artifacts == "full" and member.tracking.save_policy:
         catalogue = serving.Catalogue.of(group.reward_model(index), dataset.movies, member.env)
-        serving.log_policy(group.policy(index), catalogue)
+        serving.log_policy(group.policy(index), catalogue, group.movies_arrived(index))
 
 
 def keep_unlogged(member: DictConfig, group: Group, index: int, history: metrics.RegretHistory,
@@ -284,7 +291,7 @@ def keep_unlogged(member: DictConfig, group: Group, index: int, history: metrics
     kept.mkdir(parents=True, exist_ok=True)
     training.write_tables(member, history, random_regret, kept)
     if member.tracking.artifacts == "full" and member.tracking.save_policy:
-        serving.save_policy(group.policy(index), kept / "policy")
+        serving.save_policy(group.policy(index), kept / "policy", group.movies_arrived(index))
     return kept
 
 

@@ -347,9 +347,12 @@ def learn_and_gate(cfg: DictConfig, experiment_id: str | None, champion: Champio
              challenger_cfg.data.name)
     dataset = data.load(challenger_cfg.data)
     engine = experiment.assemble(challenger_cfg, dataset)
-    if engine.environment.logged_round_kind != "movie":
+    if engine.environment.logged_round_kind == "slate":
         raise UserError(f"the champion's env={challenger_cfg.env.name} offers more than a user and a movie a round, "
                         f"which a decision log does not keep; retraining needs env=movielens")
+    if engine.environment.logged_round_kind is None:
+        raise UserError(f"the champion's env={challenger_cfg.env.name} cannot be retrained from a decision log: "
+                        f"{engine.environment.unlogged_because}")
     reward_model = engine.environment.reward_model
     train, _ = feedback_of(train_frame, reward_model, url)
     holdout, holdout_rows = feedback_of(holdout_frame, reward_model, url)

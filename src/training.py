@@ -166,7 +166,8 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
                 interactions.log(logged_frame, cfg.agent.get("propensity_draws", 0))
             if with_policy:
                 log.info("Saving the policy and its servable model")
-                serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env))
+                serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env),
+                                   engine.environment.movies_arrived)
         except (OSError, MlflowException) as error:
             kept = UNLOGGED / active.info.run_id
             kept.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
             if logged is not None:
                 logged_frame.to_parquet(kept / interactions.FILE, index=False)
             if with_policy:
-                serving.save_policy(engine.agent.policy, kept / "policy")
+                serving.save_policy(engine.agent.policy, kept / "policy", engine.environment.movies_arrived)
             raise UserError(f"the trained run's artifacts could not be written to {mlflow.get_artifact_uri()} "
                             f"({one_line(error)}); they are kept in {kept}") from None
     return history.final(), active.info.run_id

@@ -12,7 +12,7 @@ from mlflow.entities import Metric, Param
 from omegaconf import OmegaConf
 from scipy import stats
 
-from src import comparison, config, leaderboard, metrics, plots, replicas
+from src import comparison, config, leaderboard, metrics, plots, replicas, tracking
 from src.campaigns import tuned
 from src.errors import UserError
 from tests.conftest import SMALL
@@ -288,3 +288,17 @@ def test_a_replicas_speed_on_the_board_is_its_groups():
     assert list(leaderboard.training_rate(runs)) == [1000.0, 1000.0]
     alone = runs.drop(columns=f"metrics.{metrics.GROUP_INTERACTIONS_PER_S}")  # no group in the experiment
     assert list(leaderboard.training_rate(alone)) == [1000.0, 100.0]
+
+
+def test_a_run_made_before_its_options_gained_settings_keeps_its_place(data_overrides):
+    """A run logged before agent.action_mask and env.arrivals existed is the planned run with them
+    at their defaults; one whose real setting differs is not."""
+    job = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb"], ["movielens"], 1, data_overrides)[0]
+    params = tracking.flatten(job.cfg)
+    old = {key: value for key, value in params.items()
+           if key not in ("agent.action_mask", "env.arrivals", "env.arrivals_start", "env.arrivals_every")}
+    other = {**old, "agent.alpha": "2.0"}
+    runs = pd.DataFrame([{f"tags.{leaderboard.ENTRY_TAG}": job.label, **{f"params.{k}": v for k, v in run.items()}}
+                         for run in (old, other)])
+    found = leaderboard.identities(runs)
+    assert found[0] == job.identity() and found[1] != job.identity()

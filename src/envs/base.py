@@ -179,6 +179,12 @@ class InGraphBandit(bandit_tf_environment.BanditTFEnvironment):
     interactions_available: int | None = None
 
     @property
+    def movies_arrived(self) -> int | None:
+        """With movies arriving (`Arrivals`), how many have by now (the first columns of the reward
+        model); None where the catalogue is whole throughout."""
+        return None
+
+    @property
     def users(self) -> tf.Tensor:
         """[batch] int32, the `reward_model` rows of the users drawn at the last `reset()`; needed
         where `logged_round_kind` is set."""

@@ -218,6 +218,10 @@ class MovieLensEnvironment(InGraphBandit):
         mask = tf.cast(tf.range(len(self.reward_model.movie_ids)) < self._arrived, tf.int32)
         return features, tf.broadcast_to(mask, [self.batch_size, tf.size(mask)])
 
+    @property
+    def movies_arrived(self) -> int | None:
+        return int(self._arrived.numpy()) if self._arrivals.active else None
+
     def _at_time(self, interactions: tf.Tensor) -> None:
         """Bring the environment to its state after `interactions` (int64), for the step's users."""
         if self._arrivals.active:

@@ -116,6 +116,10 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         super().__init__(ts.time_step_spec(observation_spec, self._reward_spec()), self._action_spec(num_actions),
                          batch_size, name)
 
+    @property
+    def movies_arrived(self) -> int | None:
+        return int(self._arrived.numpy()) if self._arrivals.active else None
+
     def _action_spec(self, num_actions: int):
         """A position in the candidate list."""
         return tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=num_actions - 1, name="action")

@@ -101,7 +101,7 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
             # float32 arithmetic leaves 4.999999046 for 5 and -1.2e-06 for 0: noise, not information.
             scores = np.round(scores.astype(np.float64), SCORE_DECIMALS) + 0.0
             answer["predicted_reward"] = np.take_along_axis(scores, actions[:, None], axis=1)[:, 0]
-            keys = [str(movie) for movie in self._catalogue.movie_ids]
+            keys = [str(movie) for movie in self._catalogue.movie_ids[:self._policy.movies_arrived]]
             answer["scores"] = [dict(zip(keys, row.tolist())) for row in scores]
             if self._policy.slate_size:
                 slates = self._policy.slates(scores)
@@ -133,23 +133,29 @@ def _stack(vectors: pd.Series) -> np.ndarray:
     return np.stack(rows)
 
 
-def log_policy(policy, catalogue: Catalogue) -> None:
+def log_policy(policy, catalogue: Catalogue, movies_arrived: int | None = None) -> None:
     """Save the greedy policy as a SavedModel under the active run's `policy/` artifacts and
-    as a pyfunc model named `model` bundling it with the environment's `catalogue`."""
+    as a pyfunc model named `model` bundling it with the environment's `catalogue` (of which it
+    serves the first `movies_arrived`, where movies arrived while it trained)."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "policy"
-        save_policy(policy, path)
+        save_policy(policy, path, movies_arrived)
         mlflow.log_artifacts(str(path), "policy")
         _log_servable_model(path, catalogue)
 
 
-def save_policy(policy, path: Path) -> None:
-    """The greedy policy as a TF SavedModel in the folder `path`."""
+def save_policy(policy, path: Path, movies_arrived: int | None = None) -> None:
+    """The greedy policy as a TF SavedModel in the folder `path`; with `movies_arrived`, that
+    count in its metadata (`src.serving.policy.MOVIES_ARRIVED`): the movies it may recommend."""
+    import tensorflow as tf
     from tf_agents.policies import policy_saver
 
+    from src.serving.policy import MOVIES_ARRIVED
+
+    metadata = None if movies_arrived is None else {MOVIES_ARRIVED: tf.Variable(movies_arrived, trainable=False)}
     with _quiet("absl", "tensorflow"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Encoding a StructuredValue")
-        policy_saver.PolicySaver(policy, batch_size=None).save(str(path))
+        policy_saver.PolicySaver(policy, batch_size=None, metadata=metadata).save(str(path))
 
 
 def _log_servable_model(policy: Path, catalogue: Catalogue):

@@ -1,8 +1,9 @@
 """A policy saved by TF-Agents' `PolicySaver`, loaded for inference: its action for each user
 observation and, where it reports them, every movie's predicted reward (and a slate policy's
-ranked slate). A policy trained while movies arrived (`env.arrivals`) takes an action mask beside
-each observation: here every movie of its catalogue is allowed, the catalogue served being the
-one of the end of training or later."""
+ranked slate). A policy trained while movies arrived (`env.arrivals`) recommends among the movies
+arrived by the end of its training, which its metadata counts (`MOVIES_ARRIVED`): an action
+mask of those beside each observation, or, per-arm, the first of its catalogue (both in arrival
+order)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from src import tf_runtime  # noqa: F401,I001  (quiet TensorFlow, and the TypeSp
 from src.errors import UserError
 from src.serving.catalogue import Catalogue
 
+# The policy's metadata entry counting the movies that had arrived when it was saved.
+MOVIES_ARRIVED = "movies_arrived"
+
 
 class Policy:
     """A policy saved by TF-Agents' `PolicySaver`, loaded in this process."""
@@ -26,10 +30,12 @@ class Policy:
         self._policy = py_tf_eager_policy.SavedModelPyTFEagerPolicy(
             str(path), load_specs_from_pbtxt=True, batch_time_steps=False)
         observation = self._policy.time_step_spec.observation
+        arrived = self._policy.get_metadata().get(MOVIES_ARRIVED)
+        self.movies_arrived = None if arrived is None else int(arrived.numpy())
         self.masked = isinstance(observation, tuple)
         if self.masked:
             observation, mask = observation
-            self._movies = int(mask.shape[0])
+            self._mask = (np.arange(mask.shape[0]) < (self.movies_arrived or mask.shape[0])).astype(np.int32)
         self.per_arm = isinstance(observation, dict) and bandit_spec_utils.PER_ARM_FEATURE_KEY in observation
         action = self._policy.action_spec
         # A slate policy (env=movielens_ranking) recommends this many movies, best first.
@@ -44,8 +50,9 @@ class Policy:
 
     def decide(self, observations, catalogue: Catalogue | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The action (a column of the catalogue) for each user observation, and each movie's
-        predicted reward if the policy reports them. A per-arm policy needs the `catalogue`
-        whose movies it ranks; a slate policy's action is then its best movie (`slates`)."""
+        predicted reward if the policy reports them (NaN for a movie that had not arrived by the
+        end of its training). A per-arm policy needs the `catalogue` whose movies it ranks; a slate
+        policy's action is then its best movie (`slates`)."""
         observations = np.asarray(observations, np.float32)
         if observations.ndim != 2 or observations.shape[1] != self.dimension:
             width = observations.shape[-1] if observations.ndim else 1
@@ -55,13 +62,18 @@ class Policy:
             raise UserError("observations must be finite numbers")
         if self.per_arm:
             scores = np.stack([self._score_catalogue(user, catalogue) for user in observations])
-            return scores.argmax(axis=1), scores
+            return np.nanargmax(scores, axis=1), scores
         batch = len(observations)
         if self.masked:
-            observations = observations, np.ones((batch, self._movies), np.int32)
+            observations = observations, np.tile(self._mask, (batch, 1))
         step = self._policy.action(self._first_step(observations, batch))
         scores = getattr(step.info, "predicted_rewards_mean", None)
-        return np.asarray(step.action), None if scores is None else np.asarray(scores)
+        if scores is None:
+            return np.asarray(step.action), None
+        scores = np.array(scores, np.float32)
+        if self.movies_arrived is not None:
+            scores[:, self.movies_arrived:] = np.nan  # no prediction for a movie yet to arrive
+        return np.asarray(step.action), scores
 
     def _first_step(self, observation, batch_size: int):
         """A time step for `observation`; the reward's structure is the environment's (a slate's
@@ -80,7 +92,7 @@ class Policy:
         the pick is then the best predicted movie, without the exploration a set's pick has."""
         from tf_agents.bandits.specs import utils as bandit_spec_utils
 
-        movies = catalogue.candidates_for(user)
+        movies = catalogue.candidates_for(user)[:self.movies_arrived]
         sets = -(-len(movies) // self.candidates)
         padded = np.resize(movies, (sets * self.candidates, movies.shape[1]))
         observation = {bandit_spec_utils.GLOBAL_FEATURE_KEY: np.repeat(user[None], sets, axis=0),
@@ -89,4 +101,5 @@ class Policy:
         scores = getattr(step.info, "predicted_rewards_mean", None)
         if scores is None:
             raise UserError("this per-arm policy reports no predicted rewards, so it cannot rank the catalogue")
-        return np.asarray(scores).reshape(-1)[:len(movies)]
+        scores = np.asarray(scores).reshape(-1)[:len(movies)]
+        return np.pad(scores, (0, len(catalogue.movie_ids) - len(movies)), constant_values=np.nan)

@@ -94,7 +94,9 @@ class ServedModel:
 
     @property
     def size(self) -> int:
-        return len(self.catalogue.movie_ids)
+        """The movies it serves: the catalogue's first ones, those arrived by the end of the policy's
+        training where movies arrived (the catalogue is in arrival order), else all."""
+        return self.policy.movies_arrived or len(self.catalogue.movie_ids)
 
 
 class ModelSource:
@@ -253,7 +255,7 @@ class Service:
             picks, scores = model.policy.decide(context[None], model.catalogue)
         except UserError as error:
             raise HTTPException(422, str(error)) from None
-        scores = None if scores is None else scores[0]
+        scores = None if scores is None else scores[0][:model.size]
         action, propensity = self.explorer.choose(int(picks[0]), scores, model.own, model.size)
         slate = self.explorer.slate(action, scores, ask.k, model.size) if ask.k > 1 else None
         decision = Decision(uuid.uuid4().hex, ask.user_id, np.asarray(context, np.float32), action,

@@ -16,9 +16,9 @@ def train_with_policy(make_config, monkeypatch, *overrides: str):
     logged = {}
     log_policy = serving.log_policy
 
-    def spy(policy, catalogue):
+    def spy(policy, catalogue, movies_arrived=None):
         logged.update(policy=policy, catalogue=catalogue)
-        log_policy(policy, catalogue)
+        log_policy(policy, catalogue, movies_arrived)
 
     monkeypatch.setattr(serving, "log_policy", spy)
     train(make_config("tracking.save_policy=true", *overrides))
