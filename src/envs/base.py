@@ -3,8 +3,9 @@
 An environment is an `InGraphBandit`, a TF-Agents `BanditTFEnvironment` whose sampling and
 rewards are TensorFlow ops, so that a whole training loop compiles into one graph. Its specs
 say what it offers, as TF-Agents' agents read them: observations with per-arm features (a dict
-holding `PER_ARM_FEATURE_KEY`, `src.agents.has_per_arm_features`) and slates (an action of
-rank 1, `src.agents.is_slate`). What the specs do not say it declares as class attributes
+holding `PER_ARM_FEATURE_KEY`, `src.agents.has_per_arm_features`), observations with an action
+mask (a (features, mask) tuple, `src.agents.has_action_mask`: movies arriving, the first columns
+first) and slates (an action of rank 1, `src.agents.is_slate`). What the specs do not say it declares as class attributes
 (`logged_round_kind`). Its ground truth is its `reward_model`, a `RewardModel` in NumPy that
 everything outside the engine reads.
 """

@@ -12,7 +12,7 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
 from src import config, data
-from src.agents import build_agent, has_per_arm_features, is_slate, logged_policy
+from src.agents import build_agent, features_spec, has_action_mask, has_per_arm_features, is_slate, logged_policy
 from src.engine import Engine
 from src.envs import build_environment
 from src.envs.base import CompleteRewardModel, InGraphBandit, RewardModel
@@ -42,7 +42,7 @@ def check_contract(environment) -> None:
     model = environment.reward_model
     assert isinstance(model, RewardModel)
     users, movies = len(model.user_ids), len(model.movie_ids)
-    observation = environment.time_step_spec().observation
+    observation = features_spec(environment.time_step_spec())
     per_arm = has_per_arm_features(environment.time_step_spec())
     user_spec = observation[bandit_spec_utils.GLOBAL_FEATURE_KEY] if per_arm else observation
     assert model.user_features.shape == (users, *user_spec.shape)
@@ -57,7 +57,10 @@ def check_contract(environment) -> None:
         assert is_slate(environment.action_spec())
 
     batch = environment.batch_size
-    environment.reset()
+    time_step = environment.reset()
+    if has_action_mask(environment.time_step_spec()):  # movies arriving: the first column first
+        mask = time_step.observation[1].numpy()
+        assert mask.shape == (batch, movies) and mask[:, 0].all()
     action = first_actions(environment.action_spec(), batch)
     reward, optimal = environment.outcome(action)
     assert reward.dtype == optimal.dtype == tf.float64 and reward.shape == optimal.shape == (batch,)
