@@ -119,3 +119,23 @@ def test_a_tracked_run_on_a_pool_too_large_for_a_table_finishes(make_config, mon
     assert final["train/cumulative_regret"] > 0
     with pytest.raises(UserError, match="small enough for a dense rewards table"):
         movielens_env.build_reward_model(data.load(cfg.data).ratings_matrix(), 10, 4, 4).rewards
+
+
+def test_a_matrix_is_factorised_once_and_every_rank_is_a_truncation_of_its_svd():
+    """The SVDs kept are LAPACK's own, to the bit: the same matrix again (a copy) gets the same
+    factors without a new SVD, any rank truncates them, and only the last DENSE_SVDS_KEPT stay."""
+    rng = np.random.default_rng(0)
+    matrix = rng.random((30, 12))
+    first = movielens_env.dense_svd(matrix)
+    assert movielens_env.dense_svd(matrix.copy()) is first
+    fresh = np.linalg.svd(matrix, full_matrices=False)
+    for kept, computed in zip(first, fresh):
+        np.testing.assert_array_equal(kept, computed)
+        assert not kept.flags.writeable
+    users, movies = movielens_env.factorise(matrix, 5)
+    root = np.sqrt(fresh[1][:5])
+    np.testing.assert_array_equal(users, fresh[0][:, :5] * root)
+    np.testing.assert_array_equal(movies, fresh[2][:5].T * root)
+    for other in range(movielens_env.DENSE_SVDS_KEPT):
+        movielens_env.dense_svd(matrix + other + 1)
+    assert movielens_env.dense_svd(matrix) is not first
