@@ -91,7 +91,7 @@ class RewardModel:
         users drawn uniformly as the environment draws them."""
         return float(self.rewards[np.arange(len(choices)), choices].mean())
 
-    @property
+    @cached_property  # a model is fixed; a large pool's or a drift's regret takes a while
     def random_policy_regret(self) -> float:
         """Expected per-interaction regret of picking movies uniformly at random."""
         return float(np.mean(self.optimal_reward - self.rewards.mean(axis=1)))
@@ -339,7 +339,7 @@ class TimedRewardModel(RewardModel):
         shift = (self.user_features @ turned - self.user_features) @ self.movie_features.T
         return self.rewards + shift
 
-    @property
+    @cached_property  # a model is fixed; a large pool's or a drift's regret takes a while
     def random_policy_regret(self) -> float:
         """A uniform pick's expected regret against the best movie at the time, averaged over the
         drift's cycle (its two regimes, or ROTATION_SAMPLES angles of a rotation) and over the

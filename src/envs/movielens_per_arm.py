@@ -12,6 +12,7 @@ is this instance's own seeded generator.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import tensorflow as tf
@@ -50,7 +51,7 @@ class CandidateSetRewardModel(RewardModel):
     # time from the first catalogue to the whole pool; empty: the whole pool throughout.
     arrival_sizes: tuple[int, ...] = ()
 
-    @property
+    @cached_property  # a model is fixed; a large pool's or a drift's regret takes a while
     def random_policy_regret(self) -> float:
         """Exact expected per-interaction regret of a uniform pick from a random candidate set:
         E[max over the set] (order statistics, see `expected_top_weights`) minus the pool mean;

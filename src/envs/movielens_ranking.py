@@ -17,6 +17,7 @@ environment also reports NDCG@k (gains: ratings, clipped at 0; 0 when every cand
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import tensorflow as tf
@@ -41,7 +42,7 @@ class SlateRewardModel(CandidateSetRewardModel):
 
     slate_size: int
 
-    @property
+    @cached_property  # a model is fixed; a large pool's or a drift's regret takes a while
     def random_policy_regret(self) -> float:
         """Exact expected regret of a uniform slate from a random candidate set: the expected sum
         of the top `slate_size` candidates (order statistics) minus slate_size x the pool mean."""

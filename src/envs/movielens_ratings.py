@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import tensorflow as tf
@@ -70,7 +71,7 @@ class RatedCandidatesModel:
         """Columns of the movies user `row` rated in the reward part."""
         return np.flatnonzero(~np.isnan(self.rewards[row]))
 
-    @property
+    @cached_property  # a model is fixed; a large pool's or a drift's regret takes a while
     def random_policy_regret(self) -> float:
         """Exact expected per-interaction regret of a uniform pick among a user's random candidate
         set: E[best of the set] (order statistics, `expected_top_weights`) minus the mean."""
