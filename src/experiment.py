@@ -51,8 +51,8 @@ def assemble(cfg: DictConfig, data, members: Sequence[DictConfig] = ()) -> Engin
         return Engine(environment, agent, cfg.training.steps_per_loop)
     if environment.logged_round_kind is None:
         raise UserError(f"tracking.log_interactions=true needs an environment whose rounds the log can keep: "
-                        f"a user and a movie (env=movielens) or a slate (env=movielens_ranking); a round of "
-                        f"env={cfg.env.name}: {environment.unlogged_because}")
+                        f"a user and a movie (env=movielens) or a slate (env=movielens_ranking); on "
+                        f"env={cfg.env.name} {environment.unlogged_because}")
     return Engine(environment, agent, cfg.training.steps_per_loop,
                   policy_columns=logged_policy(cfg.agent, environment.action_spec()))
 

@@ -107,6 +107,10 @@ def recommend(cfg: DictConfig) -> str:
         ratings = rated = None
         labels = [f"row {row}" for row in range(1, len(observations) + 1)]
     actions, scores = policy.decide(observations, catalogue)
+    if policy.movies_arrived is not None:  # what it serves: the movies arrived by the end of its training
+        served = policy.movies_arrived
+        catalogue = catalogue.first(served)
+        scores, ratings, rated = (None if table is None else table[:, :served] for table in (scores, ratings, rated))
     top_k = cfg.top_k or policy.slate_size  # a slate policy's ranked slate, unless told otherwise
     if scores is None and cfg.top_k is not None:
         raise UserError(f"top_k needs predicted rewards, which the {run_cfg.agent.name} policy "

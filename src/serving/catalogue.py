@@ -3,7 +3,7 @@ that serving needs neither the MovieLens files nor the environment code."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +46,11 @@ class Catalogue:
     def load(cls, path: Path) -> Catalogue:
         with np.load(path) as stored:
             return cls(**{name: stored[name][()] if stored[name].ndim == 0 else stored[name] for name in stored.files})
+
+    def first(self, movies: int) -> Catalogue:
+        """The catalogue of its first `movies` (an environment's movies arrived, in arrival order)."""
+        return replace(self, movie_ids=self.movie_ids[:movies], titles=self.titles[:movies],
+                       movie_features=None if self.movie_features is None else self.movie_features[:movies])
 
     def candidates_for(self, user: np.ndarray) -> np.ndarray:
         """[movies, features]: every movie as a per-arm policy sees it offered to `user`."""

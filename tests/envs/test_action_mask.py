@@ -5,6 +5,7 @@ the catalogue's size logged and its saved policy serves; bad settings refused in
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from src import artifacts, data, experiment, metrics, serving
+from src import artifacts, data, experiment, metrics, predict, serving
 from src.agents import agents_that
 from src.envs import build_environment
 from src.envs.base import first_rating_order
@@ -156,6 +157,11 @@ def test_a_run_with_arrivals_finishes_and_its_policy_serves_the_movies_arrived(m
     assert policy.movies_arrived == 7 and scores.shape == (len(model.user_ids), MOVIES)
     assert picks.max() < 7 and len(set(picks)) > 1
     assert np.isfinite(scores[:, :7]).all() and np.isnan(scores[:, 7:]).all()
+    # src.predict shows what is served: the 7, the best for the user among them.
+    report = predict.recommend(predict.parse([f"run_id={run.info.run_id}", f"user_id={model.user_ids[0]}",
+                                              f"tracking.uri={tracking_uri}"]))
+    best = int(re.search(r"best for user \d+: movie (\d+)", report).group(1))
+    assert "7 candidate movies" in report and best in model.movie_ids[:7] and "nan" not in report.lower()
 
 
 @pytest.mark.parametrize("overrides, message", [
