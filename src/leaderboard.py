@@ -6,6 +6,7 @@ the runs (`uv run python -m docs.rebuild_leaderboards` for the pages under docs/
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -150,13 +151,20 @@ def with_new_defaults(params: dict[str, str]) -> dict[str, str]:
     leaderboard made before keeps its runs."""
     filled = dict(params)
     for group in ("agent", "env"):
-        option = config.option_file(group, params.get(f"{group}.name", ""))
-        if option is None:
-            continue
-        for key, value in OmegaConf.to_container(option, resolve=False).items():
-            if not isinstance(value, dict | list) and not str(value).startswith("${"):
-                filled.setdefault(f"{group}.{key}", str(value))
+        for key, value in option_defaults(group, params.get(f"{group}.name", "")):
+            filled.setdefault(key, value)
     return filled
+
+
+@functools.cache
+def option_defaults(group: str, option: str) -> tuple[tuple[str, str], ...]:
+    """The plain settings of `conf/<group>/<option>.yaml` as params (none where there is no such
+    file), read once a process: every run of a board asks for its agent's and environment's."""
+    parsed = config.option_file(group, option)
+    if parsed is None:
+        return ()
+    return tuple((f"{group}.{key}", str(value)) for key, value in OmegaConf.to_container(parsed, resolve=False).items()
+                 if not isinstance(value, dict | list) and not str(value).startswith("${"))
 
 
 def standings(experiment_id: str, planned: set[Identity] | None = None) -> comparison.Report:

@@ -189,7 +189,8 @@ class MovieLensEnvironment(InGraphBandit):
     arrived, and the best movie, which regret is measured against, is the best arrived."""
 
     logged_round_kind = "movie"
-    # Whether the environment's state changes with time (drift, arrivals): it then counts its steps.
+    # Whether the users' tastes drift (DriftingMovieLensEnvironment); with drift or arrivals the
+    # environment counts its steps, its time.
     drifts = False
 
     def __init__(self, model: RewardModel, batch_size: int, seed: int, name: str = "movielens",

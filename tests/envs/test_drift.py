@@ -84,6 +84,20 @@ def test_bad_drift_is_refused_in_one_line(make_config, overrides, message):
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
+def drifting_like(model, drift: str, period: int) -> TimedRewardModel:
+    """The drifting NumPy model over a candidate environment's pool."""
+    return TimedRewardModel(user_ids=model.user_ids, movie_ids=model.movie_ids, user_factors=model.user_factors,
+                            movie_factors=model.movie_factors, rank_k=model.rank_k, drift=drift, period=period)
+
+
+def candidates_now_and_without_drift(environment, drifting_model: TimedRewardModel, interactions: int):
+    """A step's candidates' rewards [batch, candidates] after `interactions`, and without drift."""
+    environment.reset()
+    users, candidates = environment._users.numpy(), environment._candidates.numpy()
+    now = np.take_along_axis(drifting_model.rewards_at(interactions)[users], candidates, axis=1)
+    return now, np.take_along_axis(drifting_model.rewards[users], candidates, axis=1)
+
+
 @pytest.mark.parametrize("drift", ["rotate", "switch"])
 def test_per_arm_candidates_earn_the_rewards_of_their_time(make_config, drift):
     """env=movielens_per_arm: each candidate's reward from the factors with the users' observed
@@ -91,16 +105,11 @@ def test_per_arm_candidates_earn_the_rewards_of_their_time(make_config, drift):
     cfg = make_config("env=movielens_per_arm", "env.num_actions=4", f"env.drift={drift}", "env.drift_period=24",
                       "training.batch_size=8")
     environment = build_environment(cfg, data.load(cfg.data))
-    model = environment.reward_model
-    drifting_model = TimedRewardModel(user_ids=model.user_ids, movie_ids=model.movie_ids, user_factors=model.user_factors,
-                                      movie_factors=model.movie_factors, rank_k=model.rank_k, drift=drift, period=24)
+    drifting_model = drifting_like(environment.reward_model, drift, 24)
     assert environment.extra_metric_names == (metrics.BEST_MOVIE_MOVED,)
     moved_any = False
     for step in range(7):
-        environment.reset()
-        users, candidates = environment._users.numpy(), environment._candidates.numpy()
-        truth = np.take_along_axis(drifting_model.rewards_at(step * 8)[users], candidates, axis=1)
-        stationary = np.take_along_axis(model.rewards[users], candidates, axis=1)
+        truth, stationary = candidates_now_and_without_drift(environment, drifting_model, step * 8)
         actions = tf.constant(np.arange(8) % 4, tf.int32)
         reward, optimal = environment.outcome(actions)
         np.testing.assert_allclose(reward.numpy(), truth[np.arange(8), actions.numpy()], rtol=1e-12, atol=1e-12)
@@ -117,19 +126,14 @@ def test_slates_earn_the_ratings_of_their_time(make_config):
     cfg = make_config("env=movielens_ranking", "env.num_actions=4", "env.slate_size=2", "env.drift=switch",
                       "env.drift_period=24", "training.batch_size=8")
     environment = build_environment(cfg, data.load(cfg.data))
-    model = environment.reward_model
-    drifting_model = TimedRewardModel(user_ids=model.user_ids, movie_ids=model.movie_ids, user_factors=model.user_factors,
-                                      movie_factors=model.movie_factors, rank_k=model.rank_k, drift="switch", period=24)
+    drifting_model = drifting_like(environment.reward_model, "switch", 24)
     assert environment.extra_metric_names == (metrics.NDCG, metrics.PRECISION, metrics.CLICK_THROUGH_RATE,
                                               metrics.BEST_MOVIE_MOVED)
     assert environment.logged_round_kind is None
     slate = tf.constant(np.tile([0, 1], (8, 1)), tf.int32)
     moved_any = False
     for step in range(7):
-        environment.reset()
-        users, candidates = environment._users.numpy(), environment._candidates.numpy()
-        truth = np.take_along_axis(drifting_model.rewards_at(step * 8)[users], candidates, axis=1)
-        stationary = np.take_along_axis(model.rewards[users], candidates, axis=1)
+        truth, stationary = candidates_now_and_without_drift(environment, drifting_model, step * 8)
         worth, best = environment.outcome(slate)
         np.testing.assert_allclose(worth.numpy(), truth[:, :2].sum(axis=1), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(best.numpy(), np.sort(truth, axis=1)[:, -2:].sum(axis=1), rtol=1e-12, atol=1e-12)
