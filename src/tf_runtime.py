@@ -1,4 +1,5 @@
-"""TensorFlow, TensorFlow Probability and TF-Agents, imported once and quietly.
+"""TensorFlow, TensorFlow Probability and TF-Agents, imported once, quietly and without the
+garbage collector (`src.cli.uncollected`).
 
 Every module of ours that uses them imports this one first. TensorFlow's C++ runtime writes
 to file descriptor 2 directly and gym prints a notice to `sys.stderr` (not always fd 2, e.g.
@@ -10,6 +11,8 @@ import contextlib
 import logging
 import os
 import sys
+
+from src.cli import uncollected
 
 # TF-Agents' ranking policies subclass a TensorFlow Probability distribution in a way TFP warns
 # about, 25 lines on the root logger each time; they only sample from it, which works.
@@ -31,7 +34,7 @@ def _silenced_stderr():
             os.close(saved)
 
 
-with _silenced_stderr():
+with _silenced_stderr(), uncollected():
     import tensorflow as _tf
     import tensorflow_probability  # noqa: F401  (registers TypeSpecs SavedModels need)
     import tf_agents.agents  # noqa: F401  (imports gym, which prints a notice)

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from src import config
-from src.cli import exit_on_user_error, run_and_exit, stop_on_termination_signals, writable_folder
+from src.cli import exit_on_user_error, run_and_exit, stop_on_termination_signals, uncollected, writable_folder
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path=str(config.CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    # Loaded here, after cli() has said so: TensorFlow, MLflow and Optuna take tens of seconds.
-    from src.campaigns import trials
-    from src.replicas import train_group
-    from src.training import train
+    # Loaded here, after cli() has said so: TensorFlow, MLflow and Optuna take seconds.
+    with uncollected():
+        from src.campaigns import trials
+        from src.replicas import train_group
+        from src.training import train
 
     def run() -> float:
         if cfg.training.replicas > 1:

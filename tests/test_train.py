@@ -128,6 +128,21 @@ def test_a_command_exits_with_its_status_after_its_exit_handlers(tmp_path, comma
     assert marker.read_text() == "flushed"
 
 
+def test_imports_run_without_the_collector_and_leave_it_on():
+    """`src.cli.uncollected`: TensorFlow's objects are frozen out of the collector's reach, which is
+    on again afterwards (only once the outermost of nested blocks ends)."""
+    script = ("import gc; from src.cli import uncollected\n"
+              "with uncollected():\n"
+              "    with uncollected():\n"
+              "        import src.tf_runtime\n"
+              "    inner_left_it_off = not gc.isenabled()\n"
+              "print(inner_left_it_off, gc.isenabled(), gc.get_freeze_count())\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    inner_left_it_off, enabled, frozen = result.stdout.split()
+    assert inner_left_it_off == enabled == "True" and int(frozen) > 100_000
+
+
 @pytest.mark.parametrize("overrides, name", [
     ([], "linucb·s0"),
     (["training=quick"], "linucb·quick·s0"),
