@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -74,7 +75,12 @@ def compose(overrides: Iterable[str] = (), config_name: str = "config", with_hyd
 
 def compose_command(overrides: list[str], config_name: str, usage: str) -> DictConfig:
     """A command's own `conf/<config_name>.yaml` with its key=value arguments; a bad one is one
-    line ending in the command's `usage`."""
+    line ending in the command's `usage`; -h or --help prints the usage and that file (every
+    option, its default and what it means), and exits."""
+    if {"-h", "--help"} & set(overrides):
+        print(f"{usage}\n\nOptions, as key=value (conf/{config_name}.yaml):\n")
+        print((CONFIG_DIR / f"{config_name}.yaml").read_text())
+        sys.exit(0)
     try:
         return compose(overrides, config_name=config_name)
     except (HydraException, OmegaConfBaseException) as error:

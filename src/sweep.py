@@ -76,6 +76,9 @@ def work_on_ray(address: str, workers: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if argv in (["-h"], ["--help"]):
+        print(USAGE)
+        sys.exit(0)
     if (not argv or argv[0] not in ("prepare", "work", "summarise", "ray", "check-ray")
             or len(argv) < {"ray": 3, "check-ray": 2}.get(argv[0], 1)):
         print(USAGE, file=sys.stderr)

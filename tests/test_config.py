@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
@@ -22,6 +24,21 @@ def test_compose_gives_the_cli_config_with_overrides():
     assert "hydra" not in cfg
     assert config.compose(["hparams_search=linucb"], with_hydra=True).hydra.sweeper.study_name == "linucb"
     assert config.compose(config_name="predict").run_id is None
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "retrain", "pipeline"])
+def test_a_commands_help_is_its_usage_and_its_options_file(command):
+    result = subprocess.run([sys.executable, "-m", f"src.{command}", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    options = (config.CONFIG_DIR / f"{command}.yaml").read_text()
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: python -m src.{command} ")
+    assert options in result.stdout and not result.stderr.strip()
+
+
+def test_the_sweep_commands_help_is_its_usage():
+    result = subprocess.run([sys.executable, "-m", "src.sweep", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m src.sweep {prepare")
 
 
 def test_project_root_resolver_places_files_at_the_root_whatever_the_cwd(tmp_path, monkeypatch):
