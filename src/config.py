@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -237,6 +238,9 @@ def check_command_line(args: list[str]) -> DictConfig | None:
     try:
         return compose(args)
     except hydra.errors.HydraException as error:
+        missing = re.match(r"Could not override '([^']+)'", str(error))
+        if missing:  # Hydra would suggest +key=value, which only earns the refusal that names the settings
+            check_types(compose([f"+{arg}" if arg.partition("=")[0] == missing.group(1) else arg for arg in args]))
         raise UserError(" ".join(str(error).split("\n"))) from None
 
 

@@ -82,6 +82,17 @@ def test_values_keep_the_type_of_their_default(override, message):
         config.check_types(cfg)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["agent.alpah=3"], "agent.alpah is not a setting here; the settings are: name, per_arm, slate, action_mask, alpha"),
+    (["env=movielens_ratings", "env.drift=switch"], "env.drift is not a setting here; the settings are: name, "
+                                                    "num_actions, num_movies"),
+])
+def test_a_key_without_a_plus_its_yaml_lacks_is_refused_naming_the_settings(args, message):
+    """Not Hydra's advice to add it with +key=value, which would only earn this refusal."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        config.check_command_line(args)
+
+
 def test_a_builders_error_names_the_yaml_of_its_own_group_only():
     cfg = config.compose(["agent=lints", "agent.alpha=-1"])
     action_spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=4)
