@@ -130,17 +130,21 @@ def test_a_command_exits_with_its_status_after_its_exit_handlers(tmp_path, comma
 
 def test_imports_run_without_the_collector_and_leave_it_on():
     """`src.cli.uncollected`: TensorFlow's objects are frozen out of the collector's reach, which is
-    on again afterwards (only once the outermost of nested blocks ends)."""
+    on again afterwards (only once the outermost of nested blocks ends); a block that imports
+    nothing new (a multirun's later job) freezes nothing, as garbage made since would stay."""
     script = ("import gc; from src.cli import uncollected\n"
               "with uncollected():\n"
               "    with uncollected():\n"
               "        import src.tf_runtime\n"
               "    inner_left_it_off = not gc.isenabled()\n"
-              "print(inner_left_it_off, gc.isenabled(), gc.get_freeze_count())\n")
+              "frozen = gc.get_freeze_count()\n"
+              "with uncollected():\n"
+              "    import src.tf_runtime\n"
+              "print(inner_left_it_off, gc.isenabled(), frozen, gc.get_freeze_count())\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
                             timeout=120)
-    inner_left_it_off, enabled, frozen = result.stdout.split()
-    assert inner_left_it_off == enabled == "True" and int(frozen) > 100_000
+    inner_left_it_off, enabled, frozen, frozen_later = result.stdout.split()
+    assert inner_left_it_off == enabled == "True" and int(frozen) > 100_000 and frozen_later == frozen
 
 
 @pytest.mark.parametrize("overrides, name", [
