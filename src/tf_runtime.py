@@ -40,3 +40,9 @@ with _silenced_stderr(), uncollected():
     import tf_agents.agents  # noqa: F401  (imports gym, which prints a notice)
 
     _tf.config.list_physical_devices()  # probes for CUDA, which logs when there is none
+
+# TensorFlow's logger made its handler while stderr was the null device, closed since: each of its
+# warnings (a retrace, a deprecation) would print logging's "I/O operation on closed file" trace.
+for _handler in _tf.get_logger().handlers:
+    if isinstance(_handler, logging.StreamHandler):
+        _handler.stream = sys.stderr  # not setStream, which flushes the closed one first

@@ -128,6 +128,13 @@ def test_a_command_exits_with_its_status_after_its_exit_handlers(tmp_path, comma
     assert marker.read_text() == "flushed"
 
 
+def test_tensorflows_warnings_reach_stderr_after_its_quiet_import():
+    script = "import src.tf_runtime, tensorflow as tf; tf.get_logger().warning('retraced, say')"
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stderr.strip() == "WARNING:tensorflow:retraced, say"
+
+
 def test_imports_run_without_the_collector_and_leave_it_on():
     """`src.cli.uncollected`: TensorFlow's objects are frozen out of the collector's reach, which is
     on again afterwards (only once the outermost of nested blocks ends); a block that imports
