@@ -90,6 +90,11 @@ class Engine:
             self._make_pending(environment.feedback_delay, environment.batch_size * steps_per_loop)
         self.run_chunk = tf.function(
             self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
+        # An engine traces its loop once, but TensorFlow counts traces by the Python code, not the
+        # engine, and warns of "retracing" from a process's sixth engine on (a worker's trials, a
+        # board's groups); `traces` counts this engine's own. No public switch: TensorFlow's
+        # deserialised functions set the same flag.
+        self.run_chunk._omit_frequent_tracing_warning = True
 
     def _collect_step(self):
         env = self.environment

@@ -9,6 +9,8 @@ to each test.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,6 +30,7 @@ from src.agents.neural_linucb import VectorizedNeuralLinUCBAgent
 from src.engine import Engine
 from src.envs.movielens import MovieLensEnvironment, RewardModel
 from src.stock_pattern import run_stock
+from tests.conftest import SMALL
 
 
 def make_engine(cfg, seed: int) -> Engine:
@@ -495,3 +498,14 @@ def test_vectorized_and_tf_agents_regret_agree_in_engine(make_config, agent, loo
         window_means(lambda s, n: ours_regret(make_config(f"agent={name}", *overrides), s, n), seeds, loops)
         for name in (agent, f"{agent}_tf_agents"))
     assert abs(vectorized.mean() - reference.mean()) < tolerance, (vectorized, reference)
+
+
+def test_a_process_of_many_engines_hears_no_retracing_warning(make_config, caplog):
+    """Each engine traces its loop once; TensorFlow, counting traces by code, would call the sixth
+    engine's of a process (a worker's trials, a board's groups) retracing."""
+    cfg = make_config("agent=linucb", *SMALL)
+    dataset = data.load(cfg.data)
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for _ in range(7):
+            list(experiment.assemble(cfg, dataset).run(2, 2))
+    assert not [record for record in caplog.records if "retracing" in record.getMessage()]
