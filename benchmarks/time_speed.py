@@ -3,7 +3,7 @@ movies on, against the stationary environment, in interleaved rounds of one proc
 
     uv run python -m benchmarks.time_speed --data-dir /path/to/ml-100k
 
-Each setting is `env=movielens` (20 movies) with overrides (arrivals: an action mask), or `env=movielens_per_arm` (20
+Each setting is `env=movielens` (20 movies, or `--movies`) with overrides (arrivals: an action mask), or `env=movielens_per_arm` (20
 candidates from 1,682 movies) with and without arrivals; each agent is built from its YAML.
 After a warm-up chunk (tracing), every round times `--loops` loops of every setting in turn, so
 a busy machine slows them alike, in an order shuffled each round; the table gives the median rate
@@ -52,12 +52,17 @@ def main() -> None:
     parser.add_argument("--agents", nargs="+", default=["linucb", "epsilon_greedy"])
     parser.add_argument("--loops", type=int, default=2000, help="loops timed per setting and round")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--movies", type=int, default=20,
+                        help="env=movielens's catalogue (env.num_movies): time's cost per loop is about fixed, "
+                             "the loop grows with the catalogue")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     rows = []
     for agent in args.agents:
         settings = {**SETTINGS, **({"discount 0.98": FORGETTING[agent]} if agent in FORGETTING else {}), **PER_ARM}
-        configs = {name: config.compose([f"agent={agent}", f"data.dir={args.data_dir.resolve()}", *overrides])
+        catalogue = [f"env.num_movies={args.movies}"]
+        configs = {name: config.compose([f"agent={agent}", f"data.dir={args.data_dir.resolve()}",
+                                         *([] if name in PER_ARM else catalogue), *overrides])
                    for name, overrides in settings.items()}
         first = next(iter(configs.values()))
         configure_threads(first.training.threads.intra_op, first.training.threads.inter_op)
