@@ -11,8 +11,9 @@ movies, 25 million ratings), the environment `env=movielens_per_arm` with intera
 rank-20 SVD of the sparse ratings, rewards from the factors. Build time is the data's generation
 and the environment's (the SVD), timed apart; peak memory is the process's high-water mark
 (`ru_maxrss`) after the build, before any agent. Each agent then runs on both pools; after a
-warm-up chunk (tracing), every round times `--loops` loops of each in turn, so a busy machine
-slows them alike; the table gives the median rate over rounds and its ratio to the small pool.
+warm-up chunk (tracing), every round times `--loops` loops of each in turn, in an order shuffled
+each round, so a busy machine slows them alike; the table gives the median rate over rounds and
+its ratio to the small pool.
 Targets (issue: more data): build <= 3 minutes and <= 8 GB peak on 2 cores; ratio >= 0.8.
 """
 

@@ -80,15 +80,15 @@ def timed(engine, loops: int, chunk: int) -> tuple[list[np.ndarray], float]:
     return regret, seconds
 
 
-def interleaved_rates(engines: dict, loops: int, rounds: int, chunk: int, label: str) -> dict[str, list[float]]:
+def interleaved_rates(engines: dict, loops: int, rounds: int, chunk: int, label: str) -> dict[object, list[float]]:
     """Each engine's interactions/s in each of `rounds` rounds, a round timing `loops` loops of
     every engine in turn, so that a busy machine slows them alike; in an order shuffled each round
     (seeded), as four copies of one engine timed in a fixed order ran 52-63 thousand a second by
     their place in the round."""
     rates = {name: [] for name in engines}
-    order = np.random.default_rng(0)
+    names, rng = list(engines), np.random.default_rng(0)
     for round_ in range(rounds):
-        for name in order.permutation(list(engines)):
+        for name in (names[index] for index in rng.permutation(len(names))):
             _, seconds = timed(engines[name], loops, chunk)
             rates[name].append(loops * engines[name].interactions_per_loop / seconds)
         log.info("%s: round %d of %d done", label, round_ + 1, rounds)

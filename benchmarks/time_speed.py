@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--loops", type=int, default=2000, help="loops timed per setting and round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--movies", type=int, default=20,
-                        help="env=movielens's catalogue (env.num_movies): time's cost per loop is about fixed, "
-                             "the loop grows with the catalogue")
+                        help="env=movielens's catalogue (env.num_movies; the per-arm settings keep theirs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     rows = []

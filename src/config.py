@@ -240,7 +240,9 @@ def check_command_line(args: list[str]) -> DictConfig | None:
     except hydra.errors.HydraException as error:
         missing = re.match(r"Could not override '([^']+)'", str(error))
         if missing:  # Hydra would suggest +key=value, which only earns the refusal that names the settings
-            check_types(compose([f"+{arg}" if arg.partition("=")[0] == missing.group(1) else arg for arg in args]))
+            with contextlib.suppress(hydra.errors.HydraException, OmegaConfBaseException):  # else Hydra's line
+                check_types(compose([f"++{arg}" if arg.partition("=")[0] == missing.group(1) else arg
+                                     for arg in args]))
         raise UserError(" ".join(str(error).split("\n"))) from None
 
 

@@ -91,9 +91,9 @@ class Engine:
         self.run_chunk = tf.function(
             self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
         # An engine traces its loop once, but TensorFlow counts traces by the Python code, not the
-        # engine, and warns of "retracing" from a process's sixth engine on (a worker's trials, a
-        # board's groups); `traces` counts this engine's own. No public switch: TensorFlow's
-        # deserialised functions set the same flag.
+        # engine, and warns of "retracing" where 5 of its last 10 calls traced: a process training
+        # many short runs (a worker's trials, a board's groups, the tests); `traces` counts this
+        # engine's own. No public switch: TensorFlow's deserialised functions set the same flag.
         self.run_chunk._omit_frequent_tracing_warning = True
 
     def _collect_step(self):

@@ -44,5 +44,5 @@ with _silenced_stderr(), uncollected():
 # TensorFlow's logger made its handler while stderr was the null device, closed since: each of its
 # warnings (a retrace, a deprecation) would print logging's "I/O operation on closed file" trace.
 for _handler in _tf.get_logger().handlers:
-    if isinstance(_handler, logging.StreamHandler):
+    if isinstance(_handler, logging.StreamHandler) and getattr(_handler.stream, "closed", False):
         _handler.stream = sys.stderr  # not setStream, which flushes the closed one first

@@ -86,6 +86,9 @@ def test_values_keep_the_type_of_their_default(override, message):
     (["agent.alpah=3"], "agent.alpah is not a setting here; the settings are: name, per_arm, slate, action_mask, alpha"),
     (["env=movielens_ratings", "env.drift=switch"], "env.drift is not a setting here; the settings are: name, "
                                                     "num_actions, num_movies"),
+    (["agent.alpah=3", "agent.alpah=4"], "agent.alpah is not a setting here"),
+    (["env=movielens_ratings", "agent.alpah=3", "env.drift=x"], "Could not override 'agent.alpah'"),
+    (["agent.alpah=${oops}"], "Could not override 'agent.alpah'"),
 ])
 def test_a_key_without_a_plus_its_yaml_lacks_is_refused_naming_the_settings(args, message):
     """Not Hydra's advice to add it with +key=value, which would only earn this refusal."""
