@@ -202,7 +202,7 @@ def test_linucb_beats_uniform_random_by_a_clear_margin(make_config):
 @pytest.mark.parametrize("override, message", [
     ("agent=nope", "unknown agent 'nope'; choose one of"),
     ("agent.alpha=-1", "agent.alpha must be > 0, got -1 (conf/agent/linucb.yaml)"),
-    ("foo=1", "Could not override 'foo'. To append to your config use +foo=1"),
+    ("foo=1", "foo is not a setting here; the settings are: tracking, sweep, objective, offline"),
     ("training.threads.intra_op=-1", "training.threads.intra_op must be an integer >= 0"),
     ("training.threads.inter_op=100000", "training.threads.inter_op must be at most 4 x the"),
     ("training.steps_per_loop=2147483647", "training.steps_per_loop must be at most 64"),
