@@ -56,10 +56,10 @@ def main() -> None:
                         help="env=movielens's catalogue (env.num_movies; the per-arm settings keep theirs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    catalogue = [f"env.num_movies={args.movies}"]
     rows = []
     for agent in args.agents:
         settings = {**SETTINGS, **({"discount 0.98": FORGETTING[agent]} if agent in FORGETTING else {}), **PER_ARM}
-        catalogue = [f"env.num_movies={args.movies}"]
         configs = {name: config.compose([f"agent={agent}", f"data.dir={args.data_dir.resolve()}",
                                          *([] if name in PER_ARM else catalogue), *overrides])
                    for name, overrides in settings.items()}

@@ -303,14 +303,11 @@ def write_tensorboard(frame: pd.DataFrame, folder: Path) -> None:
                 tf.summary.write(name, tf.cast(values[row, column], tf.float32), step=steps[row], metadata=scalar)
 
     # TensorFlow counts the traces of these throwaway functions as retracing, and warns about
-    # it after five runs in one process (a sweep, the leaderboard).
-    tensorflow_log = tf.get_logger()
-    level = tensorflow_log.level
-    tensorflow_log.setLevel(logging.ERROR)
+    # it after five runs in one process (a sweep, the leaderboard); as for the engine's loop.
+    write._omit_frequent_tracing_warning = True
     try:
         with writer.as_default():
             write(tf.constant(frame["step"].to_numpy(), tf.int64),
                   tf.constant(frame[list(names)].to_numpy(), tf.float64))
     finally:
-        tensorflow_log.setLevel(level)
         writer.close()
