@@ -76,8 +76,8 @@ def work_on_ray(address: str, workers: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv in (["-h"], ["--help"]):
-        print(USAGE)
+    if {"-h", "--help"} & set(argv):  # after a subcommand too: they share one usage
+        print(f"{USAGE}\n{__doc__}")
         sys.exit(0)
     if (not argv or argv[0] not in ("prepare", "work", "summarise", "ray", "check-ray")
             or len(argv) < {"ray": 3, "check-ray": 2}.get(argv[0], 1)):

@@ -35,10 +35,12 @@ def test_a_commands_help_is_its_usage_and_its_options_file(command):
     assert options in result.stdout and not result.stderr.strip()
 
 
-def test_the_sweep_commands_help_is_its_usage():
-    result = subprocess.run([sys.executable, "-m", "src.sweep", "--help"], cwd=PROJECT_ROOT, capture_output=True,
+@pytest.mark.parametrize("arguments", [["--help"], ["prepare", "--help"], ["work", "hparams_search=linucb", "-h"]])
+def test_the_sweep_commands_help_is_its_usage(arguments):
+    result = subprocess.run([sys.executable, "-m", "src.sweep", *arguments], cwd=PROJECT_ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m src.sweep {prepare")
+    assert "multirun.sh" in result.stdout and not result.stderr.strip()
 
 
 def test_project_root_resolver_places_files_at_the_root_whatever_the_cwd(tmp_path, monkeypatch):
