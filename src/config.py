@@ -266,6 +266,8 @@ def check_run(cfg: DictConfig) -> None:
             require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
     check_sizes(cfg)
     check_replicas(cfg)
+    if cfg.training.jit_compile:
+        check_compilable(cfg)
     require(cfg.tracking.artifacts in ("full", "light"), "tracking.artifacts", cfg.tracking.artifacts,
             "full or light")
     log_every = cfg.tracking.log_every
@@ -276,6 +278,24 @@ def check_run(cfg: DictConfig) -> None:
     require(cfg.objective in FINAL_METRICS, "objective", cfg.objective, f"one of {', '.join(FINAL_METRICS)}")
     if is_offline(cfg):
         check_offline(cfg)
+
+
+def check_compilable(cfg: DictConfig) -> None:
+    """What XLA cannot compile: the linear agents (arms touched and inverted vary in number every
+    loop), the pending feedback of a delay (varies likewise), the timeline's refits (Python)."""
+    capable = sorted(path.stem for path in (CONFIG_DIR / "agent").glob("*.yaml") if conf_file(path).get("jit_compile"))
+    if not cfg.agent.get("jit_compile", False):
+        raise UserError(f"training.jit_compile=true: XLA cannot compile agent={cfg.agent.name}'s loop; "
+                        f"agents it can: {', '.join(capable)}")
+    if cfg.env.get("delay", "none") != "none":
+        raise UserError(f"training.jit_compile=true: XLA cannot compile the pending feedback of env.delay={cfg.env.delay} "
+                        "(a changing number of rewards arrives each loop); use one or the other")
+    if cfg.env.name == "movielens_timeline":
+        raise UserError("training.jit_compile=true: XLA cannot compile env=movielens_timeline's loop (it refits "
+                        "its reward model in Python)")
+    if is_offline(cfg):
+        raise UserError(f"training.jit_compile=true compiles the online loop; objective={cfg.objective} learns "
+                        "from logged interactions")
 
 
 def is_offline(cfg: DictConfig) -> bool:

@@ -13,6 +13,9 @@ pending ring of the last `longest + 1` loops with the loop their reward arrives 
 agent trains each loop on the transitions arriving then, one step each; the regret is still
 charged as the movie is recommended.
 
+With `training.jit_compile`, XLA compiles the loop whole, and the random ops TF-Agents' policies
+build draw from a generator of the run's seed (src.xla_draws), so that the run repeats.
+
 An environment and agent built with `replicas` (src.replicas) carry that many independent runs,
 each one's rows after the last one's in every batch; the engine sums each replica's metrics
 apart and `run_replicas` yields each one's.
@@ -32,6 +35,8 @@ from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories.policy_step import PolicyStep
 from tf_agents.trajectories import trajectory
+
+from src import xla_draws
 
 log = logging.getLogger(__name__)
 # Rewards reconstructed by SVD carry ~1e-14 of rounding: two movies whose ratings tie differ by
@@ -77,7 +82,10 @@ class Engine:
     for off-policy evaluation: the environment's columns of the round, then these of the policy's.
     """
 
-    def __init__(self, environment, agent, steps_per_loop: int, policy_columns: PolicyColumns | None = None):
+    def __init__(self, environment, agent, steps_per_loop: int, policy_columns: PolicyColumns | None = None,
+                 xla_seed: int | None = None):
+        """With `xla_seed`, XLA compiles the loop (`training.jit_compile`), its stateful random ops
+        drawing from a generator of that seed (src.xla_draws)."""
         self.environment = environment
         self.agent = agent
         self.steps_per_loop = steps_per_loop
@@ -88,8 +96,9 @@ class Engine:
         self._delay = environment.feedback_delay
         if self._delay.active:
             self._make_pending(environment.feedback_delay, environment.batch_size * steps_per_loop)
-        self.run_chunk = tf.function(
-            self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
+        self._draws = None if xla_seed is None else xla_draws.generator(xla_seed)
+        self.run_chunk = tf.function(self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False,
+                                     jit_compile=xla_seed is not None)
         # An engine traces its loop once, but TensorFlow counts traces by the Python code, not the
         # engine, and warns of "retracing" where 5 of its last 10 calls traced: a process training
         # many short runs (a worker's trials, a board's groups, the tests); `traces` counts this
@@ -180,6 +189,14 @@ class Engine:
 
     def _run_chunk(self, num_loops):
         self.traces += 1
+        if self._draws is None:
+            return self._chunk(num_loops)
+        with xla_draws.drawn_from(self._draws):
+            outputs = self._chunk(num_loops)
+        xla_draws.check_repeatable(tf.compat.v1.get_default_graph())
+        return outputs
+
+    def _chunk(self, num_loops):
         recorded = self.interactions_per_loop if self.record_interactions else 0
 
         # A chunk's delays drawn at once: a draw's dozen ops once a chunk, not once a loop.

@@ -26,7 +26,8 @@ METRIC = metrics.CUMULATIVE_REGRET
 CONFIDENCE = 0.95
 VERSIONS = ("tensorflow", "tf-agents", "mlflow", "optuna", "numpy")
 # Agent parameters that name or wire the agent rather than set how it learns.
-NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm", "agent.slate", "agent.action_mask")
+NOT_HYPERPARAMETERS = ("agent._target_", "agent.name", "agent.per_arm", "agent.slate", "agent.action_mask",
+                       "agent.jit_compile")
 # Environment parameters the searches tune beside the agent's (conf/hparams_search/).
 TUNED_ENV_KEYS = ("env.rank_k",)
 # The entry every figure draws as the line to beat, not as a contender.

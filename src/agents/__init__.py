@@ -4,8 +4,9 @@ An agent YAML's `per_arm: true` says its builder picks one movie from observatio
 per-arm features (`env=movielens_per_arm`), `slate: true` that it can recommend slates
 (`env=movielens_ranking`, whose observations have per-arm features too), and `action_mask: true`
 that it takes observations carrying an action mask (`env.arrivals` on `env=movielens`: the movies
-arrived) through an `observation_and_action_constraint_splitter`, as TF-Agents' agents do; the
-lists of such agents are read from those files.
+arrived) through an `observation_and_action_constraint_splitter`, as TF-Agents' agents do, and
+`jit_compile: true` that XLA compiles its loop (`training.jit_compile`); the lists of such agents
+are read from those files.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int, replica
     hyperparameters = OmegaConf.to_container(cfg, resolve=True)
     builder = get_object(hyperparameters.pop("_target_"))
     accepts_per_arm, recommends_slates = hyperparameters.pop("per_arm", False), hyperparameters.pop("slate", False)
+    hyperparameters.pop("jit_compile", None)  # what training.jit_compile may ask of it (src.config.check_compilable)
     if hyperparameters.pop("action_mask", False) and has_action_mask(time_step_spec):
         hyperparameters["observation_and_action_constraint_splitter"] = split_action_mask
     elif has_action_mask(time_step_spec):
