@@ -48,7 +48,8 @@ def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides, 
 
 @pytest.mark.parametrize("overrides", [["agent=epsilon_greedy"], ["agent=dropout_ts"], ["agent=random"],
                                        ["env=movielens_per_arm", "env.num_actions=5", "agent=lints"], ["env=movielens_switch"],
-                                       ["env.delay=geometric", "env.delay_loops=2"], ["agent.window=40"]])
+                                       ["env.delay=geometric", "env.delay_loops=2"], ["agent.window=40"],
+                                       ["agent=epsilon_greedy", "training.jit_compile=true"]])
 def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(make_config, overrides):
     cfg = make_config(*overrides, "training.replicas=2", "training.seed=7")
     assert not config.shares_ops(cfg)
