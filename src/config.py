@@ -283,10 +283,9 @@ def check_run(cfg: DictConfig) -> None:
 def check_compilable(cfg: DictConfig) -> None:
     """What XLA cannot compile: the linear agents (arms touched and inverted vary in number every
     loop), the pending feedback of a delay (varies likewise), the timeline's refits (Python)."""
-    capable = sorted(path.stem for path in (CONFIG_DIR / "agent").glob("*.yaml") if conf_file(path).get("jit_compile"))
     if not cfg.agent.get("jit_compile", False):
         raise UserError(f"training.jit_compile=true: XLA cannot compile agent={cfg.agent.name}'s loop; "
-                        f"agents it can: {', '.join(capable)}")
+                        f"agents it can: {', '.join(compilable_agents())}")
     if cfg.env.get("delay", "none") != "none":
         raise UserError(f"training.jit_compile=true: XLA cannot compile the pending feedback of env.delay={cfg.env.delay} "
                         "(a changing number of rewards arrives each loop); use one or the other")
@@ -296,6 +295,11 @@ def check_compilable(cfg: DictConfig) -> None:
     if is_offline(cfg):
         raise UserError(f"training.jit_compile=true compiles the online loop; objective={cfg.objective} learns "
                         "from logged interactions")
+
+
+def compilable_agents() -> list[str]:
+    """The agent choices whose YAML says `jit_compile: true`."""
+    return sorted(path.stem for path in (CONFIG_DIR / "agent").glob("*.yaml") if conf_file(path).get("jit_compile"))
 
 
 def is_offline(cfg: DictConfig) -> bool:

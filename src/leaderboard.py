@@ -85,7 +85,7 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
     for name in envs or []:
         if name not in lineup.environments:
             raise UserError(f"--envs: unknown environment '{name}'; choose from {', '.join(lineup.environments)}")
-    found = []
+    found, compilable = [], config.compilable_agents()
     for entry in lineup.entries:
         if agents and entry.agent not in agents:
             continue
@@ -94,8 +94,9 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
             if envs and env not in envs:
                 continue
             tuned = [f"tuned={entry.agent}-{env}"] if entry.get("tuned") else []
-            base = [f"agent={entry.agent}", f"env={env}", *tuned, *lineup.overrides, *entry.get("overrides", []),
-                    *overrides]
+            compiled = ["training.jit_compile=true"] if lineup.get("jit_compile") and entry.agent in compilable else []
+            base = [f"agent={entry.agent}", f"env={env}", *tuned, *lineup.overrides, *compiled,
+                    *entry.get("overrides", []), *overrides]
             config.check_command_line(base[:2])
             if not runs_on(entry.agent, env, lineup):
                 continue

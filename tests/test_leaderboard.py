@@ -282,6 +282,16 @@ def test_an_entrys_consecutive_seeds_left_to_train_go_as_replica_groups(data_ove
                                                                     for seed in range(4)]
 
 
+def test_the_lineup_compiles_with_xla_only_the_entries_whose_agent_can(data_overrides):
+    lineup = OmegaConf.load(leaderboard.LINEUP)
+    compiled = {job.label: job.cfg.training.jit_compile for job in leaderboard.jobs(
+        lineup, ["linucb", "epsilon_greedy", "random"], ["movielens"], 1, data_overrides)}
+    assert compiled == {"linucb": False, "linucb (tuned)": False, "epsilon_greedy": True,
+                        "epsilon_greedy (tuned)": True, "random": True}
+    lineup.jit_compile = False
+    assert not any(job.cfg.training.jit_compile for job in leaderboard.jobs(lineup, None, None, 1, data_overrides))
+
+
 def test_a_replicas_speed_on_the_board_is_its_groups():
     runs = pd.DataFrame({f"metrics.{metrics.INTERACTIONS_PER_S}": [1000.0, 100.0],
                          f"metrics.{metrics.GROUP_INTERACTIONS_PER_S}": [np.nan, 1000.0]})
