@@ -284,7 +284,7 @@ def log_evaluation(cfg, table, true_value, target: Target, logs_agent: str, logs
         figure = plots.estimates_figure(table, true_value, f"{target.agent} scored on {logs_agent}'s logs",
                                         cfg.confidence)
         mlflow.log_figure(figure, "estimates.png")
-    log.info("Logged MLflow run %s", tracking.where_to_see(active.info.run_id, experiment_id))
+    log.info("Logged to MLflow: %s", tracking.where_to_see(active.info.run_id, experiment_id))
     return active.info.run_id
 
 

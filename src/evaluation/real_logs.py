@@ -227,5 +227,5 @@ def log_evaluation(cfg: DictConfig, experiment_id: str, table: pd.DataFrame, sco
         figure = plots.estimates_figure(table, scored.truth, f"{scored.label} on {params.behavior}'s OBD logs",
                                         cfg.confidence, truth_name="on-policy value")
         mlflow.log_figure(figure, "estimates.png")
-    log.info("Logged MLflow run %s", tracking.where_to_see(active.info.run_id, experiment_id))
+    log.info("Logged to MLflow: %s", tracking.where_to_see(active.info.run_id, experiment_id))
     return active.info.run_id
