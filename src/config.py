@@ -58,6 +58,9 @@ PER_REPLICA_HYPERPARAMETERS = ("alpha", "tikhonov_weight")
 # rank 40: 96 MB a replica; 122 MB with a discount, whose update makes every arm's matrices anew):
 # A, A^-1, their float32 scoring copies and an update's temporaries.
 REPLICA_BYTES_PER_ARM_CELL = 48
+# env.delay's default longest wait is at most this many times env.delay_loops (LONGEST_MEANS x
+# HEAVY_SCALE in src.envs.base): a bound for the pending ring's size before TensorFlow loads.
+DEFAULT_LONGEST_DELAYS = 100
 
 # Lets configs place files at the project root whatever the cwd (`${project_root:}`).
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -265,6 +268,7 @@ def check_run(cfg: DictConfig) -> None:
             # 0 lets TensorFlow choose; a negative count aborts the process inside TensorFlow.
             require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
     check_sizes(cfg)
+    check_rings(cfg)
     check_replicas(cfg)
     if cfg.training.jit_compile:
         check_compilable(cfg)
@@ -378,6 +382,42 @@ def check_sizes(cfg: DictConfig) -> None:
             f"(it would take about {held / 2**30:,.0f} GiB)")
 
 
+def check_rings(cfg: DictConfig) -> None:
+    """The rows time keeps: the transitions a delay holds back (`longest + 1` loops of them) and an
+    agent's sliding window. Longer than the run they change nothing, and far longer they fill the
+    machine (a ring of 2^31 loops asked 256 GiB) or slow every loop that scans them."""
+    import psutil
+
+    training, env = cfg.training, cfg.env
+    per_loop = training.batch_size * training.steps_per_loop
+    candidates = env.get("num_actions", 0)
+    # A row's floats: its observation (per-arm: the candidates' features too), the policy's score
+    # of every movie or candidate, the action, rewards and step types.
+    row_bytes = 8 * (env.get("rank_k", 1) * (1 + 2 * candidates) + (candidates or env.get("num_movies") or 1) + 16)
+    half = psutil.virtual_memory().total / 2
+    if env.get("delay", "none") != "none":
+        loops, longest = env.delay_loops, env.get("delay_longest")
+        require(isinstance(loops, int) and 1 <= loops <= training.loops, "env.delay_loops", loops,
+                f"a whole number of loops from 1 to training.loops={training.loops}: a reward due after the run "
+                "never reaches the agent")
+        require(longest is None or (isinstance(longest, int) and loops <= longest <= training.loops),
+                "env.delay_longest", longest, f"null or a whole number of loops from env.delay_loops={loops} to "
+                                              f"training.loops={training.loops}")
+        slots = (longest or DEFAULT_LONGEST_DELAYS * loops) + 1
+        require(slots * per_loop * row_bytes <= half, "env.delay_longest" if longest else "env.delay_loops",
+                longest or loops, f"small enough for the feedback held back to fit in half of this machine's "
+                                  f"{half * 2 / 2**30:.0f} GiB (about {slots * per_loop * row_bytes / 2**30:,.0f} GiB)")
+    window = cfg.agent.get("window")
+    if window is not None:
+        interactions = training.loops * per_loop
+        require(isinstance(window, int) and 1 <= window <= interactions, "agent.window", window,
+                f"null (every interaction counts) or a whole number from 1 to the run's {interactions:,} interactions")
+        window_bytes = window * training.get("replicas", 1) * row_bytes
+        require(window_bytes <= half, "agent.window", window, f"small enough to fit in half of this machine's "
+                                                              f"{half * 2 / 2**30:.0f} GiB (about "
+                                                              f"{window_bytes / 2**30:,.0f} GiB)")
+
+
 def shares_ops(cfg: DictConfig) -> bool:
     """Whether the replicas of `cfg` share one compiled loop's ops (src.replicas)."""
     return cfg.training.get("replicas", 1) > 1 and can_share_ops(cfg)
@@ -445,7 +485,10 @@ def check_group_fits(runs: int, cfg: DictConfig, key: str) -> None:
     import psutil
 
     dim = cfg.env.get("rank_k", 1)
-    needed = runs * (cfg.env.get("num_movies", 1) * dim * dim * REPLICA_BYTES_PER_ARM_CELL
+    # null, every movie of the data, is not known before the data loads: the environments that allow
+    # it score candidates by their features, with one shared model, or train their replicas in turn.
+    movies = cfg.env.get("num_movies") or 1
+    needed = runs * (movies * dim * dim * REPLICA_BYTES_PER_ARM_CELL
                      + cfg.training.loops * BYTES_PER_LOOP)
     memory = psutil.virtual_memory().total
     require(needed <= memory / 2, key, runs, f"small enough for the runs' statistics and histories to fit in half "

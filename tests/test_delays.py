@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src import data, experiment
+from src import config, data, experiment
 from src.engine import DELAY_SEED
 from src.envs.base import HEAVY_SCALE, HEAVY_SHARE, FeedbackDelay
 from src.errors import UserError
@@ -143,3 +143,23 @@ def test_per_arm_agents_learn_from_delayed_and_lost_feedback(make_config, agent)
     # Seeded: 0.006 and 0.08 of a uniform pick's regret in the last loops; without training, about 1.
     per_interaction = chunks[-1].regret.mean() / engine.interactions_per_loop
     assert per_interaction < 0.3 * engine.environment.reward_model.random_policy_regret
+
+
+# Found by a hostile try: env.delay_longest=2147483647 asked TensorFlow for 256 GiB, 1,000,000 ran a
+# quick run at 170 interactions/s (every loop scans the ring), agent.window=2147483647 ran out of memory.
+@pytest.mark.parametrize("overrides, message", [
+    (["env.delay=geometric", "env.delay_loops=3", "env.delay_longest=2147483647"],
+     "env.delay_longest must be null or a whole number of loops from env.delay_loops=3 to training.loops=2000"),
+    (["env.delay=fixed", "env.delay_loops=3000"], "env.delay_loops must be a whole number of loops from 1 to training."),
+    (["env.delay=geometric", "env.delay_loops=3", "env.delay_longest=abc"], "env.delay_longest must be null or"),
+    (["env.delay=heavy", "env.delay_loops=1900", "env.num_movies=1682", "training.batch_size=256"],
+     "env.delay_loops must be small enough for the feedback held back to fit in half of this machine's"),
+    (["agent=linucb", "agent.window=2147483647"], "agent.window must be null (every interaction counts) or a whole "
+                                                  "number from 1 to the run's 32,000 interactions"),
+    (["agent=linucb", "agent.window=abc"], "agent.window must be null"),
+])
+def test_rings_longer_than_the_run_or_the_machine_are_refused_before_tensorflow_loads(overrides, message):
+    with pytest.raises(UserError) as refused:
+        config.check_run(config.compose(["training=quick", *overrides]))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    config.check_run(config.compose(["training=quick", "env.delay=heavy", "env.delay_loops=3", "agent.window=32000"]))

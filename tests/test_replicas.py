@@ -277,3 +277,12 @@ def test_a_campaign_refuses_replicas_before_its_study_is_made(data_overrides, tm
     with pytest.raises(UserError, match="training.replicas must be 1 in a campaign"):
         study.prepare(cfg)
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# Found by a hostile try: a group on every movie of the data (env.num_movies null) was sized as
+# None x rank x rank, a traceback.
+@pytest.mark.parametrize("env", ["movielens_per_arm", "movielens_ratings", "movielens_timeline"])
+def test_a_group_over_every_movie_of_the_data_is_sized_before_the_data_loads(env):
+    config.check_run(config.compose([f"env={env}", "training.replicas=3"]))
+    with pytest.raises(UserError, match="half of this machine's"):
+        config.check_run(config.compose([f"env={env}", "training.replicas=5000000"]))
