@@ -28,6 +28,13 @@ def test_an_option_without_its_value_is_one_line(option):
     assert result.returncode == 2 and result.stderr == f"error: {option} needs a value\n"
 
 
+@pytest.mark.parametrize("arguments", [["--help"], ["-h"], ["linucb", "--help"]])
+def test_help_is_the_scripts_header_and_exit_0(arguments):
+    result = subprocess.run([str(PROJECT_ROOT / "multirun.sh"), *arguments], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and not result.stderr
+    assert result.stdout.startswith("A campaign on N worker processes") and "./multirun.sh SWEEP" in result.stdout
+
+
 def test_a_study_name_is_never_run_as_shell_code(tmp_path):
     """multirun.sh once `eval`ed what `src.sweep prepare` printed, MLflow's lines among it."""
     planted = tmp_path / "planted"
