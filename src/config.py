@@ -58,6 +58,13 @@ PER_REPLICA_HYPERPARAMETERS = ("alpha", "tikhonov_weight")
 # rank 40: 96 MB a replica; 122 MB with a discount, whose update makes every arm's matrices anew):
 # A, A^-1, their float32 scoring copies and an update's temporaries.
 REPLICA_BYTES_PER_ARM_CELL = 48
+# The time settings' choices, known before TensorFlow loads (src.envs: DRIFTS, DELAYS and
+# ARRIVAL_ORDERS, which tests/test_config.py holds these equal to).
+TIME_CHOICES = {"drift": ("none", "rotate", "switch"), "delay": ("none", "fixed", "geometric", "heavy"),
+                "arrivals": ("none", "first_rating")}
+# The timeline's refits a run may ask for: each fits the reward model on every rating before it
+# again, 1-3 s on 2 cores (env.refit_every=8 ran 5 loops in 25 s).
+MOST_REFITS = 100
 # env.delay's default longest wait is at most this many times env.delay_loops (LONGEST_MEANS x
 # HEAVY_SCALE in src.envs.base): a bound for the pending ring's size before TensorFlow loads.
 DEFAULT_LONGEST_DELAYS = 100
@@ -86,10 +93,20 @@ def compose_command(overrides: list[str], config_name: str, usage: str) -> DictC
         print((CONFIG_DIR / f"{config_name}.yaml").read_text())
         sys.exit(0)
     try:
-        return compose(overrides, config_name=config_name)
+        cfg = compose(overrides, config_name=config_name)
     except (HydraException, OmegaConfBaseException) as error:
         # Hydra explains over several lines; its first names the bad override.
         raise UserError(f"{str(error).splitlines()[0]} ({usage})") from None
+    check_command_types(cfg, config_name)
+    return cfg
+
+
+def check_command_types(cfg: DictConfig, config_name: str) -> None:
+    """Each option of `conf/<config_name>.yaml` keeps its default's type (`_require_types_of`)."""
+    defaults = {key: value for key, value in OmegaConf.to_container(conf_file(CONFIG_DIR / f"{config_name}.yaml"),
+                                                                     resolve=False).items() if key != "defaults"}
+    values = OmegaConf.to_container(cfg, resolve=True)
+    _require_types_of({key: values[key] for key in defaults if key in values}, defaults, "", command=True)
 
 
 def conf_file(path: Path) -> DictConfig:
@@ -383,13 +400,21 @@ def check_sizes(cfg: DictConfig) -> None:
 
 
 def check_rings(cfg: DictConfig) -> None:
-    """The rows time keeps: the transitions a delay holds back (`longest + 1` loops of them) and an
+    """The time settings' choices, and the rows time keeps: the transitions a delay holds back (`longest + 1` loops of them) and an
     agent's sliding window. Longer than the run they change nothing, and far longer they fill the
     machine (a ring of 2^31 loops asked 256 GiB) or slow every loop that scans them."""
     import psutil
 
     training, env = cfg.training, cfg.env
+    for key, choices in TIME_CHOICES.items():
+        if key in env:
+            require(env[key] in choices, f"env.{key}", env[key], f"one of {', '.join(choices)}")
     per_loop = training.batch_size * training.steps_per_loop
+    if "refit_every" in env:
+        least = -(-training.loops * per_loop // MOST_REFITS)
+        require(isinstance(env.refit_every, int) and env.refit_every >= least, "env.refit_every", env.refit_every,
+                f"an integer of at least {least:,}: at most {MOST_REFITS} refits of the reward model in the run's "
+                f"{training.loops * per_loop:,} interactions")
     candidates = env.get("num_actions", 0)
     # A row's floats: its observation (per-arm: the candidates' features too), the policy's score
     # of every movie or candidate, the action, rewards and step types.
@@ -507,12 +532,15 @@ def check_tuned(cfg: DictConfig) -> None:
                         "drop the other agent= or env= choice")
 
 
-def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
+def _require_types_of(values: dict, defaults: dict, prefix: str, command: bool = False) -> None:
     """A number stays a finite number of sensible size (an integer an integer), a boolean a
     boolean, a list a list, so `agent.alpha=abc` or `agent.alpha=inf` is refused by name; a
-    key its YAML file lacks (`+agent.alpah=3`) is refused too, as nothing would read it."""
+    key its YAML file lacks (`+agent.alpah=3`) is refused too, as nothing would read it. A
+    `command`'s options (`check_command_types`) need only be finite numbers where their default is
+    a number (rate=0.5; each command checks its ranges), may be any text where it is text, and may
+    hold the keys a group adds."""
     unknown = sorted(set(values) - set(defaults) - {"tuned_for"})  # what a tuned config records
-    if unknown:
+    if unknown and not command:
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         known = ", ".join(key for key in defaults if not key.startswith("_") and key != "defaults")
         raise UserError(f"{name} is not a setting here; the settings are: {known}", key=name)
@@ -525,9 +553,12 @@ def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
         name = f"{prefix}.{key}" if prefix else key
         if isinstance(default, dict):
             require(isinstance(value, dict), name, value, "a mapping")
-            _require_types_of(value, default, name)
+            _require_types_of(value, default, name, command)
         elif isinstance(default, bool):
             require(isinstance(value, bool), name, value, "true or false")
+        elif isinstance(default, (int, float)) and command:  # each command checks its own ranges
+            require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), name,
+                    value, "a finite number")
         elif isinstance(default, int):
             require(isinstance(value, int) and not isinstance(value, bool), name, value, "an integer")
             require(abs(value) <= LARGEST_INTEGER, name, value, f"an integer of at most {LARGEST_INTEGER} in size")
@@ -538,5 +569,5 @@ def _require_types_of(values: dict, defaults: dict, prefix: str) -> None:
             # Agents compute in float32, where 1e-300 is 0 and passes a check of `> 0` as nonzero.
             require(value == 0 or abs(value) >= SMALLEST_FLOAT32, name, value,
                     f"0 or at least {SMALLEST_FLOAT32:.3g} in size (the agents compute in float32)")
-        else:
+        elif not (command and isinstance(default, str)):  # a command's text options (window=5000) are its own
             require(isinstance(value, type(default)), name, value, f"a {type(default).__name__}")

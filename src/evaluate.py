@@ -63,6 +63,8 @@ def parse(overrides: list[str]) -> DictConfig:
         real_logs.check_folder(cfg.data.dir)
     if not on_obd and cfg.logs_run_id is None:
         raise UserError(f"give logs_run_id=, a run trained with tracking.log_interactions=true ({USAGE})")
+    if isinstance(cfg.estimators, str):  # estimators=dm: one name, not its letters
+        cfg.estimators = [cfg.estimators]
     if cfg.estimators is not None:  # else every estimator for the logs' kind, known once they are read
         unknown = [name for name in cfg.estimators if name not in estimators.ESTIMATORS | slates.SLATE_ESTIMATORS]
         require(len(cfg.estimators) > 0 and not unknown, "estimators", list(cfg.estimators),
@@ -76,6 +78,8 @@ def parse(overrides: list[str]) -> DictConfig:
     samples = cfg.bootstrap.samples
     require(isinstance(samples, int) and 2 <= samples <= 100_000, "bootstrap.samples", samples,
             "an integer in [2, 100000]")
+    require(isinstance(cfg.bootstrap.seed, int) and cfg.bootstrap.seed >= 0, "bootstrap.seed", cfg.bootstrap.seed,
+            "an integer >= 0")
     return cfg
 
 

@@ -29,6 +29,7 @@ from src import config
 from src.cli import exit_on_user_error, run_and_exit, writable_folder
 from src.errors import UserError, require
 from src.paths import PROJECT_ROOT
+from src.serving.exploration import MODES
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def parse(overrides: list[str]) -> DictConfig:
     require(cfg.rate > 0, "rate", cfg.rate, "> 0")
     require(cfg.feedback.delay_s >= 0, "feedback.delay_s", cfg.feedback.delay_s, ">= 0")
     require(0 <= cfg.feedback.drop < 1, "feedback.drop", cfg.feedback.drop, "in [0, 1)")
+    require(cfg.exploration in MODES, "exploration", cfg.exploration, f"one of {', '.join(MODES)} (conf/serve.yaml)")
     return cfg
 
 

@@ -21,12 +21,12 @@ from omegaconf import DictConfig, ListConfig
 from src import config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError, require
+from src.serving.exploration import MODES  # numpy only: known before TensorFlow loads
 
 log = logging.getLogger(__name__)
 
 USAGE = ("usage: python -m src.serve model=models:/<name>@<alias> [port=8000] "
          "[exploration=none|epsilon|softmax] [decision_log=<url>] (conf/serve.yaml)")
-MODES = ("none", "epsilon", "softmax")  # src.serving.exploration.MODES, known before TensorFlow loads
 MODEL_SCHEMES = ("models:/", "runs:/")
 SMALLEST_BODY = 256  # room for a feedback body or a short feature vector
 

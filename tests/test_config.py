@@ -35,6 +35,45 @@ def test_a_commands_help_is_its_usage_and_its_options_file(command):
     assert options in result.stdout and not result.stderr.strip()
 
 
+# Found by a hostile try: each was a traceback, or (pipeline) a failure after a champion was trained.
+@pytest.mark.parametrize("command, overrides, message", [
+    ("evaluate", ["confidence=abc"], "confidence must be a finite number, got 'abc'"),
+    ("evaluate", ["confidence=null"], "confidence must be a finite number, got None"),
+    ("evaluate", ["bootstrap.seed=abc"], "bootstrap.seed must be a finite number, got 'abc'"),
+    ("pipeline", ["feedback.drop=abc"], "feedback.drop must be a finite number, got 'abc'"),
+    ("pipeline", ["challenger=null"], "challenger must be a list, got None"),
+    ("serve", ["port=abc"], "port must be a finite number, got 'abc'"),
+])
+def test_a_commands_option_keeps_the_type_of_its_default(command, overrides, message):
+    with pytest.raises(UserError) as refused:
+        config.compose_command(overrides, command, "usage")
+    assert str(refused.value) == message
+
+
+def test_a_commands_options_take_fractions_and_their_groups_keys():
+    assert config.compose_command(["rate=0.5", "duration=1.5"], "traffic", "usage").rate == 0.5
+    assert config.compose_command(["window=5000", "bootstrap.samples=100000"], "retrain", "usage").window == 5000
+    assert config.compose_command(["data=obd"], "evaluate", "usage").data.name == "obd"
+
+
+def test_the_time_choices_checked_before_tensorflow_loads_are_the_environments():
+    from src.envs import base, movielens
+
+    assert config.TIME_CHOICES == {"drift": movielens.DRIFTS, "delay": base.DELAYS, "arrivals": base.ARRIVAL_ORDERS}
+    with pytest.raises(UserError, match="env.drift must be one of none, rotate, switch, got 'wobble'"):
+        config.check_run(config.compose(["env.drift=wobble"]))
+
+
+def test_evaluate_takes_one_estimator_by_name_and_pipeline_checks_the_services_exploration():
+    from src import evaluate, pipeline
+
+    assert list(evaluate.parse(["target_agent=lints", "logs_run_id=x", "estimators=dm"]).estimators) == ["dm"]
+    with pytest.raises(UserError, match="bootstrap.seed must be an integer >= 0, got -5"):
+        evaluate.parse(["target_agent=lints", "logs_run_id=x", "bootstrap.seed=-5"])
+    with pytest.raises(UserError, match="exploration must be one of none, epsilon, softmax"):
+        pipeline.parse(["exploration=none2"])
+
+
 @pytest.mark.parametrize("arguments", [["--help"], ["prepare", "--help"], ["work", "hparams_search=linucb", "-h"]])
 def test_the_sweep_commands_help_is_its_usage(arguments):
     result = subprocess.run([sys.executable, "-m", "src.sweep", *arguments], cwd=PROJECT_ROOT, capture_output=True,

@@ -146,7 +146,8 @@ def test_per_arm_agents_learn_from_delayed_and_lost_feedback(make_config, agent)
 
 
 # Found by a hostile try: env.delay_longest=2147483647 asked TensorFlow for 256 GiB, 1,000,000 ran a
-# quick run at 170 interactions/s (every loop scans the ring), agent.window=2147483647 ran out of memory.
+# quick run at 170 interactions/s (every loop scans the ring), agent.window=2147483647 ran out of
+# memory, the timeline's env.refit_every=8 would have taken hours.
 @pytest.mark.parametrize("overrides, message", [
     (["env.delay=geometric", "env.delay_loops=3", "env.delay_longest=2147483647"],
      "env.delay_longest must be null or a whole number of loops from env.delay_loops=3 to training.loops=2000"),
@@ -157,6 +158,8 @@ def test_per_arm_agents_learn_from_delayed_and_lost_feedback(make_config, agent)
     (["agent=linucb", "agent.window=2147483647"], "agent.window must be null (every interaction counts) or a whole "
                                                   "number from 1 to the run's 32,000 interactions"),
     (["agent=linucb", "agent.window=abc"], "agent.window must be null"),
+    # Each refit fits the reward model again: at 8, 5 loops took 25 s.
+    (["env=movielens_timeline", "env.refit_every=8"], "env.refit_every must be an integer of at least 320: at most 100"),
 ])
 def test_rings_longer_than_the_run_or_the_machine_are_refused_before_tensorflow_loads(overrides, message):
     with pytest.raises(UserError) as refused:

@@ -69,3 +69,21 @@ def test_single_process_sweep_ends_its_parent_run(data_overrides, tmp_path, run_
     assert parent.info.status == parent_status
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(trials) == (2 if parent_status == "FINISHED" else 0)  # a config error starts no run
+
+
+# Found by a hostile try: the first three were tracebacks, the rest passed `prepare` or blamed the storage.
+@pytest.mark.parametrize("overrides, message", [
+    (["hparams_search=nope"], "unknown hparams_search 'nope'; choose one of: dropout_ts"),
+    (["hparams_search=linucb", "foo=1"], "Could not override 'foo'"),
+    (["hparams_search=linucb", "hydra.sweeper.n_trials=abc"], "Error merging override hydra.sweeper.n_trials=abc"),
+    (["hparams_search=linucb", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials must be an integer >= 1"),
+    (["hparams_search=linucb", "sweep.grace_s=abc"], "sweep.grace_s must be an integer, got 'abc'"),
+    (["hparams_search=linucb", "env.drift=wobble"], "env.drift must be one of none, rotate, switch"),
+])
+def test_a_bad_sweep_is_refused_in_one_line_before_its_study_is_made(overrides, message):
+    from src.campaigns import study
+    from src.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        study.check_sweeper(study.compose_sweep(overrides))
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)

@@ -11,16 +11,22 @@ import time
 import mlflow
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import OverrideParseException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.utils import get_class
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from mlflow.entities import RunStatus
 from mlflow.tracking.context import registry as context_registry
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from src import config, metrics, tracking
 from src.campaigns.repair import RetryDeadWorkersTrial, end_orphaned_runs
-from src.campaigns.storage import POLL_SECONDS, open_storage, reaching_storage, shown_storage
+from src.campaigns.storage import (
+    POLL_SECONDS,
+    open_storage,
+    reaching_storage,
+    shown_storage,
+)
 from src.campaigns.trials import COMPLETE, FAIL, PARENT_RUN_ATTR
 from src.errors import UserError, require
 
@@ -33,7 +39,12 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9._-]+")
 def compose_sweep(overrides: list[str]) -> DictConfig:
     """The sweep's config without its command-line search dimensions (`x=choice(...)`), which
     `search_space` reads; study, storage, sampler and tracking are all that count here."""
-    return config.compose(split_overrides(overrides)[0], with_hydra=True)
+    fixed = split_overrides(overrides)[0]
+    config.check_group_choices(fixed)  # hparams_search=nope, agent=nope: the choices, not Hydra's page
+    try:
+        return config.compose(fixed, with_hydra=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UserError(" ".join(str(error).split("\n"))) from None
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -55,7 +66,11 @@ def directions(cfg: DictConfig) -> list[str]:
 
 
 def check_sweeper(cfg: DictConfig) -> None:
+    # The trials' own settings (types, sizes), as each trial's are checked; Hydra's own only resolve in a job.
+    config.check_run(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
     sweeper = cfg.hydra.sweeper
+    require(isinstance(sweeper.n_trials, int) and sweeper.n_trials >= 1, "hydra.sweeper.n_trials", sweeper.n_trials,
+            "an integer >= 1 (--trials)")
     if cfg.training.replicas != 1:
         raise UserError("training.replicas must be 1 in a campaign: a trial is one run (a worker trains sweep.batch "
                         "trials as a group)")
