@@ -18,10 +18,10 @@ set -uo pipefail
 cd "$(dirname "$0")"
 
 usage() { sed -n '4,5p' "$0" | sed 's/^# *//' >&2; exit 2; }
-help() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0; }
+print_help() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0; }
 value_of() { [ $# -ge 2 ] && [[ $2 != --* ]] || { echo "error: $1 needs a value" >&2; exit 2; }; }
 [ $# -ge 1 ] || usage
-[[ $1 == -h || $1 == --help ]] && help
+[[ $1 == -h || $1 == --help ]] && print_help
 agent=$1; shift
 workers=1; trials=""; storage=""; ray=""; overrides=()
 while [ $# -gt 0 ]; do
@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     --trials) value_of "$@"; trials=$2; shift 2 ;;
     --storage) value_of "$@"; storage=$2; shift 2 ;;
     --ray) value_of "$@"; ray=$2; shift 2 ;;
-    -h|--help) help ;;
+    -h|--help) print_help ;;
     *) overrides+=("$1"); shift ;;
   esac
 done

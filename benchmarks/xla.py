@@ -16,13 +16,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from src import tf_runtime  # noqa: F401,I001  (first: a quiet TensorFlow start-up)
-
 import numpy as np
 import pandas as pd
 
 from benchmarks.throughput import interleaved_rates, warmed_up
-from src import config, data
+from src import (
+    config,
+    data,
+    tf_runtime,  # noqa: F401,I001  (first: a quiet TensorFlow start-up)
+)
+from src.cli import exit_on_user_error
 from src.engine import configure_threads
 
 AGENTS = ("epsilon_greedy", "neural_boltzmann", "dropout_ts", "random")
@@ -45,6 +48,8 @@ def main() -> None:
             plain, compiled = (config.compose([*base, f"training.jit_compile={jit}"]) for jit in ("false", "true"))
             if env == "movielens_per_arm" and not plain.agent.get("per_arm"):
                 continue
+            with exit_on_user_error():  # an agent XLA cannot compile: one line, not TensorFlow's page
+                config.check_run(compiled)
             configure_threads(plain.training.threads.intra_op, plain.training.threads.inter_op)
             dataset = data.load(plain.data)
             engines, warm_ups = {}, {}

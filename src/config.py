@@ -63,11 +63,12 @@ REPLICA_BYTES_PER_ARM_CELL = 48
 TIME_CHOICES = {"drift": ("none", "rotate", "switch"), "delay": ("none", "fixed", "geometric", "heavy"),
                 "arrivals": ("none", "first_rating")}
 # The timeline's refits a run may ask for: each fits the reward model on every rating before it
-# again, 1-3 s on 2 cores (env.refit_every=8 ran 5 loops in 25 s).
-MOST_REFITS = 100
-# env.delay's default longest wait is at most this many times env.delay_loops (LONGEST_MEANS x
-# HEAVY_SCALE in src.envs.base): a bound for the pending ring's size before TensorFlow loads.
-DEFAULT_LONGEST_DELAYS = 100
+# again, 1-3 s on 2 cores at MovieLens 100K (env.refit_every=8 ran 5 loops in 25 s).
+MOST_REFITS = 500
+# env.delay's default longest wait, in env.delay_loops, by kind (src.envs.base.FeedbackDelay:
+# LONGEST_MEANS means, of HEAVY_SCALE x delay_loops for the heavy tail): the pending ring's size
+# before TensorFlow loads.
+DEFAULT_LONGEST_DELAYS = {"fixed": 1, "geometric": 10, "heavy": 100}
 
 # Lets configs place files at the project root whatever the cwd (`${project_root:}`).
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -133,7 +134,7 @@ LOGGED_FEEDBACK = {"obd": "data=obd holds logged clicks, not ratings to simulate
 # Where data lives or how it is checked, not what it is: never what tells runs apart.
 DATA_WHEREABOUTS = ("dir", "path", "cache_dir", "url", "sha256", "md5")
 # Training settings that change how fast a run goes or which draw it is, not what it does.
-NOT_A_TRAINING_CHANGE = ("seed", "chunk_loops", "threads")
+NOT_A_TRAINING_CHANGE = ("seed", "chunk_loops", "threads", "jit_compile")
 
 
 def differences(cfg: DictConfig) -> list[str]:
@@ -266,11 +267,12 @@ def check_command_line(args: list[str]) -> DictConfig | None:
         raise UserError(" ".join(str(error).split("\n"))) from None
 
 
-def check_run(cfg: DictConfig) -> None:
+def check_run(cfg: DictConfig, compilable_agent_known: bool = True) -> None:
     """Every check of a run's config that needs neither TensorFlow nor the data, so that a typo
     costs a second: types, sizes, tracking, the objective and offline learning's settings. The
     ranges that depend on the data (env.num_movies) or on an agent's builder are checked when
-    they are built."""
+    they are built. A sweep whose trials choose their agent leaves what XLA can compile to each
+    trial (`compilable_agent_known=False`)."""
     check_tuned(cfg)  # first: a tuned file's values on another agent are unknown keys there
     check_types(cfg)
     if cfg.data.get("name") in LOGGED_FEEDBACK:
@@ -285,9 +287,9 @@ def check_run(cfg: DictConfig) -> None:
             # 0 lets TensorFlow choose; a negative count aborts the process inside TensorFlow.
             require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
     check_sizes(cfg)
-    check_rings(cfg)
+    check_time(cfg)
     check_replicas(cfg)
-    if cfg.training.jit_compile:
+    if cfg.training.get("jit_compile", False) and compilable_agent_known:
         check_compilable(cfg)
     require(cfg.tracking.artifacts in ("full", "light"), "tracking.artifacts", cfg.tracking.artifacts,
             "full or light")
@@ -399,10 +401,10 @@ def check_sizes(cfg: DictConfig) -> None:
             f"(it would take about {held / 2**30:,.0f} GiB)")
 
 
-def check_rings(cfg: DictConfig) -> None:
-    """The time settings' choices, and the rows time keeps: the transitions a delay holds back (`longest + 1` loops of them) and an
-    agent's sliding window. Longer than the run they change nothing, and far longer they fill the
-    machine (a ring of 2^31 loops asked 256 GiB) or slow every loop that scans them."""
+def check_time(cfg: DictConfig) -> None:
+    """The time settings' choices, the timeline's refits, and the rows time keeps: the transitions
+    a delay holds back (`longest + 1` loops of them) and an agent's sliding window, which far too
+    long fill the machine (a ring of 2^31 loops asked 256 GiB) or slow every loop that scans them."""
     import psutil
 
     training, env = cfg.training, cfg.env
@@ -417,8 +419,9 @@ def check_rings(cfg: DictConfig) -> None:
                 f"{training.loops * per_loop:,} interactions")
     candidates = env.get("num_actions", 0)
     # A row's floats: its observation (per-arm: the candidates' features too), the policy's score
-    # of every movie or candidate, the action, rewards and step types.
+    # of every movie or candidate, the action, rewards and step types; each replica keeps its own.
     row_bytes = 8 * (env.get("rank_k", 1) * (1 + 2 * candidates) + (candidates or env.get("num_movies") or 1) + 16)
+    row_bytes *= training.get("replicas", 1)
     half = psutil.virtual_memory().total / 2
     if env.get("delay", "none") != "none":
         loops, longest = env.delay_loops, env.get("delay_longest")
@@ -428,19 +431,18 @@ def check_rings(cfg: DictConfig) -> None:
         require(longest is None or (isinstance(longest, int) and loops <= longest <= training.loops),
                 "env.delay_longest", longest, f"null or a whole number of loops from env.delay_loops={loops} to "
                                               f"training.loops={training.loops}")
-        slots = (longest or DEFAULT_LONGEST_DELAYS * loops) + 1
+        slots = (longest or DEFAULT_LONGEST_DELAYS[env.delay] * loops) + 1
         require(slots * per_loop * row_bytes <= half, "env.delay_longest" if longest else "env.delay_loops",
                 longest or loops, f"small enough for the feedback held back to fit in half of this machine's "
                                   f"{half * 2 / 2**30:.0f} GiB (about {slots * per_loop * row_bytes / 2**30:,.0f} GiB)")
     window = cfg.agent.get("window")
     if window is not None:
-        interactions = training.loops * per_loop
-        require(isinstance(window, int) and 1 <= window <= interactions, "agent.window", window,
-                f"null (every interaction counts) or a whole number from 1 to the run's {interactions:,} interactions")
-        window_bytes = window * training.get("replicas", 1) * row_bytes
-        require(window_bytes <= half, "agent.window", window, f"small enough to fit in half of this machine's "
-                                                              f"{half * 2 / 2**30:.0f} GiB (about "
-                                                              f"{window_bytes / 2**30:,.0f} GiB)")
+        # Not bounded by the run: an offline learner's (src.retrain, objective=ope/*) window counts logged rounds.
+        require(isinstance(window, int) and window >= 1, "agent.window", window,
+                "null (every interaction counts) or a whole number >= 1")
+        require(window * row_bytes <= half, "agent.window", window, f"small enough to fit in half of this machine's "
+                                                                    f"{half * 2 / 2**30:.0f} GiB (about "
+                                                                    f"{window * row_bytes / 2**30:,.0f} GiB)")
 
 
 def shares_ops(cfg: DictConfig) -> bool:

@@ -47,7 +47,7 @@ def assemble(cfg: DictConfig, data, members: Sequence[DictConfig] = ()) -> Engin
                         f"replays {available:,}: at most {available // (asked // cfg.training.loops):,} loops")
     agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed,
                         seeds, seeds and replica_values(members))
-    xla_seed = cfg.training.seed if cfg.training.jit_compile else None
+    xla_seed = cfg.training.seed if cfg.training.get("jit_compile", False) else None
     if not cfg.tracking.log_interactions:
         return Engine(environment, agent, cfg.training.steps_per_loop, xla_seed=xla_seed)
     if environment.logged_round_kind is None:

@@ -85,7 +85,7 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
     for name in envs or []:
         if name not in lineup.environments:
             raise UserError(f"--envs: unknown environment '{name}'; choose from {', '.join(lineup.environments)}")
-    found, compilable = [], config.compilable_agents()
+    found = []
     for entry in lineup.entries:
         if agents and entry.agent not in agents:
             continue
@@ -94,17 +94,27 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
             if envs and env not in envs:
                 continue
             tuned = [f"tuned={entry.agent}-{env}"] if entry.get("tuned") else []
-            compiled = ["training.jit_compile=true"] if lineup.get("jit_compile") and entry.agent in compilable else []
-            base = [f"agent={entry.agent}", f"env={env}", *tuned, *lineup.overrides, *compiled,
-                    *entry.get("overrides", []), *overrides]
+            base = [f"agent={entry.agent}", f"env={env}", *tuned, *lineup.overrides, *entry.get("overrides", []),
+                    *overrides]
             config.check_command_line(base[:2])
             if not runs_on(entry.agent, env, lineup):
                 continue
+            if lineup.get("jit_compile") and compilable(config.check_command_line(base)):
+                base.append("training.jit_compile=true")
             config.check_command_line(base)
             found += [Job(label, config.compose([*base, f"training.seed={seed}"])) for seed in range(seeds)]
     if not found:
         raise UserError("no runs: no entry of the line-up matches --agents and --envs")
     return found
+
+
+def compilable(cfg: DictConfig) -> bool:
+    """Whether XLA can compile the loop of `cfg`'s run (config.check_compilable)."""
+    try:
+        config.check_compilable(cfg)
+    except UserError:
+        return False
+    return True
 
 
 def in_groups(todo: list[Job]) -> list[Job]:
@@ -148,12 +158,13 @@ def identities(runs: pd.DataFrame) -> pd.Series:
 
 
 def with_new_defaults(params: dict[str, str]) -> dict[str, str]:
-    """A run's params, and each setting its agent's or environment's option gained since the run
-    was made (agent.action_mask, env.arrivals) at its default, which is what the run had: a
-    leaderboard made before keeps its runs."""
+    """A run's params, and each setting its agent's, environment's or training's option gained
+    since the run was made (agent.action_mask, env.arrivals, training.jit_compile) at its default,
+    which is what the run had: a leaderboard made before keeps its runs."""
     filled = dict(params)
-    for group in ("agent", "env"):
-        for key, value in option_defaults(group, params.get(f"{group}.name", "")):
+    for group, option in (("agent", params.get("agent.name", "")), ("env", params.get("env.name", "")),
+                          ("training", "default")):
+        for key, value in option_defaults(group, option):
             filled.setdefault(key, value)
     return filled
 
@@ -227,6 +238,8 @@ def hyperparameters(params: pd.Series) -> str:
             default = defaults.get(key)
             differs = f" (default {default})" if default is not None and default != value else ""
             shown.append(f"{key.split('.', 1)[1]}={comparison.shown(value, 4)}{differs}")
+    if params.get("training.jit_compile") == "True":
+        shown.append("loop compiled by XLA")  # its draws are others than without: a reader should know
     return ", ".join(shown) or "none"
 
 

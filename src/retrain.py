@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src import config
 from src.cli import exit_on_user_error, run_and_exit
@@ -212,6 +212,8 @@ def challenger_config(champion_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
     challenger.agent = cfg.agent
     for key in ("data", "env", "training"):
         challenger[key] = champion_cfg[key]
+    with open_dict(challenger):  # a champion logged before training.jit_compile lacks it
+        challenger.training.jit_compile = False  # the challenger learns offline, from the decisions: no compiled loop
     if cfg.data.dir is not None:
         challenger.data.dir = cfg.data.dir
     challenger.tracking.uri = cfg.tracking.uri

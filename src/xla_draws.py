@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import threading
 
-import numpy as np
+import ml_dtypes
 import tensorflow as tf
 from tensorflow.python.ops import gen_random_ops
 
-# TensorFlow's stateful random ops: `drawn_from` replaces the first five; a loop left with any
-# of them would not repeat itself (`check_repeatable`).
+# TensorFlow's stateful random ops: `drawn_from` builds others in place of those `_STAND_INS`
+# names; a loop left with any of them would not repeat itself (`check_repeatable`).
 STATEFUL_RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal",
                                  "Multinomial", "RandomGamma", "RandomPoisson", "RandomPoissonV2", "RandomShuffle",
                                  "ParameterizedTruncatedNormal"})
@@ -39,11 +39,11 @@ def drawn_from(draws: tf.random.Generator):
     """While open, the stateful random ops this thread builds draw from `draws`; other threads,
     and this one afterwards, build TensorFlow's own."""
     _install()
-    _tracing.generator = draws
+    outer, _tracing.generator = getattr(_tracing, "generator", None), draws
     try:
         yield
     finally:
-        _tracing.generator = None
+        _tracing.generator = outer
 
 
 def check_repeatable(graph: tf.Graph) -> None:
@@ -73,10 +73,10 @@ def _truncated_normal(draws, shape, dtype, seed=0, seed2=0, name=None):
 
 
 def _multinomial(draws, logits, num_samples, seed=0, seed2=0, output_dtype=tf.int64, name=None):
-    """The Gumbel-max trick (argmax of logits plus Gumbel noise is a draw of their softmax): XLA
-    has no CPU kernel for TensorFlow's stateless multinomial."""
+    """The Gumbel-max trick (argmax of logits plus Gumbel noise is a draw of their softmax): XLA's
+    stateless multinomial takes int32 seeds only, the generator's are int64."""
     shape = tf.concat([tf.shape(logits)[:1], [num_samples], tf.shape(logits)[1:]], axis=0)
-    tiny = np.finfo(logits.dtype.as_numpy_dtype).tiny  # log(0) would be a pick of -inf noise
+    tiny = ml_dtypes.finfo(logits.dtype.as_numpy_dtype).tiny  # log(0) would be a pick of -inf noise
     uniform = draws.uniform(shape, minval=tiny, maxval=1.0, dtype=logits.dtype)
     return tf.argmax(logits[:, None, :] - tf.math.log(-tf.math.log(uniform)), axis=-1, output_type=output_dtype,
                      name=name)

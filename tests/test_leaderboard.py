@@ -288,6 +288,9 @@ def test_the_lineup_compiles_with_xla_only_the_entries_whose_agent_can(data_over
         lineup, ["linucb", "epsilon_greedy", "random"], ["movielens"], 1, data_overrides)}
     assert compiled == {"linucb": False, "linucb (tuned)": False, "epsilon_greedy": True,
                         "epsilon_greedy (tuned)": True, "random": True}
+    delayed = leaderboard.jobs(lineup, ["epsilon_greedy"], ["movielens"], 1,
+                               [*data_overrides, "env.delay=geometric", "env.delay_loops=2"])
+    assert not any(job.cfg.training.jit_compile for job in delayed)  # XLA cannot compile a delay's ring
     lineup.jit_compile = False
     assert not any(job.cfg.training.jit_compile for job in leaderboard.jobs(lineup, None, None, 1, data_overrides))
 
@@ -301,14 +304,22 @@ def test_a_replicas_speed_on_the_board_is_its_groups():
 
 
 def test_a_run_made_before_its_options_gained_settings_keeps_its_place(data_overrides):
-    """A run logged before agent.action_mask and env.arrivals existed is the planned run with them
-    at their defaults; one whose real setting differs is not."""
+    """A run logged before agent.action_mask, env.arrivals and training.jit_compile existed is the
+    planned run with them at their defaults; one whose real setting differs is not."""
     job = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb"], ["movielens"], 1, data_overrides)[0]
     params = tracking.flatten(job.cfg)
     old = {key: value for key, value in params.items()
-           if key not in ("agent.action_mask", "env.arrivals", "env.arrivals_start", "env.arrivals_every")}
+           if key not in ("agent.action_mask", "env.arrivals", "env.arrivals_start", "env.arrivals_every",
+                          "training.jit_compile")}
     other = {**old, "agent.alpha": "2.0"}
     runs = pd.DataFrame([{f"tags.{leaderboard.ENTRY_TAG}": job.label, **{f"params.{k}": v for k, v in run.items()}}
                          for run in (old, other)])
     found = leaderboard.identities(runs)
     assert found[0] == job.identity() and found[1] != job.identity()
+
+
+def test_a_compiled_entry_says_so_beside_its_hyperparameters():
+    params = pd.Series({"agent.name": "random", "env.name": "movielens", "env.rank_k": "20",
+                        "training.jit_compile": "True"})
+    assert leaderboard.hyperparameters(params) == "rank_k=20, loop compiled by XLA"
+    assert "XLA" not in leaderboard.hyperparameters(params.drop("training.jit_compile"))

@@ -85,5 +85,17 @@ def test_a_bad_sweep_is_refused_in_one_line_before_its_study_is_made(overrides, 
     from src.errors import UserError
 
     with pytest.raises(UserError) as refused:
-        study.check_sweeper(study.compose_sweep(overrides))
+        study.check_sweeper(study.compose_sweep(overrides), overrides)
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+def test_a_sweep_whose_trials_choose_their_agent_leaves_xla_to_each_trial():
+    from src.campaigns import study
+    from src.errors import UserError
+
+    for overrides in (["hparams_search=grid", "training.jit_compile=true"],
+                      ["hparams_search=linucb", "agent=choice(epsilon_greedy,random)", "training.jit_compile=true"]):
+        study.check_sweeper(study.compose_sweep(overrides), overrides)
+    with pytest.raises(UserError, match="XLA cannot compile agent=linucb's loop"):
+        overrides = ["hparams_search=linucb", "training.jit_compile=true"]
+        study.check_sweeper(study.compose_sweep(overrides), overrides)

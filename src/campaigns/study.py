@@ -65,9 +65,13 @@ def directions(cfg: DictConfig) -> list[str]:
     return [str(name).lower() for name in names]
 
 
-def check_sweeper(cfg: DictConfig) -> None:
-    # The trials' own settings (types, sizes), as each trial's are checked; Hydra's own only resolve in a job.
-    config.check_run(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
+def check_sweeper(cfg: DictConfig, overrides: list[str] = ()) -> None:
+    """The sweep's settings, and its trials' own (types, sizes) as each trial's are checked, but
+    what XLA can compile where the trials choose their agent."""
+    searched = {*(cfg.hydra.sweeper.params or {}), *(text.partition("=")[0] for text in split_overrides(list(overrides))[1])}
+    # Hydra's own settings resolve only in a job.
+    config.check_run(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]),
+                     compilable_agent_known="agent" not in searched)
     sweeper = cfg.hydra.sweeper
     require(isinstance(sweeper.n_trials, int) and sweeper.n_trials >= 1, "hydra.sweeper.n_trials", sweeper.n_trials,
             "an integer >= 1 (--trials)")
@@ -162,7 +166,7 @@ def parent_run_of(study: optuna.Study, wait_s: float = 60.0) -> str | None:
 
 def prepare(cfg: DictConfig, overrides: list[str] = ()) -> optuna.Study:
     """Create or resume the study and its MLflow parent run; return the study."""
-    check_sweeper(cfg)
+    check_sweeper(cfg, list(overrides))
     created = create_study(cfg)
     study = load_study(cfg)
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
