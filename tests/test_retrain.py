@@ -185,8 +185,9 @@ def test_nothing_to_learn_from_exits_2_and_registers_nothing(make_config, tracki
     (["holdout_share=1"], "holdout_share must be in (0, 1), got 1"),
     (["estimator=magic"], "estimator_params.magic: no such estimator"),
     (["confidence=1.5"], "confidence must be in (0, 1), got 1.5"),
-    (["holdout_share=half"], "holdout_share must be in (0, 1), got 'half'"),
-    (["min_gain=inf"], "min_gain must be a number of mean reward, at most 1e+06 in size, got inf"),
+    (["holdout_share=half"], "holdout_share must be a finite number, got 'half'"),
+    (["min_gain=inf"], "min_gain must be a finite number, got inf"),
+    (["min_gain=2e6"], "min_gain must be a number of mean reward, at most 1e+06 in size, got 2000000.0"),
     (["bootstrap.samples=3"], "bootstrap.samples must be an integer in [100, 100000], got 3"),
     (["interval=anytime"], "interval must be one of bootstrap, t, bernstein, got 'anytime'"),
     (["windw=3"], "Could not override 'windw'"),
@@ -230,3 +231,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(make_config, tracking_u
     assert message in line and "\n" not in line
     assert rounds(tracking_uri) == [] and champion_version(tracking_uri) == "1"
     assert not (tmp_path / "elsewhere").exists()
+
+
+# Found in review: the challenger took the champion's training settings, so a champion logged
+# before training.jit_compile existed broke retraining, and a compiled one had XLA refuse LinUCB.
+@pytest.mark.parametrize("compiled", [None, True])
+def test_a_challenger_learns_offline_whatever_its_champion_compiled(compiled):
+    from omegaconf import OmegaConf, open_dict
+
+    from src import config
+
+    champion = config.compose(["agent=epsilon_greedy"])
+    with open_dict(champion):
+        if compiled is None:
+            del champion.training["jit_compile"]
+        else:
+            champion.training.jit_compile = compiled
+    champion = OmegaConf.create(OmegaConf.to_container(champion))  # as read back from a run's config.yaml
+    challenger = retrain.challenger_config(champion, retrain.parse(["agent=linucb"]))
+    assert challenger.agent.name == "linucb" and challenger.training.jit_compile is False
