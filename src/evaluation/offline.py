@@ -70,9 +70,9 @@ def learn(cfg: DictConfig, engine, feedback: estimators.Feedback, rows: np.ndarr
 def split_point(rounds: int, train_share: float, per_batch: int, logs_run_id: str) -> int:
     """How many of the first logged rounds train; the rest score."""
     split = int(rounds * train_share)
-    if split < per_batch or rounds - split < 1:
+    if split < per_batch or rounds - split < 2:  # one scored round has no spread: every interval NaN
         raise UserError(f"the log of run {logs_run_id} has {rounds} rounds: too few to train on "
-                        f"{train_share:.0%} of them in batches of {per_batch} and score on the rest")
+                        f"{train_share:.1%} of them in batches of {per_batch} and score on the rest (at least 2)")
     return split
 
 

@@ -13,6 +13,7 @@ import scipy.stats
 from src import config, data, experiment
 from src.campaigns import worker
 from src.errors import UserError
+from src.evaluation import offline
 from src.training import train
 from tests.conftest import SMALL
 
@@ -86,3 +87,10 @@ def test_a_sweep_tunes_an_agent_offline_and_registers_its_best(logged_runs, tmp_
     else:  # the trials learnt one greedy policy: no ranks to correlate
         assert "ope_selection/spearman" not in reported
     assert parent.data.tags["ope_selection"].startswith("off-policy selection: ")
+
+
+def test_a_split_leaving_fewer_than_two_rounds_to_score_is_refused():
+    """Found by a hostile try: train_share=0.999 left one round, and every estimate's interval NaN."""
+    assert offline.split_point(800, 0.5, 16, "abc") == 400
+    with pytest.raises(UserError, match=r"has 800 rounds: too few to train on 99\.9% of them in batches of 16"):
+        offline.split_point(800, 0.999, 16, "abc")
