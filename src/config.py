@@ -411,6 +411,17 @@ def check_time(cfg: DictConfig) -> None:
     for key, choices in TIME_CHOICES.items():
         if key in env:
             require(env[key] in choices, f"env.{key}", env[key], f"one of {', '.join(choices)}")
+    # The ranges that need no data, as the builders check them again (src.envs, src.agents.linear).
+    if env.get("drift", "none") != "none":
+        require(isinstance(env.drift_period, int) and env.drift_period >= training.batch_size, "env.drift_period",
+                env.drift_period, f"an integer number of interactions, at least training.batch_size={training.batch_size}")
+    if "feedback_drop" in env:
+        require(0 <= env.feedback_drop < 1, "env.feedback_drop", env.feedback_drop, "in [0, 1)")
+    if env.get("arrivals", "none") != "none":
+        require(isinstance(env.arrivals_every, int) and env.arrivals_every >= 1, "env.arrivals_every",
+                env.arrivals_every, "an integer >= 1 (interactions between two arrivals)")
+    if "discount" in cfg.agent:
+        require(0 < cfg.agent.discount <= 1, "agent.discount", cfg.agent.discount, "in (0, 1] (1: no discount)")
     per_loop = training.batch_size * training.steps_per_loop
     if "refit_every" in env:
         least = -(-training.loops * per_loop // MOST_REFITS)

@@ -157,10 +157,14 @@ def test_per_arm_agents_learn_from_delayed_and_lost_feedback(make_config, agent)
      "env.delay_loops must be small enough for the feedback held back to fit in half of this machine's"),
     (["agent=linucb", "agent.window=2147483647"], "agent.window must be small enough to fit in half of this machine's"),
     (["agent=linucb", "agent.window=abc"], "agent.window must be null (every interaction counts) or a whole number"),
+    (["env.drift=switch", "env.drift_period=4"], "env.drift_period must be an integer number of interactions, at least"),
+    (["env.feedback_drop=1.0"], "env.feedback_drop must be in [0, 1), got 1.0"),
+    (["env.arrivals=first_rating", "env.arrivals_every=0"], "env.arrivals_every must be an integer >= 1"),
+    (["agent=linucb", "agent.discount=0"], "agent.discount must be in (0, 1] (1: no discount), got 0"),
     # Each refit fits the reward model again: at 8, 5 loops took 25 s.
     (["env=movielens_timeline", "env.refit_every=8"], "env.refit_every must be an integer of at least 64: at most 500"),
 ])
-def test_rings_longer_than_the_run_or_the_machine_are_refused_before_tensorflow_loads(overrides, message):
+def test_time_settings_out_of_range_are_refused_before_tensorflow_loads(overrides, message):
     with pytest.raises(UserError) as refused:
         config.check_run(config.compose(["training=quick", *overrides]))
     assert message in str(refused.value) and "\n" not in str(refused.value)
