@@ -16,15 +16,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from src import tf_runtime  # noqa: F401,I001  (first: a quiet TensorFlow start-up)
+
 import numpy as np
 import pandas as pd
 
 from benchmarks.throughput import interleaved_rates, warmed_up
-from src import (
-    config,
-    data,
-    tf_runtime,  # noqa: F401,I001  (first: a quiet TensorFlow start-up)
-)
+from src import config, data
 from src.cli import exit_on_user_error
 from src.engine import configure_threads
 

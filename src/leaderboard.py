@@ -99,9 +99,10 @@ def jobs(lineup: DictConfig, agents: list[str] | None, envs: list[str] | None, s
             config.check_command_line(base[:2])
             if not runs_on(entry.agent, env, lineup):
                 continue
-            if lineup.get("jit_compile") and compilable(config.check_command_line(base)):
+            checked = config.check_command_line(base)
+            if lineup.get("jit_compile") and compilable(checked):
                 base.append("training.jit_compile=true")
-            config.check_command_line(base)
+                config.check_command_line(base)
             found += [Job(label, config.compose([*base, f"training.seed={seed}"])) for seed in range(seeds)]
     if not found:
         raise UserError("no runs: no entry of the line-up matches --agents and --envs")

@@ -21,12 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from src import config, metrics, tracking
 from src.campaigns.repair import RetryDeadWorkersTrial, end_orphaned_runs
-from src.campaigns.storage import (
-    POLL_SECONDS,
-    open_storage,
-    reaching_storage,
-    shown_storage,
-)
+from src.campaigns.storage import POLL_SECONDS, open_storage, reaching_storage, shown_storage
 from src.campaigns.trials import COMPLETE, FAIL, PARENT_RUN_ATTR
 from src.errors import UserError, require
 
