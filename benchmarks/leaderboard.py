@@ -10,10 +10,10 @@ example size on both environments, into one MLflow experiment, then ranked by fi
 Each run is `src.training.train` on the config `python -m src.train agent=<agent> env=<env>
 training.seed=<seed>` would compose, with the line-up's overrides, tagged `leaderboard.entry`
 with its row's label, `--workers` runs at a time (default 2, in processes of their own); an
-entry's seeds train as one replica group where replicas are built (src.replicas: LinUCB and
-LinTS on movielens), each still a run of its own. A run of the same entry and configuration (seed included; where it is
-stored aside) that already FINISHED in the experiment is not trained again: an interrupted
-leaderboard resumes. The tables take exactly the runs of the line-up the command describes,
+entry's seeds train as one replica group where replicas share a compiled loop (src.replicas:
+LinUCB and LinTS without drift, arrivals or delay), each still a run of its own. A run of the
+same entry and configuration (seed included; where it is stored aside) that already FINISHED in
+the experiment is not trained again: an interrupted leaderboard resumes. The tables take exactly the runs of the line-up the command describes,
 so a cheap run (`--loops 500`) and the full one may share an experiment.
 
 Then (src/leaderboard.py), per environment, one row per entry: the final cumulative regret, mean over seeds with

@@ -38,7 +38,8 @@ from src.paths import PROJECT_ROOT
 
 log = logging.getLogger("benchmarks.replicas")
 
-CATALOGUES = {"20 movies": [], "1,682 movies": ["env=movielens_catalogue"]}
+CATALOGUES = {"20 movies": [], "1,682 movies": ["env=movielens_catalogue"],
+              "per-arm, 20 of 1,682": ["env=movielens_per_arm"]}
 
 
 def cumulative(engine, loops: int, chunk: int, totals: np.ndarray) -> float:

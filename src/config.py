@@ -47,10 +47,10 @@ BYTES_PER_LOOP = 300
 BYTES_PER_LOGGED_INTERACTION = 200
 BYTES_PER_LOGGED_SLATE_COLUMN = 32
 # Replicas (training.replicas, src.replicas) that share one compiled loop's ops: the vectorised
-# linear agents, whose statistics take a replica axis, on the stationary environment of one movie
-# per step. Others train beside them in one process, each its own engine.
+# linear agents, whose statistics take a replica axis, on the stationary environments of one movie
+# per step (a model per movie, or one over the candidates' features). Others train beside them in one process, each its own engine.
 REPLICATED_AGENTS = ("linucb", "lints")
-REPLICATED_ENVIRONMENT = "src.envs.movielens.build"
+REPLICATED_ENVIRONMENTS = ("src.envs.movielens.build", "src.envs.movielens_per_arm.build")
 # What replicas sharing a loop may set apart, each keeping its own (a sweep's trials batched,
 # sweep.batch): agent hyperparameters that leave every tensor's shape as it is.
 PER_REPLICA_HYPERPARAMETERS = ("alpha", "tikhonov_weight")
@@ -463,11 +463,11 @@ def shares_ops(cfg: DictConfig) -> bool:
 
 def can_share_ops(cfg: DictConfig) -> bool:
     """Whether runs of `cfg` can train side by side in one compiled loop: REPLICATED_AGENTS, without a
-    window or logging propensities, on a REPLICATED_ENVIRONMENT without drift, arrivals or delays."""
+    window or logging propensities, on one of the REPLICATED_ENVIRONMENTS without drift, arrivals or delays."""
     agent, env = cfg.agent, cfg.env
     stationary = (env.get("drift") == "none" and env.get("delay") == "none" and env.get("feedback_drop") == 0
                   and env.get("arrivals", "none") == "none")
-    return (agent.name in REPLICATED_AGENTS and env.get("_target_") == REPLICATED_ENVIRONMENT and stationary
+    return (agent.name in REPLICATED_AGENTS and env.get("_target_") in REPLICATED_ENVIRONMENTS and stationary
             and not any(agent.get(key) for key in ("window", "log_epsilon", "propensity_draws")))
 
 

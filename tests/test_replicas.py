@@ -32,7 +32,9 @@ def group_histories(members, cores: int = 1) -> list[pd.DataFrame]:
 
 
 @pytest.mark.parametrize("overrides", [["agent=linucb"], ["agent=lints"], ["agent=linucb", "agent.discount=0.9"],
-                                       ["agent=lints", "env.movie_selection=most_rated", "training.batch_size=3"]])
+                                       ["agent=lints", "env.movie_selection=most_rated", "training.batch_size=3"],
+                                       ["env=movielens_per_arm", "env.num_actions=5", "agent=lints"],
+                                       ["env=movielens_per_arm", "env.num_actions=4", "env.arm_features=interaction", "agent=linucb"]])
 @pytest.mark.parametrize("cores", [1, 2])
 def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides, cores):
     """In one compiled loop, or (2 cores) a loop of 2 and a run alone in threads side by side."""
@@ -47,7 +49,8 @@ def test_each_replica_equals_its_run_alone_to_the_digit(make_config, overrides, 
 
 
 @pytest.mark.parametrize("overrides", [["agent=epsilon_greedy"], ["agent=dropout_ts"], ["agent=random"],
-                                       ["env=movielens_per_arm", "env.num_actions=5", "agent=lints"], ["env=movielens_switch"],
+                                       ["env=movielens_per_arm", "env.num_actions=5", "env.drift=rotate", "agent=lints"],
+                                       ["env=movielens_switch"],
                                        ["env.delay=geometric", "env.delay_loops=2"], ["agent.window=40"],
                                        ["agent=epsilon_greedy", "training.jit_compile=true"]])
 def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(make_config, overrides):
@@ -116,13 +119,14 @@ def test_a_replica_that_diverges_fails_the_command_after_the_others_finish(make_
     assert list(group_runs(tracking_uri)["status"]) == ["FINISHED", "FAILED"]
 
 
-@pytest.mark.parametrize("agent", ["linucb", "lints"])
-def test_a_replicas_policy_is_the_one_its_run_alone_leaves(make_config, agent):
-    cfg = make_config(f"agent={agent}", "training.replicas=2", "training.seed=1")
+@pytest.mark.parametrize("overrides", [["agent=linucb"], ["agent=lints"],
+                                       ["agent=linucb", "env=movielens_per_arm", "env.num_actions=5"]])
+def test_a_replicas_policy_is_the_one_its_run_alone_leaves(make_config, overrides):
+    cfg = make_config(*overrides, "training.replicas=2", "training.seed=1")
     group = replicas.SharedOps(config.members(cfg), data.load(cfg.data))
     for _ in group.run(cfg.training.loops, cfg.training.chunk_loops):
         pass
-    alone_cfg = make_config(f"agent={agent}", "training.seed=2")
+    alone_cfg = make_config(*overrides, "training.seed=2")
     alone = experiment.assemble(alone_cfg, data.load(alone_cfg.data))
     for _ in alone.run(alone_cfg.training.loops, alone_cfg.training.chunk_loops):
         pass

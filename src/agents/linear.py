@@ -144,13 +144,16 @@ class ArmStatistics(tf.Module):
 
     def shared_model(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """x.theta and x'A^-1 x of the one model shared by all candidates, for each candidate of
-        x [batch, candidates, dim] (per-arm features): [batch, candidates] float64."""
+        x [batch, candidates, dim] (per-arm features): [batch, candidates] float64. Replicas'
+        rows are scored by their own models, a product each, as `every_arm`'s are."""
         x = tf.cast(x, tf.float64)
         # tensordot: one [batch * candidates, dim] product; batched matmuls over the batch
         # took ~3x longer, a fifth of a slate loop.
-        mean = tf.tensordot(x, self.theta[0], axes=1)
-        variance = tf.reduce_sum(tf.tensordot(x, self.covariance_inverse[0], axes=1) * x, axis=-1)
-        return mean, tf.maximum(variance, 0.0)
+        means, variances = zip(*((tf.tensordot(users, theta, axes=1),
+                                  tf.reduce_sum(tf.tensordot(users, inverse, axes=1) * users, axis=-1))
+                                 for users, theta, inverse in zip(tf.split(x, self.replicas), tf.unstack(self.theta),
+                                                                  tf.unstack(self.covariance_inverse))))
+        return tf.concat(means, axis=0), tf.maximum(tf.concat(variances, axis=0), 0.0)
 
     def _arms_last(self, flat: tf.Variable) -> tf.Tensor:
         """[rows, arms], or [replicas, rows, arms]."""
@@ -229,11 +232,17 @@ class ArmStatistics(tf.Module):
         return tf.reduce_mean(self.by_replica(tf.square(error)), axis=1)
 
     def _added(self, x, arm, reward, weight, arms: tf.Tensor, count) -> tuple[tf.Tensor, tf.Tensor]:
-        """sum of weight x x' and of weight r x per arm, over `count` arms indexed by `arms` [n]."""
-        if self.replicas * self._num_arms == 1:
-            # One shared model (per-arm features, slates): X'X as one product. The outer
-            # products and their segment sum took a fifth of a slate loop (80 rows of 40).
-            return tf.matmul(x * weight[:, None], x, transpose_a=True)[None], tf.matmul((weight * reward)[None], x)
+        """sum of weight x x' and of weight r x per arm, over `count` arms indexed by `arms` [n]
+        (one shared model: each replica's, the rows a block per replica, replica after replica)."""
+        if self._num_arms == 1:
+            # One shared model (per-arm features, slates), each replica's on its rows: X'X as one
+            # product each. The outer products and their segment sum took a fifth of a slate loop
+            # (80 rows of 40).
+            parts = zip(tf.split(x, self.replicas), tf.split(weight, self.replicas), tf.split(reward, self.replicas))
+            added_covariance, added_data = zip(*((tf.matmul(rows * weights[:, None], rows, transpose_a=True),
+                                                  tf.matmul((weights * rewards)[None], rows)[0])
+                                                 for rows, weights, rewards in parts))
+            return tf.stack(added_covariance), tf.stack(added_data)
         added_covariance = tf.math.unsorted_segment_sum(tf.einsum("ni,nj->nij", x * weight[:, None], x), arms, count)
         return added_covariance, tf.math.unsorted_segment_sum((weight * reward)[:, None] * x, arms, count)
 

@@ -7,10 +7,15 @@ picks a position in the candidate list. Rewards come from the same SVD reward mo
 `src.envs.movielens` (user and movie factors each carry sqrt of the singular values, so
 the reward is their dot product; TF-Agents puts all of S on the user side). The sampler
 is this instance's own seeded generator.
+
+With `replica_seeds`, it is that many stationary environments side by side (src.replicas), as
+`src.envs.movielens` is: replica r draws its users and their candidates from the generator of
+the run of seed replica_seeds[r], and a step's batch holds each replica's rows after the last one's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -81,8 +86,13 @@ class MovieLensPerArmEnvironment(InGraphBandit):
 
     def __init__(self, model: CandidateSetRewardModel, batch_size: int, seed: int,
                  arm_features: str = "embedding", name: str = "movielens_per_arm", arrivals: Arrivals = Arrivals(),
-                 drift: str = "none", drift_period: int | None = None):
+                 drift: str = "none", drift_period: int | None = None, replica_seeds: Sequence[int] = ()):
         require(batch_size >= 1, "training.batch_size", batch_size, ">= 1")
+        seeds = list(replica_seeds) or [seed]
+        self.replicas = replicas = len(seeds)
+        # config.can_share_ops keeps replicas to the stationary environment: time is each run's own.
+        require(replicas == 1 or not (arrivals.active or drift != "none"), "training.replicas", replicas,
+                "1 with env.arrivals or env.drift")
         self._arrivals, self._drift, self._drift_period = arrivals, drift, drift_period
         # Extra metrics only where these are on: the ranking subclass has its own.
         extras = (metrics.CATALOGUE_SIZE,) * arrivals.active + (metrics.BEST_MOVIE_MOVED,) * (drift != "none")
@@ -110,12 +120,13 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         self._user_features = tf.constant(model.user_features, tf.float32)
         self._movie_features = tf.constant(model.movie_features, tf.float32)
         self._keep_rewards(model)
-        self._rng = tf.random.Generator.from_seed(seed)
-        self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False, name="users")
+        self._generators = [tf.random.Generator.from_seed(each) for each in seeds]
+        self._users_drawn = batch_size  # each replica's
+        self._users = tf.Variable(tf.zeros([replicas * batch_size], tf.int32), trainable=False, name="users")
         self._candidates = tf.Variable(
-            tf.zeros([batch_size, num_actions], tf.int32), trainable=False, name="candidates")
+            tf.zeros([replicas * batch_size, num_actions], tf.int32), trainable=False, name="candidates")
         super().__init__(ts.time_step_spec(observation_spec, self._reward_spec()), self._action_spec(num_actions),
-                         batch_size, name)
+                         replicas * batch_size, name)
 
     @property
     def movies_arrived(self) -> int | None:
@@ -129,10 +140,9 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         return tf.TensorSpec([], tf.float32)
 
     def _observe(self):
-        users = self._rng.uniform([self.batch_size], maxval=self._num_users, dtype=tf.int32)
-        candidates = self._draw_candidates(users)
+        users, candidates = (tf.concat(parts, axis=0) for parts in zip(*map(self._draw, self._generators)))
         if self._drift != "none":
-            self._turned.assign(self._rotation_less_identity(tf.cast(self._steps * self.batch_size, tf.float64)))
+            self._turned.assign(self._rotation_less_identity(tf.cast(self._steps * self._users_drawn, tf.float64)))
         if self._arrivals.active or self._drift != "none":
             self._steps.assign_add(1)
         self._users.assign(users)
@@ -149,36 +159,41 @@ class MovieLensPerArmEnvironment(InGraphBandit):
             bandit_spec_utils.PER_ARM_FEATURE_KEY: movie_features,
         }
 
-    def _draw_candidates(self, users: tf.Tensor) -> tf.Tensor:
+    def _draw(self, generator: tf.random.Generator) -> tuple[tf.Tensor, tf.Tensor]:
+        """A run's users [batch] and their candidates [batch, num_actions], from its `generator`."""
+        users = generator.uniform([self._users_drawn], maxval=self._num_users, dtype=tf.int32)
+        return users, self._draw_candidates(generator, users)
+
+    def _draw_candidates(self, generator: tf.random.Generator, users: tf.Tensor) -> tf.Tensor:
         """[batch, num_actions] distinct movie columns offered to each of `users`: a uniform
         k-subset of the movies arrived, in random order, like `random.sample`."""
         size = self.reward_model.num_actions
         if not self._arrivals.active:
-            return self._uniform_subsets(size, self._num_movies)
-        interactions = self._steps * self.batch_size  # before this step
+            return self._uniform_subsets(generator, size, self._num_movies)
+        interactions = self._steps * self._users_drawn  # before this step
         arrived = self._arrivals.arrived(interactions, self._num_movies)
         self._arrived.assign(arrived)
-        return tf.cond(size * size > arrived, lambda: self._top_keys(size, arrived),
-                       lambda: self._drawn_without_repeats(size, arrived))
+        return tf.cond(size * size > arrived, lambda: self._top_keys(generator, size, arrived),
+                       lambda: self._drawn_without_repeats(generator, size, arrived))
 
-    def _uniform_subsets(self, size: int, pool: int) -> tf.Tensor:
+    def _uniform_subsets(self, generator: tf.random.Generator, size: int, pool: int) -> tf.Tensor:
         if size * size > pool:  # repeats would be common: the top k of uniform keys
-            return self._top_keys(size, pool)
-        return self._drawn_without_repeats(size, pool)
+            return self._top_keys(generator, size, pool)
+        return self._drawn_without_repeats(generator, size, pool)
 
-    def _top_keys(self, size: int, pool) -> tf.Tensor:
+    def _top_keys(self, generator: tf.random.Generator, size: int, pool) -> tf.Tensor:
         """The top k of uniform keys on the first `pool` movies (-1 on the rest)."""
-        keys = self._rng.uniform([self.batch_size, self._num_movies])
+        keys = generator.uniform([self._users_drawn, self._num_movies])
         if not isinstance(pool, int) or pool < self._num_movies:
             keys = tf.where(tf.range(self._num_movies)[tf.newaxis] < pool, keys, -1.0)
         return tf.math.top_k(keys, k=size).indices
 
-    def _drawn_without_repeats(self, size: int, pool) -> tf.Tensor:
+    def _drawn_without_repeats(self, generator: tf.random.Generator, size: int, pool) -> tf.Tensor:
         """Few repeats (below 40% a row): draw k with replacement among the first `pool` movies
         and draw again the rows that repeat. Given no repeat, every ordered k-subset is equally
         likely. Keys for all the movies and their top k cost 5x more a round at 1,682 movies."""
         def draw():
-            return self._rng.uniform([self.batch_size, size], maxval=pool, dtype=tf.int32)
+            return generator.uniform([self._users_drawn, size], maxval=pool, dtype=tf.int32)
 
         def repeats(candidates):
             ordered = tf.sort(candidates, axis=1)
@@ -249,8 +264,9 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
           delay_loops: int = 0, delay_longest: int | None = None, feedback_drop: float = 0.0,
           arrivals: str = "none", arrivals_start: int | None = None, arrivals_every: int | None = None,
           drift: str = "none", drift_period: int | None = None,
-          name: str = "movielens_per_arm") -> MovieLensPerArmEnvironment:
-    """The environment `conf/env/movielens_per_arm.yaml` describes, over MovieLens `data`."""
+          name: str = "movielens_per_arm", replica_seeds: Sequence[int] = ()) -> MovieLensPerArmEnvironment:
+    """The environment `conf/env/movielens_per_arm.yaml` describes, over MovieLens `data` (with
+    `replica_seeds`, a replica's with each)."""
     feedback_delay = FeedbackDelay(delay, delay_loops, delay_longest, feedback_drop)
     check_drift(drift, drift_period, batch_size)
     ratings = data.ratings_matrix()
@@ -266,6 +282,7 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int,
         parts.update(movie_ids=model.movie_ids[order], movie_factors=model.movie_factors[order],
                      arrival_sizes=schedule.sizes(pool))
     model = CandidateSetRewardModel(**parts, num_actions=num_actions)
-    environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name, schedule, drift, drift_period)
+    environment = MovieLensPerArmEnvironment(model, batch_size, seed, arm_features, name, schedule, drift, drift_period,
+                                             replica_seeds)
     environment.feedback_delay = feedback_delay
     return environment

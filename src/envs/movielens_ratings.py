@@ -151,11 +151,11 @@ class MovieLensRatingsEnvironment(MovieLensPerArmEnvironment):
     def _candidate_rewards(self) -> tf.Tensor:
         return tf.gather(tf.gather(self._rewards, self._users), self._candidates, batch_dims=1)
 
-    def _draw_candidates(self, users: tf.Tensor) -> tf.Tensor:
+    def _draw_candidates(self, generator: tf.random.Generator, users: tf.Tensor) -> tf.Tensor:
         # Uniform keys on a user's rated movies and -1 on the padding: the top k is a uniform
         # k-subset of what they rated.
         width = tf.shape(self._rated)[1]
-        keys = self._rng.uniform([self.batch_size, width])
+        keys = generator.uniform([self.batch_size, width])
         rated = tf.range(width)[tf.newaxis] < tf.gather(self._rated_counts, users)[:, tf.newaxis]
         positions = tf.math.top_k(tf.where(rated, keys, -1.0), k=self.reward_model.num_actions).indices
         return tf.gather(tf.gather(self._rated, users), positions, batch_dims=1)
