@@ -75,13 +75,15 @@ def cli() -> None:
     with exit_on_user_error():
         try:
             main()
-        except Exception:
+        except Exception as error:
             from src.campaigns import trials
 
             failed = trials.every_trial_failed()
-            if failed is None:
-                raise
-            raise UserError(f"every trial of the sweep failed; the last because: {failed}") from None
+            if failed is not None:
+                raise UserError(f"every trial of the sweep failed; the last because: {failed}") from None
+            if isinstance(error, hydra.errors.HydraException):  # a multirun's overrides, which Hydra composes
+                raise UserError(" ".join(str(error).split("\n"))) from None
+            raise
 
 
 if __name__ == "__main__":

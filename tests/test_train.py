@@ -108,6 +108,14 @@ def test_a_config_error_is_refused_before_tensorflow_loads(run_cli, movielens_di
     assert "Loading TensorFlow" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_multiruns_override_hydra_cannot_compose_is_one_line(run_cli, movielens_dir, tracking_uri):
+    """Hydra composes a multirun's overrides itself, after the command line's own checks."""
+    result = run_cli("src.train", "-m", *cli_args(movielens_dir, tracking_uri, "hydra.foo=1"))
+    assert result.returncode == 2 and result.stderr.rstrip().endswith("Could not override 'hydra.foo'. To append to "
+                                                                      "your config use +hydra.foo=1"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("command, status, said", [
     ("pass", 0, ""),
     ("sys.exit(3)", 3, ""),
