@@ -74,7 +74,9 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
     for job in todo:  # a wrong value fails now, not after an hour of training
         config.check_run(job.cfg)
     runs = len(todo)
-    todo = in_groups(todo)
+    # The replica groups first: the longest jobs, so that the last to finish are single runs and
+    # a worker that runs out of work waits seconds, not a group's minute, for the other.
+    todo = sorted(in_groups(todo), key=lambda job: -job.cfg.training.replicas)
     if ray_address:
         from src.campaigns import ray_cluster
 

@@ -420,6 +420,15 @@ def check_time(cfg: DictConfig) -> None:
     if env.get("arrivals", "none") != "none":
         require(isinstance(env.arrivals_every, int) and env.arrivals_every >= 1, "env.arrivals_every",
                 env.arrivals_every, "an integer >= 1 (interactions between two arrivals)")
+        # A first catalogue holds a movie (per-arm: a candidate set) and at most the pool, where the
+        # config sizes it; a pool of every movie (null) is known once the data has loaded.
+        fewest, pool, start = env.get("num_actions", 1), env.get("num_movies"), env.arrivals_start
+        fewest_meaning = f"env.num_actions={fewest} (a full candidate set)" if "num_actions" in env else "1"
+        require(isinstance(start, int) and fewest <= start <= (pool or start), "env.arrivals_start", start,
+                f"an integer between {fewest_meaning} and " + (f"env.num_movies={pool}" if pool else "the data's movies"))
+    if "history_share" in env:
+        require(isinstance(env.history_share, float) and 0 < env.history_share < 1, "env.history_share",
+                env.history_share, "a share in (0, 1): the ratings that are the past when the replay starts")
     if "discount" in cfg.agent:
         require(0 < cfg.agent.discount <= 1, "agent.discount", cfg.agent.discount, "in (0, 1] (1: no discount)")
     per_loop = training.batch_size * training.steps_per_loop

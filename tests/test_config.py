@@ -64,6 +64,14 @@ def test_the_time_choices_checked_before_tensorflow_loads_are_the_environments()
         config.check_run(config.compose(["env.drift=wobble"]))
 
 
+@pytest.mark.parametrize("kind", ["fixed", "geometric", "heavy"])
+def test_the_longest_delay_sized_before_tensorflow_loads_is_the_environments(kind):
+    """The pending ring's size is checked before TensorFlow loads from config's copy of the default."""
+    from src.envs import base
+
+    assert base.FeedbackDelay(kind, 3).longest == config.DEFAULT_LONGEST_DELAYS[kind] * 3
+
+
 def test_evaluate_takes_one_estimator_by_name_and_pipeline_checks_the_services_exploration():
     from src import evaluate, pipeline
 

@@ -160,6 +160,11 @@ def test_per_arm_agents_learn_from_delayed_and_lost_feedback(make_config, agent)
     (["env.drift=switch", "env.drift_period=4"], "env.drift_period must be an integer number of interactions, at least"),
     (["env.feedback_drop=1.0"], "env.feedback_drop must be in [0, 1), got 1.0"),
     (["env.arrivals=first_rating", "env.arrivals_every=0"], "env.arrivals_every must be an integer >= 1"),
+    (["env.arrivals=first_rating", "env.arrivals_start=100000"],
+     "env.arrivals_start must be an integer between 1 and env.num_movies=20, got 100000"),
+    (["env=movielens_per_arm", "env.arrivals=first_rating", "env.arrivals_start=3"],
+     "env.arrivals_start must be an integer between env.num_actions=20 (a full candidate set) and the data's movies"),
+    (["env=movielens_timeline", "env.history_share=1.5"], "env.history_share must be a share in (0, 1)"),
     (["agent=linucb", "agent.discount=0"], "agent.discount must be in (0, 1] (1: no discount), got 0"),
     # Each refit fits the reward model again: at 8, 5 loops took 25 s.
     (["env=movielens_timeline", "env.refit_every=8"], "env.refit_every must be an integer of at least 64: at most 500"),

@@ -125,8 +125,9 @@ class MovieLensTimelineEnvironment(MovieLensPerArmEnvironment):
         # Before the step's first event: not even the movie its own rating is the first of.
         arrived = tf.gather(self._event_arrived, rows[0] - 1)
         size = self.reward_model.num_actions
-        candidates = tf.cond(size * size > arrived, lambda: self._top_keys(size, arrived),
-                             lambda: self._drawn_without_repeats(size, arrived))
+        generator = self._generators[0]
+        candidates = tf.cond(size * size > arrived, lambda: self._top_keys(generator, size, arrived),
+                             lambda: self._drawn_without_repeats(generator, size, arrived))
         self._events.assign_add(self.batch_size)
         self._users.assign(users)
         self._candidates.assign(candidates)
