@@ -421,11 +421,13 @@ def check_time(cfg: DictConfig) -> None:
         require(isinstance(env.arrivals_every, int) and env.arrivals_every >= 1, "env.arrivals_every",
                 env.arrivals_every, "an integer >= 1 (interactions between two arrivals)")
         # A first catalogue holds a movie (per-arm: a candidate set) and at most the pool, where the
-        # config sizes it; a pool of every movie (null) is known once the data has loaded.
+        # config sizes it; a pool of every movie (null) is known once the data has loaded, and a pool
+        # too small for its candidates is the builder's to name.
         fewest, pool, start = env.get("num_actions", 1), env.get("num_movies"), env.arrivals_start
+        sized = isinstance(pool, int) and pool >= fewest
         fewest_meaning = f"env.num_actions={fewest} (a full candidate set)" if "num_actions" in env else "1"
-        require(isinstance(start, int) and fewest <= start <= (pool or start), "env.arrivals_start", start,
-                f"an integer between {fewest_meaning} and " + (f"env.num_movies={pool}" if pool else "the data's movies"))
+        require(isinstance(start, int) and fewest <= start <= (pool if sized else start), "env.arrivals_start", start,
+                f"an integer between {fewest_meaning} and " + (f"env.num_movies={pool}" if sized else "the data's movies"))
     if "history_share" in env:
         require(isinstance(env.history_share, float) and 0 < env.history_share < 1, "env.history_share",
                 env.history_share, "a share in (0, 1): the ratings that are the past when the replay starts")

@@ -64,11 +64,12 @@ def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(ma
 
 
 @pytest.mark.parametrize("agent", ["linucb", "lints"])
-def test_runs_of_other_seeds_alphas_and_ridges_share_one_loop_each_equal_to_its_run_alone(make_config, agent):
-    runs = [[f"agent={agent}", "training.seed=0", "agent.alpha=0.5"],
-            [f"agent={agent}", "training.seed=0", "agent.alpha=4.0", "agent.tikhonov_weight=0.1"],
-            [f"agent={agent}", "training.seed=9", "agent.alpha=0.5"],
-            [f"agent={agent}", "training.seed=0", "env.rank_k=3"]]  # another shape: trained alone
+@pytest.mark.parametrize("env", [[], ["env=movielens_per_arm", "env.num_actions=5"]])
+def test_runs_of_other_seeds_alphas_and_ridges_share_one_loop_each_equal_to_its_run_alone(make_config, agent, env):
+    runs = [[*env, f"agent={agent}", "training.seed=0", "agent.alpha=0.5"],
+            [*env, f"agent={agent}", "training.seed=0", "agent.alpha=4.0", "agent.tikhonov_weight=0.1"],
+            [*env, f"agent={agent}", "training.seed=9", "agent.alpha=0.5"],
+            [*env, f"agent={agent}", "training.seed=0", "env.rank_k=3"]]  # another shape: trained alone
     members = [make_config(*run) for run in runs]
     group = replicas.Group(members, replicas.each_dataset(members), cores=1)
     assert [len(indices) for _, indices in group.parts] == [3, 1]

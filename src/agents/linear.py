@@ -359,7 +359,8 @@ class VectorizedLinearPolicy(tf_policy.TFPolicy):
             info = policy_utilities.PolicyInfo(predicted_rewards_mean=tf.cast(mean, tf.float32))
             return policy_step.PolicyStep(tfp.distributions.Deterministic(slate), policy_state, info)
         rows_per_replica = tf.shape(features)[0] // self._statistics.replicas
-        alpha = per_replica(self._alpha, rows_per_replica, SCORING_DTYPE)
+        # A model per arm scores in SCORING_DTYPE, one shared model (per-arm features) in float64.
+        alpha = per_replica(self._alpha, rows_per_replica, tf.float64 if len(features.shape) == 3 else SCORING_DTYPE)
         arm, mean, scores, width = choose(self._statistics, features, alpha, self._exploration, mask)
         if self._propensity_draws:
             return deterministic_step(arm, mean, self.action_spec, policy_state, observation,
