@@ -47,7 +47,6 @@ from omegaconf import OmegaConf
 
 from src import metrics
 from src.cli import exit_on_user_error, writable_folder
-from src.comparison import compare, log_comparison, open_experiment, write
 from src.config import CONFIG_DIR
 from src.errors import require
 
@@ -81,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         require(0 < args.confidence < 1, "--confidence", args.confidence, "between 0 and 1")
         if args.out:  # checked before the runs are read; the default folder is made only for a result
             writable_folder(out, "--out")
+        # Here: MLflow takes seconds to import, and bad options are refused without it.
+        from src.comparison import compare, log_comparison, open_experiment, write
+
         experiment_id = open_experiment(args.tracking_uri, args.experiment)
         report = compare(experiment_id, args.metric, args.agents, args.parent, args.group_by, args.confidence)
         table = write(report, out, args.metric, args.confidence)
