@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -15,6 +17,7 @@ from src import compare as compare_cli
 from src import comparison as compare
 from src import plots, tracking
 from src.errors import UserError
+from src.paths import PROJECT_ROOT
 
 METRIC = "train/cumulative_regret"
 STEPS = np.arange(1, 11) * 16
@@ -301,3 +304,11 @@ def test_cli_no_matching_runs_is_one_line_and_non_zero(experiment, store, caplog
                                           ("20000", "20000"), ("movielens_per_arm", "movielens_per_arm")])
 def test_label_values_are_rounded_and_whole_numbers_kept(value, shown):
     assert compare.shown(value) == shown
+
+
+def test_a_bad_option_is_refused_before_mlflow_loads():
+    """MLflow takes seconds to import; a typo should not wait for it."""
+    probe = ("import sys\nfrom src import compare\ntry:\n    compare.main(['--confidence', '2'])\n"
+             "except SystemExit as exit:\n    print(exit.code, 'mlflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr[-2000:]
