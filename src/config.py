@@ -48,7 +48,8 @@ BYTES_PER_LOGGED_INTERACTION = 200
 BYTES_PER_LOGGED_SLATE_COLUMN = 32
 # Replicas (training.replicas, src.replicas) that share one compiled loop's ops: the vectorised
 # linear agents, whose statistics take a replica axis, on the stationary environments of one movie
-# per step (a model per movie, or one over the candidates' features). Others train beside them in one process, each its own engine.
+# per step (a model per movie, or one over the candidates' features). Others train beside them in
+# one process, each its own engine.
 REPLICATED_AGENTS = ("linucb", "lints")
 REPLICATED_ENVIRONMENTS = ("src.envs.movielens.build", "src.envs.movielens_per_arm.build")
 # What replicas sharing a loop may set apart, each keeping its own (a sweep's trials batched,
@@ -426,8 +427,9 @@ def check_time(cfg: DictConfig) -> None:
         fewest, pool, start = env.get("num_actions", 1), env.get("num_movies"), env.arrivals_start
         sized = isinstance(pool, int) and pool >= fewest
         fewest_meaning = f"env.num_actions={fewest} (a full candidate set)" if "num_actions" in env else "1"
+        most_meaning = f"env.num_movies={pool}" if sized else "the data's movies"
         require(isinstance(start, int) and fewest <= start <= (pool if sized else start), "env.arrivals_start", start,
-                f"an integer between {fewest_meaning} and " + (f"env.num_movies={pool}" if sized else "the data's movies"))
+                f"an integer between {fewest_meaning} and {most_meaning}")
     if "history_share" in env:
         require(isinstance(env.history_share, float) and 0 < env.history_share < 1, "env.history_share",
                 env.history_share, "a share in (0, 1): the ratings that are the past when the replay starts")

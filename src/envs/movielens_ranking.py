@@ -94,7 +94,8 @@ class MovieLensRankingEnvironment(MovieLensPerArmEnvironment):
 
     def _observe(self):
         observation = super()._observe()
-        self._looked_at.assign(self._generators[0].uniform([self.batch_size, self._slate_size], dtype=tf.float64) < self._looks)
+        looks = self._generators[0].uniform([self.batch_size, self._slate_size], dtype=tf.float64)
+        self._looked_at.assign(looks < self._looks)
         return observation
 
     def _slate_rewards(self, slate: tf.Tensor) -> tf.Tensor:

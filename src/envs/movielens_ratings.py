@@ -155,7 +155,7 @@ class MovieLensRatingsEnvironment(MovieLensPerArmEnvironment):
         # Uniform keys on a user's rated movies and -1 on the padding: the top k is a uniform
         # k-subset of what they rated.
         width = tf.shape(self._rated)[1]
-        keys = generator.uniform([self.batch_size, width])
+        keys = generator.uniform([self._users_drawn, width])
         rated = tf.range(width)[tf.newaxis] < tf.gather(self._rated_counts, users)[:, tf.newaxis]
         positions = tf.math.top_k(tf.where(rated, keys, -1.0), k=self.reward_model.num_actions).indices
         return tf.gather(tf.gather(self._rated, users), positions, batch_dims=1)
