@@ -29,11 +29,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from src import artifacts, config, data, plots, serving, tracking, training
+from src import artifacts, config, data, plots, serving, tracking
 from src.cli import exit_on_user_error, run_and_exit
-from src.envs import build_environment
 from src.errors import UserError, require
-from src.evaluation import estimators, interactions, intervals, offline, real_logs, slates
+from src.evaluation import estimators, interactions, intervals, real_logs, slates
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +136,15 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if interactions.is_slate_log(frame):
         return evaluate_slates(cfg, logs_cfg, frame)
     names = names_for(cfg, estimators.ESTIMATORS, "logged movies")
-    log.info("Reading MovieLens and building the logs' environment")
-    dataset = data.load(logs_cfg.data)
-    reward_model = build_environment(logs_cfg, dataset).reward_model
+    dataset, reward_model = logs_environment(logs_cfg)
     feedback, user_rows = interactions.feedback_of(frame, reward_model, logs_run_id)
     interactions.check_propensities(feedback, names, logs_run_id, logs_cfg.agent.name)
     if cfg.target_agent is None:
         target = saved_policy(cfg, logs_cfg, logs, reward_model)
     else:
+        from src import training  # TensorFlow, as in logs_environment
+        from src.evaluation import offline
+
         target_cfg = agent_on(logs_cfg, str(cfg.target_agent), cfg)
         log.info("Training %s on the first %.0f%% of the logs", cfg.target_agent, 100 * cfg.train_share)
         engine, _ = training.fit(target_cfg, dataset)
@@ -171,6 +171,16 @@ def evaluate(cfg: DictConfig) -> Evaluation:
                   warnings)
 
 
+def logs_environment(logs_cfg: DictConfig):
+    """The logs' data and their environment's reward model. TensorFlow loads here, where it is
+    needed, and not before `parse` has checked the options."""
+    from src.envs import build_environment
+
+    log.info("Reading MovieLens and building the logs' environment")
+    dataset = data.load(logs_cfg.data)
+    return dataset, build_environment(logs_cfg, dataset).reward_model
+
+
 def finish(cfg, table, true_value, target: Target, logs_agent: str, logs_run_id: str, frame, rounds: int,
            effective: float, warnings: list[str]) -> Evaluation:
     """The errors beside the true value, the warnings said, the evaluation logged."""
@@ -192,9 +202,7 @@ def evaluate_slates(cfg: DictConfig, logs_cfg: DictConfig, frame: pd.DataFrame) 
                         f"target_model_uri= (an agent is trained offline from logged movies only)")
     require(cfg.interval in intervals.ASYMPTOTIC, "interval", cfg.interval,
             "t or bootstrap on logged slates (a slate's weight has no useful range known beforehand)")
-    log.info("Reading MovieLens and building the logs' environment")
-    dataset = data.load(logs_cfg.data)
-    reward_model = build_environment(logs_cfg, dataset).reward_model
+    dataset, reward_model = logs_environment(logs_cfg)
     logged, user_rows, candidates = interactions.slate_log_of(frame, reward_model, logs_run_id)
     with tempfile.TemporaryDirectory() as scratch:
         run_id, policy_path = artifacts.fetch_policy(cfg.target_run_id, cfg.target_model_uri, Path(scratch))

@@ -16,16 +16,18 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from src import artifacts, config, data, serving, tracking
+from src import config
 from src.cli import exit_on_user_error, run_and_exit
-from src.envs import build_environment
 from src.errors import UserError, require
+
+if TYPE_CHECKING:
+    from src import serving
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,12 @@ def read_observations(path: str) -> np.ndarray:
 
 def recommend(cfg: DictConfig) -> str:
     """Run the policy on the user or the observations `cfg` names; return the report."""
+    # Here, after the options are checked: TensorFlow and MLflow take seconds to load.
+    import mlflow
+
+    from src import artifacts, data, serving, tracking
+    from src.envs import build_environment
+
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
     log.info("Fetching the policy and its run's config from %s", mlflow.get_tracking_uri())
     with tempfile.TemporaryDirectory() as scratch:

@@ -165,3 +165,14 @@ def test_synthetic_data_needs_no_files_and_checks_its_sizes():
                                                   "min(data.num_users, data.num_movies), got 30 "
                                                   "(conf/data/synthetic.yaml)")):
         data.load(config.compose(["data=synthetic", "data.num_users=40", "data.num_movies=25", "data.rank=30"]).data)
+
+
+@pytest.mark.parametrize("command, argv", [("evaluate", ["confidence=abc"]), ("predict", ["top_k=abc"]),
+                                           ("pipeline", ["feedback.drop=abc"]), ("retrain", ["window=abc"]),
+                                           ("serve", ["port=abc"])])
+def test_each_command_refuses_a_bad_option_before_tensorflow_loads(command, argv):
+    """TensorFlow takes seconds to load; a typo should not wait for it."""
+    probe = (f"import sys\nfrom src import {command}\ntry:\n    {command}.main({argv!r})\n"
+             "except SystemExit as exit:\n    print(exit.code, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr[-2000:]
