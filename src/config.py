@@ -265,7 +265,15 @@ def check_command_line(args: list[str]) -> DictConfig | None:
             with contextlib.suppress(hydra.errors.HydraException, OmegaConfBaseException):  # else Hydra's line
                 check_types(compose([f"++{arg}" if arg.partition("=")[0] == missing.group(1) else arg
                                      for arg in args]))
-        raise UserError(" ".join(str(error).split("\n"))) from None
+        raise UserError(composition_error(error)) from None
+
+
+def composition_error(error: Exception) -> str:
+    """Hydra's or OmegaConf's error as one line, with its cause's first line: Hydra's "Error merging
+    override hydra.job.chdir=maybe" says why only in its cause ("Value 'maybe' is not a valid bool")."""
+    line = " ".join(str(error).split("\n"))
+    cause = str(error.__cause__ or "").strip()
+    return f"{line}: {cause.splitlines()[0]}" if cause else line
 
 
 def check_run(cfg: DictConfig, compilable_agent_known: bool = True) -> None:

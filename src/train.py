@@ -82,7 +82,7 @@ def cli() -> None:
             if failed is not None:
                 raise UserError(f"every trial of the sweep failed; the last because: {failed}") from None
             if isinstance(error, hydra.errors.HydraException):  # a multirun's overrides, which Hydra composes
-                raise UserError(" ".join(str(error).split("\n"))) from None
+                raise UserError(config.composition_error(error)) from None
             raise
 
 

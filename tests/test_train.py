@@ -111,8 +111,16 @@ def test_a_config_error_is_refused_before_tensorflow_loads(run_cli, movielens_di
 def test_a_multiruns_override_hydra_cannot_compose_is_one_line(run_cli, movielens_dir, tracking_uri):
     """Hydra composes a multirun's overrides itself, after the command line's own checks."""
     result = run_cli("src.train", "-m", *cli_args(movielens_dir, tracking_uri, "hydra.foo=1"))
-    assert result.returncode == 2 and result.stderr.rstrip().endswith("Could not override 'hydra.foo'. To append to "
-                                                                      "your config use +hydra.foo=1"), result.stderr[-2000:]
+    assert result.returncode == 2 and result.stderr.rstrip().endswith(
+        "Could not override 'hydra.foo'. To append to your config use +hydra.foo=1: Key 'foo' not in 'HydraConf'"
+    ), result.stderr[-2000:]
+
+
+def test_an_override_of_the_wrong_type_says_why_in_its_line(run_cli, movielens_dir, tracking_uri):
+    """Hydra's own line ("Error merging override ...") says why only in its cause."""
+    result = run_cli("src.train", *cli_args(movielens_dir, tracking_uri, "hydra.job.chdir=maybe"))
+    assert result.returncode == 2 and result.stderr.rstrip().endswith(
+        "Error merging override hydra.job.chdir=maybe: Value 'maybe' is not a valid bool (type str)"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 

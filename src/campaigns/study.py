@@ -39,7 +39,7 @@ def compose_sweep(overrides: list[str]) -> DictConfig:
     try:
         return config.compose(fixed, with_hydra=True)
     except (HydraException, OmegaConfBaseException) as error:
-        raise UserError(" ".join(str(error).split("\n"))) from None
+        raise UserError(config.composition_error(error)) from None
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
