@@ -408,6 +408,14 @@ def check_sizes(cfg: DictConfig) -> None:
     require(held <= memory / 2, "training.loops", training.loops,
             f"small enough for the run's history to fit in half of this machine's {memory / 2**30:.0f} GiB "
             f"(it would take about {held / 2**30:,.0f} GiB)")
+    # The catalogue's bounds that need no data; the builders check them again against the data's movies.
+    movies, candidates = cfg.env.get("num_movies"), cfg.env.get("num_actions")
+    require(movies is None or (isinstance(movies, int) and movies >= 2), "env.num_movies", movies,
+            "an integer >= 2 (null where allowed: every movie of the data)")
+    if candidates is not None:
+        most = f"env.num_movies={movies}" if movies else "the data's movies"
+        require(isinstance(candidates, int) and 2 <= candidates <= (movies or candidates), "env.num_actions", candidates,
+                f"an integer between 2 and {most}")
 
 
 def check_time(cfg: DictConfig) -> None:
@@ -430,13 +438,12 @@ def check_time(cfg: DictConfig) -> None:
         require(isinstance(env.arrivals_every, int) and env.arrivals_every >= 1, "env.arrivals_every",
                 env.arrivals_every, "an integer >= 1 (interactions between two arrivals)")
         # A first catalogue holds a movie (per-arm: a candidate set) and at most the pool, where the
-        # config sizes it; a pool of every movie (null) is known once the data has loaded, and a pool
-        # too small for its candidates is the builder's to name.
+        # config sizes it (check_sizes has held it to its candidates); a pool of every movie (null) is
+        # known once the data has loaded.
         fewest, pool, start = env.get("num_actions", 1), env.get("num_movies"), env.arrivals_start
-        sized = isinstance(pool, int) and pool >= fewest
         fewest_meaning = f"env.num_actions={fewest} (a full candidate set)" if "num_actions" in env else "1"
-        most_meaning = f"env.num_movies={pool}" if sized else "the data's movies"
-        require(isinstance(start, int) and fewest <= start <= (pool if sized else start), "env.arrivals_start", start,
+        most_meaning = f"env.num_movies={pool}" if pool else "the data's movies"
+        require(isinstance(start, int) and fewest <= start <= (pool or start), "env.arrivals_start", start,
                 f"an integer between {fewest_meaning} and {most_meaning}")
     if "history_share" in env:
         require(isinstance(env.history_share, float) and 0 < env.history_share < 1, "env.history_share",

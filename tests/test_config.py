@@ -176,3 +176,14 @@ def test_each_command_refuses_a_bad_option_before_tensorflow_loads(command, argv
              "except SystemExit as exit:\n    print(exit.code, 'tensorflow' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["env.num_movies=1"], "env.num_movies must be an integer >= 2 (null where allowed: every movie of the data), got 1"),
+    (["env=movielens_per_arm", "env.num_movies=10"], "env.num_actions must be an integer between 2 and env.num_movies=10"),
+    (["env=movielens_per_arm", "env.num_actions=1"], "env.num_actions must be an integer between 2 and the data's movies"),
+])
+def test_a_catalogue_too_small_is_refused_before_tensorflow_loads(overrides, message):
+    with pytest.raises(UserError) as refused:
+        config.check_run(config.compose(overrides))
+    assert message in str(refused.value)
