@@ -67,8 +67,8 @@ TIME_CHOICES = {"drift": ("none", "rotate", "switch"), "delay": ("none", "fixed"
 # again, 1-3 s on 2 cores at MovieLens 100K (env.refit_every=8 ran 5 loops in 25 s).
 MOST_REFITS = 500
 # env.delay's default longest wait, in env.delay_loops, by kind (src.envs.base.FeedbackDelay:
-# LONGEST_MEANS means, of HEAVY_SCALE x delay_loops for the heavy tail): the pending ring's size
-# before TensorFlow loads.
+# LONGEST_MEANS means, of HEAVY_SCALE x delay_loops for the heavy tail, which tests/test_config.py
+# holds these equal to): the pending ring's size before TensorFlow loads.
 DEFAULT_LONGEST_DELAYS = {"fixed": 1, "geometric": 10, "heavy": 100}
 
 # Lets configs place files at the project root whatever the cwd (`${project_root:}`).
