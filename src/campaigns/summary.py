@@ -106,11 +106,25 @@ def register_best_model(cfg: DictConfig, run_id: str) -> None:
             pass  # the other worker deleted it first
     kept = str(versions[0] if versions else version.version)
     # The alias follows the best trial as a resumed sweep finds better ones; serve `@champion`.
-    client.set_registered_model_alias(name, "champion", kept)
+    set_alias(client, name, "champion", kept)
     client.update_registered_model(name, description=(
         f"The best trial of the Optuna study '{cfg.hydra.sweeper.study_name}' by {cfg.objective} "
         f"({directions(cfg)[0]}); each version is a best trial's policy, trained again from its config."))
     log.info("Registered the best trial's model as models:/%s/%s (alias @champion)", name, kept)
+
+
+def set_alias(client: mlflow.MlflowClient, name: str, alias: str, version: str, tries: int = 3) -> None:
+    """Point `name@alias` at `version`, even while another worker sets it too: MLflow's SQL store
+    reads then inserts the alias, so of two workers ending together the slower one's insert can
+    break the primary key (PostgreSQL's UniqueViolation); tried again, it finds the row and updates it."""
+    for attempt in range(1, tries + 1):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == tries:
+                raise
+            log.info("Setting %s@%s lost a race with another worker; trying again", name, alias)
 
 
 def retrain_policy(run_id: str, run_cfg: DictConfig) -> None:

@@ -25,6 +25,7 @@ import sqlalchemy
 
 from src import metrics, tracking
 from src.campaigns.study import compose_sweep, prepare
+from src.campaigns.summary import set_alias
 from src.campaigns.trials import COMPLETE, FAIL, RUN_ATTR
 from src.campaigns.worker import work
 from src.paths import PROJECT_ROOT
@@ -262,3 +263,23 @@ def test_workers_starting_together_share_one_new_experiment(stack):
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         assert len(set(pool.map(connect_together, range(6)))) == 1
+
+
+def test_workers_ending_together_both_point_champion_at_the_best_version(stack):
+    """MLflow's SQL store reads then inserts an alias: unguarded, 4 workers setting it at once
+    broke PostgreSQL's primary key in 8 of 20 tries here."""
+    client = mlflow.MlflowClient(stack["MLFLOW_TRACKING_URI"])
+    run = client.create_run(client.create_experiment(f"champion-{uuid.uuid4().hex[:8]}"))
+    for _ in range(20):
+        name = f"champion-{uuid.uuid4().hex[:8]}"
+        client.create_registered_model(name)
+        version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id).version
+        barrier = threading.Barrier(4)
+
+        def set_together(_):
+            barrier.wait()
+            set_alias(client, name, "champion", version)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(set_together, range(4)))
+        assert client.get_model_version_by_alias(name, "champion").version == version
