@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
-from src.errors import UserError, require
+from src.errors import UserError, one_line, require
 from src.leaderboard import (ENTRY_TAG, LINEUP, METRIC, Identity, Job, identities, in_groups, jobs, markdown,
                              standings, write)
 
@@ -82,8 +82,7 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
 
         outcomes = ray_cluster.run_tasks(ray_address, train_one, [(job, 1) for job in todo],
                                          describe=lambda args: str(args[0]))
-        return sum(job.cfg.training.replicas for job, (finals, error) in zip(todo, outcomes)
-                   if error or finals is None)
+        return sum(failed_runs(job, outcome[0] if outcome else None) for job, (outcome, _) in zip(todo, outcomes))
     started = time.perf_counter()
     failures = 0
     # Spawned, not forked: TensorFlow's threads do not survive a fork.
@@ -94,14 +93,22 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
         for done in concurrent.futures.as_completed(running):
             job, (finals, error) = running[done], done.result()
             done_runs += job.cfg.training.replicas
+            failures += failed_runs(job, finals)
             if error:
-                failures += job.cfg.training.replicas
-                log.warning("Runs up to %d of %d (%s) failed, the others go on: %s", done_runs, runs, job, error)
+                log.warning("Runs up to %d of %d (%s): %d failed, the others go on: %s", done_runs, runs, job,
+                            failed_runs(job, finals), error)
+            if finals is None:
                 continue
             elapsed = time.perf_counter() - started
             log.info("Runs up to %d of %d done: %s, cumulative regret %s; about %.0f min left", done_runs, runs, job,
-                     ", ".join(f"{final:.1f}" for final in finals), elapsed / done_runs * (runs - done_runs) / 60)
+                     ", ".join("failed" if final is None else f"{final:.1f}" for final in finals),
+                     elapsed / done_runs * (runs - done_runs) / 60)
     return failures
+
+
+def failed_runs(job: Job, finals: list[float | None] | None) -> int:
+    """How many of the job's runs failed: every one where it has no finals."""
+    return job.cfg.training.replicas if finals is None else sum(final is None for final in finals)
 
 
 def quiet_worker() -> None:
@@ -110,14 +117,18 @@ def quiet_worker() -> None:
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
 
 
-def train_one(job: Job, cores: int) -> tuple[list[float] | None, str | None]:
-    """(each run's final cumulative regret, None), or (None, the one-line reason it failed); a
-    replica group trains on `cores` threads."""
+def train_one(job: Job, cores: int) -> tuple[list[float | None] | None, str | None]:
+    """(each run's final cumulative regret, None for a run that failed, and the one-line reason any
+    failed), or (None, why none trained); a replica group trains on `cores` threads, a run that
+    diverges in it failing alone."""
     from src import replicas, training
 
     try:
         if job.cfg.training.replicas > 1:
-            return [final[METRIC] for final, _ in replicas.train_group(job.cfg, {ENTRY_TAG: job.label}, cores)], None
+            trained = replicas.train_seeds(job.cfg, {ENTRY_TAG: job.label}, cores)
+            stopped = [f"seed {job.cfg.training.seed + index}: {one_line(each.stopped)}"
+                       for index, each in enumerate(trained) if each.stopped is not None]
+            return [None if each.stopped else each.final[METRIC] for each in trained], "; ".join(stopped) or None
         final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
     except UserError as error:
         return None, str(error)

@@ -489,6 +489,11 @@ def shares_ops(cfg: DictConfig) -> bool:
     return cfg.training.get("replicas", 1) > 1 and can_share_ops(cfg)
 
 
+def shares_compilation(cfg: DictConfig) -> bool:
+    """Whether the replicas of `cfg` share one compiled loop, its ops or (XLA's) its compilation (src.replicas)."""
+    return cfg.training.get("replicas", 1) > 1 and (can_share_ops(cfg) or compilation_key(cfg) is not None)
+
+
 def can_share_ops(cfg: DictConfig) -> bool:
     """Whether runs of `cfg` can train side by side in one compiled loop: REPLICATED_AGENTS, without a
     window or logging propensities, on one of the REPLICATED_ENVIRONMENTS without drift, arrivals or delays."""
@@ -509,6 +514,18 @@ def sharing_key(cfg: DictConfig) -> str | None:
     alike["training"].pop("replicas", None)
     for key in PER_REPLICA_HYPERPARAMETERS:
         alike["agent"].pop(key)
+    return json.dumps(alike, sort_keys=True, default=str)
+
+
+def compilation_key(cfg: DictConfig) -> str | None:
+    """What runs whose loop XLA compiles must have alike to train on one compilation, in turn
+    (src.shared_compilation): all but their seeds and how they are tracked; None for a run whose
+    loop XLA does not compile."""
+    if not cfg.training.get("jit_compile", False):
+        return None
+    alike = OmegaConf.to_container(cfg, resolve=True)
+    del alike["training"]["seed"], alike["tracking"]
+    alike["training"].pop("replicas", None)
     return json.dumps(alike, sort_keys=True, default=str)
 
 

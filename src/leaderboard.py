@@ -120,14 +120,14 @@ def compilable(cfg: DictConfig) -> bool:
 
 def in_groups(todo: list[Job]) -> list[Job]:
     """`todo` with each entry's runs of consecutive seeds as one replica group (training.replicas)
-    where the replicas share one compiled loop (config.shares_ops): elsewhere a group would only
-    train them in turn, and a seed that diverges would stop its group."""
+    where the replicas share a compiled loop's ops or its compilation (config.shares_compilation):
+    elsewhere a group would only train them in turn, and a seed that diverges would fail its group."""
     grouped: list[Job] = []
     for job in todo:
         last = grouped[-1] if grouped else None
         if last is not None and last.label == job.label and same_but_seed(last.cfg, job.cfg):
             group = OmegaConf.merge(last.cfg, {"training": {"replicas": last.cfg.training.replicas + 1}})
-            if config.shares_ops(group):
+            if config.shares_compilation(group):
                 grouped[-1] = Job(last.label, group)
                 continue
         grouped.append(job)

@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from src import agents, config, data, experiment, metrics, serving, tracking, training
+from src import agents, config, data, experiment, metrics, serving, shared_compilation, tracking, training
 from src.cli import interrupts_handled
 from src.engine import configure_threads
 from src.errors import UserError, one_line
@@ -86,6 +86,44 @@ class Alone(SharedOps):
         return self.engine.agent.policy
 
 
+class OneCompilation(SharedOps):
+    """Members alike but for their seeds whose loop XLA compiles (config.compilation_key), each on
+    an engine of its own traced as its run alone's, their chunks in turn on one compiled loop, the
+    host's (src.shared_compilation): one compilation, not one a member."""
+
+    def __init__(self, members: list[DictConfig], dataset):
+        self.members = members
+        self.host = shared_compilation.traced(members[0], dataset)
+        self.runs = [shared_compilation.traced(member, dataset) for member in members]
+        self._to_host, self._from_host = [], []
+        for run in self.runs:
+            hosts, runs = zip(*shared_compilation.paired_variables(self.host, run))
+            self._to_host.append(shared_compilation.copier(runs, hosts))
+            self._from_host.append(shared_compilation.copier(hosts, runs))
+        self.interactions_per_loop = self.host.engine.interactions_per_loop
+
+    def run(self, loops: int, chunk: int):
+        done = 0
+        while done < loops:
+            size = min(chunk, loops - done)
+            round_ = []
+            for into_host, out_of_host in zip(self._to_host, self._from_host):
+                into_host()
+                round_.extend(next(self.host.engine.run_replicas(size, size)))
+                out_of_host()
+            done += size
+            yield round_
+
+    def reward_model(self, place: int):
+        return self.runs[place].engine.environment.reward_model
+
+    def movies_arrived(self, place: int) -> int | None:
+        return self.runs[place].engine.environment.movies_arrived
+
+    def policy(self, place: int):
+        return self.runs[place].engine.agent.policy
+
+
 class Group:
     """Runs trained together: those that can share ops (config.sharing_key) in as many compiled
     loops as `cores` (default: this process's), the others alone; every part trains a chunk a
@@ -94,32 +132,47 @@ class Group:
     def __init__(self, members: list[DictConfig], datasets: list, cores: int | None = None):
         alike: dict[object, list[int]] = {}
         for index, member in enumerate(members):
-            alike.setdefault(config.sharing_key(member) or index, []).append(index)
+            if key := config.sharing_key(member):
+                alike.setdefault((SharedOps, key), []).append(index)
+            elif key := config.compilation_key(member):
+                alike.setdefault((OneCompilation, key), []).append(index)
+            else:
+                alike[(Alone, index)] = [index]
         self.parts, self._places = [], {}
         self.refused: dict[int, UserError] = {}  # members whose environment or agent refused their config
         # Members alike train in a compiled loop per core (`run` trains the parts in threads): on 2
         # cores 10 LinUCB runs as two loops of 5 go 3.1x the runs one after another, as one loop 1.8x.
         self.cores = cores or config.cores_share()
-        pieces = [[int(index) for index in piece] for indices in alike.values()
+        pieces = [(kind, [int(index) for index in piece]) for (kind, _), indices in alike.items()
                   for piece in np.array_split(indices, min(self.cores, len(indices)))]
-        for indices in pieces:
+        for kind, indices in pieces:
             try:
-                # Members alike share their data too (it is part of the sharing key).
-                part = (SharedOps([members[index] for index in indices], datasets[indices[0]]) if len(indices) > 1
-                        else Alone(members[indices[0]], datasets[indices[0]]))
+                # Members alike share their data too (it is part of either key).
+                self._add(kind if len(indices) > 1 else Alone, [members[index] for index in indices], indices,
+                          datasets[indices[0]])
             except UserError as refusal:
                 self.refused.update(dict.fromkeys(indices, refusal))
-                continue
-            self.parts.append((part, indices))
-            self._places.update({index: (part, place) for place, index in enumerate(indices)})
         self.size = len(members)
         self.stopped: set[int] = set()
 
+    def _add(self, kind: type[SharedOps], members: list[DictConfig], indices: list[int], dataset) -> None:
+        try:
+            part = kind(members, dataset) if kind is not Alone else Alone(members[0], dataset)
+        except shared_compilation.Unshareable as reason:
+            # Not expected of runs alike but for their seeds: each then compiles its own loop.
+            log.warning("The group's runs compile a loop each (%s)", reason)
+            for member, index in zip(members, indices):
+                self._add(Alone, [member], [index], dataset)
+            return
+        self.parts.append((part, indices))
+        self._places.update({index: (part, place) for place, index in enumerate(indices)})
+
     def describe(self) -> str:
-        shared = [len(indices) for part, indices in self.parts if not isinstance(part, Alone)]
+        shared = [f"{len(indices)} in one compiled loop" if type(part) is SharedOps
+                  else f"{len(indices)} in turn on one compilation" for part, indices in self.parts
+                  if not isinstance(part, Alone)]
         alone = sum(isinstance(part, Alone) for part, _ in self.parts)
-        return ", ".join([*(f"{size} in one compiled loop" for size in shared), *([f"{alone} on engines of their own"]
-                                                                                  if alone else [])])
+        return ", ".join([*shared, *([f"{alone} on engines of their own"] if alone else [])])
 
     def interactions_per_loop(self, index: int) -> int:
         return self._places[index][0].interactions_per_loop
@@ -166,18 +219,23 @@ class Trained:
     stopped: Exception | None = None
 
 
-def train_group(cfg: DictConfig, tags: dict[str, str] | None = None,
-                cores: int | None = None) -> list[tuple[dict[str, float], str]]:
+def train_seeds(cfg: DictConfig, tags: dict[str, str] | None = None, cores: int | None = None) -> list[Trained]:
     """Train the `cfg.training.replicas` runs of `cfg` (seeds seed .. seed + R - 1) together on
-    `cores` threads (default: this process's cores), each tracked as its own MLflow run; return
-    each one's final metrics and run id."""
+    `cores` threads (default: this process's cores), each tracked as its own MLflow run; a run
+    that stops (diverges) ends alone, its `Trained` saying why."""
     config.check_run(cfg)
-    members = config.members(cfg)
-    trained = train_members(members, [tags or {}] * len(members), cores=cores)
+    trained = train_members(config.members(cfg), [tags or {}] * cfg.training.replicas, cores=cores)
     if trained[0].run_id is None:  # refused: the same config refused every member
         raise trained[0].stopped
-    stopped = [f"run {each.run_id} (seed {member.training.seed}): {one_line(each.stopped)}"
-               for each, member in zip(trained, members) if each.stopped is not None]
+    return trained
+
+
+def train_group(cfg: DictConfig, tags: dict[str, str] | None = None,
+                cores: int | None = None) -> list[tuple[dict[str, float], str]]:
+    """`train_seeds`, each run's final metrics and run id; raises, once all have ended, if any stopped."""
+    trained = train_seeds(cfg, tags, cores)
+    stopped = [f"run {each.run_id} (seed {cfg.training.seed + index}): {one_line(each.stopped)}"
+               for index, each in enumerate(trained) if each.stopped is not None]
     if stopped:
         raise UserError(f"{len(stopped)} of the group's runs stopped, the others finished: {'; '.join(stopped)}")
     return [(each.final, each.run_id) for each in trained]

@@ -254,11 +254,12 @@ def test_a_tiny_leaderboard_trains_tracks_ranks_and_finds_its_runs_again(run_cli
     runs = client.search_runs([client.get_experiment_by_name("leaderboard").experiment_id])
     entries = sorted(run.data.tags[leaderboard.ENTRY_TAG] for run in runs if leaderboard.ENTRY_TAG in run.data.tags)
     assert entries == ["linucb", "linucb", "random", "random"]
-    # LinUCB's two seeds trained as one replica group (src.replicas), random's one by one.
+    # Each entry's two seeds trained as one replica group (src.replicas): LinUCB's in one loop,
+    # random's (compiled by XLA) on one compilation.
     trained = sorted((run for run in runs if leaderboard.ENTRY_TAG in run.data.tags),
                      key=lambda run: run.data.tags[leaderboard.ENTRY_TAG])
     groups = [run.data.tags.get(replicas.GROUP_TAG) for run in trained]
-    assert groups[0] == groups[1] is not None and groups[2] is None and groups[3] is None
+    assert groups[0] == groups[1] is not None and groups[2] == groups[3] is not None and groups[0] != groups[2]
 
     # The same line-up finds its runs again by their configurations: it would resume from them.
     planned = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb", "random"], ["movielens"], 2,
@@ -278,8 +279,10 @@ def test_an_entrys_consecutive_seeds_left_to_train_go_as_replica_groups(data_ove
     grouped = [str(job) for job in leaderboard.in_groups(todo)]
     assert grouped[:2] == ["linucb on movielens, seed 0", "linucb on movielens, seeds 2-3"]
     assert "linucb (tuned) on movielens, seeds 0-3" in grouped
-    assert [job for job in grouped if job.startswith("random")] == [f"random on movielens, seed {seed}"
-                                                                    for seed in range(4)]
+    assert [job for job in grouped if job.startswith("random")] == ["random on movielens, seeds 0-3"]  # one compilation
+    unshared = leaderboard.jobs(OmegaConf.merge(OmegaConf.load(leaderboard.LINEUP), {"jit_compile": False}), ["random"],
+                                ["movielens"], 2, [*data_overrides, *SMALL])
+    assert [str(job) for job in leaderboard.in_groups(unshared)] == [f"random on movielens, seed {seed}" for seed in (0, 1)]
 
 
 def test_the_lineup_compiles_with_xla_only_the_entries_whose_agent_can(data_overrides):

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from src import config, data, experiment, metrics, replicas, tracking, training
+from src import config, data, experiment, metrics, replicas, shared_compilation, tracking, training
 from src.engine import Engine
 from src.errors import UserError
 from tests.conftest import breaking_after_first_chunk
@@ -61,6 +61,71 @@ def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(ma
         alone = histories(make_config(*overrides, f"training.seed={7 + replica}"))[0]
         pd.testing.assert_frame_equal(replica_history, alone, check_exact=True)
     assert not group[0].equals(group[1])
+
+
+@pytest.mark.parametrize("overrides", [["agent=epsilon_greedy"], ["agent=dropout_ts"], ["agent=neural_boltzmann"],
+                                       ["agent=random"], ["agent=epsilon_greedy", "env=movielens_per_arm",
+                                                          "env.num_actions=5"]])
+def test_replicas_xla_compiles_train_in_turn_on_one_compilation_each_equal_to_its_run_alone(make_config, overrides):
+    cfg = make_config(*overrides, "training.jit_compile=true", "training.replicas=3", "training.seed=5")
+    assert config.shares_compilation(cfg) and not config.shares_ops(cfg)
+    members = config.members(cfg)
+    group = replicas.Group(members, replicas.each_dataset(members), cores=1)
+    assert group.describe() == "3 in turn on one compilation"
+    trained = group_histories(members)
+    for replica, replica_history in enumerate(trained):
+        alone_cfg = make_config(*overrides, "training.jit_compile=true", f"training.seed={5 + replica}")
+        alone = experiment.assemble(alone_cfg, data.load(alone_cfg.data))
+        history = metrics.RegretHistory(alone.interactions_per_loop)
+        for chunk in alone.run(alone_cfg.training.loops, alone_cfg.training.chunk_loops):
+            history.add(chunk)
+        pd.testing.assert_frame_equal(replica_history, history.frame(), check_exact=True)
+    assert not trained[0].equals(trained[1])
+
+
+def test_a_replica_on_one_compilation_leaves_the_policy_its_run_alone_leaves(make_config):
+    overrides = ["agent=neural_boltzmann", "training.jit_compile=true"]
+    cfg = make_config(*overrides, "training.replicas=2", "training.seed=1")
+    members = config.members(cfg)
+    group = replicas.Group(members, replicas.each_dataset(members), cores=1)
+    for _ in group.run():
+        pass
+    alone_cfg = make_config(*overrides, "training.seed=2")
+    alone = experiment.assemble(alone_cfg, data.load(alone_cfg.data))
+    for _ in alone.run(alone_cfg.training.loops, alone_cfg.training.chunk_loops):
+        pass
+    time_step = alone.environment.reset()
+    scores = [policy.distribution(time_step).action.logits.numpy() for policy in (group.policy(1), alone.agent.policy)]
+    np.testing.assert_array_equal(*scores)
+    assert not np.array_equal(group.policy(0).distribution(time_step).action.logits.numpy(), scores[1])
+
+
+def test_runs_whose_traced_loops_differ_compile_a_loop_each(make_config, monkeypatch, caplog):
+    """Not expected of runs alike but for their seeds; should it happen, they still train, apart."""
+    def differ(host, run):
+        raise shared_compilation.Unshareable("their traced loops differ")
+
+    monkeypatch.setattr(shared_compilation, "paired_variables", differ)
+    cfg = make_config("agent=random", "training.jit_compile=true", "training.replicas=2", "training.seed=3")
+    members = config.members(cfg)
+    group = replicas.Group(members, replicas.each_dataset(members), cores=1)
+    assert group.describe() == "2 on engines of their own"
+    assert "compile a loop each (their traced loops differ)" in caplog.text
+    alone = histories(make_config("agent=random", "training.jit_compile=true", "training.seed=4"))[0]
+    pd.testing.assert_frame_equal(group_histories(members)[1], alone, check_exact=True)
+
+
+def test_one_compilation_serves_runs_that_differ_in_their_seeds_only(make_config):
+    dataset = data.load(make_config().data)
+    first, second, other = (shared_compilation.traced(make_config("agent=epsilon_greedy", "training.jit_compile=true",
+                                                                  *overrides), dataset)
+                            for overrides in (["training.seed=0"], ["training.seed=1"], ["agent.epsilon=0.2"]))
+    pairs = shared_compilation.paired_variables(first, second)
+    assert pairs and all(mine is not theirs for mine, theirs in pairs)
+    # Initial weights differ by seed: they are variables, copied, not part of the program.
+    assert any(not np.array_equal(mine.numpy(), theirs.numpy()) for mine, theirs in pairs)
+    with pytest.raises(shared_compilation.Unshareable, match="traced loops differ"):
+        shared_compilation.paired_variables(first, other)  # epsilon is a constant of the program
 
 
 @pytest.mark.parametrize("agent", ["linucb", "lints"])
