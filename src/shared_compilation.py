@@ -83,7 +83,7 @@ def paired_variables(host: Traced, run: Traced) -> list[tuple[tf.Variable, tf.Va
 
 
 def copier(sources: list[tf.Variable], targets: list[tf.Variable]):
-    """A compiled copy of every source into its target: a call, not an op a variable."""
+    """Copies each source into its target in one compiled call, not an eager op a variable."""
     def copy():
         for source, target in zip(sources, targets):
             target.assign(source)

@@ -65,7 +65,9 @@ def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(ma
 
 @pytest.mark.parametrize("overrides", [["agent=epsilon_greedy"], ["agent=dropout_ts"], ["agent=neural_boltzmann"],
                                        ["agent=random"], ["agent=epsilon_greedy", "env=movielens_per_arm",
-                                                          "env.num_actions=5"]])
+                                                          "env.num_actions=5"],
+                                       ["agent=ranking", "env=movielens_ranking", "env.num_actions=6",
+                                        "env.slate_size=3"]])
 def test_replicas_xla_compiles_train_in_turn_on_one_compilation_each_equal_to_its_run_alone(make_config, overrides):
     cfg = make_config(*overrides, "training.jit_compile=true", "training.replicas=3", "training.seed=5")
     assert config.shares_compilation(cfg) and not config.shares_ops(cfg)
