@@ -314,13 +314,17 @@ def check_run(cfg: DictConfig, compilable_agent_known: bool = True) -> None:
 
 def check_compilable(cfg: DictConfig) -> None:
     """What XLA cannot compile: the linear agents (arms touched and inverted vary in number every
-    loop), the pending feedback of a delay (varies likewise), the timeline's refits (Python)."""
+    loop), the pending feedback of a delay or of lost rewards (varies likewise), the timeline's refits (Python)."""
     if not cfg.agent.get("jit_compile", False):
         raise UserError(f"training.jit_compile=true: XLA cannot compile agent={cfg.agent.name}'s loop; "
                         f"agents it can: {', '.join(compilable_agents())}")
     if cfg.env.get("delay", "none") != "none":
         raise UserError(f"training.jit_compile=true: XLA cannot compile the pending feedback of env.delay={cfg.env.delay} "
                         "(a changing number of rewards arrives each loop); use one or the other")
+    if cfg.env.get("feedback_drop", 0) > 0:
+        raise UserError(f"training.jit_compile=true: XLA cannot compile the pending feedback of "
+                        f"env.feedback_drop={cfg.env.feedback_drop} (a changing number of rewards arrives each loop); "
+                        "use one or the other")
     if cfg.env.name == "movielens_timeline":
         raise UserError("training.jit_compile=true: XLA cannot compile env=movielens_timeline's loop (it refits "
                         "its reward model in Python)")

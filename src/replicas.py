@@ -54,7 +54,8 @@ class SharedOps:
         self.engine = experiment.assemble(members[0], dataset, members)
         self.interactions_per_loop = self.engine.interactions_per_loop
 
-    def run(self, loops: int, chunk: int):
+    def run(self, loops: int, chunk: int, stopped=lambda place: False):
+        """Each round's chunk of every member (their loop trains them all, stopped or not)."""
         return self.engine.run_replicas(loops, chunk)
 
     def reward_model(self, place: int):
@@ -95,19 +96,24 @@ class OneCompilation(SharedOps):
         self.members = members
         self.host = shared_compilation.traced(members[0], dataset)
         self.runs = [shared_compilation.traced(member, dataset) for member in members]
+        self._pairs = [shared_compilation.paired_variables(self.host, run) for run in self.runs]
         self._to_host, self._from_host = [], []
-        for run in self.runs:
-            hosts, runs = zip(*shared_compilation.paired_variables(self.host, run))
+        for pairs in self._pairs:
+            hosts, runs = [host for host, _ in pairs], [own for _, own in pairs]
             self._to_host.append(shared_compilation.copier(runs, hosts))
             self._from_host.append(shared_compilation.copier(hosts, runs))
         self.interactions_per_loop = self.host.engine.interactions_per_loop
 
-    def run(self, loops: int, chunk: int):
+    def run(self, loops: int, chunk: int, stopped=lambda place: False):
+        """As `SharedOps.run`, but a member `stopped` (pruned, diverged) trains no further: None."""
         done = 0
         while done < loops:
             size = min(chunk, loops - done)
             round_ = []
-            for into_host, out_of_host in zip(self._to_host, self._from_host):
+            for place, (into_host, out_of_host) in enumerate(zip(self._to_host, self._from_host)):
+                if stopped(place):
+                    round_.append(None)
+                    continue
                 into_host()
                 round_.extend(next(self.host.engine.run_replicas(size, size)))
                 out_of_host()
@@ -196,7 +202,8 @@ class Group:
         a compiled call lets go of the GIL, and a small agent's ops keep one core busy at most
         (two epsilon-greedy runs in turn 1.4-1.5x faster on 2 cores, neural LinUCB 2x). Each
         part's draws are its own generators', so the order the threads run in changes nothing."""
-        running = [(iter(part.run(part.members[0].training.loops, part.members[0].training.chunk_loops)), indices)
+        running = [(iter(part.run(part.members[0].training.loops, part.members[0].training.chunk_loops,
+                                  lambda place, indices=indices: indices[place] in self.stopped)), indices)
                    for part, indices in self.parts]
         with ThreadPoolExecutor(max_workers=max(1, min(len(running), self.cores))) as threads:
             while running:

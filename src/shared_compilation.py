@@ -12,7 +12,6 @@ so that nothing of a seed that is not in a variable is shared.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +23,6 @@ from src import experiment
 from src.engine import Engine
 
 _CHUNK_SIZE = tf.TensorSpec([], tf.int32)
-_NAME = re.compile(r"[\w./>-]+")
-_COLOCATION = re.compile(r"loc:@[\w./>-]+")
 
 
 class Unshareable(Exception):
@@ -77,9 +74,15 @@ def paired_variables(host: Traced, run: Traced) -> list[tuple[tf.Variable, tf.Va
             pairs.append((mine, theirs))
         elif mine is None or theirs is None or isinstance(mine, tf.Variable) or isinstance(theirs, tf.Variable):
             raise Unshareable("their loops read different kinds of tensors")
-        elif mine.dtype != theirs.dtype or not np.array_equal(mine.numpy(), theirs.numpy()):
+        elif mine.dtype != theirs.dtype or not _same_values(mine.numpy(), theirs.numpy()):
             raise Unshareable(f"a constant of their loops ({mine.dtype.name}{mine.shape}) differs")
     return pairs
+
+
+def _same_values(mine: np.ndarray, theirs: np.ndarray) -> bool:
+    """Equal, NaN where NaN (the real ratings' table marks the pairs never rated so)."""
+    floating = np.issubdtype(mine.dtype, np.inexact)
+    return np.array_equal(mine, theirs, equal_nan=floating)
 
 
 def copier(sources: list[tf.Variable], targets: list[tf.Variable]):
@@ -94,9 +97,10 @@ def copier(sources: list[tf.Variable], targets: list[tf.Variable]):
 
 
 def canonical_program(graph_def) -> list[str]:
-    """A traced graph's nodes and functions as text, its names (uniquified by TensorFlow per trace:
-    `dense_4`, `while_body_3460`) replaced by their places, so that two traces of one program
-    compare equal and any other difference (a constant, an op, an attribute) does not."""
+    """A traced graph's nodes and functions as text, the names TensorFlow uniquifies per trace
+    (`dense_4`, `while_body_3460`) replaced by their places, in the fields that hold names only
+    (a node's name and inputs, an argument's name, a called function), so that two traces of one
+    program compare equal and any other difference (a constant, an op, an attribute) does not."""
     functions = {function.signature.name: function for function in graph_def.library.function}
     order: dict[str, str] = {}
 
@@ -110,40 +114,45 @@ def canonical_program(graph_def) -> list[str]:
                     discover(functions[name].node_def)
 
     discover(graph_def.node)
-    texts = [_placed(list(graph_def.node), _places([node.name for node in graph_def.node], order))]
+    top = {node.name: f"name{index}" for index, node in enumerate(graph_def.node)}
+    texts = ["\n".join(_node_text(node, top, order) for node in graph_def.node)]
     for name in order:
         function = functions[name]
         signature = type(function.signature)()
         signature.CopyFrom(function.signature)
-        del signature.control_output[:]  # a set, listed in the order of this trace's names
-        places = _places([arg.name for arg in [*signature.input_arg, *signature.output_arg]]
-                         + [node.name for node in function.node_def], order)
+        arguments = [*signature.input_arg, *signature.output_arg]
+        places = {each: f"name{index}" for index, each in
+                  enumerate([argument.name for argument in arguments] + [node.name for node in function.node_def])}
+        returned = [_input(function.ret[argument.name], places) for argument in signature.output_arg]
         control = sorted(f"{places.get(output, output)}={places.get(node, node)}"
                          for output, node in function.control_ret.items())
-        texts.append(_placed([signature, *function.node_def, *(function.ret[arg.name] for arg in signature.output_arg),
-                              *control], places))
+        del signature.control_output[:]  # a set, listed in the order of this trace's names
+        signature.name = order[name]
+        for argument in arguments:
+            argument.name = places[argument.name]
+        texts.append("\n".join([str(signature), *(_node_text(node, places, order) for node in function.node_def),
+                                *returned, *control]))
     return texts
 
 
-def _places(names: list[str], functions: dict[str, str]) -> dict[str, str]:
-    return {**{name: f"name{index}" for index, name in enumerate(names)}, **functions}
+def _input(name: str, places: dict[str, str]) -> str:
+    """An input as `node`, `node:output:index` or `^node` (a control input), its node placed."""
+    control = name.startswith("^")
+    node, colon, output = name.removeprefix("^").partition(":")
+    return ("^" if control else "") + places.get(node, node) + colon + output
 
 
-def _placed(parts, places: dict[str, str]) -> str:
-    def placed(text: str) -> str:
-        text = _COLOCATION.sub("loc:@", text)  # hints naming nodes of outer graphs
-        return _NAME.sub(lambda match: places.get(match.group(), match.group()), text)
-
-    texts = []
-    for part in parts:
-        if isinstance(part, node_def_pb2.NodeDef):
-            # Control inputs are a set, listed in the order of this trace's names.
-            control = sorted(placed(name) for name in part.input if name.startswith("^"))
-            part = node_def_pb2.NodeDef.FromString(part.SerializeToString())
-            kept = [name for name in part.input if not name.startswith("^")]
-            del part.input[:]
-            part.input.extend(kept)
-            texts.extend([placed(str(part)), *control])
-        else:
-            texts.append(placed(str(part)))
-    return "\n".join(texts)
+def _node_text(node, places: dict[str, str], functions: dict[str, str]) -> str:
+    placed = node_def_pb2.NodeDef()
+    placed.CopyFrom(node)
+    placed.name = places.get(node.name, node.name)
+    placed.op = functions.get(node.op, node.op)  # a call of one of the graph's functions
+    # Control inputs are a set, listed in the order of this trace's names.
+    del placed.input[:]
+    placed.input.extend(_input(name, places) for name in node.input if not name.startswith("^"))
+    control = sorted(_input(name, places) for name in node.input if name.startswith("^"))
+    placed.attr.pop("_class", None)  # colocation hints, naming nodes of outer graphs
+    for attr in placed.attr.values():
+        for function in [attr.func] if attr.HasField("func") else attr.list.func:
+            function.name = functions.get(function.name, function.name)
+    return "\n".join([str(placed), *control])

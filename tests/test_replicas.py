@@ -67,7 +67,8 @@ def test_replicas_that_share_no_ops_train_in_turn_each_equal_to_its_run_alone(ma
                                        ["agent=random"], ["agent=epsilon_greedy", "env=movielens_per_arm",
                                                           "env.num_actions=5"],
                                        ["agent=ranking", "env=movielens_ranking", "env.num_actions=6",
-                                        "env.slate_size=3"]])
+                                        "env.slate_size=3"],
+                                       ["agent=epsilon_greedy", "env=movielens_ratings", "env.num_movies=null", "env.num_actions=4"]])
 def test_replicas_xla_compiles_train_in_turn_on_one_compilation_each_equal_to_its_run_alone(make_config, overrides):
     cfg = make_config(*overrides, "training.jit_compile=true", "training.replicas=3", "training.seed=5")
     assert config.shares_compilation(cfg) and not config.shares_ops(cfg)
@@ -102,6 +103,21 @@ def test_a_replica_on_one_compilation_leaves_the_policy_its_run_alone_leaves(mak
     assert not np.array_equal(group.policy(0).distribution(time_step).action.logits.numpy(), scores[1])
 
 
+def test_a_member_stopped_on_one_compilation_trains_no_further(make_config):
+    cfg = make_config("agent=epsilon_greedy", "training.jit_compile=true", "training.replicas=2",
+                      "training.chunk_loops=10")
+    members = config.members(cfg)
+    group = replicas.Group(members, replicas.each_dataset(members), cores=1)
+    (part, _), = group.parts
+    rounds = group.run()
+    assert set(next(rounds)) == {0, 1}
+    group.stopped.add(1)
+    stopped_state = [variable.numpy() for _, variable in part._pairs[1]]
+    assert [set(chunks) for chunks in rounds] == [{0}] * (cfg.training.loops // 10 - 1)
+    for before, (_, variable) in zip(stopped_state, part._pairs[1]):
+        np.testing.assert_array_equal(before, variable.numpy())
+
+
 def test_runs_whose_traced_loops_differ_compile_a_loop_each(make_config, monkeypatch, caplog):
     """Not expected of runs alike but for their seeds; should it happen, they still train, apart."""
     def differ(host, run):
@@ -128,6 +144,21 @@ def test_one_compilation_serves_runs_that_differ_in_their_seeds_only(make_config
     assert any(not np.array_equal(mine.numpy(), theirs.numpy()) for mine, theirs in pairs)
     with pytest.raises(shared_compilation.Unshareable, match="traced loops differ"):
         shared_compilation.paired_variables(first, other)  # epsilon is a constant of the program
+
+
+def test_a_program_differs_by_its_ops_whatever_its_nodes_are_called():
+    """Names are placed only where a name is: a node named after its program's op does not make
+    x + x and x - x one program."""
+    def program(op):
+        def loop(x):
+            tf.constant(0.0, name="Add" if op is tf.raw_ops.Add else "Sub")
+            return op(x=x, y=x, name="out")
+
+        traced = tf.function(loop, autograph=False).get_concrete_function(tf.TensorSpec([], tf.float32))
+        return shared_compilation.canonical_program(traced.graph.as_graph_def())
+
+    assert program(tf.raw_ops.Add) != program(tf.raw_ops.Sub)
+    assert program(tf.raw_ops.Add) == program(tf.raw_ops.Add)
 
 
 @pytest.mark.parametrize("agent", ["linucb", "lints"])

@@ -87,6 +87,7 @@ def test_a_compiled_run_is_tracked_like_any_other(make_config):
 @pytest.mark.parametrize("overrides, message", [
     (["agent=linucb"], "cannot compile agent=linucb's loop; agents it can: dropout_ts, epsilon_greedy"),
     (["agent=epsilon_greedy", "env=movielens_switch_delayed"], "the pending feedback of env.delay=geometric"),
+    (["agent=epsilon_greedy", "env.feedback_drop=0.3"], "the pending feedback of env.feedback_drop=0.3"),
     (["agent=epsilon_greedy", "env=movielens_timeline"], "env=movielens_timeline's loop"),
     (["agent=epsilon_greedy", "objective=ope/dr", "offline.logs_run_id=abc"], "learns from logged interactions"),
 ])
