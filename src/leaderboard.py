@@ -121,7 +121,7 @@ def compilable(cfg: DictConfig) -> bool:
 def in_groups(todo: list[Job]) -> list[Job]:
     """`todo` with each entry's runs of consecutive seeds as one replica group (training.replicas)
     where the replicas share a compiled loop's ops or its compilation (config.shares_compilation):
-    elsewhere a group would only train them in turn, and a seed that diverges would fail its group."""
+    elsewhere a group would only train them in turn, at no gain."""
     grouped: list[Job] = []
     for job in todo:
         last = grouped[-1] if grouped else None
