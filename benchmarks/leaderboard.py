@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
-from src.errors import UserError, one_line, require
+from src.errors import UserError, require
 from src.leaderboard import (ENTRY_TAG, LINEUP, METRIC, Identity, Job, identities, in_groups, jobs, markdown,
                              standings, write)
 
@@ -126,9 +126,8 @@ def train_one(job: Job, cores: int) -> tuple[list[float | None] | None, str | No
     try:
         if job.cfg.training.replicas > 1:
             trained = replicas.train_seeds(job.cfg, {ENTRY_TAG: job.label}, cores)
-            stopped = [f"seed {job.cfg.training.seed + index}: {one_line(each.stopped)}"
-                       for index, each in enumerate(trained) if each.stopped is not None]
-            return [None if each.stopped else each.final[METRIC] for each in trained], "; ".join(stopped) or None
+            stopped = "; ".join(replicas.stopped_runs(job.cfg, trained))
+            return [None if each.stopped else each.final[METRIC] for each in trained], stopped or None
         final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
     except UserError as error:
         return None, str(error)

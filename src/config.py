@@ -12,7 +12,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import hydra
@@ -511,25 +511,23 @@ def can_share_ops(cfg: DictConfig) -> bool:
 def sharing_key(cfg: DictConfig) -> str | None:
     """What runs must have alike to train side by side in one loop (all but their seeds, their
     PER_REPLICA_HYPERPARAMETERS and how they are tracked); None for a run that cannot."""
-    if not can_share_ops(cfg):
-        return None
-    alike = OmegaConf.to_container(cfg, resolve=True)
-    del alike["training"]["seed"], alike["tracking"]
-    alike["training"].pop("replicas", None)
-    for key in PER_REPLICA_HYPERPARAMETERS:
-        alike["agent"].pop(key)
-    return json.dumps(alike, sort_keys=True, default=str)
+    return alike_but_seeds(cfg, PER_REPLICA_HYPERPARAMETERS) if can_share_ops(cfg) else None
 
 
 def compilation_key(cfg: DictConfig) -> str | None:
     """What runs whose loop XLA compiles must have alike to train on one compilation, in turn
     (src.shared_compilation): all but their seeds and how they are tracked; None for a run whose
     loop XLA does not compile."""
-    if not cfg.training.get("jit_compile", False):
-        return None
+    return alike_but_seeds(cfg) if cfg.training.get("jit_compile", False) else None
+
+
+def alike_but_seeds(cfg: DictConfig, agent_keys: Sequence[str] = ()) -> str:
+    """`cfg` as a key, without its seed, replicas, tracking and these of its agent's settings."""
     alike = OmegaConf.to_container(cfg, resolve=True)
     del alike["training"]["seed"], alike["tracking"]
     alike["training"].pop("replicas", None)
+    for key in agent_keys:
+        alike["agent"].pop(key)
     return json.dumps(alike, sort_keys=True, default=str)
 
 

@@ -237,12 +237,17 @@ def train_seeds(cfg: DictConfig, tags: dict[str, str] | None = None, cores: int 
     return trained
 
 
+def stopped_runs(cfg: DictConfig, trained: list[Trained]) -> list[str]:
+    """A line for each run of `cfg`'s group that stopped: its run, seed and why."""
+    return [f"run {each.run_id} (seed {cfg.training.seed + index}): {one_line(each.stopped)}"
+            for index, each in enumerate(trained) if each.stopped is not None]
+
+
 def train_group(cfg: DictConfig, tags: dict[str, str] | None = None,
                 cores: int | None = None) -> list[tuple[dict[str, float], str]]:
     """`train_seeds`, each run's final metrics and run id; raises, once all have ended, if any stopped."""
     trained = train_seeds(cfg, tags, cores)
-    stopped = [f"run {each.run_id} (seed {cfg.training.seed + index}): {one_line(each.stopped)}"
-               for index, each in enumerate(trained) if each.stopped is not None]
+    stopped = stopped_runs(cfg, trained)
     if stopped:
         raise UserError(f"{len(stopped)} of the group's runs stopped, the others finished: {'; '.join(stopped)}")
     return [(each.final, each.run_id) for each in trained]
