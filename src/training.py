@@ -22,10 +22,11 @@ from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start
 import mlflow
 import numpy as np
 import pandas as pd
-import tensorflow as tf
+import pyarrow
+import pyarrow.csv
+import tensorboard.summary
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
-from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tqdm import tqdm
 
 from src import agents, config, data, experiment, metrics, plots, serving, tracking
@@ -279,35 +280,29 @@ def loops_per_point(cfg: DictConfig) -> int:
 def write_tables(cfg: DictConfig, history: metrics.RegretHistory, random_regret: float, folder: Path) -> None:
     """Every loop's metrics as metrics.csv and, with full artifacts, the regret plot."""
     frame = history.frame()
-    frame.to_csv(folder / "metrics.csv", index=False)
+    write_csv(frame, folder / "metrics.csv")
     if cfg.tracking.artifacts == "full":
         plots.regret_figure(frame, plots.run_title(cfg), random_regret).savefig(folder / "regret.png")
         write_tensorboard(metrics.downsample(frame, loops_per_point(cfg)), folder / "tensorboard")
 
 
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """`frame` as `frame.to_csv(path, index=False)` writes it (a NaN an empty cell, every float in
+    the digits that read back exactly), by Arrow's writer: pandas' took 0.1-0.2 s of each run's
+    20,000 rows, 10x Arrow's."""
+    pyarrow.csv.write_csv(pyarrow.Table.from_pandas(frame, preserve_index=False), path,
+                          pyarrow.csv.WriteOptions(quoting_header="none"))
+
+
 def write_tensorboard(frame: pd.DataFrame, folder: Path) -> None:
     """The metric histories as MLflow has them, as TensorBoard scalars too, for those who read
-    curves there (`tensorboard --logdir <run artifacts>/tensorboard`)."""
-    names = tuple(frame.columns.drop("step"))
-    writer = tf.summary.create_file_writer(str(folder))
-
-    scalar = scalar_metadata.create_summary_metadata(display_name=None, description=None)
-
-    # In one graph: eager, a scalar at a time, a run's 2,000 rows take half a minute. A new
-    # function per call, as a traced one keeps the writer it was traced with. Written as
-    # `tf.summary.scalar` writes, without the loop's name scope (`while/`) in the tags.
-    @tf.function
-    def write(steps, values):
-        for row in tf.range(tf.shape(steps)[0]):
-            for column, name in enumerate(names):
-                tf.summary.write(name, tf.cast(values[row, column], tf.float32), step=steps[row], metadata=scalar)
-
-    # TensorFlow counts the traces of these throwaway functions as retracing, and warns about
-    # it after five runs in one process (a sweep, the leaderboard); as for the engine's loop.
-    write._omit_frequent_tracing_warning = True
+    curves there (`tensorboard --logdir <run artifacts>/tensorboard`). By TensorBoard's own writer,
+    as `tf.summary.scalar` writes them: a TensorFlow function writing them took 0.1-0.2 s a run."""
+    writer = tensorboard.summary.Writer(str(folder))
     try:
-        with writer.as_default():
-            write(tf.constant(frame["step"].to_numpy(), tf.int64),
-                  tf.constant(frame[list(names)].to_numpy(), tf.float64))
+        names = frame.columns.drop("step")
+        for step, values in zip(frame["step"].to_numpy(), frame[names].to_numpy()):
+            for name, value in zip(names, values):
+                writer.add_scalar(name, value, step)
     finally:
         writer.close()

@@ -285,6 +285,36 @@ def test_an_entrys_consecutive_seeds_left_to_train_go_as_replica_groups(data_ove
     assert [str(job) for job in leaderboard.in_groups(unshared)] == [f"random on movielens, seed {seed}" for seed in (0, 1)]
 
 
+def test_an_entrys_seeds_are_its_composition_with_each_seed(data_overrides):
+    """Composed once an entry and copied per seed: each run's config is the one composing it
+    with its seed would give."""
+    overrides = [*data_overrides, *SMALL, "training.seed=7"]
+    planned = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb"], ["movielens"], 3, overrides)
+    plain = [job for job in planned if job.label == "linucb"]
+    assert [job.cfg.training.seed for job in plain] == [0, 1, 2]
+    for job in plain:
+        composed = config.compose(["agent=linucb", "env=movielens", "training=default", "tracking.save_policy=false",
+                                   *overrides, f"training.seed={job.cfg.training.seed}"])
+        assert OmegaConf.to_yaml(job.cfg) == OmegaConf.to_yaml(composed)
+    assert plain[0].cfg.training is not plain[1].cfg.training
+
+
+def test_a_fault_in_a_job_fails_its_runs_in_one_line_and_the_board_goes_on(data_overrides, monkeypatch, caplog):
+    from benchmarks import leaderboard as board
+    from src import training
+
+    (job,) = [job for job in leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb"], ["movielens"], 1,
+                                              [*data_overrides, *SMALL]) if job.label == "linucb"]
+
+    def broken(cfg, tags):
+        raise RuntimeError("the disk is full\nand a page of detail")
+
+    monkeypatch.setattr(training, "train", broken)
+    assert board.train_one(job, 1) == (None, "the disk is full")
+    assert board.failed_runs(job, None) == 1
+    assert "Traceback" in caplog.text and "linucb on movielens, seed 0 failed" in caplog.text
+
+
 def test_the_lineup_compiles_with_xla_only_the_entries_whose_agent_can(data_overrides):
     lineup = OmegaConf.load(leaderboard.LINEUP)
     compiled = {job.label: job.cfg.training.jit_compile for job in leaderboard.jobs(
