@@ -203,10 +203,9 @@ def test_a_curve_gets_as_many_points_as_mlflow_draws_unless_told(make_config, ov
     assert training.loops_per_point(make_config(*overrides)) == loops_per_point
 
 
-
 def test_metrics_csv_is_what_pandas_writes_read_back_exactly(tmp_path):
-    """Arrow writes the table (10x pandas' speed): every float reads back to the bit, a NaN (a
-    loop without training) as pandas writes it, an empty cell, and the header unquoted."""
+    """Arrow writes the table (10x pandas' speed): every float reads back to the bit, a NaN as
+    pandas writes it (an empty cell), and the header unquoted."""
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"step": np.arange(1, 1001) * 16, metrics.REGRET: rng.random(1000) * 1e-5,
                           metrics.CUMULATIVE_REGRET: np.cumsum(rng.random(1000)) * 1e6, metrics.LOSS: rng.random(1000)})
