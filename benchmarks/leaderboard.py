@@ -44,9 +44,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
-from src.errors import UserError, one_line, require
-from src.leaderboard import (ENTRY_TAG, LINEUP, METRIC, Identity, Job, identities, in_groups, jobs, markdown,
-                             standings, write)
+from src.errors import UserError, require
+from src.leaderboard import (LINEUP, Identity, Job, failed_runs, identities, in_groups, jobs, markdown, standings,
+                             train_job, write)
 
 log = logging.getLogger("benchmarks.leaderboard")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -77,64 +77,49 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
     # The replica groups first: the longest jobs, so that the last to finish are single runs and
     # a worker that runs out of work waits seconds, not a group's minute, for the other.
     todo = sorted(in_groups(todo), key=lambda job: -job.cfg.training.replicas)
+    progress = Progress(runs)
     if ray_address:
         from src.campaigns import ray_cluster
 
-        outcomes = ray_cluster.run_tasks(ray_address, train_one, [(job, 1) for job in todo],
+        outcomes = ray_cluster.run_tasks(ray_address, train_job, [(job, 1) for job in todo],
                                          describe=lambda args: str(args[0]))
-        return sum(failed_runs(job, outcome[0] if outcome else None) for job, (outcome, _) in zip(todo, outcomes))
-    started = time.perf_counter()
-    failures = 0
+        for job, (outcome, lost) in zip(todo, outcomes):  # a task lost beyond Ray's retries has no outcome
+            progress.add(job, *(outcome or (None, lost)))
+        return progress.failed
     # Spawned, not forked: TensorFlow's threads do not survive a fork.
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=quiet_worker) as pool:
-        running = {pool.submit(train_one, job, config.cores_share(workers)): job for job in todo}
-        done_runs = 0
+        running = {pool.submit(train_job, job, config.cores_share(workers)): job for job in todo}
         for done in concurrent.futures.as_completed(running):
-            job, (finals, error) = running[done], done.result()
-            done_runs += job.cfg.training.replicas
-            failures += failed_runs(job, finals)
-            if error:
-                log.warning("Runs up to %d of %d (%s): %d failed, the others go on: %s", done_runs, runs, job,
-                            failed_runs(job, finals), error)
-            if finals is None:
-                continue
-            elapsed = time.perf_counter() - started
-            log.info("Runs up to %d of %d done: %s, cumulative regret %s; about %.0f min left", done_runs, runs, job,
-                     ", ".join("failed" if final is None else f"{final:.1f}" for final in finals),
-                     elapsed / done_runs * (runs - done_runs) / 60)
-    return failures
+            progress.add(running[done], *done.result())
+    return progress.failed
 
 
-def failed_runs(job: Job, finals: list[float | None] | None) -> int:
-    """How many of the job's runs failed: every one where it has no finals."""
-    return job.cfg.training.replicas if finals is None else sum(final is None for final in finals)
+class Progress:
+    """The runs done and failed so far, each job's outcome said as it comes."""
+
+    def __init__(self, runs: int):
+        self.runs, self.done, self.failed = runs, 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, job: Job, finals: list[float | None] | None, error: str | None) -> None:
+        self.done += job.cfg.training.replicas
+        failed = failed_runs(job, finals)
+        self.failed += failed
+        if error:
+            log.warning("Runs up to %d of %d (%s): %d failed, the others go on: %s", self.done, self.runs, job,
+                        failed, error)
+        if finals is not None:
+            elapsed = time.perf_counter() - self.started
+            log.info("Runs up to %d of %d done: %s, cumulative regret %s; about %.0f min left", self.done, self.runs,
+                     job, ", ".join("failed" if final is None else f"{final:.1f}" for final in finals),
+                     elapsed / self.done * (self.runs - self.done) / 60)
 
 
 def quiet_worker() -> None:
     """A worker process logs as the command does, and leaves Ctrl-C to the command."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
-
-
-def train_one(job: Job, cores: int) -> tuple[list[float | None] | None, str | None]:
-    """(each run's final cumulative regret, None for a run that failed, and the one-line reason any
-    failed), or (None, why none trained); a replica group trains on `cores` threads, a run that
-    diverges in it failing alone."""
-    from src import replicas, training
-
-    try:
-        if job.cfg.training.replicas > 1:
-            trained = replicas.train_seeds(job.cfg, {ENTRY_TAG: job.label}, cores)
-            stopped = "; ".join(replicas.stopped_runs(job.cfg, trained))
-            return [None if each.stopped else each.final[METRIC] for each in trained], stopped or None
-        final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
-    except UserError as error:
-        return None, str(error)
-    except Exception as error:  # a fault, not a refusal: its runs are FAILED, its trace logged, the board goes on
-        log.exception("%s failed", job)
-        return None, one_line(error)
-    return [final[METRIC]], None
 
 
 def duration(seconds: float) -> str:

@@ -18,7 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, metrics, plots, tracking
-from src.errors import UserError
+from src.errors import UserError, one_line
 
 LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
 ENTRY_TAG = "leaderboard.entry"
@@ -125,6 +125,32 @@ def compilable(cfg: DictConfig) -> bool:
     except UserError:
         return False
     return True
+
+
+def train_job(job: Job, cores: int) -> tuple[list[float | None] | None, str | None]:
+    """Train a job of the board: (each run's final cumulative regret, None for a run that failed,
+    and the one-line reason any failed), or (None, why none trained). A replica group trains on
+    `cores` threads, a run that diverges in it failing alone; an unexpected error fails the job's
+    runs, its traceback logged, and is returned as the others are, so that the board goes on."""
+    from src import replicas, training  # TensorFlow: in the worker that trains, not in the command
+
+    try:
+        if job.cfg.training.replicas > 1:
+            trained = replicas.train_seeds(job.cfg, {ENTRY_TAG: job.label}, cores)
+            stopped = "; ".join(replicas.stopped_runs(job.cfg, trained))
+            return [None if each.stopped else each.final[METRIC] for each in trained], stopped or None
+        final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
+    except UserError as error:
+        return None, str(error)
+    except Exception as error:
+        log.exception("%s failed", job)
+        return None, one_line(error)
+    return [final[METRIC]], None
+
+
+def failed_runs(job: Job, finals: list[float | None] | None) -> int:
+    """How many of the job's runs failed: every one where it has no finals."""
+    return job.cfg.training.replicas if finals is None else sum(final is None for final in finals)
 
 
 def in_groups(todo: list[Job]) -> list[Job]:

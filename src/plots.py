@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from src.metrics import CUMULATIVE_REGRET, REGRET
 
-PLOTTED_POINTS = 2000  # a run's curves' points, at most about
+PLOTTED_POINTS = 2000  # a run's curves' points, at most (and the last)
 PANEL_HEIGHT = 3.5  # inches, a comparison panel's least
 LEGEND_LINE = 0.2  # inches, one line of a small-font legend
 SPAN_FOR_LOG = 20  # lines ending further apart than this factor are drawn on a log axis
@@ -37,7 +37,8 @@ def regret_figure(frame: pd.DataFrame, title: str, random_policy_regret: float |
     smooth = frame[REGRET].rolling(window, min_periods=1).mean()
     # Both curves are smooth at a fiftieth of the run and a panel is ~450 pixels wide: PLOTTED_POINTS
     # of them, the last included, draw the same lines as 20,000 loops, in a sixth less time.
-    shown = np.union1d(np.arange(0, len(frame), max(1, len(frame) // PLOTTED_POINTS)), np.arange(len(frame))[-1:])
+    stride = max(1, -(-len(frame) // PLOTTED_POINTS))  # rounded up: at most PLOTTED_POINTS + 1
+    shown = np.union1d(np.arange(0, len(frame), stride), np.arange(len(frame))[-1:])
     steps = frame["step"].to_numpy()[shown]
     cumulative.plot(steps, frame[CUMULATIVE_REGRET].to_numpy()[shown], label="agent")
     per_step.plot(steps, smooth.to_numpy()[shown], label=f"agent, mean over {window} loops")

@@ -300,7 +300,6 @@ def test_an_entrys_seeds_are_its_composition_with_each_seed(data_overrides):
 
 
 def test_a_fault_in_a_job_fails_its_runs_in_one_line_and_the_board_goes_on(data_overrides, monkeypatch, caplog):
-    from benchmarks import leaderboard as board
     from src import training
 
     (job,) = [job for job in leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb"], ["movielens"], 1,
@@ -310,8 +309,8 @@ def test_a_fault_in_a_job_fails_its_runs_in_one_line_and_the_board_goes_on(data_
         raise RuntimeError("the disk is full\nand a page of detail")
 
     monkeypatch.setattr(training, "train", broken)
-    assert board.train_one(job, 1) == (None, "the disk is full")
-    assert board.failed_runs(job, None) == 1
+    assert leaderboard.train_job(job, 1) == (None, "the disk is full")
+    assert leaderboard.failed_runs(job, None) == 1
     assert "Traceback" in caplog.text and "linucb on movielens, seed 0 failed" in caplog.text
 
 

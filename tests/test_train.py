@@ -204,17 +204,22 @@ def test_a_curve_gets_as_many_points_as_mlflow_draws_unless_told(make_config, ov
 
 
 def test_metrics_csv_is_what_pandas_writes_read_back_exactly(tmp_path):
-    """Arrow writes the table (10x pandas' speed): every float reads back to the bit, a NaN as
-    pandas writes it (an empty cell), and the header unquoted."""
+    """Arrow writes the table (10x pandas' speed): every float reads back to the bit and as a float
+    (a column of whole ones too: a loss of 0 where nothing trains, a count), a NaN as pandas
+    writes it (an empty cell), and the header unquoted."""
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"step": np.arange(1, 1001) * 16, metrics.REGRET: rng.random(1000) * 1e-5,
-                          metrics.CUMULATIVE_REGRET: np.cumsum(rng.random(1000)) * 1e6, metrics.LOSS: rng.random(1000)})
+                          metrics.CUMULATIVE_REGRET: np.cumsum(rng.random(1000)) * 1e6, metrics.LOSS: rng.random(1000),
+                          metrics.CATALOGUE_SIZE: np.arange(1000) % 7 - 3.0, metrics.BEST_MOVIE_MOVED: 0.0})
     frame.loc[[0, 7], metrics.LOSS] = np.nan
+    frame.loc[1, metrics.REGRET] = np.inf
     training.write_csv(frame, tmp_path / "metrics.csv")
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "metrics.csv"), frame, check_exact=True)
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0] == frame.to_csv(index=False).splitlines()[0]
-    assert lines[1].endswith(",") and lines[8].endswith(",")
+    assert lines[1].split(",")[3:] == ["", "-3.0", "0.0"] and lines[2].split(",")[1] == "inf"
+
+
 def test_linucb_beats_uniform_random_by_a_clear_margin(make_config):
     cfg = make_config("agent=linucb", "training.loops=200", "training.seed=3")
     final, _ = training.train(cfg)
