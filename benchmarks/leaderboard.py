@@ -69,8 +69,6 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
     workers on two cores take about half the wall time of one."""
     if not todo:
         return 0
-    from src import training  # TensorFlow loads here: --tables-only and a finished line-up do without it
-
     for job in todo:  # a wrong value fails now, not after an hour of training
         config.check_run(job.cfg)
     runs = len(todo)

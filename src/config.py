@@ -318,13 +318,11 @@ def check_compilable(cfg: DictConfig) -> None:
     if not cfg.agent.get("jit_compile", False):
         raise UserError(f"training.jit_compile=true: XLA cannot compile agent={cfg.agent.name}'s loop; "
                         f"agents it can: {', '.join(compilable_agents())}")
-    if cfg.env.get("delay", "none") != "none":
-        raise UserError(f"training.jit_compile=true: XLA cannot compile the pending feedback of env.delay={cfg.env.delay} "
+    pending = (f"env.delay={cfg.env.delay}" if cfg.env.get("delay", "none") != "none" else
+               f"env.feedback_drop={cfg.env.feedback_drop}" if cfg.env.get("feedback_drop", 0) > 0 else None)
+    if pending:
+        raise UserError(f"training.jit_compile=true: XLA cannot compile the pending feedback of {pending} "
                         "(a changing number of rewards arrives each loop); use one or the other")
-    if cfg.env.get("feedback_drop", 0) > 0:
-        raise UserError(f"training.jit_compile=true: XLA cannot compile the pending feedback of "
-                        f"env.feedback_drop={cfg.env.feedback_drop} (a changing number of rewards arrives each loop); "
-                        "use one or the other")
     if cfg.env.name == "movielens_timeline":
         raise UserError("training.jit_compile=true: XLA cannot compile env=movielens_timeline's loop (it refits "
                         "its reward model in Python)")

@@ -114,15 +114,14 @@ def canonical_program(graph_def) -> list[str]:
                     discover(functions[name].node_def)
 
     discover(graph_def.node)
-    top = {node.name: f"name{index}" for index, node in enumerate(graph_def.node)}
+    top = _places([node.name for node in graph_def.node])
     texts = ["\n".join(_node_text(node, top, order) for node in graph_def.node)]
     for name in order:
         function = functions[name]
         signature = type(function.signature)()
         signature.CopyFrom(function.signature)
         arguments = [*signature.input_arg, *signature.output_arg]
-        places = {each: f"name{index}" for index, each in
-                  enumerate([argument.name for argument in arguments] + [node.name for node in function.node_def])}
+        places = _places([argument.name for argument in arguments] + [node.name for node in function.node_def])
         returned = [_input(function.ret[argument.name], places) for argument in signature.output_arg]
         control = sorted(f"{places.get(output, output)}={places.get(node, node)}"
                          for output, node in function.control_ret.items())
@@ -133,6 +132,11 @@ def canonical_program(graph_def) -> list[str]:
         texts.append("\n".join([str(signature), *(_node_text(node, places, order) for node in function.node_def),
                                 *returned, *control]))
     return texts
+
+
+def _places(names: list[str]) -> dict[str, str]:
+    """Each name TensorFlow gave this trace, by its place among them."""
+    return {name: f"name{index}" for index, name in enumerate(names)}
 
 
 def _input(name: str, places: dict[str, str]) -> str:

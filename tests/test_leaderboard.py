@@ -289,12 +289,13 @@ def test_an_entrys_seeds_are_its_composition_with_each_seed(data_overrides):
     """Composed once an entry and copied per seed: each run's config is the one composing it
     with its seed would give."""
     overrides = [*data_overrides, *SMALL, "training.seed=7"]
-    planned = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb"], ["movielens"], 3, overrides)
+    lineup = OmegaConf.load(leaderboard.LINEUP)
+    planned = leaderboard.jobs(lineup, ["linucb"], ["movielens"], 3, overrides)
     plain = [job for job in planned if job.label == "linucb"]
     assert [job.cfg.training.seed for job in plain] == [0, 1, 2]
     for job in plain:
-        composed = config.compose(["agent=linucb", "env=movielens", "training=default", "tracking.save_policy=false",
-                                   *overrides, f"training.seed={job.cfg.training.seed}"])
+        composed = config.compose(["agent=linucb", "env=movielens", *lineup.overrides, *overrides,
+                                   f"training.seed={job.cfg.training.seed}"])
         assert OmegaConf.to_yaml(job.cfg) == OmegaConf.to_yaml(composed)
     assert plain[0].cfg.training is not plain[1].cfg.training
 
