@@ -14,7 +14,7 @@ agent trains each loop on the transitions arriving then, one step each; the regr
 charged as the movie is recommended.
 
 With `training.jit_compile`, XLA compiles the loop whole, and the random ops TF-Agents' policies
-build draw from a generator of the run's seed (src.xla_draws), so that the run repeats.
+build draw from a stream of the run's seed (src.xla_draws, src.seeding), so that the run repeats.
 
 An environment and agent built with `replicas` (src.replicas) carry that many independent runs,
 each one's rows after the last one's in every batch; the engine sums each replica's metrics
@@ -36,14 +36,12 @@ from tf_agents.trajectories import time_step as ts
 from tf_agents.trajectories.policy_step import PolicyStep
 from tf_agents.trajectories import trajectory
 
-from src import xla_draws
+from src import seeding, xla_draws
 
 log = logging.getLogger(__name__)
 # Rewards reconstructed by SVD carry ~1e-14 of rounding: two movies whose ratings tie differ by
 # that much, and a pick that close to the best is not a wrong one (src.metrics.DECIMALS).
 TIE_TOLERANCE = 1e-9
-# The delays' own generator: the same delays for every agent on the same environment.
-DELAY_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -83,9 +81,10 @@ class Engine:
     """
 
     def __init__(self, environment, agent, steps_per_loop: int, policy_columns: PolicyColumns | None = None,
-                 xla_seed: int | None = None):
-        """With `xla_seed`, XLA compiles the loop (`training.jit_compile`), its stateful random ops
-        drawing from a generator of that seed (src.xla_draws)."""
+                 seed: int = 0, jit_compile: bool = False):
+        """`seed` is the run's: the delays of its feedback draw from its stream, the same for every
+        agent on the environment. With `jit_compile`, XLA compiles the loop (`training.jit_compile`),
+        its stateful random ops drawing from another stream of the seed (src.xla_draws)."""
         self.environment = environment
         self.agent = agent
         self.steps_per_loop = steps_per_loop
@@ -95,10 +94,10 @@ class Engine:
         self.traces = 0
         self._delay = environment.feedback_delay
         if self._delay.active:
-            self._make_pending(environment.feedback_delay, environment.batch_size * steps_per_loop)
-        self._draws = None if xla_seed is None else xla_draws.generator(xla_seed)
+            self._make_pending(environment.feedback_delay, environment.batch_size * steps_per_loop, seed)
+        self._draws = seeding.stream(seed, seeding.XLA) if jit_compile else None
         self.run_chunk = tf.function(self._run_chunk, input_signature=[tf.TensorSpec([], tf.int32)], autograph=False,
-                                     jit_compile=xla_seed is not None)
+                                     jit_compile=jit_compile)
         # An engine traces its loop once, but TensorFlow counts traces by the Python code, not the
         # engine, and warns of "retracing" where 5 of its last 10 calls traced: a process training
         # many short runs (a worker's trials, a board's groups, the tests); `traces` counts this
@@ -129,17 +128,17 @@ class Engine:
         return tf.reduce_sum(tf.reshape(values, tf.concat([[self.replicas, -1], tf.shape(values)[1:]], axis=0)),
                              axis=1)
 
-    def _make_pending(self, delay, rows_per_loop: int) -> None:
+    def _make_pending(self, delay, rows_per_loop: int, seed: int) -> None:
         """The ring of the last `delay.longest + 1` loops' transitions, one step each (slot s holds
         rows s x rows_per_loop onwards), and the loop each one's reward arrives at (-1: never);
-        its own generator draws the delays."""
+        the delays draw from the stream of the run's `seed`."""
         rows = (delay.longest + 1) * rows_per_loop
         self._pending = [tf.Variable(tf.zeros([rows, 1, *leaf.shape], leaf.dtype), trainable=False)
                          for leaf in tf.nest.flatten(self._training_spec())]
         self._arrives = tf.Variable(tf.fill([rows], tf.constant(-1, tf.int64)), trainable=False)
         self._rows_per_loop = rows_per_loop
         self._loop = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-        self._delays = tf.random.Generator.from_seed(DELAY_SEED)
+        self._delays = seeding.stream(seed, seeding.DELAYS)
 
     def _training_spec(self):
         """The spec of one transition as the agent trains on it: the collect policy's trajectory as

@@ -47,15 +47,15 @@ def assemble(cfg: DictConfig, data, members: Sequence[DictConfig] = ()) -> Engin
                         f"replays {available:,}: at most {available // (asked // cfg.training.loops):,} loops")
     agent = build_agent(cfg.agent, environment.time_step_spec(), environment.action_spec(), cfg.training.seed,
                         seeds, seeds and replica_values(members))
-    xla_seed = cfg.training.seed if cfg.training.get("jit_compile", False) else None
+    randomness = {"seed": cfg.training.seed, "jit_compile": cfg.training.get("jit_compile", False)}
     if not cfg.tracking.log_interactions:
-        return Engine(environment, agent, cfg.training.steps_per_loop, xla_seed=xla_seed)
+        return Engine(environment, agent, cfg.training.steps_per_loop, **randomness)
     if environment.logged_round_kind is None:
         raise UserError(f"tracking.log_interactions=true needs an environment whose rounds the log can keep: "
                         f"a user and a movie (env=movielens) or a slate (env=movielens_ranking); on "
                         f"env={cfg.env.name} {environment.unlogged_because}")
     return Engine(environment, agent, cfg.training.steps_per_loop,
-                  policy_columns=logged_policy(cfg.agent, environment.action_spec()), xla_seed=xla_seed)
+                  policy_columns=logged_policy(cfg.agent, environment.action_spec()), **randomness)
 
 
 def replica_values(members: Sequence[DictConfig]) -> dict[str, list]:

@@ -28,12 +28,6 @@ _tracing = threading.local()  # the generator of the loop this thread traces, if
 _install_lock = threading.Lock()
 
 
-def generator(seed: int) -> tf.random.Generator:
-    """The draws' generator for the run of `seed`: a Philox key of its own. `from_seed(s)` starts
-    the stream of key 0 at counter s, so that seed s + 1 draws what seed s drew one block later."""
-    return tf.random.Generator.from_key_counter(key=seed + 1, counter=[0, 0], alg="philox")
-
-
 @contextlib.contextmanager
 def drawn_from(draws: tf.random.Generator):
     """While open, the stateful random ops this thread builds draw from `draws`; other threads,

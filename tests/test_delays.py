@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src import config, data, experiment
-from src.engine import DELAY_SEED
+from src import config, data, experiment, seeding
 from src.envs.base import HEAVY_SCALE, HEAVY_SHARE, FeedbackDelay
 from src.errors import UserError
 
@@ -25,7 +24,7 @@ def test_the_agent_learns_from_exactly_the_rewards_that_arrived(make_config, set
                       *settings)
     engine = experiment.assemble(cfg, data.load(cfg.data))
     chunks = list(engine.run(LOOPS, chunk))
-    interactions, arrived = logged_and_arrived(engine, chunks)
+    interactions, arrived = logged_and_arrived(engine, chunks, cfg.training.seed)
     model = engine.environment.reward_model
     users, actions = interactions[:, 0].astype(int), interactions[:, 1].astype(int)
     x, rewards = model.user_features[users], model.rewards[users, actions]
@@ -41,14 +40,14 @@ def test_the_agent_learns_from_exactly_the_rewards_that_arrived(make_config, set
     np.testing.assert_allclose(statistics.data_vector.numpy(), data_vector, rtol=1e-5, atol=1e-4)
 
 
-def logged_and_arrived(engine, chunks) -> tuple[np.ndarray, np.ndarray]:
+def logged_and_arrived(engine, chunks, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The interaction log of the run, and whether each logged round's feedback reached the agent
-    by the end: the delays the engine drew, drawn again from its generator's seed as it drew them
-    (the chunk's at once), a loop's transitions user by user (each user's steps together), its
-    log step by step."""
+    by the end: the delays the engine drew, drawn again from the delays' stream of the run's
+    `seed` as it drew them (the chunk's at once), a loop's transitions user by user (each user's
+    steps together), its log step by step."""
     interactions = np.concatenate([done.interactions for done in chunks])
     delay = engine.environment.feedback_delay
-    generator = tf.random.Generator.from_seed(DELAY_SEED)
+    generator = seeding.stream(seed, seeding.DELAYS)
     drawn = np.concatenate([delay.sample(generator, [len(done.regret), BATCH * STEPS]).numpy() for done in chunks])
     delays = np.concatenate([loop.reshape(BATCH, STEPS).T.ravel() for loop in drawn])
     loop_of = np.repeat(np.arange(LOOPS), BATCH * STEPS)
@@ -66,7 +65,7 @@ def test_a_slate_agent_learns_from_exactly_the_feedback_that_arrived(make_config
                       "tracking.log_interactions=true", "env.delay=geometric", "env.delay_loops=2",
                       "env.feedback_drop=0.2")
     engine = experiment.assemble(cfg, data.load(cfg.data))
-    interactions, arrived = logged_and_arrived(engine, list(engine.run(LOOPS, 7)))
+    interactions, arrived = logged_and_arrived(engine, list(engine.run(LOOPS, 7)), cfg.training.seed)
     model = engine.environment.reward_model
     # A slate round's log: the user's row, the candidates' pool columns, the slate, each slot's rating
     # (then the policy's scores).

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from src import config, metrics, training, xla_draws
+from src import config, metrics, seeding, training, xla_draws
 from src.errors import UserError
 
 N = 40_000  # draws per distribution: a mean's standard error is then ~0.5% of the spread
@@ -18,7 +18,7 @@ N = 40_000  # draws per distribution: a mean's standard error is then ~0.5% of t
 
 def draws_of(seed: int, draw) -> np.ndarray:
     """`draw()` traced inside `drawn_from` a generator of `seed`, then run (without XLA)."""
-    generator = xla_draws.generator(seed)
+    generator = seeding.stream(seed, seeding.XLA)
 
     @tf.function(autograph=False)
     def drawn():
@@ -60,7 +60,7 @@ def test_another_thread_keeps_tensorflows_own_draws():
         return {op.type for op in graph.get_operations()} & xla_draws.STATEFUL_RANDOM_OPS
 
     seen = {}
-    with xla_draws.drawn_from(xla_draws.generator(0)):
+    with xla_draws.drawn_from(seeding.stream(0, seeding.XLA)):
         worker = threading.Thread(target=lambda: seen.update(other=random_ops_traced()))
         worker.start()
         worker.join()

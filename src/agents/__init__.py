@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import random
 from collections.abc import Mapping, Sequence
 
 from src import tf_runtime  # noqa: F401,I001  (before TensorFlow: a quiet start-up)
@@ -62,13 +61,6 @@ def per_arm_agents() -> list[str]:
 
 def is_slate(action_spec) -> bool:
     return action_spec.shape.rank == 1
-
-
-def policy_seed(seed: int) -> int:
-    """The seed of an agent's own generator, from the run's `seed`: the first draw of Python's
-    generator seeded with it, which is what agents drew from the seeded global generator before
-    they took the seed, so runs keep their numbers."""
-    return random.Random(seed).getrandbits(31)
 
 
 def build_agent(cfg: DictConfig, time_step_spec, action_spec, seed: int, replica_seeds: Sequence[int] = (),

@@ -31,7 +31,8 @@ from tf_agents.policies import utils as policy_utilities
 from tf_agents.trajectories import policy_step
 from tf_agents.utils import nest_utils
 
-from src.agents import features_spec, has_action_mask, has_per_arm_features, is_slate, monte_carlo, policy_seed, slates
+from src import seeding
+from src.agents import features_spec, has_action_mask, has_per_arm_features, is_slate, monte_carlo, slates
 from src.errors import require
 
 # What a model per arm is scored in; the statistics themselves stay float64 (see ArmStatistics).
@@ -316,7 +317,7 @@ class Sampled(tf.Module):
 
     def __init__(self, seeds: list[int]):
         super().__init__(name="sampled")
-        self.generators = [tf.random.Generator.from_seed(policy_seed(seed)) for seed in seeds]
+        self.generators = [seeding.stream(seed, seeding.POLICY) for seed in seeds]
 
     def __call__(self, mean: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
         if len(self.generators) == 1:

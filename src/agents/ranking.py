@@ -22,7 +22,8 @@ from tf_agents.policies import tf_policy
 from tf_agents.policies import utils as policy_utilities
 from tf_agents.trajectories import policy_step
 
-from src.agents import is_slate, policy_seed, slates
+from src import seeding
+from src.agents import is_slate, slates
 from src.agents.networks import check_layers
 from src.errors import UserError, require
 from src.evaluation import slates as slate_estimators
@@ -54,7 +55,7 @@ class SlateAgent(ranking_agent.RankingAgent):
             logits_temperature=temperature, summarize_grads_and_vars=False, enable_summaries=False, name=name)
         self._greedy = GreedySlatePolicy(time_step_spec, action_spec, network)
         if epsilon is not None:
-            self._collect_policy = EpsilonGreedySlatePolicy(self._greedy, epsilon, policy_seed(seed))
+            self._collect_policy = EpsilonGreedySlatePolicy(self._greedy, epsilon, seeding.stream(seed, seeding.POLICY))
 
     @property
     def policy(self):
@@ -108,10 +109,10 @@ def slate_probabilities(num_candidates: int, slate_size: int, policy: str, tempe
 class EpsilonGreedySlatePolicy(tf_policy.TFPolicy):
     """The greedy policy's slate, or with probability epsilon a uniform one, per user."""
 
-    def __init__(self, greedy: tf_policy.TFPolicy, epsilon: float, seed: int):
+    def __init__(self, greedy: tf_policy.TFPolicy, epsilon: float, generator: tf.random.Generator):
         self._greedy = greedy
         self._epsilon = epsilon
-        self._generator = tf.random.Generator.from_seed(seed)
+        self._generator = generator
         super().__init__(greedy.time_step_spec, greedy.action_spec, info_spec=greedy.info_spec, emit_log_probability=False)
 
     def _variables(self):

@@ -9,7 +9,8 @@ from tf_agents.agents import tf_agent
 from tf_agents.policies import random_tf_policy
 from tf_agents.trajectories import policy_step
 
-from src.agents import is_slate, policy_seed, slates
+from src import seeding
+from src.agents import is_slate, slates
 from src.evaluation import slates as slate_estimators
 
 
@@ -18,10 +19,11 @@ class SeededUniformPolicy(random_tf_policy.RandomTFPolicy):
     with TensorFlow's op-level seeds, and in a process that had run other jobs its picks
     came out different for the same seed."""
 
-    def __init__(self, time_step_spec, action_spec, seed: int, observation_and_action_constraint_splitter=None):
+    def __init__(self, time_step_spec, action_spec, generator: tf.random.Generator,
+                 observation_and_action_constraint_splitter=None):
         super().__init__(time_step_spec, action_spec,
                          observation_and_action_constraint_splitter=observation_and_action_constraint_splitter)
-        self._generator = tf.random.Generator.from_seed(seed)
+        self._generator = generator
 
     def _action(self, time_step, policy_state, seed):
         spec = self.action_spec
@@ -42,7 +44,7 @@ class UniformRandomAgent(tf_agent.TFAgent):
     def __init__(self, time_step_spec, action_spec, seed: int, observation_and_action_constraint_splitter=None,
                  name: str | None = None):
         tf.Module.__init__(self, name=name)
-        policy = SeededUniformPolicy(time_step_spec, action_spec, policy_seed(seed),
+        policy = SeededUniformPolicy(time_step_spec, action_spec, seeding.stream(seed, seeding.POLICY),
                                      observation_and_action_constraint_splitter)
         super().__init__(time_step_spec, action_spec, policy, policy, train_sequence_length=None)
 

@@ -27,7 +27,7 @@ from scipy.sparse.linalg import svds
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
-from src import metrics
+from src import metrics, seeding
 from src.envs.base import Arrivals, FeedbackDelay, InGraphBandit, first_rating_order
 from src.errors import require
 
@@ -217,7 +217,7 @@ class MovieLensEnvironment(InGraphBandit):
         self._features = tf.constant(model.user_features, tf.float32)
         self._rewards = tf.constant(model.rewards, tf.float64)
         self._optimal_reward = tf.constant(model.optimal_reward, tf.float64)
-        self._generators = [tf.random.Generator.from_seed(each) for each in seeds]
+        self._generators = [seeding.stream(each, seeding.USERS) for each in seeds]
         self._users_drawn = batch_size
         self._users = tf.Variable(tf.zeros([replicas * batch_size], tf.int32), trainable=False, name="users")
         super().__init__(ts.time_step_spec(observation_spec), action_spec, replicas * batch_size, name)

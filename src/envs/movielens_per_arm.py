@@ -26,7 +26,7 @@ from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
-from src import metrics
+from src import metrics, seeding
 from src.envs.base import Arrivals, FeedbackDelay, InGraphBandit, first_rating_order
 from src.envs.movielens import (MOST_CELLS, RewardModel, build_reward_model, check_drift, fields_of, random_rotation,
                                rotation_parts)
@@ -120,7 +120,7 @@ class MovieLensPerArmEnvironment(InGraphBandit):
         self._user_features = tf.constant(model.user_features, tf.float32)
         self._movie_features = tf.constant(model.movie_features, tf.float32)
         self._keep_rewards(model)
-        self._generators = [tf.random.Generator.from_seed(each) for each in seeds]
+        self._generators = [seeding.stream(each, seeding.USERS) for each in seeds]
         self._users_drawn = batch_size  # each replica's
         self._users = tf.Variable(tf.zeros([replicas * batch_size], tf.int32), trainable=False, name="users")
         self._candidates = tf.Variable(

@@ -11,7 +11,7 @@ from tf_agents.bandits.specs import utils as bandit_spec_utils
 from tf_agents.specs import tensor_spec
 from tf_agents.trajectories import time_step as ts
 
-from src import config, data
+from src import config, data, seeding
 from src.agents import build_agent, features_spec, has_action_mask, has_per_arm_features, is_slate, logged_policy
 from src.engine import Engine
 from src.envs import build_environment
@@ -108,7 +108,7 @@ class FixedTable(InGraphBandit):
                                              movie_ids=np.arange(1, num_movies + 1), user_factors=np.eye(num_users),
                                              movie_factors=TABLE.T, rank_k=num_users)
         self._rewards = tf.constant(TABLE)
-        self._rng = tf.random.Generator.from_seed(seed)
+        self._rng = seeding.stream(seed, seeding.USERS)  # a stream of its own, not another seed's
         self._users = tf.Variable(tf.zeros([batch_size], tf.int32), trainable=False)
         super().__init__(ts.time_step_spec(tf.TensorSpec([num_users], tf.float32)),
                          tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=num_movies - 1), batch_size)
