@@ -28,12 +28,9 @@ versions the runs were trained with, the command and its wall time. Written to `
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import logging
-import multiprocessing
 import os
 import shlex
-import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -45,11 +42,10 @@ from omegaconf import DictConfig, OmegaConf
 from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError, require
-from src.leaderboard import (LINEUP, Identity, Job, failed_runs, identities, in_groups, jobs, markdown, standings,
-                             train_job, write)
+from src.leaderboard import (LINEUP, LOG_FORMAT, Identity, Job, failed_runs, identities, in_groups, jobs, markdown,
+                             standings, train_in_processes, train_job, write)
 
 log = logging.getLogger("benchmarks.leaderboard")
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 # Experiment tags: what trained the leaderboard's runs, so that --tables-only can say it too.
 COMMAND_TAG = "leaderboard.command"
@@ -62,11 +58,12 @@ def finished(experiment_id: str) -> set[Identity]:
     return set(identities(runs).dropna())
 
 
-def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> int:
+def train_all(todo: list[Job], workers: int, experiment_id: str, ray_address: str | None = None) -> int:
     """Train `todo`, `workers` jobs (runs, or replica groups) at a time, each in a process of its
     own, or with `ray_address` as tasks of that Ray cluster, one CPU each; return how many runs
-    failed (a diverged agent fails alone). A job takes about one core (training.threads), so two
-    workers on two cores take about half the wall time of one."""
+    failed (a diverged agent fails alone, a job whose worker is killed alone: src.leaderboard's
+    train_in_processes). A job takes about one core (training.threads), so two workers on two
+    cores take about half the wall time of one."""
     if not todo:
         return 0
     for job in todo:  # a wrong value fails now, not after an hour of training
@@ -84,12 +81,7 @@ def train_all(todo: list[Job], workers: int, ray_address: str | None = None) -> 
         for job, (outcome, lost) in zip(todo, outcomes):  # a task lost beyond Ray's retries has no outcome
             progress.add(job, *(outcome or (None, lost)))
         return progress.failed
-    # Spawned, not forked: TensorFlow's threads do not survive a fork.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=quiet_worker) as pool:
-        running = {pool.submit(train_job, job, config.cores_share(workers)): job for job in todo}
-        for done in concurrent.futures.as_completed(running):
-            progress.add(running[done], *done.result())
+    train_in_processes(todo, workers, experiment_id, progress.add)
     return progress.failed
 
 
@@ -112,12 +104,6 @@ class Progress:
             log.info("Runs up to %d of %d done: %s, cumulative regret %s; about %.0f min left", self.done, self.runs,
                      job, ", ".join("failed" if final is None else f"{final:.1f}" for final in finals),
                      elapsed / self.done * (self.runs - self.done) / 60)
-
-
-def quiet_worker() -> None:
-    """A worker process logs as the command does, and leaves Ctrl-C to the command."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
 
 
 def duration(seconds: float) -> str:
@@ -191,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             todo = [job for job in planned if job.identity() not in done]
             log.info("%d runs in the line-up, %d already finished in experiment '%s'; training %d",
                      len(planned), len(planned) - len(todo), args.experiment, len(todo))
-            failures = train_all(todo, args.workers, args.ray)
+            failures = train_all(todo, args.workers, experiment_id, args.ray)
             report = standings(experiment_id, {job.identity() for job in planned})
             seconds = time.perf_counter() - started
             trained_by = command

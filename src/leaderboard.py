@@ -6,10 +6,16 @@ the runs (`uv run python -m docs.rebuild_leaderboards` for the pages under docs/
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import copy
 import functools
 import logging
+import multiprocessing
 import re
+import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +46,12 @@ MACHINE_PATH = re.compile(r"(--data-dir[ =]|data\.dir=)('[^']*'|\S+)")
 # What `markdown` writes first: rebuild reads the title, the command and the wall time back.
 PAGE_HEADER = re.compile(r"# (?P<title>.+)\n\nMade by `(?P<command>.+?)`; (?P<wall>.+?)\. Rank by final")
 
+# A job whose worker process died this many times is given up (out of memory each time, say).
+WORKER_DEATHS = 2
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
 log = logging.getLogger(__name__)
+_started = None  # in a worker process: where it says which job it starts (train_in_processes)
 
 Identity = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -146,6 +157,96 @@ def train_job(job: Job, cores: int) -> tuple[list[float | None] | None, str | No
         log.exception("%s failed", job)
         return None, one_line(error)
     return [final[METRIC]], None
+
+
+def train_in_processes(todo: list[Job], workers: int, experiment_id: str,
+                       report: Callable[[Job, list | None, str | None], None], train: Callable = train_job) -> None:
+    """`train` each job of `todo`, `workers` at a time in processes of their own, `report`ing each
+    job's outcome as it comes. A worker killed outright (SIGKILL, out of memory) breaks the pool:
+    the runs its job left RUNNING end FAILED, and the jobs not done train again in a fresh pool,
+    but a job whose worker died WORKER_DEATHS times is given up, so that the board goes on and
+    ends."""
+    deaths: collections.Counter[int] = collections.Counter()
+    left = dict(enumerate(todo))
+    context = multiprocessing.get_context("spawn")  # not forked: TensorFlow's threads do not survive a fork
+    while left:
+        started, pool_started_ms = context.SimpleQueue(), int(time.time() * 1000)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started,
+                                                    initargs=(started,)) as pool:
+            running = {pool.submit(_announced, train, index, job, config.cores_share(workers)): index
+                       for index, job in left.items()}
+            try:
+                for done in concurrent.futures.as_completed(running):
+                    outcome = done.result()  # raises where the pool broke: the job stays left
+                    report(left.pop(running[done]), *outcome)
+                return
+            except concurrent.futures.process.BrokenProcessPool:
+                pass
+        announced = set()
+        while not started.empty():
+            announced.add(started.get())
+        # What the break did not let the pool return: the jobs whose runs all ended on their own.
+        ended = runs_ended_since(experiment_id, pool_started_ms)
+        for index in [index for index, job in left.items() if set(members(job)) <= ended.keys()]:
+            job = left.pop(index)
+            report(job, [ended[member] for member in members(job)], None)
+        in_flight = sorted(announced & set(left))
+        # The pool stops the other workers, whose runs end KILLED: the dead one's are left RUNNING.
+        left_running = end_runs_left_running(experiment_id, pool_started_ms)
+        killers = [index for index in in_flight if left_running.intersection(members(left[index]))] or in_flight
+        log.warning("A worker process died training %s: its runs ended FAILED", "; ".join(str(left[i]) for i in killers))
+        for index in killers:
+            deaths[index] += 1
+            if deaths[index] == WORKER_DEATHS:
+                report(left.pop(index), None, f"its worker process died {WORKER_DEATHS} times (killed, or out of "
+                                              f"memory): given up, its runs ended FAILED")
+        if left:
+            log.warning("%d jobs train again in fresh worker processes", len(left))
+
+
+def _worker_started(started) -> None:
+    """A worker process says which job it starts on `started`, logs as the command does, and
+    leaves Ctrl-C to the command."""
+    global _started
+    _started = started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+
+
+def _announced(train: Callable, index: int, job: Job, cores: int):
+    _started.put(index)
+    return train(job, cores)
+
+
+def end_runs_left_running(experiment_id: str, since_ms: int) -> set[Identity]:
+    """End FAILED the runs started since `since_ms` that are still RUNNING once a pool's workers
+    are gone: a worker that died could not end them. Their identities (None where the run died
+    before its params were logged)."""
+    runs = mlflow.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                             f"attributes.start_time >= {since_ms}")
+    client = mlflow.MlflowClient()
+    for run_id in runs.get("run_id", []):
+        client.set_tag(run_id, "bandits.ended_by", "benchmarks.leaderboard: its worker process died")
+        client.set_terminated(run_id, "FAILED")
+    return set(identities(runs)) if len(runs) else set()
+
+
+def runs_ended_since(experiment_id: str, since_ms: int) -> dict[Identity, float | None]:
+    """The final cumulative regret of each run started since `since_ms` that FINISHED, None for
+    one that FAILED, by identity."""
+    runs = mlflow.search_runs([experiment_id], filter_string=f"attributes.start_time >= {since_ms}")
+    if not len(runs):
+        return {}
+    runs = runs[runs.status.isin(["FINISHED", "FAILED"])]
+    finals = comparison.column(runs, f"metrics.{METRIC}").where(runs.status == "FINISHED")
+    return {each: None if pd.isna(final) else float(final) for each, final in zip(identities(runs), finals)}
+
+
+def members(job: Job) -> list[Identity]:
+    """The identities of the runs of `job`, a seed each (a replica group has several)."""
+    single = OmegaConf.merge(job.cfg, {"training": {"replicas": 1}})
+    return [Job(job.label, seeded(single, seed)).identity()
+            for seed in range(job.cfg.training.seed, job.cfg.training.seed + job.cfg.training.replicas)]
 
 
 def failed_runs(job: Job, finals: list[float | None] | None) -> int:

@@ -3,6 +3,10 @@ end-to-end `benchmarks.leaderboard` on synthetic data."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import matplotlib
 import mlflow
 import numpy as np
@@ -313,6 +317,48 @@ def test_a_fault_in_a_job_fails_its_runs_in_one_line_and_the_board_goes_on(data_
     assert leaderboard.train_job(job, 1) == (None, "the disk is full")
     assert leaderboard.failed_runs(job, None) == 1
     assert "Traceback" in caplog.text and "linucb on movielens, seed 0 failed" in caplog.text
+
+
+def killed_once_its_run_started(job, cores):
+    """LinUCB's job trains until its run has logged metrics, then its worker process is killed
+    outright, as the out-of-memory killer does (every time: the job that kills its worker);
+    others train."""
+    if job.label != "linucb":
+        return leaderboard.train_job(job, cores)
+    training = threading.Thread(target=leaderboard.train_job, args=(job, cores), daemon=True)
+    training.start()
+    client = mlflow.MlflowClient(job.cfg.tracking.uri)
+    while training.is_alive():
+        experiment = client.get_experiment_by_name(job.cfg.tracking.experiment)
+        if experiment and client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING' and "
+                                             f"tags.`{leaderboard.ENTRY_TAG}` = 'linucb' and "
+                                             f"metrics.`{metrics.CUMULATIVE_REGRET}` >= 0"):
+            break
+        training.join(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_outright_fails_its_jobs_runs_and_the_board_goes_on(data_overrides, tracking_uri):
+    planned = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb", "random"], ["movielens"], 2,
+                               [*data_overrides, *SMALL, f"tracking.uri={tracking_uri}", "tracking.experiment=board"])
+    todo = [next(job for job in planned if job.label == "linucb"), *(job for job in planned if job.label == "random")]
+    todo[0].cfg.training.loops = 10**6  # killed long before its end
+    experiment_id = tracking.connect(tracking_uri, "board")
+    outcomes = {}
+    leaderboard.train_in_processes(todo, 2, experiment_id, lambda job, *outcome: outcomes.setdefault(str(job), outcome),
+                                   train=killed_once_its_run_started)
+    assert outcomes.pop("linucb on movielens, seed 0") == (
+        None, "its worker process died 2 times (killed, or out of memory): given up, its runs ended FAILED")
+    assert sorted(outcomes) == ["random on movielens, seed 0", "random on movielens, seed 1"]
+    assert all(finals[0] > 0 and error is None for finals, error in outcomes.values())
+    runs = client_runs(tracking_uri, experiment_id)
+    assert "RUNNING" not in set(runs.status)
+    linucb = runs[runs[f"tags.{leaderboard.ENTRY_TAG}"] == "linucb"]
+    assert len(linucb) == 2 and set(linucb.status) == {"FAILED"}
+    assert set(linucb["tags.bandits.ended_by"]) == {"benchmarks.leaderboard: its worker process died"}
+    # Each trained to its end once (the pool stopped the others, which ended their runs KILLED).
+    random = runs[runs[f"tags.{leaderboard.ENTRY_TAG}"] == "random"]
+    assert sorted(random[random.status == "FINISHED"]["params.training.seed"]) == ["0", "1"]
 
 
 def test_the_lineup_compiles_with_xla_only_the_entries_whose_agent_can(data_overrides):
