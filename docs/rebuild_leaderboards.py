@@ -12,7 +12,7 @@ from pathlib import Path
 
 from src.leaderboard import rebuild
 
-PAGES = [Path(__file__).resolve().parent / name for name in ("leaderboard", "environments")]
+PAGES = [Path(__file__).resolve().parent / name for name in ("leaderboard", "environments", "time")]
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
