@@ -86,7 +86,7 @@ def main() -> None:
             environment = MovieLensPerArmEnvironment(model, cfg.training.batch_size, cfg.training.seed, "interaction")
             engine = Engine(environment, build_agent(cfg.agent, environment.time_step_spec(),
                                                      environment.action_spec(), cfg.training.seed),
-                            cfg.training.steps_per_loop)
+                            cfg.training.steps_per_loop, seed=cfg.training.seed)
             list(engine.run(cfg.training.chunk_loops, cfg.training.chunk_loops))  # traces the compiled loop
             engines[pool] = engine
         rates = interleaved_rates(engines, args.loops, args.rounds, cfg.training.chunk_loops, agent)

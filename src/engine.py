@@ -80,8 +80,8 @@ class Engine:
     for off-policy evaluation: the environment's columns of the round, then these of the policy's.
     """
 
-    def __init__(self, environment, agent, steps_per_loop: int, policy_columns: PolicyColumns | None = None,
-                 seed: int = 0, jit_compile: bool = False):
+    def __init__(self, environment, agent, steps_per_loop: int, policy_columns: PolicyColumns | None = None, *,
+                 seed: int, jit_compile: bool = False):
         """`seed` is the run's: the delays of its feedback draw from its stream, the same for every
         agent on the environment. With `jit_compile`, XLA compiles the loop (`training.jit_compile`),
         its stateful random ops drawing from another stream of the seed (src.xla_draws)."""

@@ -12,9 +12,10 @@ import copy
 import functools
 import logging
 import multiprocessing
+import os
 import re
 import signal
-import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, metrics, plots, tracking
+from src.cli import Terminated, stop_on_termination_signals
 from src.errors import UserError, one_line
 
 LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
@@ -48,10 +50,12 @@ PAGE_HEADER = re.compile(r"# (?P<title>.+)\n\nMade by `(?P<command>.+?)`; (?P<wa
 
 # A job whose worker process died this many times is given up (out of memory each time, say).
 WORKER_DEATHS = 2
+POOL_TAG = "leaderboard.pool"  # the pool of worker processes a run was trained in
+STARTED, STOPPED = "started", "stopped"  # what a worker says of a job
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 log = logging.getLogger(__name__)
-_started = None  # in a worker process: where it says which job it starts (train_in_processes)
+_news = None  # in a worker process: where it says which job it starts and stops (train_in_processes)
 
 Identity = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -138,19 +142,21 @@ def compilable(cfg: DictConfig) -> bool:
     return True
 
 
-def train_job(job: Job, cores: int) -> tuple[list[float | None] | None, str | None]:
-    """Train a job of the board: (each run's final cumulative regret, None for a run that failed,
-    and the one-line reason any failed), or (None, why none trained). A replica group trains on
-    `cores` threads, a run that diverges in it failing alone; an unexpected error fails the job's
-    runs, its traceback logged, and is returned as the others are, so that the board goes on."""
+def train_job(job: Job, cores: int, tags: dict[str, str] | None = None) -> tuple[list[float | None] | None, str | None]:
+    """Train a job of the board, its runs tagged with its entry and `tags`: (each run's final
+    cumulative regret, None for a run that failed, and the one-line reason any failed), or (None,
+    why none trained). A replica group trains on `cores` threads, a run that diverges in it
+    failing alone; an unexpected error fails the job's runs, its traceback logged, and is
+    returned as the others are, so that the board goes on."""
     from src import replicas, training  # TensorFlow: in the worker that trains, not in the command
 
+    tags = {ENTRY_TAG: job.label, **(tags or {})}
     try:
         if job.cfg.training.replicas > 1:
-            trained = replicas.train_seeds(job.cfg, {ENTRY_TAG: job.label}, cores)
+            trained = replicas.train_seeds(job.cfg, tags, cores)
             stopped = "; ".join(replicas.stopped_runs(job.cfg, trained))
             return [None if each.stopped else each.final[METRIC] for each in trained], stopped or None
-        final, _ = training.train(job.cfg, {ENTRY_TAG: job.label})
+        final, _ = training.train(job.cfg, tags)
     except UserError as error:
         return None, str(error)
     except Exception as error:
@@ -162,39 +168,48 @@ def train_job(job: Job, cores: int) -> tuple[list[float | None] | None, str | No
 def train_in_processes(todo: list[Job], workers: int, experiment_id: str,
                        report: Callable[[Job, list | None, str | None], None], train: Callable = train_job) -> None:
     """`train` each job of `todo`, `workers` at a time in processes of their own, `report`ing each
-    job's outcome as it comes. A worker killed outright (SIGKILL, out of memory) breaks the pool:
-    the runs its job left RUNNING end FAILED, and the jobs not done train again in a fresh pool,
-    but a job whose worker died WORKER_DEATHS times is given up, so that the board goes on and
-    ends."""
+    job's outcome as it comes. A worker killed outright (SIGKILL, out of memory) breaks the pool,
+    which stops the other workers (their runs end KILLED at the end of a chunk): the runs the
+    dead one left RUNNING end FAILED, the jobs whose runs all ended are taken from the store, and
+    the rest train again in a fresh pool; a job whose worker died WORKER_DEATHS times is given
+    up, so that the board goes on and ends. The runs are told apart by a tag of their pool's."""
     deaths: collections.Counter[int] = collections.Counter()
     left = dict(enumerate(todo))
     context = multiprocessing.get_context("spawn")  # not forked: TensorFlow's threads do not survive a fork
     while left:
-        started, pool_started_ms = context.SimpleQueue(), int(time.time() * 1000)
+        pool_tag, news = {POOL_TAG: uuid.uuid4().hex}, context.SimpleQueue()
+        started, stopped = [], []  # job indices, in the order the workers said so
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_started,
-                                                    initargs=(started,)) as pool:
-            running = {pool.submit(_announced, train, index, job, config.cores_share(workers)): index
+                                                    initargs=(news,)) as pool:
+            running = {pool.submit(_announced, train, index, job, config.cores_share(workers), pool_tag): index
                        for index, job in left.items()}
             try:
                 for done in concurrent.futures.as_completed(running):
+                    _read(news, started, stopped)  # as it comes: a full pipe would block the workers
                     outcome = done.result()  # raises where the pool broke: the job stays left
                     report(left.pop(running[done]), *outcome)
                 return
+            except KeyboardInterrupt:  # the command is stopped: what has not started never will
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             except concurrent.futures.process.BrokenProcessPool:
-                pass
-        announced = set()
-        while not started.empty():
-            announced.add(started.get())
-        # What the break did not let the pool return: the jobs whose runs all ended on their own.
-        ended = runs_ended_since(experiment_id, pool_started_ms)
+                _read(news, started, stopped)
+                stopped_first = list(stopped)  # before the pool stopped the others: stopped from outside
+        _read(news, started, stopped)
+        runs = pool_runs(experiment_id, pool_tag)
+        ended = {identity: final for identity, _, status, final in runs if status in ("FINISHED", "FAILED")}
         for index in [index for index, job in left.items() if set(members(job)) <= ended.keys()]:
-            job = left.pop(index)
-            report(job, [ended[member] for member in members(job)], None)
-        in_flight = sorted(announced & set(left))
-        # The pool stops the other workers, whose runs end KILLED: the dead one's are left RUNNING.
-        left_running = end_runs_left_running(experiment_id, pool_started_ms)
-        killers = [index for index in in_flight if left_running.intersection(members(left[index]))] or in_flight
-        log.warning("A worker process died training %s: its runs ended FAILED", "; ".join(str(left[i]) for i in killers))
+            job = left.pop(index)  # its runs ended on their own, but the break lost its outcome
+            finals = [ended[member] for member in members(job)]
+            report(job, finals, None if None not in finals else "failed (the reason went with the pool: see its runs)")
+        left_running = end_runs_left_running(runs)
+        # Who died: a job that neither ended nor stopped when the pool asked, else one that had
+        # stopped before the break (a SIGTERM from outside); a worker that died idle is no job's.
+        vanished = [index for index in dict.fromkeys(started) if index in left and index not in stopped]
+        killers = vanished or [index for index in stopped_first if index in left]
+        if killers:
+            log.warning("A worker process died training %s; its runs left RUNNING (%d) ended FAILED",
+                        "; ".join(str(left[index]) for index in killers), left_running)
         for index in killers:
             deaths[index] += 1
             if deaths[index] == WORKER_DEATHS:
@@ -204,42 +219,52 @@ def train_in_processes(todo: list[Job], workers: int, experiment_id: str,
             log.warning("%d jobs train again in fresh worker processes", len(left))
 
 
-def _worker_started(started) -> None:
-    """A worker process says which job it starts on `started`, logs as the command does, and
-    leaves Ctrl-C to the command."""
-    global _started
-    _started = started
+def _worker_started(news) -> None:
+    """A worker process says on `news` which job it starts and which it stopped, stops on SIGTERM
+    (a run ending KILLED), logs as the command does, and leaves Ctrl-C to the command."""
+    global _news
+    _news = news
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_on_termination_signals()
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
 
 
-def _announced(train: Callable, index: int, job: Job, cores: int):
-    _started.put(index)
-    return train(job, cores)
+def _announced(train: Callable, index: int, job: Job, cores: int, tags: dict[str, str]):
+    _news.put((STARTED, index))
+    try:
+        return train(job, cores, tags)
+    except Terminated:  # stopped, as the pool stops its workers once one died: not on to the next job
+        _news.put((STOPPED, index))
+        os._exit(128 + signal.SIGTERM)
 
 
-def end_runs_left_running(experiment_id: str, since_ms: int) -> set[Identity]:
-    """End FAILED the runs started since `since_ms` that are still RUNNING once a pool's workers
-    are gone: a worker that died could not end them. Their identities (None where the run died
-    before its params were logged)."""
-    runs = mlflow.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
-                                                             f"attributes.start_time >= {since_ms}")
+def _read(news, started: list[int], stopped: list[int]) -> None:
+    while not news.empty():
+        what, index = news.get()
+        (started if what == STARTED else stopped).append(index)
+
+
+def pool_runs(experiment_id: str, pool_tag: dict[str, str]) -> list[tuple[Identity, str, str, float | None]]:
+    """The runs a pool's workers made: (identity, run id, status, final cumulative regret if it
+    FINISHED)."""
+    (key, value), = pool_tag.items()
+    runs = mlflow.search_runs([experiment_id], filter_string=f"tags.`{key}` = '{value}'")
+    if not len(runs):
+        return []
+    finals = comparison.column(runs, f"metrics.{METRIC}")
+    return [(each, run_id, status, None if pd.isna(final) or status != "FINISHED" else float(final))
+            for each, run_id, status, final in zip(identities(runs), runs.run_id, runs.status, finals)]
+
+
+def end_runs_left_running(runs: list) -> int:
+    """End FAILED a pool's runs still RUNNING once its workers are gone: a worker that died could
+    not end them. How many there were."""
     client = mlflow.MlflowClient()
-    for run_id in runs.get("run_id", []):
+    left_running = [run_id for _, run_id, status, _ in runs if status == "RUNNING"]
+    for run_id in left_running:
         client.set_tag(run_id, "bandits.ended_by", "benchmarks.leaderboard: its worker process died")
         client.set_terminated(run_id, "FAILED")
-    return set(identities(runs)) if len(runs) else set()
-
-
-def runs_ended_since(experiment_id: str, since_ms: int) -> dict[Identity, float | None]:
-    """The final cumulative regret of each run started since `since_ms` that FINISHED, None for
-    one that FAILED, by identity."""
-    runs = mlflow.search_runs([experiment_id], filter_string=f"attributes.start_time >= {since_ms}")
-    if not len(runs):
-        return {}
-    runs = runs[runs.status.isin(["FINISHED", "FAILED"])]
-    finals = comparison.column(runs, f"metrics.{METRIC}").where(runs.status == "FINISHED")
-    return {each: None if pd.isna(final) else float(final) for each, final in zip(identities(runs), finals)}
+    return len(left_running)
 
 
 def members(job: Job) -> list[Identity]:

@@ -123,7 +123,7 @@ def test_a_pick_tied_with_the_best_movie_is_optimal(movie, suboptimal, regret):
         def train(experience):
             return tf_agent.LossInfo(loss=tf.constant(0.0), extra=())
 
-    (metrics,) = Engine(environment, AlwaysTheSameMovie, steps_per_loop=2).run(loops=3, chunk=3)
+    (metrics,) = Engine(environment, AlwaysTheSameMovie, steps_per_loop=2, seed=0).run(loops=3, chunk=3)
     np.testing.assert_array_equal(metrics.suboptimal, [suboptimal] * 3)
     np.testing.assert_array_equal(metrics.regret, [regret] * 3)
 

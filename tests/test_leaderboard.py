@@ -319,13 +319,13 @@ def test_a_fault_in_a_job_fails_its_runs_in_one_line_and_the_board_goes_on(data_
     assert "Traceback" in caplog.text and "linucb on movielens, seed 0 failed" in caplog.text
 
 
-def killed_once_its_run_started(job, cores):
+def killed_once_its_run_started(job, cores, tags):
     """LinUCB's job trains until its run has logged metrics, then its worker process is killed
-    outright, as the out-of-memory killer does (every time: the job that kills its worker);
-    others train."""
+    outright, as the out-of-memory killer does, or sent SIGTERM, as earlyoom or a user's `kill`
+    does (every time: the job that kills its worker); the others train."""
     if job.label != "linucb":
-        return leaderboard.train_job(job, cores)
-    training = threading.Thread(target=leaderboard.train_job, args=(job, cores), daemon=True)
+        return leaderboard.train_job(job, cores, tags)
+    training = threading.Thread(target=leaderboard.train_job, args=(job, cores, tags), daemon=True)
     training.start()
     client = mlflow.MlflowClient(job.cfg.tracking.uri)
     while training.is_alive():
@@ -335,10 +335,14 @@ def killed_once_its_run_started(job, cores):
                                              f"metrics.`{metrics.CUMULATIVE_REGRET}` >= 0"):
             break
         training.join(0.05)
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.Signals[os.environ["KILL_WITH"]])
+    training.join()  # SIGTERM: stopped here, in the main thread
 
 
-def test_a_worker_killed_outright_fails_its_jobs_runs_and_the_board_goes_on(data_overrides, tracking_uri):
+@pytest.mark.parametrize("kill_with", ["SIGKILL", "SIGTERM"])
+def test_a_worker_killed_fails_its_jobs_runs_and_the_board_goes_on(data_overrides, tracking_uri, monkeypatch,
+                                                                    kill_with):
+    monkeypatch.setenv("KILL_WITH", kill_with)  # the workers' environment: spawned from this process
     planned = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb", "random"], ["movielens"], 2,
                                [*data_overrides, *SMALL, f"tracking.uri={tracking_uri}", "tracking.experiment=board"])
     todo = [next(job for job in planned if job.label == "linucb"), *(job for job in planned if job.label == "random")]
@@ -356,9 +360,10 @@ def test_a_worker_killed_outright_fails_its_jobs_runs_and_the_board_goes_on(data
     linucb = runs[runs[f"tags.{leaderboard.ENTRY_TAG}"] == "linucb"]
     assert len(linucb) == 2 and set(linucb.status) == {"FAILED"}
     assert set(linucb["tags.bandits.ended_by"]) == {"benchmarks.leaderboard: its worker process died"}
-    # Each trained to its end once (the pool stopped the others, which ended their runs KILLED).
+    # Each trained to its end once; those the pool stopped to start afresh ended KILLED.
     random = runs[runs[f"tags.{leaderboard.ENTRY_TAG}"] == "random"]
     assert sorted(random[random.status == "FINISHED"]["params.training.seed"]) == ["0", "1"]
+    assert set(random.status) <= {"FINISHED", "KILLED"}
 
 
 def test_the_lineup_compiles_with_xla_only_the_entries_whose_agent_can(data_overrides):

@@ -138,7 +138,7 @@ def test_a_new_environment_keeps_the_contract_and_linucb_learns_it():
     agent_cfg = config.compose(["agent=linucb", "agent.alpha=1.0"]).agent
     agent = build_agent(agent_cfg, environment.time_step_spec(), environment.action_spec(), seed=0)
     engine = Engine(environment, agent, steps_per_loop=2,
-                    policy_columns=logged_policy(agent_cfg, environment.action_spec()))
+                    policy_columns=logged_policy(agent_cfg, environment.action_spec()), seed=0)
     (loops,) = engine.run(loops=30, chunk=30)
     # It explores in the first few loops (seed 0: regret 15, uniform random's expectation 120),
     # then never misses.
