@@ -225,15 +225,23 @@ def evaluate_slates(cfg: DictConfig, logs_cfg: DictConfig, frame: pd.DataFrame) 
     table = intervals.of_means(terms, cfg.interval, cfg.confidence, cfg.bootstrap.samples, cfg.bootstrap.seed)
     weights = target_probabilities.slate / logged.logging.slate
     effective = float(weights.sum() ** 2 / np.sum(weights ** 2)) if weights.any() else 0.0
-    warnings = slate_caveats(cfg.interval, logs_cfg.agent.name, weights, effective)
+    heaviest_part = float(max(np.max(target_probabilities.position / logged.logging.position),
+                              np.max(target_probabilities.prefix / logged.logging.prefix)))
+    warnings = slate_caveats(cfg.interval, logs_cfg.agent.name, weights, effective, heaviest_part)
     return finish(cfg, table, true_value, target, logs_cfg.agent.name, logs_run_id, frame, len(logged), effective,
                   warnings)
 
 
-def slate_caveats(interval: str, logging_agent: str, weights: np.ndarray, effective: float) -> list[str]:
-    """Why the interval may not hold on these slates: a logger that learnt, or whole-slate
-    `weights` too few or too far from their expectation of 1 for a normal approximation (the
-    thresholds of src.evaluation.intervals)."""
+def slate_caveats(interval: str, logging_agent: str, weights: np.ndarray, effective: float,
+                  heaviest_part: float) -> list[str]:
+    """Why the estimates or the interval may not hold on these slates: a logger that learnt,
+    whole-slate `weights` too few or too far from their expectation of 1 for a normal
+    approximation (the thresholds of src.evaluation.intervals), or a position's or prefix's weight
+    (`heaviest_part`, the largest) above the number of rounds: one round then outweighs the whole
+    log in the estimators that weigh parts of slates (a logger far greedier than the target)."""
+    parts_hold = heaviest_part <= len(weights)
+    on_parts = ("; iips, rips and cascade_dr weigh positions or prefixes, with more rounds behind them"
+                if parts_hold else "")
     lines = []
     if logging_agent != intervals.FIXED_LOGGER:
         lines.append(f"the slates were logged by {logging_agent}, which learnt while it logged; the {interval} "
@@ -241,13 +249,16 @@ def slate_caveats(interval: str, logging_agent: str, weights: np.ndarray, effect
     spread = weights.std(ddof=1) / np.sqrt(len(weights))
     gap = abs(weights.mean() - 1) / spread if spread > 0 else np.inf
     if not weights.any():
-        lines.append("no logged slate is one the target would show: sips sees none of its value (0); iips, rips "
-                     "and cascade_dr weigh positions or prefixes, with more rounds behind them")
+        lines.append(f"no logged slate is one the target would show: sips sees none of its value (0){on_parts}")
     elif effective < intervals.MIN_EFFECTIVE_SAMPLE or gap > intervals.MAX_WEIGHT_MEAN_GAP:
         lines.append(f"the whole-slate weights average {weights.mean():.3f} ({gap:.1f} standard errors from "
                      f"the 1 they average in expectation) and leave an effective sample of {effective:.0f} rounds: "
                      f"the log lacks the rare slates that carry sips's estimate, and its {interval} interval cannot "
-                     f"count them; iips, rips and cascade_dr weigh positions or prefixes, with more rounds behind them")
+                     f"count them{on_parts}")
+    if not parts_hold:
+        lines.append(f"a position's or prefix's weight reaches {heaviest_part:.3g}: the logger almost never showed the "
+                     f"target's movies where the target shows them, so one round outweighs all {len(weights):,}, and "
+                     f"iips, rips, cascade_dr and pi say nothing on this log (log with a less greedy policy)")
     return lines
 
 

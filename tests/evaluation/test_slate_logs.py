@@ -134,12 +134,17 @@ def test_bad_input_on_slates_is_one_line_and_exit_2(slate_runs, caplog, argument
     assert message in refusal([argument.format(**ids) for argument in arguments] + [f"tracking.uri={uri}"], caplog)
 
 
-def test_slate_warnings_name_a_learning_logger_and_weights_that_miss_their_expectation():
+def test_slate_warnings_name_a_learning_logger_weights_that_miss_their_expectation_and_parts_too_heavy():
     balanced = np.tile([0.0, 2.0], 500)  # mean 1, as the whole-slate weights average in expectation
-    assert evaluate.slate_caveats("t", "random", balanced, 500.0) == []
-    (learning,) = evaluate.slate_caveats("bootstrap", "ranking", balanced, 500.0)
+    assert evaluate.slate_caveats("t", "random", balanced, 500.0, 50.0) == []
+    (learning,) = evaluate.slate_caveats("bootstrap", "ranking", balanced, 500.0, 50.0)
     assert "logged by ranking, which learnt while it logged; the bootstrap interval" in learning
-    (missing,) = evaluate.slate_caveats("t", "random", np.tile([0.0, 0.2], 500), 500.0)
+    (missing,) = evaluate.slate_caveats("t", "random", np.tile([0.0, 0.2], 500), 500.0, 50.0)
     assert "average 0.100" in missing and "standard errors from the 1" in missing
-    (none_shown,) = evaluate.slate_caveats("t", "random", np.zeros(1000), 0.0)
-    assert none_shown.startswith("no logged slate is one the target would show")
+    (none_shown,) = evaluate.slate_caveats("t", "random", np.zeros(1000), 0.0, 50.0)
+    assert none_shown.startswith("no logged slate is one the target would show") and "more rounds behind" in none_shown
+    # A Plackett-Luce logger at temperature 0.1 gave the target's movies 1e-13 at their positions.
+    none_shown, too_heavy = evaluate.slate_caveats("t", "random", np.zeros(1000), 0.0, 6e12)
+    assert "more rounds behind" not in none_shown
+    assert too_heavy.startswith("a position's or prefix's weight reaches 6e+12") and "outweighs all 1,000" in too_heavy
+    assert evaluate.slate_caveats("t", "random", balanced, 500.0, 1000.0) == []  # at most the rounds: no warning
