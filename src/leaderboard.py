@@ -82,7 +82,7 @@ class Job:
     cfg: DictConfig
 
     def identity(self) -> Identity:
-        return identity(self.label, tracking.flatten(self.cfg))
+        return identity(self.label, tracking.run_params(self.cfg))
 
     def __str__(self) -> str:
         first, replicas = self.cfg.training.seed, self.cfg.training.get("replicas", 1)
@@ -322,8 +322,9 @@ def identities(runs: pd.DataFrame) -> pd.Series:
 def with_new_defaults(params: dict[str, str]) -> dict[str, str]:
     """A run's params, and each setting its agent's, environment's or training's option gained
     since the run was made (agent.action_mask, env.arrivals, training.jit_compile) at its default,
-    which is what the run had: a leaderboard made before keeps its runs."""
-    filled = dict(params)
+    which is what the run had: a leaderboard made before keeps its runs. A run made before the
+    seeds' streams were mended says so (tracking.STREAMS_PARAM): it is not this code's run."""
+    filled = {tracking.STREAMS_PARAM: "from_seed", **params}
     for group, option in (("agent", params.get("agent.name", "")), ("env", params.get("env.name", "")),
                           ("training", "default")):
         for key, value in option_defaults(group, option):

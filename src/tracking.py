@@ -187,10 +187,20 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+# Logged beside a run's config: how its draws derive from its seed (src/seeding.py). Runs
+# logged without it drew from `tf.random.Generator.from_seed`, shifted copies of one stream.
+STREAMS_PARAM, STREAMS = "training.streams", "keyed"
+
+
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """Dotted keys for every leaf of the resolved config, as MLflow params."""
     flat = pd.json_normalize(OmegaConf.to_container(cfg, resolve=True), sep=".").iloc[0].to_dict()
     return {key: str(value) for key, value in flat.items()}
+
+
+def run_params(cfg: DictConfig) -> dict[str, str]:
+    """What a training run logs as its params: its config, and how its draws derive from its seed."""
+    return {**flatten(cfg), STREAMS_PARAM: STREAMS}
 
 
 class RunStopped(Exception):
@@ -212,7 +222,7 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
                               log_system_metrics=bool(sampling))
     log.info("MLflow run %s (%s) in %s", run_name, active.info.run_id, mlflow.get_tracking_uri())
     try:
-        mlflow.log_params(flatten(cfg))
+        mlflow.log_params(run_params(cfg))
         try:  # the artifact store's first write, before any training it could lose
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         except (OSError, MlflowException) as error:
@@ -254,7 +264,7 @@ def group_runs(cfgs: list[DictConfig], run_names: list[str], experiment_id: str,
             run_tags = context_registry.resolve_tags({**extra, **version_tags()})
             run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
             ids.append(run_id)
-            params = [Param(key, value) for key, value in flatten(cfg).items()]
+            params = [Param(key, value) for key, value in run_params(cfg).items()]
             for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
                 client.log_batch(run_id, params=params[start:start + 100], synchronous=True)
             try:

@@ -389,17 +389,19 @@ def test_a_replicas_speed_on_the_board_is_its_groups():
 
 def test_a_run_made_before_its_options_gained_settings_keeps_its_place(data_overrides):
     """A run logged before agent.action_mask, env.arrivals and training.jit_compile existed is the
-    planned run with them at their defaults; one whose real setting differs is not."""
+    planned run with them at their defaults; one whose real setting differs is not, nor one that
+    drew from the seeds' old streams (logged without training.streams)."""
     job = leaderboard.jobs(OmegaConf.load(leaderboard.LINEUP), ["linucb"], ["movielens"], 1, data_overrides)[0]
-    params = tracking.flatten(job.cfg)
+    params = tracking.run_params(job.cfg)
     old = {key: value for key, value in params.items()
            if key not in ("agent.action_mask", "env.arrivals", "env.arrivals_start", "env.arrivals_every",
                           "training.jit_compile")}
     other = {**old, "agent.alpha": "2.0"}
+    old_streams = {key: value for key, value in params.items() if key != tracking.STREAMS_PARAM}
     runs = pd.DataFrame([{f"tags.{leaderboard.ENTRY_TAG}": job.label, **{f"params.{k}": v for k, v in run.items()}}
-                         for run in (old, other)])
+                         for run in (old, other, old_streams)])
     found = leaderboard.identities(runs)
-    assert found[0] == job.identity() and found[1] != job.identity()
+    assert found[0] == job.identity() and found[1] != job.identity() and found[2] != job.identity()
 
 
 def test_a_compiled_entry_says_so_beside_its_hyperparameters():
