@@ -45,6 +45,8 @@ def parse(overrides: list[str]) -> DictConfig:
     for key in ("rounds", "decisions_per_round"):
         require(isinstance(cfg[key], int) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
     require(cfg.rate > 0, "rate", cfg.rate, "> 0")
+    require(isinstance(cfg.seed, int) and 0 <= cfg.seed <= config.LARGEST_INTEGER - cfg.rounds, "seed", cfg.seed,
+            f"an integer from 0 to {config.LARGEST_INTEGER} - rounds")
     require(cfg.feedback.delay_s >= 0, "feedback.delay_s", cfg.feedback.delay_s, ">= 0")
     require(0 <= cfg.feedback.drop < 1, "feedback.drop", cfg.feedback.drop, "in [0, 1)")
     require(cfg.exploration in MODES, "exploration", cfg.exploration, f"one of {', '.join(MODES)} (conf/serve.yaml)")
@@ -126,7 +128,7 @@ def one_round(number: int, cfg: DictConfig, base: str, common: list[str], out: P
     folder = out / f"round{number}"
     child("src.traffic", f"url={base}", f"rate={cfg.rate}", f"duration={cfg.decisions_per_round / cfg.rate}",
           f"feedback.delay_s={cfg.feedback.delay_s}", f"feedback.drop={cfg.feedback.drop}", f"out={folder}",
-          *common, log_to=out / f"round{number}-traffic.log")
+          f"seed={cfg.seed + number - 1}", *common, log_to=out / f"round{number}-traffic.log")
     traffic = json.loads((folder / "traffic.json").read_text())
     served = traffic["versions"]
     interactions = sum(version["interactions"] for version in served.values())
@@ -181,7 +183,7 @@ def run_loop(cfg: DictConfig) -> Path:
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline·{cfg.rounds}rounds",
                           tags={tracking.ROLE_TAG: "pipeline"}) as active:
         mlflow.log_params({"rounds": cfg.rounds, "decisions_per_round": cfg.decisions_per_round, "rate": cfg.rate,
-                           "challenger": " ".join(cfg.challenger), "model_name": cfg.model_name})
+                           "seed": cfg.seed, "challenger": " ".join(cfg.challenger), "model_name": cfg.model_name})
         mlflow.log_artifacts(str(out))
     print(table.drop(columns="reason").to_string(index=False, float_format="{:.4f}".format))
     log.info("Rounds in %s; %s", out / "rounds.csv", tracking.where_to_see(active.info.run_id, experiment_id))
