@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--decisions-per-round", type=int, default=3000)
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the online agent")
     parser.add_argument("--epsilon", type=float, default=0.1, help="the service's exploration (conf/serve.yaml)")
-    parser.add_argument("--challenger", nargs="*", default=["agent=linucb", "agent.alpha=0.1"],
+    parser.add_argument("--challenger", nargs="*", default=["agent=linucb", "agent.alpha=0.01"],
                         help="the loop's challenger overrides (conf/pipeline.yaml's default)")
     parser.add_argument("--out", type=Path, help="folder for the loop's store and tables (default: a temporary one)")
     parser.add_argument("--loop-done", action="store_true",
