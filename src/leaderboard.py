@@ -198,10 +198,11 @@ def train_in_processes(todo: list[Job], workers: int, experiment_id: str,
         _read(news, started, stopped)
         runs = pool_runs(experiment_id, pool_tag)
         ended = {identity: final for identity, _, status, final in runs if status in ("FINISHED", "FAILED")}
-        for index in [index for index, job in left.items() if set(members(job)) <= ended.keys()]:
-            job = left.pop(index)  # its runs ended on their own, but the break lost its outcome
-            finals = [ended[member] for member in members(job)]
-            report(job, finals, None if None not in finals else "failed (the reason went with the pool: see its runs)")
+        for index, job_runs in [(index, members(job)) for index, job in left.items()]:
+            if set(job_runs) <= ended.keys():  # its runs ended on their own, but the break lost its outcome
+                finals = [ended[member] for member in job_runs]
+                report(left.pop(index), finals,
+                       None if None not in finals else "failed (the reason went with the pool: see its runs)")
         left_running = end_runs_left_running(runs)
         # Who died: a job that neither ended nor stopped when the pool asked, else one that had
         # stopped before the break (a SIGTERM from outside); a worker that died idle is no job's.
@@ -259,11 +260,9 @@ def pool_runs(experiment_id: str, pool_tag: dict[str, str]) -> list[tuple[Identi
 def end_runs_left_running(runs: list) -> int:
     """End FAILED a pool's runs still RUNNING once its workers are gone: a worker that died could
     not end them. How many there were."""
-    client = mlflow.MlflowClient()
     left_running = [run_id for _, run_id, status, _ in runs if status == "RUNNING"]
     for run_id in left_running:
-        client.set_tag(run_id, "bandits.ended_by", "benchmarks.leaderboard: its worker process died")
-        client.set_terminated(run_id, "FAILED")
+        tracking.fail_run(run_id, "benchmarks.leaderboard: its worker process died")
     return len(left_running)
 
 

@@ -17,7 +17,6 @@ import re
 import time
 
 import mlflow
-from mlflow.entities import RunStatus
 from omegaconf import OmegaConf
 
 from src import tracking
@@ -63,8 +62,7 @@ def reap(experiment_ids: list[str], older_than_s: float, dry_run: bool = False) 
         log.info("%s run %s (%s): RUNNING, idle %.0f min", "Would end" if dry_run else "Ending",
                  run.info.run_id, run.info.run_name, idle_min)
         if not dry_run:
-            client.set_tag(run.info.run_id, "bandits.ended_by", f"src.runs reap: no activity for {idle_min:.0f} min")
-            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            tracking.fail_run(run.info.run_id, f"src.runs reap: no activity for {idle_min:.0f} min")
     log.info("%d stale run(s) %s", len(stale), "found" if dry_run else "marked FAILED")
     return stale
 

@@ -190,6 +190,7 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 # Logged beside a run's config: how its draws derive from its seed (src/seeding.py). Runs
 # logged without it drew from `tf.random.Generator.from_seed`, shifted copies of one stream.
 STREAMS_PARAM, STREAMS = "training.streams", "keyed"
+ENDED_BY_TAG = "bandits.ended_by"  # who ended a run its own process could not, and why
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -201,6 +202,13 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 def run_params(cfg: DictConfig) -> dict[str, str]:
     """What a training run logs as its params: its config, and how its draws derive from its seed."""
     return {**flatten(cfg), STREAMS_PARAM: STREAMS}
+
+
+def fail_run(run_id: str, reason: str) -> None:
+    """End FAILED a run its process cannot end (it died), tagged with why (`bandits.ended_by`)."""
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, ENDED_BY_TAG, reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
 class RunStopped(Exception):

@@ -8,8 +8,8 @@ import warnings
 
 import mlflow
 import optuna
-from mlflow.entities import RunStatus
 
+from src import tracking
 from src.campaigns.trials import COMPLETE, ERROR_ATTR
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def end_trial_runs(study_name: str, number: int, experiment: str) -> None:
     the worker lost the study's database before it could record the trial's value."""
     for run in trial_runs(study_name, experiment, f" AND tags.`sweep.trial` = '{number}'"):
         if run.info.status in ("RUNNING", "FINISHED"):
-            fail_run(run.info.run_id, "heartbeat: its worker died before the trial was recorded")
+            tracking.fail_run(run.info.run_id, "heartbeat: its worker died before the trial was recorded")
             log.warning("Run %s of dead trial %d marked FAILED", run.info.run_id, number)
 
 
@@ -47,7 +47,7 @@ def end_orphaned_runs(study: optuna.Study, experiment: str) -> None:
         trial = trials.get(int(run.data.tags.get("sweep.trial", -1)))  # the parent has no trial
         # A COMPLETE trial's run is RUNNING again while the summarising worker adds its policy.
         if trial is not None and trial.state.is_finished() and trial.state != COMPLETE:
-            fail_run(run.info.run_id, f"trial {trial.number} ended {trial.state.name}: "
+            tracking.fail_run(run.info.run_id, f"trial {trial.number} ended {trial.state.name}: "
                                       f"{trial.user_attrs.get(ERROR_ATTR, 'no error recorded')}")
             log.warning("Run %s of trial %d, left RUNNING, marked FAILED", run.info.run_id, trial.number)
 
@@ -58,9 +58,3 @@ def trial_runs(study_name: str, experiment: str, condition: str) -> list:
         return []
     return mlflow.MlflowClient().search_runs([found.experiment_id],
                                              filter_string=f"tags.`sweep.study` = '{study_name}'{condition}")
-
-
-def fail_run(run_id: str, reason: str) -> None:
-    client = mlflow.MlflowClient()
-    client.set_tag(run_id, "bandits.ended_by", reason)
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
