@@ -33,6 +33,7 @@ import os
 import shlex
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,14 +43,16 @@ from omegaconf import DictConfig, OmegaConf
 from src import comparison, config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError, require
-from src.leaderboard import (LINEUP, LOG_FORMAT, Identity, Job, failed_runs, identities, in_groups, jobs, markdown,
-                             standings, train_in_processes, train_job, write)
+from src.leaderboard import (LINEUP, LOG_FORMAT, POOL_TAG, Identity, Job, end_runs_left_running, failed_runs,
+                             identities, in_groups, jobs, markdown, members, pool_runs, standings, train_in_processes,
+                             train_job, write)
 
 log = logging.getLogger("benchmarks.leaderboard")
 
 # Experiment tags: what trained the leaderboard's runs, so that --tables-only can say it too.
 COMMAND_TAG = "leaderboard.command"
 WALL_TAG = "leaderboard.wall_time"
+RAY_TASK_LOST = "its Ray task's worker or node died (or the board was stopped)"
 
 
 def finished(experiment_id: str) -> set[Identity]:
@@ -76,10 +79,23 @@ def train_all(todo: list[Job], workers: int, experiment_id: str, ray_address: st
     if ray_address:
         from src.campaigns import ray_cluster
 
-        outcomes = ray_cluster.run_tasks(ray_address, train_job, [(job, 1) for job in todo],
-                                         describe=lambda args: str(args[0]))
-        for job, (outcome, lost) in zip(todo, outcomes):  # a task lost beyond Ray's retries has no outcome
-            progress.add(job, *(outcome or (None, lost)))
+        # A task whose node died runs again elsewhere, as new runs: those of its first try were
+        # left RUNNING, and end FAILED once the job is done, found by the board's tag.
+        board = {POOL_TAG: uuid.uuid4().hex}
+
+        def done(index: int, outcome, lost: str | None) -> None:
+            job = todo[index]
+            runs_of_job = [run for run in pool_runs(experiment_id, board) if run[0] in set(members(job))]
+            left_running = end_runs_left_running(runs_of_job, RAY_TASK_LOST)
+            if left_running:
+                log.warning("%s: %d runs of a try whose node died ended FAILED", job, left_running)
+            progress.add(job, *(outcome or (None, lost)))  # a task lost beyond Ray's retries has no outcome
+
+        try:
+            ray_cluster.run_tasks(ray_address, train_job, [(job, 1, board) for job in todo],
+                                  describe=lambda args: str(args[0]), on_done=done)
+        finally:  # stopped: the runs of the tasks cancelled on the cluster
+            end_runs_left_running(pool_runs(experiment_id, board), RAY_TASK_LOST)
         return progress.failed
     train_in_processes(todo, workers, experiment_id, progress.add)
     return progress.failed

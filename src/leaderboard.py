@@ -257,12 +257,12 @@ def pool_runs(experiment_id: str, pool_tag: dict[str, str]) -> list[tuple[Identi
             for each, run_id, status, final in zip(identities(runs), runs.run_id, runs.status, finals)]
 
 
-def end_runs_left_running(runs: list) -> int:
+def end_runs_left_running(runs: list, why: str = "its worker process died") -> int:
     """End FAILED a pool's runs still RUNNING once its workers are gone: a worker that died could
     not end them. How many there were."""
     left_running = [run_id for _, run_id, status, _ in runs if status == "RUNNING"]
     for run_id in left_running:
-        tracking.fail_run(run_id, "benchmarks.leaderboard: its worker process died")
+        tracking.fail_run(run_id, f"benchmarks.leaderboard: {why}")
     return len(left_running)
 
 

@@ -59,9 +59,12 @@ def connect(address: str):
 
 
 def run_tasks(address: str, function: Callable, arguments: list[tuple], cpus: float = 1.0,
-              describe: Callable[[tuple], str] = str) -> list[tuple[object | None, str | None]]:
+              describe: Callable[[tuple], str] = str,
+              on_done: Callable[[int, object | None, str | None], None] = lambda index, result, error: None,
+              ) -> list[tuple[object | None, str | None]]:
     """`function(*args)` for each of `arguments` as a Ray task of `cpus` CPUs; each one's (result,
-    None) or (None, why it failed), in order, as they are all done."""
+    None) or (None, why it failed), in order, as they are all done, and to `on_done` with its
+    index as each is done."""
     ray = connect(address)
     remote = ray.remote(num_cpus=cpus, max_retries=RETRIES, retry_exceptions=False)(function)
     pending = {remote.remote(*args): index for index, args in enumerate(arguments)}
@@ -76,6 +79,7 @@ def run_tasks(address: str, function: Callable, arguments: list[tuple], cpus: fl
                 cause = getattr(error, "cause", None) or error
                 outcomes[index] = (None, one_line(cause))
                 log.warning("%s failed on the cluster: %s", describe(arguments[index]), outcomes[index][1])
+            on_done(index, *outcomes[index])
     finally:
         for task in pending:  # interrupted: nothing of ours keeps running on the cluster
             ray.cancel(task, force=True)

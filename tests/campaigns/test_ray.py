@@ -35,16 +35,17 @@ class Cluster:
 
     def start(self, *command: str) -> subprocess.Popen:
         log = open(self.logs / f"node-{len(self.nodes)}.log", "w")
+        before = self.alive_nodes()
         node = subprocess.Popen([SCRIPT, *command, "--cpus", "1", "--block"], cwd=PROJECT_ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append(node)
-        wait_until(lambda: self.alive_nodes() >= len(self.nodes), 180, f"Ray node {len(self.nodes)} to join")
+        wait_until(lambda: self.alive_nodes() - before, 180, f"Ray node {len(self.nodes)} to join")
         return node
 
-    def alive_nodes(self) -> int:
+    def alive_nodes(self) -> set[str]:
         status = subprocess.run([SCRIPT, "status", self.address], capture_output=True, text=True, timeout=60)
         active = status.stdout.split("Active:")[-1].split("Pending:")[0] if status.returncode == 0 else ""
-        return len(re.findall(r"\bnode_[0-9a-f]+", active))
+        return set(re.findall(r"\bnode_[0-9a-f]+", active))
 
     @staticmethod
     def kill(node: subprocess.Popen) -> None:
@@ -89,21 +90,43 @@ def test_an_address_where_no_cluster_answers_is_one_line_before_anything_is_made
 
 
 @pytest.mark.slow
-def test_a_sweep_on_a_two_node_ray_cluster_survives_a_killed_node_with_exact_counts(cluster, stack, data_overrides,
-                                                                                   tmp_path):
-    # The leaderboard first, on the healthy cluster: its runs placed by Ray, tracked as ever.
-    board = subprocess.run(["uv", "run", "--no-sync", "python", "-m", "benchmarks.leaderboard", "--ray",
-                            cluster.address, "--agents", "linucb,random", "--envs", "movielens", "--seeds", "2",
-                            "--loops", "60", "--out", str(tmp_path / "board"), "--tracking-uri",
-                            stack["MLFLOW_TRACKING_URI"], "--experiment", f"board-{uuid.uuid4().hex[:8]}",
-                            *data_overrides, *[o for o in SMALL if not o.startswith("training.loops=")]],
-                           capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
-    assert board.returncode == 0, board.stderr[-3000:]
-    assert f"on the Ray cluster at {cluster.address}" in (tmp_path / "board" / "leaderboard.md").read_text()
-
+def test_a_board_and_a_sweep_on_a_two_node_ray_cluster_survive_a_killed_node(cluster, stack, data_overrides,
+                                                                             tmp_path):
+    # The leaderboard's runs placed by Ray, tracked as ever. Once both nodes train a job (one CPU
+    # each), the worker node dies: its job trains again on the head, the runs of the try that
+    # died end FAILED, and each run of the board FINISHED once.
     doomed = cluster.start("join", cluster.address)
+    tracking_uri, experiment = stack["MLFLOW_TRACKING_URI"], f"board-{uuid.uuid4().hex[:8]}"
+    client = mlflow.MlflowClient(tracking_uri)
+    out = tmp_path / "board.out"
+    board = subprocess.Popen(["uv", "run", "--no-sync", "python", "-m", "benchmarks.leaderboard", "--ray",
+                              cluster.address, "--agents", "linucb,lints", "--envs", "movielens", "--seeds", "2",
+                              "--loops", "20000", "--out", str(tmp_path / "board"), "--tracking-uri", tracking_uri,
+                              "--experiment", experiment, *data_overrides,
+                              *[o for o in SMALL if not o.startswith("training.loops=")]],
+                             cwd=PROJECT_ROOT, stdout=open(out, "w"), stderr=subprocess.STDOUT)
+
+    def entries_training() -> set[str]:
+        found = client.get_experiment_by_name(experiment)
+        running = client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'") if found else []
+        return {run.data.tags["leaderboard.entry"] for run in running}
+
+    wait_until(lambda: len(entries_training()) == 2, 300, "both nodes to train a job of the board")
+    cluster.kill(doomed)
+    assert board.wait(timeout=600) == 0, out.read_text()[-3000:]
+    assert f"on the Ray cluster at {cluster.address}" in (tmp_path / "board" / "leaderboard.md").read_text()
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              "tags.`leaderboard.entry` != ''")
+    finished = collections.Counter((run.data.tags["leaderboard.entry"], run.data.params["training.seed"])
+                                   for run in runs if run.info.status == "FINISHED")
+    assert sorted(finished.values()) == [1] * 4, finished
+    died = [run for run in runs if run.info.status != "FINISHED"]  # as many as the try had made
+    assert died and {run.info.status for run in died} == {"FAILED"}, [run.info.status for run in died]
+    assert all("Ray task's worker or node died" in run.data.tags["bandits.ended_by"] for run in died)
+
+    doomed = cluster.start("join", cluster.address)  # a fresh worker node, to die mid-sweep
     study_name = f"ray-{uuid.uuid4().hex[:8]}"
-    storage, tracking_uri = stack["OPTUNA_STORAGE"], stack["MLFLOW_TRACKING_URI"]
+    storage = stack["OPTUNA_STORAGE"]
     overrides = overrides_for(data_overrides, study_name, storage, tracking_uri, "training.loops=3000",
                               "sweep.heartbeat_s=1", "sweep.grace_s=5")[1:]
     out = tmp_path / "multirun.out"
