@@ -127,12 +127,13 @@ class Interrupts:
     on that lock and fails, leaving the run RUNNING.) Signals during the clean-up that follows
     are ignored, so it completes however often a user presses."""
 
-    def __init__(self):
+    def __init__(self, stopping: str):
         self.received: list[int] = []
+        self._stopping = stopping
 
     def _receive(self, signum, frame) -> None:
         if not self.received:
-            log.warning("Stopping after the current chunk of loops (Ctrl-C again to stop without logging it)")
+            log.warning("Stopping %s", self._stopping)
         self.received.append(signum)
 
     def check(self, urgent_only: bool = False) -> None:
@@ -142,11 +143,11 @@ class Interrupts:
 
 
 @contextlib.contextmanager
-def interrupts_handled():
-    """Inside, Ctrl-C and SIGTERM go to the `Interrupts` it yields; one that came too late for
-    its last `check()` stops the process on leaving. Only the main thread may handle signals;
-    a background job's ignored SIGINT stays ignored."""
-    interrupts = Interrupts()
+def interrupts_handled(stopping: str = "after the current chunk of loops (Ctrl-C again to stop without logging it)"):
+    """Inside, Ctrl-C and SIGTERM go to the `Interrupts` it yields, the first said as `stopping`
+    when it comes; one that came too late for its last `check()` stops the process on leaving.
+    Only the main thread may handle signals; a background job's ignored SIGINT stays ignored."""
+    interrupts = Interrupts(stopping)
     if threading.current_thread() is not threading.main_thread():
         yield interrupts
         return

@@ -8,13 +8,15 @@ for the whole loop, then per round `src.traffic` (the true regret of what was se
 `src.retrain` (the gate's estimates, the truth and the decision). Without `<model_name>@champion`
 in the registry, the first champion is `champion_agent` trained with `training=quick`. The
 rounds' table and figure go to `out` and to a run of experiment `pipeline` (bandits.role=pipeline).
-On Ctrl-C the children stop; what the service acknowledged is already in its decision log.
+On Ctrl-C or SIGTERM the children are stopped the same way and waited for (a round's run ends
+KILLED, the traffic keeps its result); what the service acknowledged is already in its decision log.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +27,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from src import config
-from src.cli import exit_on_user_error, run_and_exit, writable_folder
+from src import config, retrain, traffic
+from src.cli import Terminated, exit_on_user_error, run_and_exit, stop_on_termination_signals, writable_folder
 from src.errors import UserError, require
 from src.paths import PROJECT_ROOT
 from src.serving.exploration import MODES
@@ -38,6 +40,8 @@ EXPERIMENT = "pipeline"
 # How long the service may take to load TensorFlow and the model on a busy machine, and how
 # long after a promotion it may take to serve the new version (its reload_s is 2 here).
 SERVICE_START_S, FOLLOW_S = 600, 120
+# How long a child asked to stop may take to record what it was doing before it is killed.
+STOP_S = 60
 
 
 def parse(overrides: list[str]) -> DictConfig:
@@ -50,18 +54,56 @@ def parse(overrides: list[str]) -> DictConfig:
     require(cfg.feedback.delay_s >= 0, "feedback.delay_s", cfg.feedback.delay_s, ">= 0")
     require(0 <= cfg.feedback.drop < 1, "feedback.drop", cfg.feedback.drop, "in [0, 1)")
     require(cfg.exploration in MODES, "exploration", cfg.exploration, f"one of {', '.join(MODES)} (conf/serve.yaml)")
+    require(cfg.decisions_per_round / cfg.rate <= traffic.LONGEST_S, "rate", cfg.rate,
+            f"such that a round's traffic, decisions_per_round / rate, takes at most {traffic.LONGEST_S:,} s")
+    # What the children would refuse, refused now rather than after the service started and a round's traffic ran.
+    traffic.parse(traffic_options(cfg, url="http://127.0.0.1:1", out=None, round_number=1))
+    retrain.parse(retrain_options(cfg))
     return cfg
 
 
-def child(module: str, *args: str, log_to: Path) -> None:
-    """Run `python -m <module> args`, its output into `log_to`; its one error line if it fails."""
-    log.info("Running %s (log: %s)", module, log_to)
+def traffic_options(cfg: DictConfig, url: str, out: Path | None, round_number: int) -> list[str]:
+    return [f"url={url}", f"rate={cfg.rate}", f"duration={cfg.decisions_per_round / cfg.rate}",
+            f"feedback.delay_s={cfg.feedback.delay_s}", f"feedback.drop={cfg.feedback.drop}",
+            *([f"out={out}"] if out else []), f"seed={cfg.seed + round_number - 1}"]
+
+
+def retrain_options(cfg: DictConfig) -> list[str]:
+    return [f"model_name={cfg.model_name}", *cfg.challenger]
+
+
+def start(module: str, *args: str, log_to: Path) -> subprocess.Popen:
+    """`python -m <module> args`, its output into `log_to`, in a session of its own: Ctrl-C and
+    SIGTERM reach it from this command, once (`stop`), not from the terminal too."""
     with open(log_to, "w") as output:
-        done = subprocess.run([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT, stdout=output,
-                              stderr=subprocess.STDOUT)
-    if done.returncode:
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT, stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> None:
+    """Ask `process` to stop as the command was asked (each stops cleanly on SIGINT or SIGTERM: a
+    run ends KILLED, the traffic keeps its result); killed if it has not within STOP_S."""
+    process.send_signal(signum)
+    try:
+        process.wait(timeout=STOP_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def child(module: str, *args: str, log_to: Path) -> None:
+    """Run `python -m <module> args` to its end, its output into `log_to`; its one error line if
+    it fails. Stopped as this command is."""
+    log.info("Running %s (log: %s)", module, log_to)
+    process = start(module, *args, log_to=log_to)
+    try:
+        returncode = process.wait()
+    except KeyboardInterrupt as interrupt:
+        stop(process, interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT)
+        raise
+    if returncode:
         errors = [line for line in log_to.read_text().splitlines() if "ERROR" in line]
-        raise UserError(f"{module} failed ({errors[-1].split('] - ')[-1] if errors else f'exit {done.returncode}'}); "
+        raise UserError(f"{module} failed ({errors[-1].split('] - ')[-1] if errors else f'exit {returncode}'}); "
                         f"see {log_to}")
 
 
@@ -126,15 +168,19 @@ def last_round(model_name: str):
 def one_round(number: int, cfg: DictConfig, base: str, common: list[str], out: Path, service, service_log) -> dict:
     """Traffic, then a retraining round: the round's row of the table."""
     folder = out / f"round{number}"
-    child("src.traffic", f"url={base}", f"rate={cfg.rate}", f"duration={cfg.decisions_per_round / cfg.rate}",
-          f"feedback.delay_s={cfg.feedback.delay_s}", f"feedback.drop={cfg.feedback.drop}", f"out={folder}",
-          f"seed={cfg.seed + number - 1}", *common, log_to=out / f"round{number}-traffic.log")
+    try:
+        child("src.traffic", *traffic_options(cfg, base, folder, number), *common,
+              log_to=out / f"round{number}-traffic.log")
+    except UserError:
+        if service.poll() is not None:
+            raise UserError(f"the service stopped during round {number}'s traffic (exit {service.returncode}); "
+                            f"see {service_log}") from None
+        raise
     traffic = json.loads((folder / "traffic.json").read_text())
     served = traffic["versions"]
     interactions = sum(version["interactions"] for version in served.values())
     regret = sum(version["true_regret"] * version["interactions"] for version in served.values()) / interactions
-    child("src.retrain", f"model_name={cfg.model_name}", *cfg.challenger, *common,
-          log_to=out / f"round{number}-retrain.log")
+    child("src.retrain", *retrain_options(cfg), *common, log_to=out / f"round{number}-retrain.log")
     run = last_round(cfg.model_name)
     tags, values = run.data.tags, run.data.metrics
     promoted = tags.get("retrain.promoted_version")
@@ -165,21 +211,19 @@ def run_loop(cfg: DictConfig) -> Path:
     port, service_log = free_port(), out / "service.log"
     base = f"http://127.0.0.1:{port}"
     log.info("Starting the service at %s (log: %s)", base, service_log)
-    service = subprocess.Popen([sys.executable, "-m", "src.serve", f"model=models:/{cfg.model_name}@champion",
-                                f"port={port}", "reload_s=2", f"exploration={cfg.exploration}", f"tracking.uri={uri}"],
-                               cwd=PROJECT_ROOT, stdout=open(service_log, "w"), stderr=subprocess.STDOUT)
+    service = start("src.serve", f"model=models:/{cfg.model_name}@champion", f"port={port}", "reload_s=2",
+                    f"exploration={cfg.exploration}", f"tracking.uri={uri}", log_to=service_log)
+    rows = []
     try:
         wait_for(lambda: served_version(base), service, SERVICE_START_S, "the service to answer", service_log)
-        rows = [one_round(number, cfg, base, common, out, service, service_log) for number in range(1, cfg.rounds + 1)]
+        for number in range(1, cfg.rounds + 1):
+            rows.append(one_round(number, cfg, base, common, out, service, service_log))
     finally:
-        service.terminate()  # SIGTERM: the service stops cleanly, its log already durable
-        try:
-            service.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            service.kill()
-    table = pd.DataFrame(rows)
-    table.to_csv(out / "rounds.csv", index=False)
-    plots.rounds_figure(table).savefig(out / "rounds.png", dpi=120)
+        stop(service)  # SIGTERM: the service stops cleanly, its log already durable
+        if rows:  # stopped or failed too: the rounds done so far are kept
+            table = pd.DataFrame(rows)
+            table.to_csv(out / "rounds.csv", index=False)
+            plots.rounds_figure(table).savefig(out / "rounds.png", dpi=120)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline·{cfg.rounds}rounds",
                           tags={tracking.ROLE_TAG: "pipeline"}) as active:
         mlflow.log_params({"rounds": cfg.rounds, "decisions_per_round": cfg.decisions_per_round, "rate": cfg.rate,
@@ -192,6 +236,7 @@ def run_loop(cfg: DictConfig) -> Path:
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    stop_on_termination_signals()  # SIGTERM as Ctrl-C: the children stop, none is left behind
     with exit_on_user_error():
         run_loop(parse(argv))
 

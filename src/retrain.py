@@ -31,7 +31,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src import config
-from src.cli import exit_on_user_error, run_and_exit
+from src.cli import exit_on_user_error, interrupts_handled, run_and_exit, stop_on_termination_signals
 from src.errors import UserError, one_line, require
 from src.evaluation import estimators, gate
 
@@ -80,6 +80,8 @@ def parse(overrides: list[str]) -> DictConfig:
             f"a number of mean reward, at most {config.LARGEST_NUMBER:g} in size")
     require(_number(cfg.confidence) and 0 < cfg.confidence < 1, "confidence", cfg.confidence, "in (0, 1)")
     require(cfg.interval in gate.LOWER_BOUNDS, "interval", cfg.interval, f"one of {', '.join(gate.LOWER_BOUNDS)}")
+    require(_integer(cfg.min_holdout) and 0 <= cfg.min_holdout <= config.LARGEST_INTEGER, "min_holdout",
+            cfg.min_holdout, "an integer >= 0")
     samples = cfg.bootstrap.samples
     require(_integer(samples) and 100 <= samples <= 100_000, "bootstrap.samples", samples,
             "an integer in [100, 100000]")
@@ -179,21 +181,33 @@ def describe_window(since: float | None, until: float) -> str:
     return f"{'the start' if since is None else stamp(since)} to {stamp(until)}"
 
 
-def read_decisions(url: str, since: float | None, until: float, start: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The window's joined decisions, and those the challenger may learn from (warm: every one
-    decided before `until`)."""
+def read_decisions(url: str, since: float | None, until: float, start: str,
+                   model_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The window's joined decisions of the model `model_name` served to the catalogue's users,
+    and those the challenger may learn from (warm: every such one decided before `until`)."""
     from src.serving.decision_log import DecisionLog
 
     decision_log = DecisionLog(url)
     try:
-        window = decision_log.joined(since, until)
+        window = of_users(decision_log.joined(since, until, model_name))
         if window.empty:
-            raise UserError(f"nothing to learn from: no decision in {decision_log.shown} from "
+            raise UserError(f"nothing to learn from: no decision of models:/{model_name} in {decision_log.shown} from "
                             f"{describe_window(since, until)} has feedback yet")
-        history = decision_log.joined(None, until) if start == "warm" and since is not None else window
+        history = (of_users(decision_log.joined(None, until, model_name)) if start == "warm" and since is not None
+                   else window)
     finally:
         decision_log.close()
     return window, history
+
+
+def of_users(joined: pd.DataFrame) -> pd.DataFrame:
+    """The decisions made for a user of the catalogue: one the service made from raw features
+    (no user id) has no user whose choices the gate compares, nor a true reward to grade by."""
+    for_features = joined.user_id.isna()
+    if for_features.any():
+        log.info("Leaving out %d decisions made from raw features (no user id): a round learns and gates on the "
+                 "catalogue's users", for_features.sum())
+    return joined[~for_features]
 
 
 def split(window: pd.DataFrame, history: pd.DataFrame, holdout_share: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -268,7 +282,8 @@ def challenge(engine, train: estimators.Feedback, holdout: estimators.Feedback, 
                           gate_estimator(cfg), min_gain=float(cfg.min_gain), confidence=float(cfg.confidence),
                           samples=cfg.bootstrap.samples, seed=cfg.bootstrap.seed, ridge=cfg.reward_model_ridge,
                           reward_rounds=train, interval=cfg.interval,
-                          reward_range=(float(reward_model.rewards.min()), float(reward_model.rewards.max())))
+                          reward_range=(float(reward_model.rewards.min()), float(reward_model.rewards.max())),
+                          min_rounds=cfg.min_holdout)
     return choices, verdict
 
 
@@ -324,7 +339,7 @@ def one_round(cfg: DictConfig, experiment_id: str | None, champion: Champion, ur
     """The round itself, its model's lock held: the window, learning, the gate, the record."""
     previous = previous_round(experiment_id, champion.name)
     since, until = window_of(cfg, previous, time.time())
-    window, history = read_decisions(url, since, until, cfg.start)
+    window, history = read_decisions(url, since, until, cfg.start, champion.name)
     train_frame, holdout_frame = split(window, history, cfg.holdout_share)
     log.info("Round %d against %s (run %s): %d joined decisions from %s; learning from %d, gating on %d",
              round_number(previous), champion.uri, champion.run_id, len(window), describe_window(since, until),
@@ -375,7 +390,14 @@ def learn_and_gate(cfg: DictConfig, experiment_id: str | None, champion: Champio
 def record(cfg: DictConfig, challenger_cfg: DictConfig, experiment_id: str | None, outcome: Outcome, span: tuple,
            joined: pd.DataFrame, engine, catalogue) -> Outcome:
     """The round's MLflow run; a promoted challenger logged in it, registered, and `@champion`
-    moved to it, last, so that a failure before leaves the registry as it was."""
+    moved to it, last, so that a failure before leaves the alias where it was. Ctrl-C or SIGTERM
+    meanwhile waits for the round to be recorded whole, then stops the command."""
+    with interrupts_handled("once the round is recorded"):
+        return _record(cfg, challenger_cfg, experiment_id, outcome, span, joined, engine, catalogue)
+
+
+def _record(cfg: DictConfig, challenger_cfg: DictConfig, experiment_id: str | None, outcome: Outcome, span: tuple,
+            joined: pd.DataFrame, engine, catalogue) -> Outcome:
     import mlflow
 
     from src import serving, tracking
@@ -449,6 +471,7 @@ def report(outcome: Outcome) -> str:
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    stop_on_termination_signals()  # SIGTERM as Ctrl-C: a round's run ends KILLED, not left RUNNING
     with exit_on_user_error():
         cfg = parse(argv)
         print(report(run_round(cfg)))

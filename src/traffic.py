@@ -37,7 +37,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from src import config
-from src.cli import exit_on_user_error
+from src.cli import exit_on_user_error, stop_on_termination_signals, writable_folder
 from src.errors import UserError, one_line, require
 from src.paths import PROJECT_ROOT, resolve
 
@@ -264,6 +264,7 @@ class Traffic:
         self._feedback = ThreadPoolExecutor(workers, thread_name_prefix="feedback")
         self._later = Later(self._feedback)
         self._started = math.nan
+        self.stopped: KeyboardInterrupt | None = None  # Ctrl-C or SIGTERM, re-raised once the result is kept
 
     def run(self, rate: float, progress_s: float) -> float:
         """Send every visit at `rate` a second, then the feedback still due; the seconds from the
@@ -280,8 +281,9 @@ class Traffic:
                     next_progress += progress_s
                 time.sleep(max(0.0, started + visit.index / rate - now))
                 answered.append(self._requests.submit(self.recommend, visit))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             log.warning("Stopping: no more recommendations; the feedback already due is still sent")
+            self.stopped = stop
             self.visits = self.visits[:len(answered)]  # the report counts what was sent
         wait(answered)
         self._drain(started, progress_s)
@@ -408,10 +410,13 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def simulate(cfg: DictConfig) -> tuple[dict, Path, str | None]:
-    """Run the traffic `cfg` describes; (the result, the folder it is in, the MLflow run id)."""
+def simulate(cfg: DictConfig) -> None:
+    """Run the traffic `cfg` describes and keep its result (in `out`, and an MLflow run), also
+    where it was stopped (then re-raising the stop) or nothing was answered (one line)."""
     from src import tracking
 
+    folder = writable_folder(resolve(cfg.out) if cfg.out else PROJECT_ROOT / "outputs" / "traffic" /
+                             datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), "out")
     client = Client(str(cfg.url), cfg.timeout_s)
     health = served_run(client, str(cfg.url))
     uri = tracking.tracking_uri(cfg.tracking.uri)
@@ -428,20 +433,23 @@ def simulate(cfg: DictConfig) -> tuple[dict, Path, str | None]:
     elapsed = traffic.run(cfg.rate, cfg.progress_s)
     frame = traffic.frame()
     result = summary(frame, cfg, health, elapsed)
-    folder = resolve(cfg.out) if cfg.out else PROJECT_ROOT / "outputs" / "traffic" / datetime.now().strftime(
-        "%Y-%m-%d_%H-%M-%S")
     write(result, frame, folder)
     run_id = log_run(cfg, result, folder, experiment_id) if cfg.tracking.log else None
-    return result, folder, run_id
+    print(report(result))
+    print(f"Result: {folder / 'traffic.json'} and {folder / 'interactions.csv'}"
+          + (f"; MLflow run {run_id} (experiment {EXPERIMENT})" if run_id else ""))
+    if traffic.stopped:
+        raise traffic.stopped
+    if not result["recommend"]["answered"]:
+        raise UserError(f"none of the {result['recommend']['sent']:,} recommendations was answered (the first "
+                        f"error: {result['recommend']['first_error']}); is the service at {cfg.url} still up?")
 
 
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    stop_on_termination_signals()  # a SIGTERM stops the traffic as Ctrl-C does, the result kept
     with exit_on_user_error():
-        result, folder, run_id = simulate(parse(argv))
-        print(report(result))
-        print(f"Result: {folder / 'traffic.json'} and {folder / 'interactions.csv'}"
-              + (f"; MLflow run {run_id} (experiment {EXPERIMENT})" if run_id else ""))
+        simulate(parse(argv))
 
 
 if __name__ == "__main__":

@@ -36,10 +36,11 @@ def register_champion(make_config, agent: str) -> tuple[str, object]:
 
 
 def log_decisions(url: str, cfg, run_id: str, rounds: int, seed: int = 0, known: bool = True,
-                  apart_s: float = 1.0) -> None:
+                  apart_s: float = 1.0, served_by: str = f"models:/{NAME}@champion", for_users: bool = True) -> None:
     """`rounds` decisions of the run's policy exploring with probability EPSILON (exact
     propensities, or unknown: NaN), users drawn uniformly, `apart_s` apart ending now, each
-    rewarded from the simulator, written to the decision log at `url`."""
+    rewarded from the simulator, written to the decision log at `url` as `served_by`'s (and
+    made for the users' ids, or from their features alone)."""
     dataset = data.load(cfg.data)
     reward_model = build_environment(cfg, dataset).reward_model
     with tempfile.TemporaryDirectory() as scratch:
@@ -51,10 +52,9 @@ def log_decisions(url: str, cfg, run_id: str, rounds: int, seed: int = 0, known:
     actions = np.where(rng.random(rounds) < EPSILON, rng.integers(movies, size=rounds), greedy[rows])
     propensities = EPSILON / movies + (1 - EPSILON) * (actions == greedy[rows]) if known else np.full(rounds, np.nan)
     start = time.time() - rounds * apart_s
-    logged = [Decision(uuid.uuid4().hex, int(reward_model.user_ids[row]),
+    logged = [Decision(uuid.uuid4().hex, int(reward_model.user_ids[row]) if for_users else None,
                        reward_model.user_features[row].astype(np.float32), int(action),
-                       int(reward_model.movie_ids[action]), float(propensity), f"models:/{NAME}@champion", "1",
-                       start + i * apart_s)
+                       int(reward_model.movie_ids[action]), float(propensity), served_by, "1", start + i * apart_s)
               for i, (row, action, propensity) in enumerate(zip(rows, actions, propensities))]
     decision_log = DecisionLog(url)
     try:  # submitted together, they commit in a few transactions rather than one each
@@ -113,9 +113,14 @@ def test_a_better_challenger_is_promoted_and_the_next_round_starts_where_it_ende
         make_config, tracking_uri, decision_log, capsys, caplog):
     run_id, cfg = register_champion(make_config, "random")
     log_decisions(decision_log, cfg, run_id, 3000)
+    # Beside them in the same log, another model's decisions and requests sent as raw features:
+    # not this model's users' decisions, left out of its round.
+    log_decisions(decision_log, cfg, run_id, 500, seed=5, served_by="models:/another/3")
+    log_decisions(decision_log, cfg, run_id, 200, seed=6, for_users=False)
     round_of(tracking_uri, "agent=linucb")
     assert "@champion -> models:/recommender/2" in capsys.readouterr().out
     (run,) = rounds(tracking_uri)
+    assert run.data.params["retrain.window_rounds"] == "3000"
     assert run.data.tags[retrain.DECISION_TAG] == "promoted"
     assert run.data.tags[retrain.PROMOTED_VERSION_TAG] == "2" == champion_version(tracking_uri)
     assert run.data.metrics["challenger/true_value"] > run.data.metrics["champion/true_value"]
@@ -160,7 +165,7 @@ def test_unknown_propensities_are_refused_by_dr_and_gated_by_dm(make_config, tra
 
 @pytest.mark.parametrize("existing, message", [
     (False, "nothing to learn from: there is no decision log at sqlite:///"),
-    (True, "nothing to learn from: no decision in sqlite:///"),
+    (True, "nothing to learn from: no decision of models:/recommender in sqlite:///"),
 ])
 def test_nothing_to_learn_from_exits_2_and_registers_nothing(make_config, tracking_uri, decision_log, caplog,
                                                              existing, message):

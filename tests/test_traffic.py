@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +116,16 @@ def test_no_service_is_one_line_and_exit_2(caplog, tmp_path):
     assert not (tmp_path / "traffic.json").exists()
 
 
+def test_an_out_that_cannot_hold_files_is_one_line_before_anything_is_sent(caplog, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_:
+        traffic.main([f"url=http://127.0.0.1:{free_port()}", f"out={taken}"])
+    assert exit_.value.code == 2
+    (line,) = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert line.startswith(f"out={taken} cannot hold files")
+
+
 @contextlib.contextmanager
 def service(tracking_uri: str, cwd, *settings: str):
     """`python -m src.serve` on NAME@champion, exploring with epsilon 0.2; yields its URL once it answers."""
@@ -169,9 +180,20 @@ def test_the_closed_loop_traffic_is_logged_a_better_policy_promoted_and_then_ser
 
         traffic.main([f"url={url}", "rate=100", "duration=5", f"out={tmp_path / 'after'}", *common])
         after = json.loads((tmp_path / "after" / "traffic.json").read_text())
+
+        # A SIGTERM, as a scheduler stops it: the recommendations stop, the result is kept, exit 143.
+        stopped, output = tmp_path / "stopped", tmp_path / "stopped.log"
+        command = subprocess.Popen([sys.executable, "-m", "src.traffic", f"url={url}", "rate=20", "duration=600",
+                                    f"out={stopped}", *common], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=open(output, "w"))
+        wait_until(lambda: "recommendations (" in output.read_text(), 300, "the traffic to send some")
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=120) == 143, output.read_text()[-3000:]
+        kept = json.loads((stopped / "traffic.json").read_text())
+        assert 0 < kept["recommend"]["answered"] == kept["recommend"]["sent"] < 20 * 600
     assert list(after["versions"]) == ["2"]
     assert after["versions"]["2"]["true_regret"] < 0.7 * result["versions"]["1"]["true_regret"]
     client = mlflow.MlflowClient(tracking_uri)
     pipeline = client.get_experiment_by_name(retrain.EXPERIMENT).experiment_id
     roles = sorted(run.data.tags["bandits.role"] for run in client.search_runs([pipeline]))
-    assert roles == ["retrain", "traffic", "traffic"]
+    assert roles == ["retrain", "traffic", "traffic", "traffic"]

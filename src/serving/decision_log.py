@@ -130,13 +130,19 @@ class DecisionLog:
         """`record_feedback` without waiting: the future resolves to its answer once committed."""
         return self._submit(_Feedback(decision_id, float(reward), time.time()))
 
-    def joined(self, since: float | None = None, until: float | None = None) -> pd.DataFrame:
+    def joined(self, since: float | None = None, until: float | None = None,
+               model_name: str | None = None) -> pd.DataFrame:
         """Decisions made in [since, until) that have feedback, oldest first, in the interactions
         format (`src.evaluation.interactions`) plus model_version, decided_at, rewarded_at and
-        decision_id. Contexts shorter than the longest (another model's) are padded with NaN."""
+        decision_id; with `model_name`, only those a version of that registered model served
+        (`models:/<name>@<alias>` or `models:/<name>/<version>`: a log may hold several models').
+        Contexts shorter than the longest (another model's) are padded with NaN."""
         query = (select(decisions, feedback.c.reward, feedback.c.rewarded_at)
                  .join(feedback, feedback.c.decision_id == decisions.c.decision_id)
                  .order_by(decisions.c.decided_at, decisions.c.decision_id))
+        if model_name is not None:
+            query = query.where(decisions.c.model_uri.startswith(f"models:/{model_name}@", autoescape=True)
+                                | decisions.c.model_uri.startswith(f"models:/{model_name}/", autoescape=True))
         if since is not None:
             query = query.where(decisions.c.decided_at >= since)
         if until is not None:

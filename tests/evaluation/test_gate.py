@@ -113,6 +113,25 @@ def test_promotes_only_when_the_bound_clears_min_gain():
     assert not reversed_.promote and reversed_.lower_bound < 0
 
 
+def test_an_asymptotic_bound_on_fewer_rounds_than_min_rounds_promotes_nothing():
+    features, means, champion, challenger = world()
+    feedback, who = logged(np.random.default_rng(4), features, means, champion, 60, noise=0.0)
+    settings = {"samples": 500, "seed": 7, "reward_range": (means.min(), means.max())}
+    for interval in gate.ASYMPTOTIC:
+        alone = gate.decide(feedback, champion[who], challenger[who], 6, DR, interval=interval, **settings)
+        floored = gate.decide(feedback, champion[who], challenger[who], 6, DR, interval=interval, min_rounds=61,
+                              **settings)
+        assert alone.promote and alone.lower_bound == floored.lower_bound and not floored.promote
+        assert floored.reason.startswith("refused: ") and \
+            f"on too few rounds for an asymptotic {interval} bound, which needs min_holdout 61 rounds" in floored.reason
+        assert gate.decide(feedback, champion[who], challenger[who], 6, DR, interval=interval, min_rounds=60,
+                           **settings).promote
+    # A finite-sample bound holds at any size: no floor.
+    bernstein = gate.decide(feedback, champion[who], challenger[who], 6, DR, interval="bernstein", min_rounds=61,
+                            **settings)
+    assert "too few" not in bernstein.reason
+
+
 def test_a_higher_confidence_gives_a_lower_bound():
     features, means, champion, challenger = world()
     feedback, who = logged(np.random.default_rng(5), features, means, champion, 1000)
