@@ -238,8 +238,7 @@ def shown(value: str, digits: int = 3) -> str:
 def compare(experiment_id: str, metric: str = metrics.CUMULATIVE_REGRET, agents: list[str] | None = None,
             parent: str | None = None, group_by: list[str] | None = None, confidence: float = 0.95) -> Report:
     """Group the matching runs by configuration and summarise `metric` over each group's seeds."""
-    runs = find_runs(experiment_id, agents, parent)
-    check_metric(runs, metric)
+    runs = with_metric(find_runs(experiment_id, agents, parent), metric)
     params = config_params(runs)
     repeats = repeated_runs(runs, params)
     runs, params = runs.drop(index=list(repeats)), params.drop(index=list(repeats))
@@ -266,14 +265,18 @@ def compare(experiment_id: str, metric: str = metrics.CUMULATIVE_REGRET, agents:
     return Report(table, curves.merge(table[["configuration", "panel", "label"]], on="configuration", sort=False))
 
 
-def check_metric(runs: pd.DataFrame, metric: str) -> None:
-    lacking = runs.index[column(runs, f"metrics.{metric}").isna()]
-    if len(lacking):
-        shared = [name.removeprefix("metrics.") for name in runs.filter(regex=r"^metrics\.")
-                  if runs[name].notna().all()]
-        which = f"none of the {len(runs)} runs has" if len(lacking) == len(runs) else \
-            f"{len(lacking)} of {len(runs)} runs ({', '.join(lacking)}) have"
-        raise UserError(f"{which} a history of {metric}; pass --metric, one of: {', '.join(shared) or 'none shared'}")
+def with_metric(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The runs that have a history of `metric`; those without (a policy learnt offline from logs
+    has no training curve) are counted in a warning. None: refused, naming the metrics they have."""
+    lacking = column(runs, f"metrics.{metric}").isna()
+    if lacking.all():
+        held = [name.removeprefix("metrics.") for name in runs.filter(regex=r"^metrics\.") if runs[name].notna().any()]
+        raise UserError(f"none of the {len(runs)} runs has a history of {metric}; pass --metric, one of: "
+                        f"{', '.join(held) or 'none'}")
+    if lacking.any():
+        log.warning("Skipped %d of %d runs that have no history of %s (offline learning has no training curve): %s",
+                    lacking.sum(), len(runs), metric, ", ".join(runs.index[lacking]))
+    return runs[~lacking]
 
 
 def summary_row(curve: pd.DataFrame, seeds: pd.Series, dropped: list[str]) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from src.errors import UserError, require
@@ -295,6 +295,7 @@ def check_run(cfg: DictConfig, compilable_agent_known: bool = True) -> None:
         for key, value in cfg.training.threads.items():
             # 0 lets TensorFlow choose; a negative count aborts the process inside TensorFlow.
             require(value >= 0, f"training.threads.{key}", value, "an integer >= 0 (0: TensorFlow's choice)")
+    check_agent_ranges(cfg.agent)
     check_sizes(cfg)
     check_time(cfg)
     check_replicas(cfg)
@@ -310,6 +311,33 @@ def check_run(cfg: DictConfig, compilable_agent_known: bool = True) -> None:
     require(cfg.objective in FINAL_METRICS, "objective", cfg.objective, f"one of {', '.join(FINAL_METRICS)}")
     if is_offline(cfg):
         check_offline(cfg)
+
+
+# The range of each agent hyperparameter, whatever the agent (its builder checks it too, for code
+# that builds one directly): here they cost a second, not TensorFlow's import and the data's load.
+AGENT_RANGES = {
+    "learning_rate": (lambda value: value > 0, "> 0"),
+    "alpha": (lambda value: value > 0, "> 0"),
+    "tikhonov_weight": (lambda value: value > 0, "> 0"),
+    "temperature": (lambda value: value > 0, "> 0"),
+    "epsilon": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "log_epsilon": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "discount": (lambda value: 0 < value <= 1, "in (0, 1] (1: no discount)"),
+    "dropout_offset": (lambda value: value > 1, "> 1"),
+    "min_dropout_rate": (lambda value: 0 < value < 1, "in (0, 1)"),
+    "encoding_dim": (lambda value: value >= 1, "an integer >= 1"),
+    "encoding_network_num_train_steps": (lambda value: value >= 0, "an integer >= 0"),
+}
+
+
+def check_agent_ranges(agent: DictConfig) -> None:
+    """Each hyperparameter of `agent` in its range (AGENT_RANGES); each value of a per-replica list."""
+    with errors_name_source("agent", agent.get("name")):
+        for key, (allowed, meaning) in AGENT_RANGES.items():
+            values = agent.get(key)
+            for value in values if isinstance(values, ListConfig) else [values]:
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    require(allowed(value), f"agent.{key}", value, meaning)
 
 
 def check_compilable(cfg: DictConfig) -> None:
@@ -450,8 +478,6 @@ def check_time(cfg: DictConfig) -> None:
     if "history_share" in env:
         require(isinstance(env.history_share, float) and 0 < env.history_share < 1, "env.history_share",
                 env.history_share, "a share in (0, 1): the ratings that are the past when the replay starts")
-    if "discount" in cfg.agent:
-        require(0 < cfg.agent.discount <= 1, "agent.discount", cfg.agent.discount, "in (0, 1] (1: no discount)")
     per_loop = training.batch_size * training.steps_per_loop
     if "refit_every" in env:
         least = -(-training.loops * per_loop // MOST_REFITS)
@@ -466,9 +492,9 @@ def check_time(cfg: DictConfig) -> None:
     half = psutil.virtual_memory().total / 2
     if env.get("delay", "none") != "none":
         loops, longest = env.delay_loops, env.get("delay_longest")
-        require(isinstance(loops, int) and 1 <= loops <= training.loops, "env.delay_loops", loops,
-                f"a whole number of loops from 1 to training.loops={training.loops}: a reward due after the run "
-                "never reaches the agent")
+        require(isinstance(loops, int) and 1 <= loops < training.loops, "env.delay_loops", loops,
+                f"a whole number of loops from 1 to training.loops - 1 = {training.loops - 1}: a reward due at the "
+                "run's end or after never reaches the agent")
         require(longest is None or (isinstance(longest, int) and loops <= longest <= training.loops),
                 "env.delay_longest", longest, f"null or a whole number of loops from env.delay_loops={loops} to "
                                               f"training.loops={training.loops}")

@@ -124,7 +124,7 @@ def evaluate(cfg: DictConfig) -> Evaluation:
     if cfg.data.get("name") == "obd":
         return Evaluation(**real_logs.evaluate(cfg, chosen(cfg, names_for(cfg, estimators.ESTIMATORS, "logged items")))
                           ._asdict())
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
+    tracking.open_to_read(cfg.tracking.uri)
     logs_run_id = str(cfg.logs_run_id)
     artifacts.check_run(logs_run_id)
     with tempfile.TemporaryDirectory() as scratch:

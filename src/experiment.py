@@ -37,9 +37,9 @@ def assemble(cfg: DictConfig, data, members: Sequence[DictConfig] = ()) -> Engin
     seeds = [member.training.seed for member in members] if len(members) > 1 else []
     environment = build_environment(cfg, data, seeds)
     delay = environment.feedback_delay
-    if delay.loops > cfg.training.loops:
-        raise UserError(f"env.delay_loops={delay.loops} is longer than the run's training.loops={cfg.training.loops}: "
-                        f"no reward would reach the agent")
+    if delay.loops >= cfg.training.loops:
+        raise UserError(f"env.delay_loops={delay.loops} is not shorter than the run's training.loops="
+                        f"{cfg.training.loops}: no reward would reach the agent")
     available = environment.interactions_available
     asked = cfg.training.loops * cfg.training.batch_size * cfg.training.steps_per_loop
     if available is not None and asked > available:

@@ -93,7 +93,7 @@ def recommend(cfg: DictConfig) -> str:
     from src import artifacts, data, serving, tracking
     from src.envs import build_environment
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking.uri))
+    tracking.open_to_read(cfg.tracking.uri)
     log.info("Fetching the policy and its run's config from %s", mlflow.get_tracking_uri())
     with tempfile.TemporaryDirectory() as scratch:
         run_id, policy_path = artifacts.fetch_policy(cfg.run_id, cfg.model_uri, Path(scratch))

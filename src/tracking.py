@@ -70,7 +70,7 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
 
     Done before any work starts, so an unreachable server costs seconds, not a run.
     """
-    uri = tracking_uri(configured_uri)
+    uri = open_to_read(configured_uri) if not create else tracking_uri(configured_uri)
     check_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     check_http_settings()
@@ -99,6 +99,19 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
         raise unreachable from None
     finally:
         retries.setLevel(logging.NOTSET)
+
+
+def open_to_read(configured_uri: str | None) -> str:
+    """Point MLflow at the tracking store a command only reads runs from; its URI. A SQLite store
+    that is not there is refused (MLflow would create an empty one at a mistyped path), as one
+    that is not a database or is damaged."""
+    uri = tracking_uri(configured_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no tracking store at {uri}: point the command at the store its runs are in "
+                        f"(tracking.uri=, --tracking-uri or MLFLOW_TRACKING_URI)")
+    check_sqlite_store(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def check_sqlite_store(uri: str) -> None:

@@ -170,8 +170,9 @@ def train(cfg: DictConfig, tags: dict[str, str] | None = None,
                 interactions.log(logged_frame, cfg.agent.get("propensity_draws", 0))
             if with_policy:
                 log.info("Saving the policy and its servable model")
-                serving.log_policy(engine.agent.policy, serving.Catalogue.of(reward_model, dataset.movies, cfg.env),
-                                   engine.environment.movies_arrived)
+                # Read again: an environment that refits as it goes (the timeline) serves its last fit.
+                catalogue = serving.Catalogue.of(engine.environment.reward_model, dataset.movies, cfg.env)
+                serving.log_policy(engine.agent.policy, catalogue, engine.environment.movies_arrived)
         except (OSError, MlflowException) as error:
             kept = UNLOGGED / active.info.run_id
             kept.mkdir(parents=True, exist_ok=True)

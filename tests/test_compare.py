@@ -268,6 +268,21 @@ def test_a_metric_the_runs_lack_is_refused(experiment):
         compare.compare(experiment_id, metric="train/nope")
 
 
+def test_runs_without_the_metrics_history_are_skipped_and_counted(experiment, store, caplog):
+    _, experiment_id, log_run = experiment
+    kept = [log_run(STEPS, agent__name="linucb", training__seed=seed) for seed in (0, 1)]
+    client = mlflow.MlflowClient(store)
+    offline = client.create_run(experiment_id).info.run_id  # as a policy learnt from logs: no training curve
+    settings = {**BASE, "agent.name": "linucb", "training.seed": 2}
+    client.log_batch(offline, params=[Param(key, str(value)) for key, value in settings.items()])
+    client.set_terminated(offline, "FINISHED")
+
+    with caplog.at_level(logging.WARNING):
+        report = compare.compare(experiment_id)
+    assert report.table["run_ids"].tolist() == [",".join(kept)]
+    assert f"Skipped 1 of 3 runs that have no history of {METRIC}" in caplog.text and offline in caplog.text
+
+
 def test_cli_writes_logs_and_prints_the_report(experiment, store, tmp_path, capsys):
     name, experiment_id, log_run = experiment
     for seed in (0, 1):

@@ -145,6 +145,22 @@ def test_a_key_without_a_plus_its_yaml_lacks_is_refused_naming_the_settings(args
         config.check_command_line(args)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["agent=linucb", "agent.alpha=-1"], "agent.alpha must be > 0, got -1 (conf/agent/linucb.yaml)"),
+    (["agent=lints", "agent.tikhonov_weight=0"], "agent.tikhonov_weight must be > 0, got 0 (conf/agent/lints.yaml)"),
+    (["agent=epsilon_greedy", "agent.epsilon=1.5"], "agent.epsilon must be in [0, 1], got 1.5"),
+    (["agent=dropout_ts", "agent.dropout_offset=1"], "agent.dropout_offset must be > 1, got 1"),
+    (["agent=neural_boltzmann", "agent.temperature=0"], "agent.temperature must be > 0, got 0"),
+    (["agent=neural_linucb", "agent.encoding_network_num_train_steps=-1"],
+     "agent.encoding_network_num_train_steps must be an integer >= 0, got -1"),
+    (["agent=linucb", "agent.discount=1.5"], "agent.discount must be in (0, 1] (1: no discount), got 1.5"),
+])
+def test_an_agents_hyperparameter_out_of_range_is_refused_by_the_config_checks(overrides, message):
+    """Before TensorFlow and the data load, not when the agent is built."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        config.check_run(config.compose(overrides))
+
+
 def test_a_builders_error_names_the_yaml_of_its_own_group_only():
     cfg = config.compose(["agent=lints", "agent.alpha=-1"])
     action_spec = tensor_spec.BoundedTensorSpec((), tf.int32, minimum=0, maximum=4)

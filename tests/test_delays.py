@@ -120,7 +120,8 @@ def test_a_neural_agent_learns_from_geometric_delays(make_config):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["env.delay=fixed", "env.delay_loops=100"], "env.delay_loops=100 is longer than the run's training.loops=60"),
+    (["env.delay=fixed", "env.delay_loops=100"], "env.delay_loops=100 is not shorter than the run's training.loops=60"),
+    (["env.delay=fixed", "env.delay_loops=60"], "env.delay_loops=60 is not shorter than the run's training.loops=60"),
     (["env.delay=fixed"], "env.delay_loops must be a whole number of training loops, >= 1 with a delay, got 0"),
     (["env.delay=later", "env.delay_loops=2"], "env.delay must be one of none, fixed, geometric, heavy, got 'later'"),
     (["env.feedback_drop=1.0"], "env.feedback_drop must be in [0, 1), got 1.0"),

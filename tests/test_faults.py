@@ -192,7 +192,9 @@ def test_a_store_that_is_not_a_database_or_is_damaged_is_one_line_and_not_writte
         training.train(make_config())
     assert str(store) in str(error.value) and "\n" not in str(error.value)
     for command in (["src.compare", "--tracking-uri", f"sqlite:///{store}"],
-                    ["src.runs", "reap", "--tracking-uri", f"sqlite:///{store}"]):
+                    ["src.runs", "reap", "--tracking-uri", f"sqlite:///{store}"],
+                    ["src.predict", f"tracking.uri=sqlite:///{store}", "run_id=abc", "user_id=1"],
+                    ["src.evaluate", f"tracking.uri=sqlite:///{store}", "target_run_id=abc", "logs_run_id=def"]):
         done = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, timeout=300)
         assert done.returncode == 2 and problem in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src import predict
+from src import predict, tracking
 from src.errors import UserError
 from src.training import train
 from tests.serving.trained import USER, greedy_movie, train_with_policy
@@ -61,9 +61,17 @@ def test_predicts_the_trained_policys_movie(trained, run_cli, tracking_uri, tmp_
     (["run_id=abc", "bogus=1", "user_id=1"], "Could not override 'bogus'"),
 ])
 def test_bad_arguments_are_one_clear_error(tracking_uri, arguments, message):
+    tracking.connect(tracking_uri, "movielens-bandits")  # the store exists; the runs asked for do not
     with pytest.raises(UserError, match=message) as error:
         predict.recommend(predict.parse([*arguments, f"tracking.uri={tracking_uri}"]))
     assert "\n" not in str(error.value)
+
+
+def test_a_store_that_is_not_there_is_refused_not_made(tmp_path):
+    store = tmp_path / "mistyped.db"
+    with pytest.raises(UserError, match=f"^no tracking store at sqlite:///{store}: point the command at"):
+        predict.recommend(predict.parse(["run_id=abc", "user_id=1", f"tracking.uri=sqlite:///{store}"]))
+    assert not store.exists()
 
 
 def test_run_without_policy_is_refused(make_config, tracking_uri, tmp_path, monkeypatch):

@@ -51,6 +51,8 @@ POSITION_PROPENSITY_PREFIX, PREFIX_PROPENSITY_PREFIX = "position_propensity_", "
 # What must agree between the logs' run and a policy or agent used with them.
 ENVIRONMENT_KEYS = ("env", "data")
 WHEREABOUTS = ("dir", "path", "cache_dir", "url")  # where the data lives, not what it is
+# When a reward reaches the learning agent, if ever: its training, not the users, movies or rewards.
+FEEDBACK_TIMING = ("delay", "delay_loops", "delay_longest", "feedback_drop")
 
 
 class InteractionLog:
@@ -146,14 +148,16 @@ def context_features(frame: pd.DataFrame) -> np.ndarray:
 
 
 def environment_of(run_cfg: DictConfig) -> dict:
-    """The flattened env and data settings that fix users, movies and rewards; a key its env
-    option gained since the run was made (env.drift) at its default, which the run had."""
+    """The flattened env and data settings that fix users, movies and rewards (not where the data
+    lives, nor when rewards reach the agent); a key its env option gained since the run was made
+    (env.drift) at its default, which the run had."""
     described = OmegaConf.masked_copy(run_cfg, list(ENVIRONMENT_KEYS))
     defaults = config.option_file("env", run_cfg.env.name)
     if defaults is not None:
         described.env = OmegaConf.merge(defaults, described.env)
     flat = tracking.flatten(described)
-    return {key: value for key, value in flat.items() if key.split(".")[-1] not in WHEREABOUTS}
+    return {key: value for key, value in flat.items() if key.split(".")[-1] not in WHEREABOUTS
+            and key.removeprefix("env.") not in FEEDBACK_TIMING}
 
 
 def check_same_environment(logs_cfg: DictConfig, other_cfg: DictConfig, logs: str, other: str) -> None:

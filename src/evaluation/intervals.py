@@ -182,7 +182,8 @@ def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str,
         lines.append(f"the logs were collected by {logging_agent}, which learnt while it logged; the {interval} "
                      f"interval assumes one fixed logging policy and may not cover the true value "
                      f"(docs/ope_coverage.md); interval=anytime holds on such logs")
-    if interval in ASYMPTOTIC:
+    weighted = [name for name in names if ESTIMATORS[name].needs_propensities]
+    if interval in ASYMPTOTIC and weighted:
         effective, gap, heaviest = effective_sample_size(t), weight_mean_gap(t), float(np.max(t.max_weights))
         if effective < MIN_EFFECTIVE_SAMPLE:
             lines.append(f"the importance weights leave an effective sample of {effective:.0f} rounds, under "
@@ -206,6 +207,12 @@ def caveats(interval: str, names: Sequence[str], t: Terms, logging_agent: str,
         lines.append(f"the propensities are Monte-Carlo estimates from {monte_carlo_draws} draws of {logging_agent}'s "
                      f"sampling: the smallest, {smallest:.4f}, is off by about {error:.0%} (one standard error), and "
                      f"no interval counts that; more agent.propensity_draws shrink it")
+    unweighted = [name for name in names if not ESTIMATORS[name].needs_propensities]
+    # Said where the interval's label promises a guarantee, or where nothing else is reported.
+    if unweighted and (interval in ("bernstein", "anytime") or not weighted):
+        lines.append(f"{', '.join(unweighted)} averages its reward model's predictions: its {interval} interval is "
+                     f"about their spread over the rounds, not about how far the model is from the truth (its bias), "
+                     f"which no interval here covers, whichever the kind")
     if interval in ("bernstein", "anytime"):
         unbounded = [name for name in names if not ESTIMATORS[name].bounded_terms]
         if unbounded:

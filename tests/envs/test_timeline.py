@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from scipy import sparse
 
-from src import experiment
+from src import data, experiment, training
 from src.data import synthetic
 from src.envs import movielens_timeline
 from src.envs.movielens import factorise
@@ -117,3 +117,15 @@ def test_bad_input_is_one_line(shuffled, make_config):
     with pytest.raises(UserError, match="training.loops=100000 asks for .* interactions; env=movielens_timeline "
                                         "replays"):
         experiment.assemble(cfg, synthetic.load(60, 30, 3, 0.6, 0))
+
+
+def test_a_saved_policys_catalogue_is_the_last_fit_not_the_first(make_config, monkeypatch):
+    saved = []
+    monkeypatch.setattr(training.serving, "log_policy", lambda policy, catalogue, arrived: saved.append(catalogue))
+    cfg = make_config("env=movielens_timeline", "env.num_movies=null", "env.num_actions=4", "env.refit_every=64",
+                      "tracking.save_policy=true", "training.loops=30")
+    training.train(cfg)
+    first_fit = experiment.assemble(cfg, data.load(cfg.data)).environment.reward_model
+    (catalogue,) = saved
+    assert catalogue.user_features.shape == first_fit.user_features.shape
+    assert not np.allclose(catalogue.user_features, first_fit.user_features)  # users folded in since

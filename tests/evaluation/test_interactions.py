@@ -128,6 +128,14 @@ def test_logs_from_another_environment_are_refused_whatever_differs(override, ke
         interactions.check_same_environment(logs_cfg, other_cfg, "the logs of run x", "the target")
 
 
+def test_logs_whose_rewards_came_late_or_never_score_a_policy_trained_without_delays():
+    """When a reward reached the agent changes its training, not the users, movies or rewards."""
+    delayed = config.compose(["data=synthetic", "env.delay=geometric", "env.delay_loops=3", "env.feedback_drop=0.1"])
+    interactions.check_same_environment(delayed, config.compose(["data=synthetic"]), "the logs", "the target")
+    interactions.check_same_environment(config.compose(["data=synthetic", "env.delay=fixed", "env.delay_loops=2"]),
+                                        delayed, "the logs", "the target")
+
+
 def test_zero_propensities_are_refused():
     feedback = estimators.Feedback(np.eye(2), np.array([0, 1]), np.ones(2), np.array([0.5, 0.0]))
     with pytest.raises(UserError, match=r"a propensity of 0.0 \(round 1\)"):

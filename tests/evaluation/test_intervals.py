@@ -120,6 +120,12 @@ def test_a_self_normalised_estimator_gets_no_bound_and_the_user_is_told():
 def test_asymptotic_intervals_are_warned_of_on_a_learning_logger_a_small_sample_or_missing_weight():
     t = uniform_terms(2000, 5)  # about 400 rounds' worth of the target's, the weights averaging about 1
     assert intervals.caveats("t", ["dr"], t, "random") == []
+    # The direct method weighs nothing: no weights to warn of, but its bias is in no interval.
+    for interval in intervals.INTERVALS:
+        (line,) = intervals.caveats(interval, ["dm"], uniform_terms(200, 5), "random")
+        assert line.startswith(f"dm averages its reward model's predictions: its {interval} interval is about")
+    assert intervals.caveats("t", ["dm", "dr"], t, "random") == []
+    assert "dm averages" in intervals.caveats("anytime", ["dm", "dr"], t, "random")[0]
     (line,) = intervals.caveats("t", ["dr"], t, "epsilon_greedy")
     assert "epsilon_greedy, which learnt while it logged" in line and "interval=anytime" in line
     assert intervals.caveats("anytime", ["dr"], t, "epsilon_greedy") == []
