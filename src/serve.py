@@ -21,7 +21,7 @@ from omegaconf import DictConfig, ListConfig
 from src import config, tracking
 from src.cli import exit_on_user_error, stop_on_termination_signals
 from src.errors import UserError, require
-from src.serving.exploration import MODES  # numpy only: known before TensorFlow loads
+from src.serving.exploration import MODES, MOST_DRAWS  # numpy only: known before TensorFlow loads
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ def parse(overrides: list[str]) -> DictConfig:
     require(_integer(cfg.port) and 0 <= cfg.port <= 65535, "port", cfg.port, "an integer in [0, 65535]")
     require(cfg.exploration in MODES, "exploration", cfg.exploration, f"one of {', '.join(MODES)}")
     require(_number(cfg.epsilon) and 0 <= cfg.epsilon <= 1, "epsilon", cfg.epsilon, "in [0, 1]")
+    require(_integer(cfg.propensity_draws) and 0 <= cfg.propensity_draws <= MOST_DRAWS, "propensity_draws",
+            cfg.propensity_draws, f"an integer in [0, {MOST_DRAWS}]")
     require(_number(cfg.temperature) and 0 < cfg.temperature <= config.LARGEST_NUMBER, "temperature",
             cfg.temperature, f"> 0 and at most {config.LARGEST_NUMBER:g}")
     require(_integer(cfg.seed) and 0 <= cfg.seed <= config.LARGEST_INTEGER, "seed", cfg.seed,
@@ -104,7 +106,8 @@ def serve(cfg: DictConfig) -> None:
         from src.serving import exploration, service
 
         mlflow.set_tracking_uri(uri)
-        explorer = exploration.Explorer(cfg.exploration, cfg.epsilon, cfg.temperature, cfg.seed)
+        explorer = exploration.Explorer(cfg.exploration, cfg.epsilon, cfg.temperature, cfg.seed,
+                                        cfg.propensity_draws)
         server = service.Service(service.ModelSource(cfg.model), decisions, explorer,
                                  tuple(cfg.reward_range), cfg.max_body_bytes)
         run(server, sock, cfg)

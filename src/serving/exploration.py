@@ -13,10 +13,14 @@ one-hot, so epsilon gives 1 - epsilon + epsilon / n to its pick and epsilon / n 
 A policy that explores by itself in a known way (epsilon-greedy, Boltzmann, the random agent)
 has the q its agent module states (`action_probabilities`, the propensities training logs).
 Thompson-style policies (LinTS, dropout TS) and NeuralLinUCB while its encoder trains draw
-inside the SavedModel with no closed form: q is unknown, and so is p under none and epsilon
-(NaN). Softmax ignores the pick and is exact whenever the scores themselves are not drawn
-(dropout TS's are: NaN). A policy without scores (the random agent) is served uniformly
-under softmax, p = 1/n.
+inside the SavedModel with no closed form: q is estimated by Monte Carlo, from `draws` more
+decisions for the same user in the same call, each movie's share of them with the served
+draw counted among them, q(a) = (1{a = pick} + #{redraws = a}) / (draws + 1), as training's logs
+estimate it (src.agents.monte_carlo): the pick's is never 0, and its standard error is
+sqrt(q (1 - q) / draws) (about 0.05 at q = 0.5 and 100 draws). With draws = 0 it is unknown,
+and so is p under none and epsilon (NaN). Softmax ignores the pick and is exact whenever the
+scores themselves are not drawn (dropout TS's are: NaN). A policy without scores (the random
+agent) is served uniformly under softmax, p = 1/n.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from types import SimpleNamespace
 import numpy as np
 
 MODES = ("none", "epsilon", "softmax")
+MOST_DRAWS = 1000  # Monte-Carlo redraws a request may ask of a policy that draws its pick
 # Users a policy decides for twice to see whether it draws its picks or scores.
 PROBE_USERS = 200
 
@@ -54,12 +59,20 @@ class OwnPick:
     # (pick, scores) -> q over the movies, for a policy that explores in a known way
     known: Callable[[int, np.ndarray | None], np.ndarray] | None = None
 
-    def probabilities(self, pick: int, scores: np.ndarray | None, n: int) -> np.ndarray | None:
-        """q for this request; None when unknown."""
+    @property
+    def drawn(self) -> bool:
+        """The pick is a draw whose distribution is not stated: Monte-Carlo redraws estimate it."""
+        return not self.deterministic and self.known is None
+
+    def probabilities(self, pick: int, scores: np.ndarray | None, n: int,
+                      redraws: np.ndarray | None = None) -> np.ndarray | None:
+        """q for this request (with `redraws` of a drawn pick, its Monte-Carlo estimate); None when unknown."""
         if self.known is not None:
             return self.known(pick, scores)
         if not self.deterministic:
-            return None
+            if redraws is None or not len(redraws):
+                return None
+            return np.bincount(np.append(redraws, pick), minlength=n)[:n] / (len(redraws) + 1)
         q = np.zeros(n)
         q[pick] = 1.0
         return q
@@ -99,20 +112,28 @@ class Explorer:
     epsilon: float
     temperature: float
     seed: int
+    draws: int = 0  # Monte-Carlo redraws of a pick that is drawn (`OwnPick.drawn`), for its propensity
     _rng: np.random.Generator = field(init=False, repr=False)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self):
         self._rng = np.random.default_rng(self.seed)
 
-    def choose(self, pick: int, scores: np.ndarray | None, own: OwnPick, n: int) -> tuple[int, float]:
-        """The served column of the catalogue and its propensity (NaN: unknown)."""
+    def redraws_for(self, own: OwnPick) -> int:
+        """How many more decisions for the same user the request needs: `draws` where the pick is
+        a draw of unstated distribution and the mode serves by it; else none."""
+        return self.draws if own.drawn and self.mode != "softmax" else 0
+
+    def choose(self, pick: int, scores: np.ndarray | None, own: OwnPick, n: int,
+               redraws: np.ndarray | None = None) -> tuple[int, float]:
+        """The served column of the catalogue and its propensity (NaN: unknown), the policy's own
+        pick's distribution estimated from `redraws` where it draws (`redraws_for`)."""
         with self._lock:
             if self.mode == "softmax":
                 return self._softmax(scores, own, n)
             explores = self.mode == "epsilon" and self._rng.random() < self.epsilon
             action = int(self._rng.integers(n)) if explores else int(pick)
-        q = own.probabilities(pick, scores, n)
+        q = own.probabilities(pick, scores, n, redraws)
         if q is None:
             return action, float("nan")
         p = epsilon_probabilities(q, self.epsilon) if self.mode == "epsilon" else q

@@ -251,12 +251,14 @@ class Service:
             context = (model.catalogue.observations_of([ask.user_id])[0] if ask.user_id is not None
                        else np.asarray(ask.features, np.float32))
             # On the event loop: about 1 ms of TensorFlow, which at 200 requests/s keeps the loop a fifth
-            # busy, without a hop to a worker thread per request.
-            picks, scores = model.policy.decide(context[None], model.catalogue)
+            # busy, without a hop to a worker thread per request. A policy that draws its pick decides
+            # for the user again in the same call, its redraws estimating the pick's propensity.
+            repeats = 1 + self.explorer.redraws_for(model.own)
+            picks, scores = model.policy.decide(np.repeat(context[None], repeats, axis=0), model.catalogue)
         except UserError as error:
             raise HTTPException(422, str(error)) from None
         scores = None if scores is None else scores[0][:model.size]
-        action, propensity = self.explorer.choose(int(picks[0]), scores, model.own, model.size)
+        action, propensity = self.explorer.choose(int(picks[0]), scores, model.own, model.size, picks[1:])
         slate = self.explorer.slate(action, scores, ask.k, model.size) if ask.k > 1 else None
         decision = Decision(uuid.uuid4().hex, ask.user_id, np.asarray(context, np.float32), action,
                             int(model.catalogue.movie_ids[action]), propensity, self.source.uri, model.version,

@@ -73,6 +73,19 @@ def test_unknown_own_picks_and_drawn_scores_log_nan_and_no_scores_serve_uniforml
     assert propensity == pytest.approx(1 / N)
 
 
+def test_a_drawn_picks_propensity_is_its_share_of_the_redraws():
+    drawn = OwnPick(deterministic=False, scores_drawn=False)
+    explorer = Explorer("epsilon", 0.2, 1.0, 0, draws=9)
+    assert explorer.redraws_for(drawn) == 9 and explorer.redraws_for(DETERMINISTIC) == 0
+    assert Explorer("softmax", 0.2, 1.0, 0, draws=9).redraws_for(drawn) == 0
+    redraws = np.array([2, 2, 2, 5, 5, 7, 2, 2, 5])  # with the pick, 2: 6 of 10 draws, 5: 3, 7: 1
+    q = drawn.probabilities(2, SCORES, N, redraws)
+    assert q == pytest.approx(np.bincount([2] * 6 + [5] * 3 + [7], minlength=N) / 10)
+    for _ in range(50):
+        action, propensity = explorer.choose(2, SCORES, drawn, N, redraws)
+        assert propensity == pytest.approx(0.8 * q[action] + 0.2 / N)
+
+
 def test_the_same_seed_serves_the_same_movies():
     def served(seed):
         explorer = Explorer("epsilon", 0.5, 1.0, seed)
@@ -112,3 +125,13 @@ def test_each_agents_own_pick_is_classified_on_its_saved_policy(make_config, mon
         greedy = int(np.argmax(scores[0]))
         assert q[greedy] == pytest.approx(1 - 0.05 + 0.05 / model.size)  # conf/agent/epsilon_greedy.yaml
     assert (q is None) == (not deterministic and not known)
+    if model.own.drawn:  # estimated from redraws for the same user, as the service asks for them
+        draws = Explorer("epsilon", 0.1, 1.0, 0, draws=400).redraws_for(model.own)
+        picks, _ = model.policy.decide(np.repeat(users[:1], 1 + draws, axis=0), model.catalogue)
+        q = model.own.probabilities(int(picks[0]), None, model.size, picks[1:])
+        assert q.sum() == pytest.approx(1) and q[picks[0]] >= 1 / (draws + 1)
+        # Against the shares of 4,000 more independent draws: within 5 standard errors of the estimate's.
+        shares = np.bincount(model.policy.decide(np.repeat(users[:1], 4000, axis=0), model.catalogue)[0],
+                             minlength=model.size) / 4000
+        assert all(abs(estimate - share) <= 5 * math.sqrt(share * (1 - share) / draws) + 1 / (draws + 1)
+                   for estimate, share in zip(q, shares))
