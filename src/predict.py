@@ -159,7 +159,10 @@ def describe(label: str, catalogue: serving.Catalogue, movie_ids: np.ndarray, ac
     lines = [f"{label}: recommended {movie(action)}" + (f" ({', '.join(facts)})" if facts else "")]
     if ratings is not None and np.isfinite(ratings).any():
         best = int(np.nanargmax(ratings))
-        outcome = f"regret {ratings[best] - ratings[action]:.3f}" if known else "the pick has no rating from them"
+        # env=movielens_ratings rewards with the ratings it held out from the features: the pick may
+        # have a rating of theirs among the features' (the table's `rated`) yet none to reward with.
+        outcome = (f"regret {ratings[best] - ratings[action]:.3f}" if known
+                   else "the pick has no held-out rating of theirs to reward it with")
         lines.append(f"best for {label}: {movie(best)} (true rating {ratings[best]:.3f}, {outcome})")
     if slate is not None and ratings is not None:
         # As the environment scores a slate: the sum of its movies' ratings.

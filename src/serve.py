@@ -15,6 +15,7 @@ import math
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, ListConfig
 
@@ -82,11 +83,20 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def check_tracking_store(uri: str) -> None:
-    """Refuse a SQLite store that is not there: MLflow would create an empty one and then find no model."""
+    """Refuse a SQLite store that is not there (MLflow would create an empty one and then find no
+    model), and a tracking server nothing answers at, before the decision log is opened."""
     tracking.check_http_settings()
     tracking.check_sqlite_store(uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(f"no tracking store at {uri} (set tracking.uri= or MLFLOW_TRACKING_URI)")
+    server = urlsplit(uri)
+    if server.scheme in ("http", "https"):
+        try:
+            socket.create_connection((server.hostname, server.port or (443 if server.scheme == "https" else 80)),
+                                     timeout=10).close()
+        except OSError as error:
+            raise UserError(f"cannot reach the MLflow tracking server at {uri} ({error.strerror or error}): is it "
+                            f"running? (set tracking.uri= or MLFLOW_TRACKING_URI)") from None
 
 
 def serve(cfg: DictConfig) -> None:

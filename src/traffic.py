@@ -172,6 +172,7 @@ def truth_of(run_id: str, data_dir: str | None) -> Truth:
     from src import artifacts, data
     from src.envs import build_environment
 
+    artifacts.check_run(run_id)  # the service may read another store than the one given here
     with tempfile.TemporaryDirectory() as scratch:
         run_cfg = artifacts.logged_config(run_id, Path(scratch))
     if data_dir is not None:

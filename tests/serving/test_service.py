@@ -321,6 +321,7 @@ def test_bad_settings_are_one_line_before_anything_loads():
         (["model=models:/tiny@champion", "port=70000"], "port must be an integer in [0, 65535]"),
         (["model=models:/tiny@champion", "max_body_bytes=10"], "max_body_bytes must be an integer in [256"),
         (["model=models:/tiny@champion", "bogus=1"], "Could not override 'bogus'"),
+        (["model=models:/tiny@champion", "propensity_draws=-1"], "propensity_draws must be an integer in [0, 1000]"),
     ]:
         with pytest.raises(UserError) as refused:
             serve.parse(arguments)
@@ -330,6 +331,9 @@ def test_bad_settings_are_one_line_before_anything_loads():
         taken.listen()
         with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
             serve.listen("127.0.0.1", taken.getsockname()[1])
+    # A tracking server nothing answers at: refused before the decision log is opened (or made).
+    with pytest.raises(UserError, match=r"cannot reach the MLflow tracking server at http://127.0.0.1:9 \("):
+        serve.check_tracking_store("http://127.0.0.1:9")
 
 
 @pytest.mark.slow
