@@ -31,6 +31,10 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 LARGEST_NUMBER = 1e6
 LARGEST_INTEGER = 2**31 - 1
 SMALLEST_FLOAT32 = 1.1754944e-38  # numpy.finfo(numpy.float32).tiny
+# Simulated traffic (src.traffic, src.pipeline): beyond these a setting is a typo, a day of
+# traffic or of waiting for feedback, ten thousand requests a second.
+LONGEST_TRAFFIC_S = 86_400
+MOST_REQUESTS_PER_S = 10_000
 # Each of a loop's steps is traced into the compiled loop as its own copy of the collect step
 # (hundreds of ops): 2,147,483,647 steps never finish tracing.
 MOST_STEPS_PER_LOOP = 64

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from src import config, retrain, traffic
+from src import config
 from src.cli import Terminated, exit_on_user_error, run_and_exit, stop_on_termination_signals, writable_folder
 from src.errors import UserError, require
 from src.paths import PROJECT_ROOT
@@ -48,24 +48,28 @@ def parse(overrides: list[str]) -> DictConfig:
     cfg = config.compose_command(overrides, "pipeline", USAGE)
     for key in ("rounds", "decisions_per_round"):
         require(isinstance(cfg[key], int) and cfg[key] >= 1, key, cfg[key], "an integer >= 1")
-    require(cfg.rate > 0, "rate", cfg.rate, "> 0")
+    require(0 < cfg.rate <= config.MOST_REQUESTS_PER_S, "rate", cfg.rate, f"> 0 and at most {config.MOST_REQUESTS_PER_S}")
     require(isinstance(cfg.seed, int) and 0 <= cfg.seed <= config.LARGEST_INTEGER - cfg.rounds, "seed", cfg.seed,
             f"an integer from 0 to {config.LARGEST_INTEGER} - rounds")
-    require(cfg.feedback.delay_s >= 0, "feedback.delay_s", cfg.feedback.delay_s, ">= 0")
+    require(0 <= cfg.feedback.delay_s <= config.LONGEST_TRAFFIC_S, "feedback.delay_s", cfg.feedback.delay_s,
+            f">= 0 and at most {config.LONGEST_TRAFFIC_S} seconds")
     require(0 <= cfg.feedback.drop < 1, "feedback.drop", cfg.feedback.drop, "in [0, 1)")
     require(cfg.exploration in MODES, "exploration", cfg.exploration, f"one of {', '.join(MODES)} (conf/serve.yaml)")
-    require(cfg.decisions_per_round / cfg.rate <= traffic.LONGEST_S, "rate", cfg.rate,
-            f"such that a round's traffic, decisions_per_round / rate, takes at most {traffic.LONGEST_S:,} s")
-    # What the children would refuse, refused now rather than after the service started and a round's traffic ran.
-    traffic.parse(traffic_options(cfg, url="http://127.0.0.1:1", out=None, round_number=1))
-    retrain.parse(retrain_options(cfg))
+    require(cfg.decisions_per_round / cfg.rate <= config.LONGEST_TRAFFIC_S, "rate", cfg.rate,
+            f"such that a round's traffic, decisions_per_round / rate, takes at most {config.LONGEST_TRAFFIC_S:,} s")
+    # The challenger's keys, agent and its hyperparameters, refused now rather than after the service
+    # started and a round's traffic ran (src.retrain checks its own options' ranges as each round starts).
+    config.check_group_choices(list(cfg.challenger))
+    challenger = config.compose_command(retrain_options(cfg), "retrain", "challenger= takes src.retrain's options, "
+                                                                         "conf/retrain.yaml")
+    config.check_agent_ranges(challenger.agent)
     return cfg
 
 
-def traffic_options(cfg: DictConfig, url: str, out: Path | None, round_number: int) -> list[str]:
+def traffic_options(cfg: DictConfig, url: str, out: Path, round_number: int) -> list[str]:
     return [f"url={url}", f"rate={cfg.rate}", f"duration={cfg.decisions_per_round / cfg.rate}",
-            f"feedback.delay_s={cfg.feedback.delay_s}", f"feedback.drop={cfg.feedback.drop}",
-            *([f"out={out}"] if out else []), f"seed={cfg.seed + round_number - 1}"]
+            f"feedback.delay_s={cfg.feedback.delay_s}", f"feedback.drop={cfg.feedback.drop}", f"out={out}",
+            f"seed={cfg.seed + round_number - 1}"]
 
 
 def retrain_options(cfg: DictConfig) -> list[str]:

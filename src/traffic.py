@@ -48,10 +48,8 @@ USAGE = "usage: python -m src.traffic url=http://127.0.0.1:8000 [rate=50] [durat
 EXPERIMENT = "pipeline"
 ROLE = "traffic"
 DELAYS = ("fixed", "exponential")
-# Beyond these a setting is a typo: a day of traffic, a thousand threads.
-LONGEST_S = 86_400
-MOST_WORKERS = 1024
-MOST_PER_SECOND = 10_000
+LONGEST_S, MOST_PER_SECOND = config.LONGEST_TRAFFIC_S, config.MOST_REQUESTS_PER_S
+MOST_WORKERS = 1024  # beyond it a typo: a thousand threads
 
 
 def parse(overrides: list[str]) -> DictConfig:

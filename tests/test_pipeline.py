@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pandas as pd
 import psutil
 import pytest
 
+from src import pipeline
+from src.errors import UserError
 from src.paths import PROJECT_ROOT
 from tests.conftest import wait_until
 
@@ -51,3 +54,15 @@ def test_two_rounds_of_the_loop_serve_new_visitors_gate_and_promote_a_better_pol
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert "RUNNING" not in {run.info.status for experiment in client.search_experiments()
                              for run in client.search_runs([experiment.experiment_id])}
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("challenger=['agent=bogus']", "unknown agent 'bogus'"),
+    ("challenger=['agent=linucb','agent.alpha=-1']", "agent.alpha must be > 0, got -1"),
+    ("challenger=['estimatr=dm']", "Could not override 'estimatr'"),
+    ("rate=1e-9", "rate must be such that a round's traffic, decisions_per_round / rate, takes at most 86,400 s"),
+    ("feedback.delay_s=1e9", "feedback.delay_s must be >= 0 and at most 86400 seconds"),
+])
+def test_what_a_round_would_refuse_is_refused_before_anything_starts(argument, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        pipeline.parse([argument])
