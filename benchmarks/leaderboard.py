@@ -41,7 +41,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, tracking
-from src.cli import exit_on_user_error, stop_on_termination_signals
+from src.cli import exit_on_user_error, stop_on_termination_signals, writable_folder
 from src.errors import UserError, require
 from src.leaderboard import (LINEUP, LOG_FORMAT, POOL_TAG, Identity, Job, end_runs_left_running, failed_runs,
                              identities, in_groups, jobs, markdown, members, pool_runs, standings, train_in_processes,
@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         require(args.seeds >= 1, "--seeds", args.seeds, "an integer >= 1")
         require(args.loops is None or args.loops >= 1, "--loops", args.loops, "an integer >= 1")
         require(args.workers >= 1, "--workers", args.workers, "an integer >= 1")
+        # Before any training: a board that cannot be written, or data that is not there, was found
+        # only after every run had trained, or every worker had started.
+        require(args.data_dir is None or Path(args.data_dir).is_dir(), "--data-dir", args.data_dir,
+                "a folder holding MovieLens 100K")
+        writable_folder(args.out, "--out")
         if args.ray:
             from src.campaigns import ray_cluster
 

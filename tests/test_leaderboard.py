@@ -229,12 +229,19 @@ def test_the_environments_lineup_runs_each_agent_where_its_yaml_allows(data_over
     assert sorted(job.cfg.env.name for job in planned) == ["movielens", "movielens_catalogue", "movielens_ratings"]
 
 
-def test_unknown_agent_is_one_line_and_non_zero(run_cli):
-    done = run_cli("benchmarks.leaderboard", "--agents", "linucb,nope", timeout=120)
+@pytest.mark.parametrize("arguments, message", [
+    (["--agents", "linucb,nope"], "no entry for agent 'nope'"),
+    # Found by a hostile try: both were refused only after training, or after the workers started.
+    (["--out", "/proc/nope"], "--out=/proc/nope cannot hold files"),
+    (["--data-dir", "/nonexistent"], "--data-dir must be a folder holding MovieLens 100K, got '/nonexistent'"),
+])
+def test_bad_options_are_one_line_and_exit_2_before_anything_trains(run_cli, tmp_path, arguments, message):
+    store = tmp_path / "mlflow.db"
+    done = run_cli("benchmarks.leaderboard", *arguments, "--tracking-uri", f"sqlite:///{store}", timeout=120)
 
     assert done.returncode == 2 and done.stdout == ""
     (error,) = [line for line in done.stderr.splitlines() if "ERROR" in line]
-    assert "no entry for agent 'nope'" in error and "choose from linucb, lints" in error
+    assert message in error and not store.exists()
 
 
 @pytest.mark.slow

@@ -79,6 +79,15 @@ def test_single_process_sweep_ends_its_parent_run(data_overrides, tmp_path, run_
     (["hparams_search=linucb", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials must be an integer >= 1"),
     (["hparams_search=linucb", "sweep.grace_s=abc"], "sweep.grace_s must be an integer, got 'abc'"),
     (["hparams_search=linucb", "env.drift=wobble"], "env.drift must be one of none, rotate, switch"),
+    # Found by another: trials of live workers failed (grace under a heartbeat), an IndexError
+    # (no failures allowed), the storage blamed (a heartbeat of 0).
+    (["hparams_search=linucb", "sweep.grace_s=1", "sweep.heartbeat_s=5"],
+     "sweep.grace_s must be an integer of at least 2 x sweep.heartbeat_s = 10"),
+    (["hparams_search=linucb", "sweep.max_failures=0"], "sweep.max_failures must be an integer >= 1, got 0"),
+    (["hparams_search=linucb", "sweep.heartbeat_s=0"], "sweep.heartbeat_s must be an integer >= 1, got 0"),
+    (["hparams_search=linucb", "sweep.max_retries=-1"], "sweep.max_retries must be an integer >= 0, got -1"),
+    (["hparams_search=linucb", "sweep.storage_patience_s=-1"], "sweep.storage_patience_s must be an integer >= 1"),
+    (["hparams_search=linucb", "sweep.max_pruned=0"], "sweep.max_pruned must be an integer >= 1, got 0"),
 ])
 def test_a_bad_sweep_is_refused_in_one_line_before_its_study_is_made(overrides, message):
     from src.campaigns import study

@@ -28,6 +28,9 @@ from src.errors import UserError, require
 log = logging.getLogger(__name__)
 
 GRID_ATTR = "grid_size"
+# Pruned trials, per trial asked for, that stop a study with sweep.max_pruned unset: a pruner that
+# prunes every new trial (worse than the median of earlier ones) would otherwise run forever.
+PRUNED_PER_TRIAL = 4
 STUDY_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -94,6 +97,30 @@ def check_sweeper(cfg: DictConfig, overrides: list[str] = ()) -> None:
                         f"and MLflow models), got {name!r}")
     if cfg.sweep.pruner not in (None, "median", "hyperband"):
         raise UserError(f"sweep.pruner must be null, median or hyperband, got {cfg.sweep.pruner!r}")
+    check_recovery(cfg.sweep)
+
+
+def check_recovery(sweep: DictConfig) -> None:
+    """The settings that find dead workers and stop a hopeless study, in their ranges: a grace under
+    two heartbeats fails trials whose worker is alive (both then train it), a zero budget of
+    failures stopped the worker with an IndexError."""
+    def whole(key: str, least: int) -> None:
+        value = sweep[key]
+        require(isinstance(value, int) and not isinstance(value, bool) and least <= value <= config.LARGEST_INTEGER,
+                f"sweep.{key}", value, f"an integer >= {least}")
+
+    for key, least in (("heartbeat_s", 1), ("max_retries", 0), ("storage_patience_s", 1), ("max_failures", 1)):
+        whole(key, least)
+    require(isinstance(sweep.grace_s, int) and 2 * sweep.heartbeat_s <= sweep.grace_s <= config.LARGEST_INTEGER,
+            "sweep.grace_s", sweep.grace_s, f"an integer of at least 2 x sweep.heartbeat_s = {2 * sweep.heartbeat_s} "
+                                            f"(a live worker's trial would be failed and trained twice)")
+    if sweep.max_pruned is not None:
+        whole("max_pruned", 1)
+
+
+def most_pruned(cfg: DictConfig, goal: int) -> int:
+    """How many pruned trials stop the study: `sweep.max_pruned`, or PRUNED_PER_TRIAL x its goal."""
+    return cfg.sweep.max_pruned if cfg.sweep.max_pruned is not None else PRUNED_PER_TRIAL * goal
 
 
 def pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:

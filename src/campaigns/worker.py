@@ -24,8 +24,8 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from src import config, tracking
 from src.campaigns.repair import RetryDeadWorkersTrial
 from src.campaigns.storage import POLL_SECONDS, StorageLost, in_chain
-from src.campaigns.study import (GRID_ATTR, failed_for_good, is_grid, load_study, prepare, search_space,
-                                 split_overrides, target)
+from src.campaigns.study import (GRID_ATTR, failed_for_good, is_grid, load_study, most_pruned, prepare,
+                                 search_space, split_overrides, target)
 from src.campaigns.summary import shown_params, summarise_if_done
 from src.campaigns.trials import COMPLETE, ERROR_ATTR, FAIL, PARENT_RUN_ATTR, PRUNED, RUN_ATTR, RUNNING, WAITING
 from src.errors import UserError, one_line
@@ -107,6 +107,11 @@ def run_next(cfg: DictConfig, study: optuna.Study, space: dict, overrides: list[
         raise UserError(f"study '{study.study_name}' stopped: {failed} trials failed (sweep.max_failures="
                         f"{cfg.sweep.max_failures}); the last, trial {last.number}, because: "
                         f"{last.user_attrs.get(ERROR_ATTR, 'its worker died')}")
+    pruned = sum(not trial.user_attrs.get("surplus") for trial in study.get_trials(states=(PRUNED,)))
+    if pruned >= (most := most_pruned(cfg, goal)):
+        raise UserError(f"study '{study.study_name}' stopped: {pruned} trials pruned (sweep.max_pruned={most}) and "
+                        f"{complete} of {goal} COMPLETE: the pruner stops nearly every new trial; widen the search, "
+                        f"or set sweep.pruner=null")
     if not complete:
         check_not_failing_alike(study)
     waiting = len(study.get_trials(states=(WAITING,)))

@@ -37,6 +37,22 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_leaves_nothing_running(dat
     assert statuses == {"FAILED": 1}  # the parent; a config error starts no run
 
 
+def test_a_study_whose_pruner_stops_every_new_trial_stops_in_one_line():
+    """A hostile try pruned 1,280 trials in a row (the search's worst corner against the median of
+    nine good ones), the sweep never ending: COMPLETE trials are its goal, and none came."""
+    cfg = compose_sweep(["hparams_search=linucb", "hydra.sweeper.n_trials=2", "sweep.pruner=median"])
+    study = optuna.create_study(study_name="hopeless")
+    for _ in range(7):
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"surplus": True}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=1.0))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
+    # 8 = 4 x the 2 trials asked for; the surplus one (another worker's extra) is not counted.
+    with pytest.raises(UserError, match=r"^study 'hopeless' stopped: 8 trials pruned \(sweep.max_pruned=8\) and 1 of "
+                                        r"2 COMPLETE: the pruner stops nearly every new trial"):
+        worker.run_next(cfg, study, {}, [], 1)
+
+
 def test_pruning_stops_hopeless_trials_and_a_trial_reproduces_standalone(make_config, data_overrides, tmp_path,
                                                                       monkeypatch):
     # The sampler's seed fixed (a worker's own mixes in its host and process): trials this seed
