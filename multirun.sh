@@ -95,9 +95,12 @@ stop() {
 trap stop INT TERM
 echo "Study '$study' on $workers worker(s); logs in $logs/"
 worker_logs=()
+# The environment's own Python, not `uv run`: the pid printed and signalled is then the worker's
+# (a SIGKILL to uv's left its worker training on).
+python=$(uv run --no-sync python -c 'import sys; print(sys.executable)')
 for ((i = 0; i < workers; i++)); do
   # Each worker samples with its own seed, or they would propose identical first trials.
-  SWEEP_WORKER=$i SWEEP_WORKERS=$workers uv run --no-sync python -m src.sweep work "${sweep[@]}" \
+  SWEEP_WORKER=$i SWEEP_WORKERS=$workers "$python" -m src.sweep work "${sweep[@]}" \
     >"$logs/$stamp-worker-$i.log" 2>&1 &
   pids+=($!)
   worker_logs+=("$logs/$stamp-worker-$i.log")
@@ -118,6 +121,8 @@ for i in "${!pids[@]}"; do
     # No error line: a signal stopped it (SIGKILL, out of memory); its trial runs again elsewhere.
     if [ -z "$reason" ] && [ "$status" -gt 128 ]; then
       reason="stopped by signal $((status - 128)); see $logs/$stamp-worker-$i.log"
+    elif [ -z "$reason" ]; then
+      reason="exit $status; see $logs/$stamp-worker-$i.log"
     fi
     stopped+=("worker $i stopped: $reason")
   fi

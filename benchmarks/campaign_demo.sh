@@ -18,7 +18,7 @@ until grep -q "worker 1: pid" "$out/first.txt" 2>/dev/null; do sleep 1; done
 pid=$(sed -n 's/.*worker 1: pid \([0-9]*\),.*/\1/p' "$out/first.txt")
 log=$(sed -n 's/.*worker 1: pid [0-9]*, log \(.*\)$/\1/p' "$out/first.txt")
 until [ "$(grep -c 'Trial [0-9]*:' "$log" 2>/dev/null)" -ge 5 ] && tail -1 "$log" | grep -q "Training linucb\|training:"; do sleep 0.5; done
-kill -9 $(pgrep -P "$pid") "$pid" 2>/dev/null   # uv and its python: SIGKILL mid-trial
+kill -9 "$pid"   # the worker's python: SIGKILL mid-trial
 echo "killed worker 1 (pid $pid) at ${SECONDS}s"
 ./multirun.sh linucb --workers 1 --trials 24 "${common[@]}" >"$out/late.txt" 2>&1
 echo "late joiner exited $?"

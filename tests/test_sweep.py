@@ -88,6 +88,8 @@ def test_single_process_sweep_ends_its_parent_run(data_overrides, tmp_path, run_
     (["hparams_search=linucb", "sweep.max_retries=-1"], "sweep.max_retries must be an integer >= 0, got -1"),
     (["hparams_search=linucb", "sweep.storage_patience_s=-1"], "sweep.storage_patience_s must be an integer >= 1"),
     (["hparams_search=linucb", "sweep.max_pruned=0"], "sweep.max_pruned must be an integer >= 1, got 0"),
+    (["hparams_search=linucb", "agent.alpha=interval(5, 1)"],
+     "the search space cannot be built: `low <= high` must hold, but got (low=5.0, high=1.0)."),
 ])
 def test_a_bad_sweep_is_refused_in_one_line_before_its_study_is_made(overrides, message):
     from src.campaigns import study
@@ -108,3 +110,20 @@ def test_a_sweep_whose_trials_choose_their_agent_leaves_xla_to_each_trial():
     with pytest.raises(UserError, match="XLA cannot compile agent=linucb's loop"):
         overrides = ["hparams_search=linucb", "training.jit_compile=true"]
         study.check_sweeper(study.compose_sweep(overrides), overrides)
+
+
+def test_a_study_resumed_with_another_search_is_refused_in_one_line(tmp_path):
+    """A hostile try ran a grid again with other choices: it reported the old grid's best, the new
+    agent never trained."""
+    from src.campaigns import study
+    from src.errors import UserError
+
+    common = [f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", "hydra.sweeper.study_name=again",
+              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "training.seed=choice(0,1)"]
+    first = ["hparams_search=grid", "agent=choice(linucb,random)", *common]
+    study.prepare(study.compose_sweep(first), first)
+    study.prepare(study.compose_sweep(first), first)  # the same search resumes
+    other = ["hparams_search=grid", "agent=choice(linucb,lints)", *common]
+    with pytest.raises(UserError, match=r"^study 'again' searches agent in CategoricalDistribution\(choices=\('linucb', "
+                                        r"'random'\)\).*this command agent in .*'lints'.*name a new study"):
+        study.prepare(study.compose_sweep(other), other)

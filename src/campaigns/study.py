@@ -23,11 +23,12 @@ from src import config, metrics, tracking
 from src.campaigns.repair import RetryDeadWorkersTrial, end_orphaned_runs
 from src.campaigns.storage import POLL_SECONDS, open_storage, reaching_storage, shown_storage
 from src.campaigns.trials import COMPLETE, FAIL, PARENT_RUN_ATTR
-from src.errors import UserError, require
+from src.errors import UserError, one_line, require
 
 log = logging.getLogger(__name__)
 
 GRID_ATTR = "grid_size"
+SPACE_ATTR = "search_space"  # what the study searches, each dimension's Optuna distribution as JSON
 # Pruned trials, per trial asked for, that stop a study with sweep.max_pruned unset: a pruner that
 # prunes every new trial (worse than the median of earlier ones) would otherwise run forever.
 PRUNED_PER_TRIAL = 4
@@ -98,6 +99,10 @@ def check_sweeper(cfg: DictConfig, overrides: list[str] = ()) -> None:
     if cfg.sweep.pruner not in (None, "median", "hyperband"):
         raise UserError(f"sweep.pruner must be null, median or hyperband, got {cfg.sweep.pruner!r}")
     check_recovery(cfg.sweep)
+    try:  # each worker builds it again; one it cannot build failed them all with a traceback
+        search_space(cfg, list(overrides))
+    except (ValueError, TypeError) as error:
+        raise UserError(f"the search space cannot be built: {one_line(error)}") from None
 
 
 def check_recovery(sweep: DictConfig) -> None:
@@ -191,6 +196,14 @@ def prepare(cfg: DictConfig, overrides: list[str] = ()) -> optuna.Study:
     check_sweeper(cfg, list(overrides))
     created = create_study(cfg)
     study = load_study(cfg)
+    searched = {name: optuna.distributions.distribution_to_json(distribution)
+                for name, distribution in sorted(search_space(cfg, list(overrides)).items())}
+    if created:
+        study.set_user_attr(SPACE_ATTR, searched)
+    elif study.user_attrs.get(SPACE_ATTR, searched) != searched:  # a study made before it was recorded: as is
+        raise UserError(f"study '{study.study_name}' searches {shown_space(study.user_attrs[SPACE_ATTR])}, this "
+                        f"command {shown_space(searched)}: resuming it would report its old trials as this search's; "
+                        f"search as it did, or name a new study (hydra.sweeper.study_name=...)")
     experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
     client = mlflow.MlflowClient()
     parent_id = None if created else parent_run_of(study)
@@ -212,6 +225,11 @@ def prepare(cfg: DictConfig, overrides: list[str] = ()) -> optuna.Study:
     log.info("Study '%s': %d trials complete so far; MLflow parent run %s",
              study.study_name, len(study.get_trials(states=(COMPLETE,))), parent_id)
     return study
+
+
+def shown_space(space: dict[str, str]) -> str:
+    return "; ".join(f"{name} in {repr(optuna.distributions.json_to_distribution(text))}"
+                     for name, text in space.items()) or "nothing"
 
 
 def enqueue_grid(study: optuna.Study, space: dict) -> None:
