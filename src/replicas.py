@@ -249,7 +249,8 @@ def train_group(cfg: DictConfig, tags: dict[str, str] | None = None,
     trained = train_seeds(cfg, tags, cores)
     stopped = stopped_runs(cfg, trained)
     if stopped:
-        raise UserError(f"{len(stopped)} of the group's runs stopped, the others finished: {'; '.join(stopped)}")
+        others = "the others finished" if len(stopped) < len(trained) else "none finished"
+        raise UserError(f"{len(stopped)} of the group's {len(trained)} runs stopped, {others}: {'; '.join(stopped)}")
     return [(each.final, each.run_id) for each in trained]
 
 

@@ -213,7 +213,7 @@ def test_a_member_that_diverges_or_is_stopped_ends_alone_the_others_finish(make_
 
 def test_a_replica_that_diverges_fails_the_command_after_the_others_finish(make_config, tracking_uri, monkeypatch):
     diverging_at_call(monkeypatch, 2)
-    with pytest.raises(UserError, match=r"1 of the group's runs stopped, the others finished: run \w+ \(seed 1\)"):
+    with pytest.raises(UserError, match=r"1 of the group's 2 runs stopped, the others finished: run \w+ \(seed 1\)"):
         replicas.train_group(make_config("training.replicas=2"))
     assert list(group_runs(tracking_uri)["status"]) == ["FINISHED", "FAILED"]
 
