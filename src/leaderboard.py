@@ -191,6 +191,10 @@ def train_in_processes(todo: list[Job], workers: int, experiment_id: str,
                 return
             except KeyboardInterrupt:  # the command is stopped: what has not started never will
                 pool.shutdown(wait=False, cancel_futures=True)
+                # The pool has handed a job beyond its workers to its queue already, which no cancel
+                # reaches, and a worker ignores Ctrl-C: each is stopped (its run KILLED) before it takes it.
+                for worker in multiprocessing.active_children():
+                    worker.terminate()
                 raise
             except concurrent.futures.process.BrokenProcessPool:
                 _read(news, started, stopped)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import matplotlib
@@ -19,7 +21,8 @@ from scipy import stats
 from src import comparison, config, leaderboard, metrics, plots, replicas, tracking
 from src.campaigns import tuned
 from src.errors import UserError
-from tests.conftest import SMALL
+from src.paths import PROJECT_ROOT
+from tests.conftest import SMALL, wait_until
 
 STEPS = np.arange(1, 21) * 16
 
@@ -416,3 +419,28 @@ def test_a_compiled_entry_says_so_beside_its_hyperparameters():
                         "training.jit_compile": "True"})
     assert leaderboard.hyperparameters(params) == "rank_k=20, loop compiled by XLA"
     assert "XLA" not in leaderboard.hyperparameters(params.drop("training.jit_compile"))
+
+
+@pytest.mark.slow
+def test_a_stopped_board_stops_its_worker_and_starts_no_queued_job(data_overrides, tracking_uri, tmp_path):
+    """Found by a hostile try: a SIGTERM (or Ctrl-C) left the job the pool had queued beyond its
+    worker to start and train to its end, and the running one too."""
+    log = tmp_path / "board.log"
+    board = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.leaderboard", "--agents", "linucb,lints,random", "--seeds", "1",
+         "--envs", "movielens", "--loops", "100000", "--workers", "1", "--out", str(tmp_path / "board"),
+         "--tracking-uri", tracking_uri, *data_overrides, *[o for o in SMALL if not o.startswith("training.loops=")]],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"))
+    client = mlflow.MlflowClient(tracking_uri)
+
+    def runs():
+        found = client.get_experiment_by_name("leaderboard")
+        return client.search_runs([found.experiment_id]) if found else []
+
+    wait_until(lambda: board.poll() is not None or any(run.data.metrics for run in runs()), 300,
+               "the board's first run to train")
+    assert board.poll() is None, log.read_text()[-3000:]
+    board.send_signal(signal.SIGTERM)
+    assert board.wait(timeout=300) == 143, log.read_text()[-3000:]
+    assert [run.info.status for run in runs()] == ["KILLED"]  # the one that ran; the queued never started
