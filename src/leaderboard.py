@@ -25,7 +25,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from src import comparison, config, metrics, plots, tracking
-from src.cli import Terminated, stop_on_termination_signals
+from src.cli import TERMINATION, Terminated
 from src.errors import UserError, one_line
 
 LINEUP = config.CONFIG_DIR / "leaderboard.yaml"
@@ -226,21 +226,36 @@ def train_in_processes(todo: list[Job], workers: int, experiment_id: str,
 
 def _worker_started(news) -> None:
     """A worker process says on `news` which job it starts and which it stopped, stops on SIGTERM
-    (a run ending KILLED), logs as the command does, and leaves Ctrl-C to the command."""
+    (a run ending KILLED; idle, at once and quietly), logs as the command does, and leaves Ctrl-C
+    to the command."""
     global _news
     _news = news
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop_on_termination_signals()
+    for signum in TERMINATION:
+        signal.signal(signum, _stop)
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
 
 
+_training = False  # whether this worker process is in a job
+
+
+def _stop(signum, frame) -> None:
+    if _training:
+        raise Terminated(signum)
+    os._exit(128 + signum)  # between jobs: nothing to end (raising printed a traceback from the pool's loop)
+
+
 def _announced(train: Callable, index: int, job: Job, cores: int, tags: dict[str, str]):
-    _news.put((STARTED, index))
+    global _training
     try:
+        _training = True
+        _news.put((STARTED, index))
         return train(job, cores, tags)
     except Terminated:  # stopped, as the pool stops its workers once one died: not on to the next job
         _news.put((STOPPED, index))
         os._exit(128 + signal.SIGTERM)
+    finally:
+        _training = False
 
 
 def _read(news, started: list[int], stopped: list[int]) -> None:
