@@ -179,7 +179,7 @@ def test_a_tracking_server_that_stops_answering_mid_sweep_stops_the_worker_with_
     assert re.match(r".*ERROR.* the MLflow tracking server at .* stopped answering", log_lines[-1]), log_lines[-5:]
     assert states(optuna.load_study(study_name=name, storage=storage)) == {"FAIL": 1}
 
-    prepare(compose_sweep(overrides))  # a worker resuming the sweep
+    prepare(compose_sweep(overrides), overrides)  # a worker resuming the sweep, as src.sweep work does
     (run,) = [run for run in runs_of(tracking_uri, name) if "sweep.trial" in run.data.tags]
     assert run.info.status == "FAILED"
     assert "tracking server" in run.data.tags["bandits.ended_by"]
