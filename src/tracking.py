@@ -263,8 +263,21 @@ def run(cfg: DictConfig, run_name: str, experiment_id: str, extra_tags: dict[str
         log.warning("Run %s marked FAILED", active.info.run_id)
         raise
     else:
+        finished_alive(active.info.run_id)
         mlflow.end_run()
         log.info("Run %s finished: %s", run_name, where_to_see(active.info.run_id, experiment_id))
+
+
+def finished_alive(run_id: str) -> None:
+    """A run about to end FINISHED that another process ended FAILED meanwhile (`src.runs reap` on
+    a run quiet for longer than asked, a sweep's recovery on a late heartbeat) was alive after all:
+    the tag saying it died goes, with a warning, or the run would say FINISHED and dead at once."""
+    client = mlflow.MlflowClient()
+    ended_by = client.get_run(run_id).data.tags.get(ENDED_BY_TAG)
+    if ended_by is not None:
+        client.delete_tag(run_id, ENDED_BY_TAG)
+        log.warning("Run %s was ended FAILED by another process while it trained (%s); it ends FINISHED", run_id,
+                    ended_by)
 
 
 def version_tags() -> dict[str, str]:
@@ -310,6 +323,7 @@ def finishing(run_id: str, run_name: str, experiment_id: str):
     """Run `run_id` of `group_runs` as the active run, FINISHED when the body ends (FAILED if it raises)."""
     with mlflow.start_run(run_id=run_id):
         yield
+        finished_alive(run_id)
     log.info("Run %s finished: %s", run_name, where_to_see(run_id, experiment_id))
 
 

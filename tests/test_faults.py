@@ -234,3 +234,17 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(command, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"{command[1].split('=')[0]}=/proc/forbidden cannot hold files" in done.stderr
+
+
+def test_a_run_ended_failed_by_another_process_while_alive_finishes_without_the_tag(make_config, caplog):
+    """Found by a hostile try: `src.runs reap --older-than 8s` ended a quiet live run, which then
+    finished FINISHED still tagged as reaped."""
+    from src import tracking
+
+    cfg = make_config()
+    experiment_id = tracking.connect(cfg.tracking.uri, cfg.tracking.experiment)
+    with tracking.run(cfg, "alive", experiment_id, {}) as active:
+        tracking.fail_run(active.info.run_id, "src.runs reap: no activity for 0 min")
+    run = mlflow.MlflowClient().get_run(active.info.run_id)
+    assert run.info.status == "FINISHED" and tracking.ENDED_BY_TAG not in run.data.tags
+    assert "was ended FAILED by another process while it trained (src.runs reap" in caplog.text
