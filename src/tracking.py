@@ -70,7 +70,9 @@ def connect(configured_uri: str | None, experiment: str, create: bool = True) ->
 
     Done before any work starts, so an unreachable server costs seconds, not a run.
     """
-    uri = open_to_read(configured_uri) if not create else tracking_uri(configured_uri)
+    uri = tracking_uri(configured_uri)
+    if not create:  # only reading: a store that is not there holds nothing to read
+        check_store_exists(uri)
     check_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     check_http_settings()
@@ -106,12 +108,16 @@ def open_to_read(configured_uri: str | None) -> str:
     that is not there is refused (MLflow would create an empty one at a mistyped path), as one
     that is not a database or is damaged."""
     uri = tracking_uri(configured_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no tracking store at {uri}: point the command at the store its runs are in "
-                        f"(tracking.uri=, --tracking-uri or MLFLOW_TRACKING_URI)")
+    check_store_exists(uri)
     check_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def check_store_exists(uri: str) -> None:
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no tracking store at {uri}: point the command at the store its runs are in "
+                        f"(tracking.uri=, --tracking-uri or MLFLOW_TRACKING_URI)")
 
 
 def check_sqlite_store(uri: str) -> None:

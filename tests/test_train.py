@@ -265,6 +265,7 @@ def test_bad_input_exits_with_one_line_and_no_running_run(movielens_dir, trackin
 @pytest.mark.parametrize("override, message", [
     ("env.rank_k=50", "env.rank_k must be between 1 and"),
     ("env.reward_rank=2", "env.rank_k must be between 1 and env.reward_rank=2"),
+    ("env.rank_k=0", "env.rank_k must be an integer >= 1, got 0"),  # said reward_rank=0, rank_k's own copy
     ("agent.tikhonov_weight=0", "agent.tikhonov_weight must be > 0"),
     ("training.loops=0", "training.loops must be an integer >= 1"),
     ("training.seed=-1", "training.seed must be an integer >= 0"),

@@ -168,7 +168,8 @@ def build_reward_model(
     rows = np.flatnonzero(np.diff(matrix.indptr) > 0)
     matrix = matrix[rows]
     largest_rank = min(matrix.shape) - (not is_dense_svd(matrix.shape))  # ARPACK finds fewer than all
-    require(1 <= rank_k <= min(reward_rank, largest_rank), "env.rank_k", rank_k,
+    require(rank_k >= 1, "env.rank_k", rank_k, "an integer >= 1")
+    require(rank_k <= min(reward_rank, largest_rank), "env.rank_k", rank_k,
             f"between 1 and env.reward_rank={reward_rank}, at most {largest_rank} (users, movies: {matrix.shape})")
     require(reward_rank <= largest_rank, "env.reward_rank", reward_rank,
             f"at most {largest_rank} (users, movies: {matrix.shape})")

@@ -195,7 +195,8 @@ def build(data, batch_size: int, seed: int, num_actions: int, rank_k: int, histo
             f"an integer between 2 and the {history} movies rated in the history (env.history_share={history_share})")
     shape = (len(timeline.user_ids), len(timeline.movie_ids))
     largest = min(shape) - (not is_dense_svd(shape))  # ARPACK finds fewer than all
-    require(isinstance(rank_k, int) and 1 <= rank_k <= reward_rank <= largest, "env.rank_k", rank_k,
+    require(isinstance(rank_k, int) and rank_k >= 1, "env.rank_k", rank_k, "an integer >= 1")
+    require(rank_k <= reward_rank <= largest, "env.rank_k", rank_k,
             f"between 1 and env.reward_rank={reward_rank}, at most {largest}")
     log.info("Timeline: %s ratings, the first %s the history; a refit every %s interactions", f"{len(timeline.users):,}",
              f"{start:,}", f"{refit_every:,}")
