@@ -142,14 +142,10 @@ def resolve_champion(model_uri: str, scratch: Path) -> Champion:
 
 def connect(configured_uri: str | None) -> str | None:
     """The pipeline experiment's id, None before a first round records one. A SQLite store that
-    is not there is refused: MLflow would create an empty one, holding no champion."""
+    is not there is refused (`tracking.connect` only reading): it holds no champion."""
     from src import tracking
 
-    uri = tracking.tracking_uri(configured_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no tracking store at {uri}, so no champion to challenge (set tracking.uri= or "
-                        f"MLFLOW_TRACKING_URI)")
-    return tracking.connect(uri, EXPERIMENT, create=False)
+    return tracking.connect(configured_uri, EXPERIMENT, create=False)
 
 
 def previous_round(experiment_id: str | None, name: str):

@@ -14,7 +14,6 @@ import logging
 import math
 import socket
 import sys
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, ListConfig
@@ -87,8 +86,7 @@ def check_tracking_store(uri: str) -> None:
     model), and a tracking server nothing answers at, before the decision log is opened."""
     tracking.check_http_settings()
     tracking.check_sqlite_store(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no tracking store at {uri} (set tracking.uri= or MLFLOW_TRACKING_URI)")
+    tracking.check_store_exists(uri)
     server = urlsplit(uri)
     if server.scheme in ("http", "https"):
         try:

@@ -419,9 +419,7 @@ def simulate(cfg: DictConfig) -> None:
     client = Client(str(cfg.url), cfg.timeout_s)
     health = served_run(client, str(cfg.url))
     uri = tracking.tracking_uri(cfg.tracking.uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        # MLflow would create an empty store, which holds no served run.
-        raise UserError(f"no tracking store at {uri}: pass the service's tracking.uri=")
+    tracking.check_store_exists(uri)  # MLflow would create an empty store, which holds no served run
     experiment_id = tracking.connect(uri, EXPERIMENT, create=cfg.tracking.log)
     log.info("The service serves %s (version %s, run %s)", health.get("model_uri"), health.get("model_version"),
              health["run_id"])
